@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run every test rvmm has: installs what is missing, builds the guest kernel when its cache misses,
+# then formatting, lints and the whole test suite. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# In CI a test that would skip for a missing capability fails instead.
+if [ "${CI:-}" = "true" ]; then
+  export RVMM_REQUIRE="${RVMM_REQUIRE:-all}"
+fi
+
+bash scripts/setup.sh
+if [ -x guest-kernel/build.sh ]; then
+  bash guest-kernel/build.sh
+fi
+
+cargo fmt --all --check
+cargo clippy --all-targets --workspace -- -D warnings
+cargo test --workspace --all-targets 2>&1

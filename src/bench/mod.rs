@@ -1,0 +1,1 @@
+//! Benchmark harness: scenarios, measurement, report (markdown + SVG).

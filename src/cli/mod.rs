@@ -1,0 +1,87 @@
+//! One file per subcommand. Each exposes `Args` (clap) and `exec`, which returns the process exit code.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod doctor;
+mod gc;
+mod images;
+mod kernel;
+mod load;
+mod ps;
+mod pull;
+mod run;
+mod vm;
+
+/// Exit status when rvmm itself fails (as Docker uses 125).
+pub const EXIT_RVMM_FAILED: u8 = 125;
+
+/// Run OCI images in a KVM microVM or a namespaced container, and measure the difference.
+#[derive(Parser, Debug)]
+#[command(name = "rvmm", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Store root (images, layers, disks). Default: /var/lib/rvmm for root, $XDG_DATA_HOME/rvmm otherwise.
+    #[arg(long, global = true, env = "RVMM_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand sees.
+#[derive(Debug, Clone)]
+pub struct Global {
+    pub root: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run an image in a microVM or a container.
+    Run(run::Args),
+    /// Pull an image from a registry.
+    Pull(pull::Args),
+    /// Load an image from a docker-archive or OCI-archive tarball.
+    Load(load::Args),
+    /// List images in the store.
+    Images(images::ListArgs),
+    /// Remove images from the store.
+    Rmi(images::RmiArgs),
+    /// Image subcommands (inspect).
+    #[command(subcommand)]
+    Image(images::ImageCommand),
+    /// List running workloads (both isolations).
+    Ps(ps::Args),
+    /// Remove what dead runs left behind (mounts, cgroups, taps, veths, rules, run dirs).
+    Gc(gc::Args),
+    /// Boot a kernel and disks directly with rvmm's VMM (low level).
+    Vm(vm::Args),
+    /// Build or locate the guest kernel.
+    #[command(subcommand)]
+    Kernel(kernel::Command),
+    /// Benchmark vm vs container vs peers and write a report.
+    Bench(bench::Args),
+    /// Report what this host offers (KVM kind, cgroups, tun, kernel, tools).
+    Doctor(doctor::Args),
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    let global = Global {
+        root: cli.root.unwrap_or_else(rvmm::paths::default_root),
+    };
+    match cli.command {
+        Command::Run(a) => run::exec(a, &global),
+        Command::Pull(a) => pull::exec(a, &global),
+        Command::Load(a) => load::exec(a, &global),
+        Command::Images(a) => images::list(a, &global),
+        Command::Rmi(a) => images::rmi(a, &global),
+        Command::Image(c) => images::image(c, &global),
+        Command::Ps(a) => ps::exec(a, &global),
+        Command::Gc(a) => gc::exec(a, &global),
+        Command::Vm(a) => vm::exec(a, &global),
+        Command::Kernel(c) => kernel::exec(c, &global),
+        Command::Bench(a) => bench::exec(a, &global),
+        Command::Doctor(a) => doctor::exec(a, &global),
+    }
+}

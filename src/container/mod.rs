@@ -1,0 +1,1 @@
+//! Container isolation: namespaces, overlayfs rootfs, pivot_root, cgroups, capabilities, seccomp.

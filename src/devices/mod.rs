@@ -1,0 +1,1 @@
+//! Emulated devices: serial, i8042, virtio-mmio transport and virtio devices.

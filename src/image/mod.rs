@@ -1,0 +1,1 @@
+//! OCI images: references, registry client, content-addressed store, safe layer unpacking.

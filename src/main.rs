@@ -1,0 +1,22 @@
+//! rvmm command line. A thin layer over the `rvmm` library: parse flags, call in, print errors once.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("RVMM_LOG", "warn"))
+        .format_timestamp_millis()
+        .init();
+    let cli = cli::Cli::parse();
+    match cli::dispatch(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // One clear line: the error and its causes, each once.
+            eprintln!("rvmm: {e:#}");
+            ExitCode::from(cli::EXIT_RVMM_FAILED)
+        }
+    }
+}

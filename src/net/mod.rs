@@ -1,0 +1,1 @@
+//! Host-side networking shared by both isolations: bridge, IPAM, NAT, published ports, taps and veths.

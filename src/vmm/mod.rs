@@ -1,0 +1,1 @@
+//! The VMM: KVM setup, guest memory, vCPUs, boot, event loop.

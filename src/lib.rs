@@ -11,3 +11,4 @@ pub mod net;
 pub mod paths;
 pub mod runspec;
 pub mod vmm;
+pub mod vmrun;

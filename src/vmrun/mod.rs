@@ -1,0 +1,1 @@
+//! VM isolation: image root disk, guest-init delivery (initramfs), the host-guest channel, running a RunSpec in a microVM.

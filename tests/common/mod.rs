@@ -4,6 +4,8 @@
 //! test returns early. CI sets `RVMM_REQUIRE=kvm,root,net,...`, which turns such a skip into a failure.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::path::PathBuf;
 
 /// Capabilities a test can need.
@@ -58,16 +60,27 @@ pub fn have_kvm() -> bool {
 }
 
 pub fn have_root() -> bool {
-    require(Cap::Root, nix::unistd::geteuid().is_root(), "not running as root")
+    require(
+        Cap::Root,
+        nix::unistd::geteuid().is_root(),
+        "not running as root",
+    )
 }
 
 /// True when every named program is on PATH.
 pub fn have_tools(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
     require(
         Cap::Tools,
         missing.is_empty(),
-        &format!("missing tools: {} (run scripts/setup.sh)", missing.join(", ")),
+        &format!(
+            "missing tools: {} (run scripts/setup.sh)",
+            missing.join(", ")
+        ),
     )
 }
 

@@ -136,7 +136,8 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
         | (limit as u64 & 0x0000_ffff)
 }
 
-/// Writes the GDT, an empty IDT and identity page tables for the first GiB (2 MiB pages).
+/// Writes the GDT, an empty IDT and identity page tables for the first 4 GiB (2 MiB pages), so that the
+/// entry code reaches RAM and the MMIO gap alike.
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
     let w = |v: u64, a: u64| {
         mem.write_obj(v, GuestAddress(a))
@@ -147,8 +148,10 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
     }
     w(0, BOOT_IDT_START)?;
     w(PDPTE_START | 0x03, PML4_START)?;
-    w(PDE_START | 0x03, PDPTE_START)?;
-    for i in 0..512u64 {
+    for gib in 0..4u64 {
+        w((PDE_START + gib * 0x1000) | 0x03, PDPTE_START + gib * 8)?;
+    }
+    for i in 0..4 * 512u64 {
         w((i << 21) | 0x83, PDE_START + i * 8)?;
     }
     Ok(())

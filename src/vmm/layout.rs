@@ -9,7 +9,7 @@ pub const BOOT_IDT_START: u64 = 0x520;
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
-/// Identity-mapped page tables for the first GiB: PML4, PDPT, PD (2 MiB pages).
+/// Identity-mapped page tables for the first 4 GiB: PML4, PDPT, four PDs (2 MiB pages) at 0xb000..0xf000.
 pub const PML4_START: u64 = 0x9000;
 pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;

@@ -52,3 +52,8 @@ pub const MAX_MEMORY_MIB: u32 = 64 * 1024;
 pub const fn virtio_mmio_addr(i: usize) -> u64 {
     VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE
 }
+
+/// Local APIC and I/O APIC MMIO windows (architectural), and the I/O APIC's pin count (KVM's).
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const IOAPIC_PINS: u8 = 24;

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod cpu;
 pub mod layout;
+pub mod mptable;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -328,6 +329,7 @@ impl Vm {
 
         let loaded = boot::load_kernel(&mem, &cfg.kernel, &cmdline, cfg.initrd.as_deref())?;
         boot::write_boot_tables(&mem)?;
+        mptable::write(&mem, cfg.vcpus)?;
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
             let vcpu = vm

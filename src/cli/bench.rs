@@ -1,10 +1,77 @@
-//! `rvmm bench`.
+//! `rvmm bench`: vm vs container vs the peers on this machine, written as a report with charts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use rvmm::bench::{self, contenders_from_path, Options, Scenario};
 
 use super::Global;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Scenarios to run, comma-separated: startup, cold, memory, density, io, boot. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub scenario: Vec<String>,
+    /// A short run for a quick look: fewer repetitions, one cold VM boot, no VM density.
+    #[arg(long)]
+    pub quick: bool,
+    /// Image every rvmm contender runs (crun and runc get a bundle of its rootfs).
+    #[arg(long, default_value = rvmm::bench::DEFAULT_IMAGE)]
+    pub image: String,
+    /// Measured repetitions per container contender.
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Measured repetitions per contender that boots a kernel.
+    #[arg(long)]
+    pub vm_runs: Option<usize>,
+    /// Unrecorded warm-up runs per contender.
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Instances for the density scenario.
+    #[arg(long)]
+    pub density: Option<usize>,
+    /// Guest RAM of VM contenders, MiB.
+    #[arg(long, default_value_t = 128)]
+    pub vm_memory: u32,
+    /// Where results.jsonl, report.md and the charts go.
+    #[arg(long, short, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Per-run time limit for containers, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Per-run time limit for VMs, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub vm_timeout: u64,
+}
 
-pub fn exec(_args: Args, _global: &Global) -> anyhow::Result<u8> {
-    anyhow::bail!("`rvmm bench` is not implemented yet")
+pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
+    let scenarios = if args.scenario.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.scenario
+            .iter()
+            .map(|s| Scenario::parse(s.trim()))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let q = args.quick;
+    let opts = Options {
+        scenarios,
+        runs: args.runs.unwrap_or(if q { 10 } else { 30 }),
+        vm_runs: args.vm_runs.unwrap_or(if q { 1 } else { 5 }),
+        warmup: args.warmup.unwrap_or(if q { 1 } else { 3 }),
+        density: args.density.unwrap_or(if q { 4 } else { 10 }),
+        image: args.image,
+        rvmm: std::env::current_exe().context("cannot find the rvmm binary")?,
+        root: global.root.clone(),
+        out_dir: args.out,
+        timeout: Duration::from_secs(args.timeout),
+        vm_timeout: Duration::from_secs(args.vm_timeout),
+        quick: q,
+        vm_memory_mib: args.vm_memory,
+        peers: contenders_from_path(),
+    };
+    let report = bench::run(&opts)?;
+    println!("report: {}", report.display());
+    Ok(0)
 }

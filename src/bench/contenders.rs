@@ -1,0 +1,896 @@
+//! The contenders and the scenarios that drive them.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::measure::{self, Timed};
+use super::{Error, Options, Recorder, Scenario};
+
+/// Where the peers are; None = not found (reported as missing, never faked).
+#[derive(Debug, Clone, Default)]
+pub struct PeerPaths {
+    pub crun: Option<PathBuf>,
+    pub runc: Option<PathBuf>,
+    pub qemu: Option<PathBuf>,
+    pub firecracker: Option<PathBuf>,
+    pub cloud_hypervisor: Option<PathBuf>,
+}
+
+impl PeerPaths {
+    /// Looks each peer up on PATH.
+    pub fn from_path() -> PeerPaths {
+        PeerPaths {
+            crun: which("crun"),
+            runc: which("runc"),
+            qemu: which("qemu-system-x86_64"),
+            firecracker: which("firecracker"),
+            cloud_hypervisor: which("cloud-hypervisor"),
+        }
+    }
+}
+
+pub fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// What the instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    True,
+    Echo,
+    /// Prints "ready" and sleeps, for memory and density.
+    Ready,
+    /// Sequential write then read of 64 MiB on the root filesystem.
+    Io,
+}
+
+const READY: &[u8] = b"ready";
+const BOOT_MARKER: &[u8] = b"RVMM-BENCH-READY";
+
+impl Workload {
+    fn argv(self) -> Vec<String> {
+        let v: &[&str] = match self {
+            Workload::True => &["true"],
+            Workload::Echo => &["echo", "hello"],
+            Workload::Ready => &["sh", "-c", "echo ready; exec sleep 3600"],
+            Workload::Io => &[
+                "sh",
+                "-c",
+                "dd if=/dev/zero of=/bench.io bs=1M count=64 conv=fsync 2>&1 | tail -n 1; \
+                 dd if=/bench.io of=/dev/null bs=1M 2>&1 | tail -n 1; rm -f /bench.io",
+            ],
+        };
+        v.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// Someone whose numbers go in the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contender {
+    RvmmContainer,
+    RvmmVm,
+    Crun,
+    Runc,
+    /// `rvmm vm`: our VMM booting the bench kernel + disk directly.
+    RvmmVmDirect,
+    QemuMicrovm,
+    Firecracker,
+    CloudHypervisor,
+}
+
+impl Contender {
+    pub fn name(self) -> &'static str {
+        match self {
+            Contender::RvmmContainer => "rvmm container",
+            Contender::RvmmVm => "rvmm vm",
+            Contender::Crun => "crun",
+            Contender::Runc => "runc",
+            Contender::RvmmVmDirect => "rvmm vm (direct boot)",
+            Contender::QemuMicrovm => "qemu microvm",
+            Contender::Firecracker => "firecracker",
+            Contender::CloudHypervisor => "cloud-hypervisor",
+        }
+    }
+
+    fn boots_a_kernel(self) -> bool {
+        !matches!(
+            self,
+            Contender::RvmmContainer | Contender::Crun | Contender::Runc
+        )
+    }
+}
+
+/// Shared preparation: bundles for crun/runc, the boot disk for VM peers.
+pub struct Env {
+    work: tempfile::TempDir,
+    bundle: Option<PathBuf>,
+    boot: Option<BootFiles>,
+    counter: std::cell::Cell<u64>,
+}
+
+struct BootFiles {
+    kernel: PathBuf,
+    disk: PathBuf,
+    cmdline: String,
+}
+
+impl Env {
+    pub fn prepare(opts: &Options, rec: &mut Recorder) -> Result<Env, Error> {
+        let work = tempfile::Builder::new()
+            .prefix("rvmm-bench-")
+            .tempdir()
+            .map_err(|e| Error::Setup(format!("cannot create a work dir: {e}")))?;
+        let mut env = Env {
+            work,
+            bundle: None,
+            boot: None,
+            counter: std::cell::Cell::new(0),
+        };
+        // The rootfs every peer shares with rvmm: the image itself, flattened.
+        let needs_bundle = opts
+            .scenarios
+            .iter()
+            .any(|s| matches!(s, Scenario::Startup | Scenario::Memory));
+        if needs_bundle && (opts.peers.crun.is_some() || opts.peers.runc.is_some()) {
+            rec.progress("preparing the crun/runc bundle");
+            match make_bundle(opts, env.work.path()) {
+                Ok(b) => env.bundle = Some(b),
+                Err(e) => {
+                    for c in ["crun", "runc"] {
+                        rec.failure(Scenario::Startup, c, "setup", format!("bundle: {e}"));
+                    }
+                }
+            }
+        }
+        if opts.scenarios.contains(&Scenario::Boot) {
+            rec.progress("preparing the boot disk");
+            match make_boot_files(opts, env.work.path()) {
+                Ok(b) => env.boot = Some(b),
+                Err(e) => rec.failure(Scenario::Boot, "all", "setup", e.to_string()),
+            }
+        }
+        Ok(env)
+    }
+
+    fn next_id(&self) -> u64 {
+        let n = self.counter.get() + 1;
+        self.counter.set(n);
+        n
+    }
+
+    /// The command line that starts `c` with workload `w`, or why it cannot run here.
+    fn command(&self, opts: &Options, c: Contender, w: Workload) -> Result<Command, String> {
+        let rvmm_run = |iso: &str| {
+            let mut cmd = Command::new(&opts.rvmm);
+            cmd.arg("--root").arg(&opts.root).args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                &format!("--isolation={iso}"),
+            ]);
+            if iso == "vm" {
+                cmd.arg("--memory").arg(format!("{}m", opts.vm_memory_mib));
+            }
+            cmd.arg(&opts.image).args(w.argv());
+            cmd
+        };
+        match c {
+            Contender::RvmmContainer => Ok(rvmm_run("container")),
+            Contender::RvmmVm => Ok(rvmm_run("vm")),
+            Contender::Crun | Contender::Runc => {
+                let bin = if c == Contender::Crun {
+                    opts.peers.crun.as_ref()
+                } else {
+                    opts.peers.runc.as_ref()
+                }
+                .ok_or("not found on PATH")?;
+                let bundle = self
+                    .bundle
+                    .as_ref()
+                    .ok_or("no bundle (see setup failure)")?;
+                let id = format!("rvmm-bench-{}-{}", std::process::id(), self.next_id());
+                let argv = serde_json::to_string(&w.argv()).map_err(|e| e.to_string())?;
+                set_bundle_args(bundle, &argv).map_err(|e| e.to_string())?;
+                // crun 1.8 refuses a hybrid cgroup host; hide the cgroup2 mount in a private mount ns.
+                let script = format!(
+                    "umount /sys/fs/cgroup/unified 2>/dev/null; exec {} run --bundle {} {id}",
+                    bin.display(),
+                    bundle.display()
+                );
+                let mut cmd = Command::new("unshare");
+                cmd.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+                Ok(cmd)
+            }
+            Contender::RvmmVmDirect => {
+                let b = self
+                    .boot
+                    .as_ref()
+                    .ok_or("no boot disk (see setup failure)")?;
+                let mut cmd = Command::new(&opts.rvmm);
+                cmd.arg("vm")
+                    .arg("--kernel")
+                    .arg(&b.kernel)
+                    .arg("--disk")
+                    .arg(&b.disk)
+                    .arg("--memory")
+                    .arg(opts.vm_memory_mib.to_string())
+                    .arg("--cmdline")
+                    .arg(&b.cmdline);
+                Ok(cmd)
+            }
+            Contender::QemuMicrovm => {
+                let qemu = opts.peers.qemu.as_ref().ok_or("not found on PATH")?;
+                let b = self
+                    .boot
+                    .as_ref()
+                    .ok_or("no boot disk (see setup failure)")?;
+                let mut cmd = Command::new(qemu);
+                cmd.args([
+                    "-M",
+                    "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host",
+                    "-m",
+                    &opts.vm_memory_mib.to_string(),
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-no-reboot",
+                    "-serial",
+                    "stdio",
+                    "-device",
+                    "i8042",
+                ])
+                .arg("-kernel")
+                .arg(&b.kernel)
+                .arg("-append")
+                .arg(format!("{} {}", b.cmdline, super::peer_cmdline_additions()))
+                .arg("-drive")
+                .arg(format!(
+                    "id=root,file={},format=raw,if=none",
+                    b.disk.display()
+                ))
+                .args(["-device", "virtio-blk-device,drive=root"]);
+                Ok(cmd)
+            }
+            Contender::Firecracker => {
+                let fc = opts.peers.firecracker.as_ref().ok_or("not found on PATH")?;
+                let b = self
+                    .boot
+                    .as_ref()
+                    .ok_or("no boot disk (see setup failure)")?;
+                let cfg = serde_json::json!({
+                    "boot-source": {
+                        "kernel_image_path": b.kernel,
+                        "boot_args": format!("{} {}", b.cmdline, super::peer_cmdline_additions()),
+                    },
+                    "drives": [{"drive_id": "root", "path_on_host": b.disk,
+                                "is_root_device": true, "is_read_only": false}],
+                    "machine-config": {"vcpu_count": 1, "mem_size_mib": opts.vm_memory_mib},
+                });
+                let path = self.work.path().join(format!("fc-{}.json", self.next_id()));
+                std::fs::write(&path, cfg.to_string()).map_err(|e| e.to_string())?;
+                let mut cmd = Command::new(fc);
+                cmd.arg("--no-api").arg("--config-file").arg(path);
+                Ok(cmd)
+            }
+            Contender::CloudHypervisor => {
+                let ch = opts
+                    .peers
+                    .cloud_hypervisor
+                    .as_ref()
+                    .ok_or("not found on PATH")?;
+                let b = self
+                    .boot
+                    .as_ref()
+                    .ok_or("no boot disk (see setup failure)")?;
+                let mut cmd = Command::new(ch);
+                cmd.arg("--kernel")
+                    .arg(&b.kernel)
+                    .arg("--disk")
+                    .arg(format!("path={}", b.disk.display()))
+                    .arg("--cmdline")
+                    .arg(format!("{} {}", b.cmdline, super::peer_cmdline_additions()))
+                    .args(["--serial", "tty", "--console", "off", "--memory"])
+                    .arg(format!("size={}M", opts.vm_memory_mib));
+                Ok(cmd)
+            }
+        }
+    }
+
+    pub fn cleanup(&mut self) {
+        // The temp dir removes itself; containers were run in the foreground and are gone.
+        self.bundle = None;
+    }
+}
+
+/// A bundle (rootfs + config.json) of the image's own rootfs for crun and runc.
+fn make_bundle(opts: &Options, work: &Path) -> Result<PathBuf, Error> {
+    let bundle = work.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    super::image_rootfs(&opts.root, &opts.image, &rootfs)
+        .map_err(|e| Error::Setup(format!("cannot flatten {}: {e}", opts.image)))?;
+    let spec_tool = opts
+        .peers
+        .crun
+        .as_ref()
+        .or(opts.peers.runc.as_ref())
+        .ok_or_else(|| Error::Setup("neither crun nor runc found".into()))?;
+    let st = Command::new(spec_tool)
+        .arg("spec")
+        .current_dir(&bundle)
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|source| Error::Spawn {
+            program: spec_tool.display().to_string(),
+            source,
+        })?;
+    if !st.success() {
+        return Err(Error::Setup(format!(
+            "`{} spec` failed",
+            spec_tool.display()
+        )));
+    }
+    Ok(bundle)
+}
+
+fn set_bundle_args(bundle: &Path, argv_json: &str) -> Result<(), Error> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Setup(e.to_string()))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Setup(e.to_string()))?;
+    let args: serde_json::Value =
+        serde_json::from_str(argv_json).map_err(|e| Error::Setup(e.to_string()))?;
+    v["process"]["args"] = args;
+    v["process"]["terminal"] = serde_json::Value::Bool(false);
+    v["root"]["readonly"] = serde_json::Value::Bool(false);
+    std::fs::write(&path, v.to_string()).map_err(|source| Error::Write { path, source })
+}
+
+/// Kernel + an ext4 disk whose /init prints a marker and resets the VM: what every VMM boots.
+fn make_boot_files(opts: &Options, work: &Path) -> Result<BootFiles, Error> {
+    let kernel = Command::new(&opts.rvmm)
+        .args(["kernel", "path"])
+        .output()
+        .map_err(|source| Error::Spawn {
+            program: opts.rvmm.display().to_string(),
+            source,
+        })?;
+    if !kernel.status.success() {
+        return Err(Error::Setup(format!(
+            "no guest kernel: {}",
+            String::from_utf8_lossy(&kernel.stderr).trim()
+        )));
+    }
+    let kernel = PathBuf::from(String::from_utf8_lossy(&kernel.stdout).trim());
+    let root = work.join("bootroot");
+    super::image_rootfs(&opts.root, &opts.image, &root)
+        .map_err(|e| Error::Setup(format!("cannot flatten {}: {e}", opts.image)))?;
+    let init = root.join("init");
+    std::fs::write(&init, "#!/bin/sh\necho RVMM-BENCH-READY\nreboot -f\n").map_err(|source| {
+        Error::Write {
+            path: init.clone(),
+            source,
+        }
+    })?;
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&init)
+            .map_err(|e| Error::Setup(e.to_string()))?
+            .permissions(),
+        0o755,
+    );
+    let st = Command::new("chmod")
+        .arg("0755")
+        .arg(&init)
+        .status()
+        .map_err(|e| Error::Setup(e.to_string()))?;
+    if !st.success() {
+        return Err(Error::Setup("chmod failed".into()));
+    }
+    let disk = work.join("boot.ext4");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&disk)
+        .arg("64M")
+        .output()
+        .map_err(|source| Error::Spawn {
+            program: "mkfs.ext4".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(Error::Setup(format!(
+            "mkfs.ext4 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(BootFiles {
+        kernel,
+        disk,
+        cmdline: "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw init=/init".into(),
+    })
+}
+
+/// Runs every contender `runs` times after `warmup`, interleaved, recording first byte and exit.
+fn timed_rounds(
+    opts: &Options,
+    env: &Env,
+    rec: &mut Recorder,
+    scenario: Scenario,
+    contenders: &[Contender],
+    w: Workload,
+    marker: Option<&[u8]>,
+) {
+    let label = match w {
+        Workload::True => "true",
+        Workload::Echo => "echo",
+        Workload::Ready => "ready",
+        Workload::Io => "io",
+    };
+    let mut dead: Vec<Contender> = Vec::new();
+    let rounds = opts.warmup + opts.runs.max(opts.vm_runs);
+    for round in 0..rounds {
+        for &c in contenders {
+            if dead.contains(&c) {
+                continue;
+            }
+            let (warm, runs, timeout) = if c.boots_a_kernel() {
+                (opts.warmup.min(1), opts.vm_runs, opts.vm_timeout)
+            } else {
+                (opts.warmup, opts.runs, opts.timeout)
+            };
+            // A VM gets at most one warm-up; rounds beyond its count are skipped.
+            let skip_before = opts.warmup - warm;
+            if round < skip_before || round >= skip_before + warm + runs {
+                continue;
+            }
+            let recorded = round >= skip_before + warm;
+            rec.progress(&format!(
+                "{} {label}: {} round {}/{}",
+                scenario.name(),
+                c.name(),
+                round + 1 - skip_before,
+                warm + runs
+            ));
+            let mut cmd = match env.command(opts, c, w) {
+                Ok(cmd) => cmd,
+                Err(why) => {
+                    rec.failure(scenario, c.name(), label, why);
+                    dead.push(c);
+                    continue;
+                }
+            };
+            match measure::run_timed(&mut cmd, timeout, marker) {
+                Ok(t) if t.code == 0 || (marker.is_some() && t.first_byte.is_some()) => {
+                    if recorded {
+                        record_timed(rec, scenario, c, label, &t);
+                    }
+                }
+                Ok(t) => {
+                    rec.failure(scenario, c.name(), label, describe_failure(&t));
+                    dead.push(c);
+                }
+                Err(e) => {
+                    rec.failure(scenario, c.name(), label, e.to_string());
+                    dead.push(c);
+                }
+            }
+        }
+    }
+}
+
+fn describe_failure(t: &Timed) -> String {
+    let err = String::from_utf8_lossy(&t.stderr);
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    format!("exit status {}: {}", t.code, last.trim())
+}
+
+fn record_timed(rec: &mut Recorder, s: Scenario, c: Contender, label: &str, t: &Timed) {
+    if let Some(fb) = t.first_byte {
+        rec.value(
+            s,
+            c.name(),
+            &format!("{label}: launch to first output"),
+            "ms",
+            fb.as_secs_f64() * 1e3,
+        );
+    }
+    rec.value(
+        s,
+        c.name(),
+        &format!("{label}: launch to exit"),
+        "ms",
+        t.exit.as_secs_f64() * 1e3,
+    );
+}
+
+pub fn startup(opts: &Options, env: &Env, rec: &mut Recorder) {
+    let all = [
+        Contender::RvmmContainer,
+        Contender::Crun,
+        Contender::Runc,
+        Contender::RvmmVm,
+    ];
+    timed_rounds(
+        opts,
+        env,
+        rec,
+        Scenario::Startup,
+        &all,
+        Workload::True,
+        None,
+    );
+    timed_rounds(
+        opts,
+        env,
+        rec,
+        Scenario::Startup,
+        &all,
+        Workload::Echo,
+        None,
+    );
+}
+
+pub fn cold(opts: &Options, _env: &Env, rec: &mut Recorder) {
+    let runs = if opts.quick { 1 } else { opts.vm_runs.max(1) };
+    for i in 0..runs {
+        for (iso, name) in [("container", "rvmm container"), ("vm", "rvmm vm")] {
+            rec.progress(&format!("cold: {name} {}/{runs}", i + 1));
+            let root = match tempfile::Builder::new()
+                .prefix("rvmm-bench-root-")
+                .tempdir()
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    rec.failure(Scenario::Cold, name, "true", e.to_string());
+                    continue;
+                }
+            };
+            let mut cmd = Command::new(&opts.rvmm);
+            cmd.arg("--root")
+                .arg(root.path())
+                .args(["run", "--rm", "--network", "none"])
+                .arg(format!("--isolation={iso}"))
+                .arg(&opts.image)
+                .arg("true");
+            let timeout = if iso == "vm" {
+                opts.vm_timeout
+            } else {
+                opts.timeout
+            };
+            match measure::run_timed(&mut cmd, timeout, None) {
+                Ok(t) if t.code == 0 => rec.value(
+                    Scenario::Cold,
+                    name,
+                    "true: launch to exit, empty store",
+                    "ms",
+                    t.exit.as_secs_f64() * 1e3,
+                ),
+                Ok(t) => rec.failure(Scenario::Cold, name, "true", describe_failure(&t)),
+                Err(e) => rec.failure(Scenario::Cold, name, "true", e.to_string()),
+            }
+        }
+    }
+}
+
+/// A started instance of the Ready workload, killed (whole process group) when dropped.
+struct Instance {
+    child: std::process::Child,
+    ready: mpsc::Receiver<Instant>,
+}
+
+impl Instance {
+    fn start(env: &Env, opts: &Options, c: Contender) -> Result<Instance, String> {
+        let mut cmd = env.command(opts, c, Workload::Ready)?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = measure::spawn_group(&mut cmd).map_err(|e| e.to_string())?;
+        let mut out = child.stdout.take().ok_or("no stdout pipe")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 512];
+            while let Ok(n) = out.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.windows(READY.len()).any(|w| w == READY) {
+                    let _ = tx.send(Instant::now());
+                    // Keep draining so the workload never blocks on a full pipe.
+                    while matches!(out.read(&mut chunk), Ok(n) if n > 0) {}
+                    break;
+                }
+            }
+        });
+        Ok(Instance { child, ready: rx })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn tree_pss_kib(&self) -> u64 {
+        measure::process_tree(self.pid())
+            .into_iter()
+            .filter_map(measure::pss_kib)
+            .sum()
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // SIGTERM first so rvmm cleans up, then SIGKILL for anything still there.
+        // SAFETY: kill(2) on a process group id we created; no memory is involved.
+        unsafe {
+            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        measure::kill_group(self.child.id());
+        let _ = self.child.wait();
+    }
+}
+
+pub fn memory(opts: &Options, env: &Env, rec: &mut Recorder) {
+    let s = Scenario::Memory;
+    for c in [
+        Contender::RvmmContainer,
+        Contender::Crun,
+        Contender::Runc,
+        Contender::RvmmVm,
+    ] {
+        rec.progress(&format!("memory: {}", c.name()));
+        let timeout = if c.boots_a_kernel() {
+            opts.vm_timeout
+        } else {
+            opts.timeout
+        };
+        let inst = match Instance::start(env, opts, c) {
+            Ok(i) => i,
+            Err(why) => {
+                rec.failure(s, c.name(), "idle", why);
+                continue;
+            }
+        };
+        if inst.ready.recv_timeout(timeout).is_err() {
+            rec.failure(s, c.name(), "idle", format!("not ready within {timeout:?}"));
+            continue;
+        }
+        // Let lazily-started threads settle.
+        std::thread::sleep(Duration::from_millis(300));
+        let tree = measure::process_tree(inst.pid());
+        let total: u64 = tree.iter().filter_map(|&p| measure::pss_kib(p)).sum();
+        let own = measure::pss_kib(inst.pid()).unwrap_or(0);
+        if c == Contender::RvmmVm {
+            let min = u64::from(opts.vm_memory_mib) * 1024 / 2;
+            let guest: u64 = tree
+                .iter()
+                .filter_map(|&p| measure::guest_ram_rss_kib(p, min))
+                .sum();
+            rec.value(
+                s,
+                c.name(),
+                "guest RAM resident",
+                "MiB",
+                guest as f64 / 1024.0,
+            );
+            rec.value(
+                s,
+                c.name(),
+                "runtime overhead (PSS minus guest RAM)",
+                "MiB",
+                total.saturating_sub(guest) as f64 / 1024.0,
+            );
+        } else {
+            let workload = tree.last().copied().unwrap_or(inst.pid());
+            if let Some(cg) = measure::cgroup_memory_kib(workload) {
+                rec.value(
+                    s,
+                    c.name(),
+                    "cgroup memory usage",
+                    "MiB",
+                    cg as f64 / 1024.0,
+                );
+            }
+            rec.value(
+                s,
+                c.name(),
+                "runtime overhead (PSS of all processes)",
+                "MiB",
+                total as f64 / 1024.0,
+            );
+        }
+        rec.value(
+            s,
+            c.name(),
+            "launcher process PSS",
+            "MiB",
+            own as f64 / 1024.0,
+        );
+        rec.value(s, c.name(), "total PSS", "MiB", total as f64 / 1024.0);
+    }
+}
+
+pub fn density(opts: &Options, env: &Env, rec: &mut Recorder) {
+    let s = Scenario::Density;
+    let mut contenders = vec![(Contender::RvmmContainer, opts.density)];
+    if opts.quick {
+        rec.failure(s, "rvmm vm", "instances", "skipped with --quick".into());
+    } else {
+        contenders.push((Contender::RvmmVm, opts.density.clamp(1, 4)));
+    }
+    for (c, n) in contenders {
+        rec.progress(&format!("density: {} x{n}", c.name()));
+        let timeout = if c.boots_a_kernel() {
+            opts.vm_timeout * 2
+        } else {
+            opts.timeout
+        };
+        let start = Instant::now();
+        let mut insts = Vec::new();
+        let mut failed = None;
+        for _ in 0..n {
+            match Instance::start(env, opts, c) {
+                Ok(i) => insts.push(i),
+                Err(why) => {
+                    failed = Some(why);
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failed {
+            rec.failure(s, c.name(), "instances", why);
+            continue;
+        }
+        let mut ready = 0usize;
+        let deadline = start + timeout;
+        let mut waiting: Vec<bool> = vec![true; insts.len()];
+        while ready < insts.len() && Instant::now() < deadline {
+            for (i, inst) in insts.iter().enumerate() {
+                if waiting[i] && inst.ready.try_recv().is_ok() {
+                    waiting[i] = false;
+                    ready += 1;
+                    let mem: u64 = insts.iter().map(Instance::tree_pss_kib).sum();
+                    let t = start.elapsed().as_secs_f64() * 1e3;
+                    rec.point(s, c.name(), "time to ready", "ms", ready as f64, t);
+                    rec.point(
+                        s,
+                        c.name(),
+                        "host memory (PSS)",
+                        "MiB",
+                        ready as f64,
+                        mem as f64 / 1024.0,
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if ready < insts.len() {
+            rec.failure(
+                s,
+                c.name(),
+                "instances",
+                format!("{ready} of {} ready within {timeout:?}", insts.len()),
+            );
+        } else {
+            rec.value(
+                s,
+                c.name(),
+                &format!("all {n} ready"),
+                "ms",
+                start.elapsed().as_secs_f64() * 1e3,
+            );
+        }
+        drop(insts);
+    }
+}
+
+pub fn io(opts: &Options, env: &Env, rec: &mut Recorder) {
+    let s = Scenario::Io;
+    let runs = if opts.quick { 1 } else { 3 };
+    for _ in 0..runs {
+        for c in [Contender::RvmmContainer, Contender::RvmmVm] {
+            rec.progress(&format!("io: {}", c.name()));
+            let timeout = if c.boots_a_kernel() {
+                opts.vm_timeout
+            } else {
+                opts.timeout
+            };
+            let mut cmd = match env.command(opts, c, Workload::Io) {
+                Ok(c) => c,
+                Err(why) => {
+                    rec.failure(s, c.name(), "dd", why);
+                    continue;
+                }
+            };
+            match measure::run_timed(&mut cmd, timeout, None) {
+                Ok(t) if t.code == 0 => {
+                    let text = String::from_utf8_lossy(&t.stdout);
+                    let rates: Vec<f64> = text.lines().filter_map(dd_rate_mb_s).collect();
+                    if rates.len() == 2 {
+                        rec.value(
+                            s,
+                            c.name(),
+                            "sequential write (64 MiB, fsync)",
+                            "MB/s",
+                            rates[0],
+                        );
+                        rec.value(s, c.name(), "sequential read (64 MiB)", "MB/s", rates[1]);
+                    } else {
+                        rec.failure(s, c.name(), "dd", format!("unexpected dd output: {text:?}"));
+                    }
+                }
+                Ok(t) => rec.failure(s, c.name(), "dd", describe_failure(&t)),
+                Err(e) => rec.failure(s, c.name(), "dd", e.to_string()),
+            }
+        }
+    }
+}
+
+/// MB/s from a dd summary line: GNU ("67108864 bytes (67 MB, 64 MiB) copied, 0.1 s, 671 MB/s") or busybox
+/// ("67108864 bytes (64.0MB) copied, 0.099 seconds, 646.4MB/s"): computed from bytes and seconds.
+pub fn dd_rate_mb_s(line: &str) -> Option<f64> {
+    let bytes: f64 = line.split_whitespace().next()?.parse().ok()?;
+    let after = line.split("copied,").nth(1)?;
+    let secs: f64 = after.split_whitespace().next()?.parse().ok()?;
+    if secs <= 0.0 {
+        return None;
+    }
+    Some(bytes / secs / 1e6)
+}
+
+pub fn boot(opts: &Options, env: &mut Env, rec: &mut Recorder) {
+    let all = [
+        Contender::RvmmVmDirect,
+        Contender::QemuMicrovm,
+        Contender::Firecracker,
+        Contender::CloudHypervisor,
+    ];
+    let local = Options {
+        runs: opts.vm_runs,
+        warmup: 0,
+        ..opts.clone()
+    };
+    timed_rounds(
+        &local,
+        env,
+        rec,
+        Scenario::Boot,
+        &all,
+        Workload::True,
+        Some(BOOT_MARKER),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dd_lines() {
+        let gnu = "67108864 bytes (67 MB, 64 MiB) copied, 0.5 s, 134 MB/s";
+        assert!((dd_rate_mb_s(gnu).expect("gnu") - 134.217728).abs() < 1e-6);
+        let bb = "67108864 bytes (64.0MB) copied, 0.25 seconds, 256.0MB/s";
+        assert!((dd_rate_mb_s(bb).expect("busybox") - 268.435456).abs() < 1e-6);
+        assert_eq!(dd_rate_mb_s("64+0 records in"), None);
+    }
+}

@@ -1,4 +1,4 @@
-//! `rvmm vm` boots the real guest kernel with a busybox ext4 root on virtio-blk; init prints a marker,
+//! `rvmm vm` boots the real guest kernel on two vCPUs with a busybox ext4 root on virtio-blk; init prints a marker,
 //! writes to the disk, and reboots; the VMM exits cleanly on the i8042 reset. The bytes written by the
 //! guest are checked on the host file afterwards.
 
@@ -11,7 +11,7 @@ use common::guest;
 
 const INIT: &str = r#"#!/bin/busybox sh
 mount -t proc proc /proc
-echo "RVMM-BOOT-MARKER $(cat /proc/cmdline | grep -c virtio_mmio.device)"
+echo "RVMM-BOOT-MARKER $(grep -c virtio_mmio.device /proc/cmdline) $(grep -c ^processor /proc/cpuinfo)"
 echo guest-wrote-this > /from-guest && sync
 reboot -f
 "#;
@@ -33,12 +33,13 @@ fn rvmm_vm_boots_the_guest_kernel_to_user_space_and_exits_cleanly() {
         .arg(&kernel)
         .arg("--disk")
         .arg(&disk)
-        .args(["--memory", "128"]);
+        .args(["--memory", "128", "--cpus", "2"]);
     let boot = guest::boot(cmd, Duration::from_secs(400));
     let c = &boot.console;
     assert!(c.contains("Run /sbin/init as init process"), "{c}");
+    // One virtio device on the command line, two vCPUs found through the MP table.
     assert!(
-        c.contains("RVMM-BOOT-MARKER 1"),
+        c.contains("RVMM-BOOT-MARKER 1 2"),
         "no marker from user space:\n{c}"
     );
     let status = boot

@@ -234,10 +234,10 @@ impl Env {
                 let mut cmd = Command::new(qemu);
                 cmd.args([
                     "-M",
-                    "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+                    "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
                     "-enable-kvm",
                     "-cpu",
-                    "host",
+                    "host,-arch-capabilities",
                     "-m",
                     &opts.vm_memory_mib.to_string(),
                     "-nodefaults",
@@ -371,9 +371,9 @@ fn make_boot_files(opts: &Options, work: &Path) -> Result<BootFiles, Error> {
         )));
     }
     let kernel = PathBuf::from(String::from_utf8_lossy(&kernel.stdout).trim());
+    // The same busybox-static the sample image is built from, so every VMM boots identical bytes.
     let root = work.join("bootroot");
-    super::image_rootfs(&opts.root, &opts.image, &root)
-        .map_err(|e| Error::Setup(format!("cannot flatten {}: {e}", opts.image)))?;
+    busybox_rootfs(&root)?;
     let init = root.join("init");
     std::fs::write(&init, "#!/bin/sh\necho RVMM-BENCH-READY\nreboot -f\n").map_err(|source| {
         Error::Write {
@@ -417,6 +417,32 @@ fn make_boot_files(opts: &Options, work: &Path) -> Result<BootFiles, Error> {
         disk,
         cmdline: "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw init=/init".into(),
     })
+}
+
+/// A minimal root: /bin/busybox from Debian's busybox-static with every applet linked.
+fn busybox_rootfs(root: &Path) -> Result<(), Error> {
+    let bin = root.join("bin");
+    for d in ["bin", "sbin", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).map_err(|source| Error::Write {
+            path: root.join(d),
+            source,
+        })?;
+    }
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .map_err(|e| Error::Setup(format!("/bin/busybox (apt install busybox-static): {e}")))?;
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .map_err(|source| Error::Spawn {
+            program: "busybox".into(),
+            source,
+        })?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+    }
+    Ok(())
 }
 
 /// Runs every contender `runs` times after `warmup`, interleaved, recording first byte and exit.

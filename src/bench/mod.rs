@@ -272,5 +272,9 @@ fn image_rootfs(
 
 /// What a peer VMM must add to the kernel command line on this host (rvmm vm adds it itself).
 fn peer_cmdline_additions() -> String {
-    String::new()
+    if crate::vmm::HostKind::detect() == crate::vmm::HostKind::Pvm {
+        crate::kernel::pvm_cmdline_additions().to_string()
+    } else {
+        String::new()
+    }
 }

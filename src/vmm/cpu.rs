@@ -2,9 +2,8 @@
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::GuestAddress;
 
-use super::boot::GDT;
+use super::boot::{Entry, GDT, GDT_PVH};
 use super::layout::*;
 use super::{Error, HostKind};
 
@@ -48,7 +47,7 @@ pub fn setup(
     vcpu: &VcpuFd,
     id: u8,
     count: u8,
-    entry: GuestAddress,
+    entry: Entry,
     host: HostKind,
 ) -> Result<(), Error> {
     let _ = host;
@@ -58,14 +57,27 @@ pub fn setup(
     setup_fpu(vcpu)?;
     setup_lapic(vcpu)?;
     if id == 0 {
-        setup_sregs(vcpu)?;
-        let regs = kvm_regs {
-            rflags: 0x2,
-            rip: entry.0,
-            rsp: BOOT_STACK_POINTER,
-            rbp: BOOT_STACK_POINTER,
-            rsi: ZERO_PAGE_START,
-            ..Default::default()
+        let regs = match entry {
+            Entry::Linux64(rip) => {
+                setup_sregs_long(vcpu)?;
+                kvm_regs {
+                    rflags: 0x2,
+                    rip: rip.0,
+                    rsp: BOOT_STACK_POINTER,
+                    rbp: BOOT_STACK_POINTER,
+                    rsi: ZERO_PAGE_START,
+                    ..Default::default()
+                }
+            }
+            Entry::Pvh(rip) => {
+                setup_sregs_pvh(vcpu)?;
+                kvm_regs {
+                    rflags: 0x2,
+                    rip: rip.0,
+                    rbx: PVH_INFO_START,
+                    ..Default::default()
+                }
+            }
         };
         vcpu.set_regs(&regs)
             .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
@@ -132,8 +144,8 @@ fn setup_lapic(vcpu: &VcpuFd) -> Result<(), Error> {
         .map_err(|e| Error::Kvm("KVM_SET_LAPIC", e))
 }
 
-fn segment(index: usize, selector: u16) -> kvm_segment {
-    let e = GDT[index];
+fn segment(gdt: &[u64; 4], index: usize, selector: u16) -> kvm_segment {
+    let e = gdt[index];
     kvm_segment {
         base: ((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000),
         limit: {
@@ -158,13 +170,40 @@ fn segment(index: usize, selector: u16) -> kvm_segment {
     }
 }
 
-fn setup_sregs(vcpu: &VcpuFd) -> Result<(), Error> {
+/// PVH entry state: 32-bit protected mode with flat segments, paging off.
+fn setup_sregs_pvh(vcpu: &VcpuFd) -> Result<(), Error> {
     let mut s = vcpu
         .get_sregs()
         .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
-    let code = segment(1, 0x08);
-    let data = segment(2, 0x10);
-    let tss = segment(3, 0x18);
+    let code = segment(&GDT_PVH, 1, 0x08);
+    let data = segment(&GDT_PVH, 2, 0x10);
+    let mut tss = segment(&GDT_PVH, 3, 0x18);
+    tss.type_ = 0xb; // busy 32-bit TSS, as KVM requires for TR
+    s.gdt.base = BOOT_GDT_START;
+    s.gdt.limit = (GDT_PVH.len() * 8 - 1) as u16;
+    s.idt.base = BOOT_IDT_START;
+    s.idt.limit = 7;
+    s.cs = code;
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = tss;
+    s.cr0 = X86_CR0_PE | 0x10; // protected mode, ET
+    s.cr4 = 0;
+    s.efer = 0;
+    vcpu.set_sregs(&s)
+        .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))
+}
+
+fn setup_sregs_long(vcpu: &VcpuFd) -> Result<(), Error> {
+    let mut s = vcpu
+        .get_sregs()
+        .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+    let code = segment(&GDT, 1, 0x08);
+    let data = segment(&GDT, 2, 0x10);
+    let tss = segment(&GDT, 3, 0x18);
     s.gdt.base = BOOT_GDT_START;
     s.gdt.limit = (GDT.len() * 8 - 1) as u16;
     s.idt.base = BOOT_IDT_START;

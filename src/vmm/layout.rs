@@ -5,6 +5,10 @@
 pub const BOOT_GDT_START: u64 = 0x500;
 /// An empty IDT: the kernel installs its own before it enables interrupts.
 pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH: hvm_start_info, its memory map, and the module list (initrd).
+pub const PVH_INFO_START: u64 = 0x6000;
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+pub const PVH_MODLIST_START: u64 = 0x6800;
 /// `boot_params` ("zero page") for the 64-bit boot protocol.
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer.

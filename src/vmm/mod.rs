@@ -327,8 +327,15 @@ impl Vm {
         }
         log::info!("guest command line: {cmdline}");
 
-        let loaded = boot::load_kernel(&mem, &cfg.kernel, &cmdline, cfg.initrd.as_deref())?;
-        boot::write_boot_tables(&mem)?;
+        let loaded = boot::load_kernel(
+            &mem,
+            &cfg.kernel,
+            &cmdline,
+            cfg.initrd.as_deref(),
+            use_pvh(),
+        )?;
+        boot::write_boot_tables(&mem, matches!(loaded.entry, boot::Entry::Pvh(_)))?;
+        log::info!("boot entry: {:?}", loaded.entry);
         mptable::write(&mem, cfg.vcpus)?;
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
@@ -426,6 +433,11 @@ impl Vm {
     }
 }
 
+/// PVH when the kernel has the entry, unless `RVMM_BOOT_PROTOCOL=linux64` asks for the 64-bit protocol.
+fn use_pvh() -> bool {
+    std::env::var("RVMM_BOOT_PROTOCOL").map_or(true, |v| v != "linux64")
+}
+
 fn kick_signal() -> i32 {
     libc::SIGRTMIN() + 1
 }
@@ -464,11 +476,11 @@ fn vcpu_loop(
                     p if (PORT_COM2..PORT_COM2 + 8).contains(&p) => {
                         let _ = d.com2.write((p - PORT_COM2) as u8, v);
                     }
-                    PORT_I8042_DATA | PORT_I8042_CMD => {
-                        if d.i8042.write(port - PORT_I8042_DATA, v) == I8042Action::Reset {
-                            exit.end(EXIT_RESET);
-                            return;
-                        }
+                    PORT_I8042_DATA | PORT_I8042_CMD
+                        if d.i8042.write(port - PORT_I8042_DATA, v) == I8042Action::Reset =>
+                    {
+                        exit.end(EXIT_RESET);
+                        return;
                     }
                     _ => {}
                 }

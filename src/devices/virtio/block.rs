@@ -103,9 +103,8 @@ impl Block {
                     .and_then(|off| off.checked_add(total))
                     .is_some_and(|end| end <= self.capacity * SECTOR_SIZE);
                 let dir_ok = data.iter().all(|d| d.2 == (typ == T_IN));
-                if typ == T_OUT && self.read_only {
-                    S_IOERR
-                } else if !in_range || !dir_ok {
+                let writable = typ == T_IN || !self.read_only;
+                if !writable || !in_range || !dir_ok {
                     S_IOERR
                 } else {
                     match self.transfer(mem, typ == T_IN, sector * SECTOR_SIZE, data) {

@@ -147,19 +147,12 @@ impl MmioTransport {
         let driver_ok = self.status & STATUS_DRIVER_OK != 0;
         match offset {
             0x14 => self.device_features_sel = v,
-            0x20 => {
-                if self.status & STATUS_FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => {
-                            self.driver_features =
-                                (self.driver_features & !0xffff_ffff) | u64::from(v)
-                        }
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
-                    }
+            0x20 if self.status & STATUS_FEATURES_OK == 0 => {
+                let v = u64::from(v);
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
+                    _ => {}
                 }
             }
             0x24 => self.driver_features_sel = v,

@@ -166,6 +166,14 @@ impl Env {
 
     /// The command line that starts `c` with workload `w`, or why it cannot run here.
     fn command(&self, opts: &Options, c: Contender, w: Workload) -> Result<Command, String> {
+        // VMM peers boot /init (marker, then reset) or, for the Ready workload, /idle (marker, then sleep).
+        let boot_cmdline = |b: &BootFiles| {
+            if w == Workload::Ready {
+                b.cmdline.replace("init=/init", "init=/idle")
+            } else {
+                b.cmdline.clone()
+            }
+        };
         let rvmm_run = |iso: &str| {
             let mut cmd = Command::new(&opts.rvmm);
             cmd.arg("--root").arg(&opts.root).args([
@@ -222,7 +230,7 @@ impl Env {
                     .arg("--memory")
                     .arg(opts.vm_memory_mib.to_string())
                     .arg("--cmdline")
-                    .arg(&b.cmdline);
+                    .arg(boot_cmdline(b));
                 Ok(cmd)
             }
             Contender::QemuMicrovm => {
@@ -252,7 +260,11 @@ impl Env {
                 .arg("-kernel")
                 .arg(&b.kernel)
                 .arg("-append")
-                .arg(format!("{} {}", b.cmdline, super::peer_cmdline_additions()))
+                .arg(format!(
+                    "{} {}",
+                    boot_cmdline(b),
+                    super::peer_cmdline_additions()
+                ))
                 .arg("-drive")
                 .arg(format!(
                     "id=root,file={},format=raw,if=none",
@@ -270,7 +282,7 @@ impl Env {
                 let cfg = serde_json::json!({
                     "boot-source": {
                         "kernel_image_path": b.kernel,
-                        "boot_args": format!("{} {}", b.cmdline, super::peer_cmdline_additions()),
+                        "boot_args": format!("{} {}", boot_cmdline(b), super::peer_cmdline_additions()),
                     },
                     "drives": [{"drive_id": "root", "path_on_host": b.disk,
                                 "is_root_device": true, "is_read_only": false}],
@@ -298,7 +310,11 @@ impl Env {
                     .arg("--disk")
                     .arg(format!("path={}", b.disk.display()))
                     .arg("--cmdline")
-                    .arg(format!("{} {}", b.cmdline, super::peer_cmdline_additions()))
+                    .arg(format!(
+                        "{} {}",
+                        boot_cmdline(b),
+                        super::peer_cmdline_additions()
+                    ))
                     .args(["--serial", "tty", "--console", "off", "--memory"])
                     .arg(format!("size={}M", opts.vm_memory_mib));
                 Ok(cmd)
@@ -374,26 +390,20 @@ fn make_boot_files(opts: &Options, work: &Path) -> Result<BootFiles, Error> {
     // The same busybox-static the sample image is built from, so every VMM boots identical bytes.
     let root = work.join("bootroot");
     busybox_rootfs(&root)?;
-    let init = root.join("init");
-    std::fs::write(&init, "#!/bin/sh\necho RVMM-BENCH-READY\nreboot -f\n").map_err(|source| {
-        Error::Write {
-            path: init.clone(),
+    for (name, script) in [
+        ("init", "#!/bin/sh\necho RVMM-BENCH-READY\nreboot -f\n"),
+        (
+            "idle",
+            "#!/bin/sh\necho RVMM-BENCH-READY\nexec sleep 3600\n",
+        ),
+    ] {
+        let path = root.join(name);
+        std::fs::write(&path, script).map_err(|source| Error::Write {
+            path: path.clone(),
             source,
-        }
-    })?;
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut std::fs::metadata(&init)
-            .map_err(|e| Error::Setup(e.to_string()))?
-            .permissions(),
-        0o755,
-    );
-    let st = Command::new("chmod")
-        .arg("0755")
-        .arg(&init)
-        .status()
-        .map_err(|e| Error::Setup(e.to_string()))?;
-    if !st.success() {
-        return Err(Error::Setup("chmod failed".into()));
+        })?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|source| Error::Write { path, source })?;
     }
     let disk = work.join("boot.ext4");
     let out = Command::new("mkfs.ext4")
@@ -620,6 +630,12 @@ struct Instance {
 impl Instance {
     fn start(env: &Env, opts: &Options, c: Contender) -> Result<Instance, String> {
         let mut cmd = env.command(opts, c, Workload::Ready)?;
+        // A booting kernel prints plenty; VMM peers wait for the bench's own marker.
+        let marker: &'static [u8] = if c.boots_a_kernel() && c != Contender::RvmmVm {
+            BOOT_MARKER
+        } else {
+            READY
+        };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
@@ -634,7 +650,7 @@ impl Instance {
                     break;
                 }
                 buf.extend_from_slice(&chunk[..n]);
-                if buf.windows(READY.len()).any(|w| w == READY) {
+                if buf.windows(marker.len()).any(|w| w == marker) {
                     let _ = tx.send(Instant::now());
                     // Keep draining so the workload never blocks on a full pipe.
                     while matches!(out.read(&mut chunk), Ok(n) if n > 0) {}
@@ -905,6 +921,55 @@ pub fn boot(opts: &Options, env: &mut Env, rec: &mut Recorder) {
         Workload::True,
         Some(BOOT_MARKER),
     );
+    for c in all {
+        vm_memory(opts, env, rec, c);
+    }
+}
+
+/// Host memory of a VMM whose guest sits idle: guest RAM resident in the host, and everything else (the
+/// VMM's own overhead), from PSS.
+fn vm_memory(opts: &Options, env: &Env, rec: &mut Recorder, c: Contender) {
+    let s = Scenario::Memory;
+    rec.progress(&format!("memory: {} (idle guest)", c.name()));
+    let inst = match Instance::start(env, opts, c) {
+        Ok(i) => i,
+        Err(why) => {
+            rec.failure(s, c.name(), "idle guest", why);
+            return;
+        }
+    };
+    if inst.ready.recv_timeout(opts.vm_timeout).is_err() {
+        rec.failure(
+            s,
+            c.name(),
+            "idle guest",
+            format!("not ready within {:?}", opts.vm_timeout),
+        );
+        return;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let tree = measure::process_tree(inst.pid());
+    let total: u64 = tree.iter().filter_map(|&p| measure::pss_kib(p)).sum();
+    let min = u64::from(opts.vm_memory_mib) * 1024 / 2;
+    let guest: u64 = tree
+        .iter()
+        .filter_map(|&p| measure::guest_ram_rss_kib(p, min))
+        .sum();
+    rec.value(
+        s,
+        c.name(),
+        "guest RAM resident",
+        "MiB",
+        guest as f64 / 1024.0,
+    );
+    rec.value(
+        s,
+        c.name(),
+        "runtime overhead (PSS minus guest RAM)",
+        "MiB",
+        total.saturating_sub(guest) as f64 / 1024.0,
+    );
+    rec.value(s, c.name(), "total PSS", "MiB", total as f64 / 1024.0);
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ mount -t sysfs sys /sys
 mount -t tmpfs tmp /tmp
 mount -t devtmpfs dev /dev
 echo c b a > /tmp/in; tr ' ' '\n' < /tmp/in > /tmp/mid; sort /tmp/mid > /tmp/sorted
-echo "T1 redirections: $(cat /tmp/sorted)"
+set -- $(cat /tmp/sorted); echo "T1 redirections: $*"
 ls /proc > /tmp/proc.txt
 ls /sys/class > /tmp/sys.txt
 sort -r /tmp/sys.txt > /tmp/sys.sorted
@@ -39,7 +39,7 @@ reboot -f
 fn check(console: &str, status: Option<std::process::ExitStatus>, elapsed: Duration) {
     for want in [
         "Run /sbin/init as init process",
-        "T1 redirections: a\nb\nc",
+        "T1 redirections: a b c",
         "T2 proc: ",
         " cpu, tty class 1, ttyS0 type 4",
         "T3 fork+exec: 20",

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`rvmm images | head`), as command-line tools do.
+    // SAFETY: setting a signal disposition to its default before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("RVMM_LOG", "warn"))
         .format_timestamp_millis()
         .init();

@@ -107,7 +107,7 @@ fn busybox_torture_under_qemu_microvm() {
     };
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw {}",
-        if rvmm::vmm::HostKind::detect() == rvmm::vmm::HostKind::Pvm {
+        if rvmm::vmm::kvm::host_kind() == rvmm::vmm::HostKind::Pvm {
             rvmm::kernel::pvm_cmdline_additions()
         } else {
             ""

@@ -272,7 +272,7 @@ fn image_rootfs(
 
 /// What a peer VMM must add to the kernel command line on this host (rvmm vm adds it itself).
 fn peer_cmdline_additions() -> String {
-    if crate::vmm::HostKind::detect() == crate::vmm::HostKind::Pvm {
+    if crate::vmm::kvm::host_kind() == crate::vmm::HostKind::Pvm {
         crate::kernel::pvm_cmdline_additions().to_string()
     } else {
         String::new()

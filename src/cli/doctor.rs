@@ -1,138 +1,169 @@
-//! `rvmm doctor`: what this host offers rvmm, each finding with a hint.
+//! `rvmm doctor`: what this host offers, each finding with a hint.
 
 use std::path::Path;
 
-use rvmm::vmm::HostKind;
+use rvmm::vmm::kvm;
 
 use super::Global;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {}
 
-struct Report {
-    problems: usize,
+enum Level {
+    Ok,
+    Warn,
+    Missing,
 }
 
-impl Report {
-    fn ok(&self, what: &str, detail: &str) {
-        println!("ok    {what:<14} {detail}");
+fn line(level: Level, what: &str, detail: &str, hint: &str) {
+    let tag = match level {
+        Level::Ok => "ok  ",
+        Level::Warn => "warn",
+        Level::Missing => "MISS",
+    };
+    if hint.is_empty() {
+        println!("{tag} {what:<14} {detail}");
+    } else {
+        println!("{tag} {what:<14} {detail}\n     {:<14} hint: {hint}", "");
     }
-    fn warn(&mut self, what: &str, detail: &str, hint: &str) {
-        println!("warn  {what:<14} {detail}\n      {:<14} hint: {hint}", "");
+}
+
+/// The cgroup layout: "v2", "hybrid" or "v1".
+pub fn cgroup_layout() -> &'static str {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+    let is_cg2 = |p: &str| {
+        statfs(p)
+            .map(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC)
+            .unwrap_or(false)
+    };
+    if is_cg2("/sys/fs/cgroup") {
+        "v2"
+    } else if is_cg2("/sys/fs/cgroup/unified") {
+        "hybrid"
+    } else {
+        "v1"
     }
-    fn bad(&mut self, what: &str, detail: &str, hint: &str) {
-        self.problems += 1;
-        println!("FAIL  {what:<14} {detail}\n      {:<14} hint: {hint}", "");
-    }
+}
+
+fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
 }
 
 pub fn exec(_args: Args, global: &Global) -> anyhow::Result<u8> {
-    let mut r = Report { problems: 0 };
-
-    // KVM.
-    match kvm_ioctls::Kvm::new() {
-        Ok(kvm) => {
-            let kind = HostKind::detect();
-            r.ok(
+    let mut missing = 0;
+    match kvm::open() {
+        Ok(k) => {
+            let kind = kvm::host_kind();
+            let hint = match kind {
+                kvm::HostKind::Pvm => "guests boot slowly here (~30 s); rvmm adds the kvm_pvm kernel command-line additions itself",
+                kvm::HostKind::Hardware => "",
+            };
+            line(
+                if hint.is_empty() {
+                    Level::Ok
+                } else {
+                    Level::Warn
+                },
                 "kvm",
-                &format!("/dev/kvm, API version {}, {}", kvm.get_api_version(), kind.describe()),
+                &format!("{}, API version {}", kind.name(), k.get_api_version()),
+                hint,
             );
-            if kind == HostKind::Pvm {
-                println!(
-                    "      {:<14} guests boot slowly here (~30 s); rvmm adds `{}` to their command line",
-                    "",
-                    rvmm::kernel::pvm_cmdline_additions()
-                );
-            }
         }
-        Err(e) => r.bad(
-            "kvm",
-            &format!("cannot open /dev/kvm: {e}"),
-            "load kvm_intel or kvm_amd (or run where KVM exists) and make /dev/kvm read-writable for this user; --isolation=container still works",
-        ),
+        Err(e) => {
+            missing += 1;
+            line(
+                Level::Missing,
+                "kvm",
+                &e.to_string(),
+                "load kvm_intel/kvm_amd (or kvm_pvm), and run as root or in the kvm group",
+            );
+        }
     }
-
-    // cgroups.
-    let layout = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        "v2 (unified)"
-    } else if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
-        "hybrid (v1 controllers, cgroup2 at /sys/fs/cgroup/unified)"
-    } else if Path::new("/sys/fs/cgroup/memory").exists() {
-        "v1 (legacy)"
-    } else {
-        ""
-    };
-    if layout.is_empty() {
-        r.bad(
-            "cgroups",
-            "no cgroup filesystem found",
-            "mount cgroup2 at /sys/fs/cgroup",
-        );
-    } else {
-        r.ok("cgroups", layout);
+    let cg = cgroup_layout();
+    line(
+        if cg == "v2" { Level::Ok } else { Level::Warn },
+        "cgroups",
+        cg,
+        match cg {
+            "hybrid" => "v1 controllers plus a cgroup2 mount at /sys/fs/cgroup/unified; rvmm handles it (crun 1.8 does not)",
+            "v1" => "legacy cgroups: limits use the v1 controllers",
+            _ => "",
+        },
+    );
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun");
+    match tun {
+        Ok(_) => line(Level::Ok, "/dev/net/tun", "usable", ""),
+        Err(e) => {
+            missing += 1;
+            line(
+                Level::Missing,
+                "/dev/net/tun",
+                &e.to_string(),
+                "modprobe tun (VM networking needs TAP devices)",
+            )
+        }
     }
-
-    // Networking.
-    if Path::new("/dev/net/tun").exists() {
-        r.ok("tun", "/dev/net/tun");
-    } else {
-        r.warn(
-            "tun",
-            "/dev/net/tun missing",
-            "modprobe tun (VM networking needs taps)",
-        );
-    }
-
-    // Kernel.
     match rvmm::kernel::cached_vmlinux() {
-        Ok(p) => r.ok("guest kernel", &p.display().to_string()),
-        Err(_) => r.warn(
+        Ok(p) => line(Level::Ok, "guest kernel", &p.display().to_string(), ""),
+        Err(_) => line(
+            Level::Warn,
             "guest kernel",
             &format!("not built ({})", rvmm::kernel::vmlinux_path().display()),
-            "run `rvmm kernel build` (about 10 minutes on 2 cores)",
+            "run `rvmm kernel build` (about 6-10 minutes on 2 cores)",
         ),
     }
-
-    // Store.
-    r.ok("store", &global.root.display().to_string());
-
-    // Tools.
-    let tools = [
-        ("mkfs.ext4", "e2fsprogs", true),
-        ("iptables", "iptables", true),
-        ("ip", "iproute2", true),
-        ("crun", "crun (bench peer)", false),
-        ("runc", "runc (bench peer)", false),
-        ("qemu-system-x86_64", "qemu-system-x86 (bench peer)", false),
+    for (tool, required, hint) in [
         (
-            "firecracker",
-            "firecracker (bench peer, not in Debian)",
-            false,
+            "mkfs.ext4",
+            true,
+            "apt-get install e2fsprogs (VM root disks)",
         ),
         (
-            "cloud-hypervisor",
-            "cloud-hypervisor (bench peer, not in Debian)",
-            false,
+            "ip",
+            true,
+            "apt-get install iproute2 (bridges, veths, taps)",
         ),
-    ];
-    for (tool, pkg, needed) in tools {
-        match which(tool) {
-            Some(p) => r.ok(tool, &p),
-            None if needed => r.bad(tool, "not found", &format!("apt-get install {pkg}")),
-            None => println!("-     {tool:<14} not found (optional: {pkg})"),
+        (
+            "iptables",
+            true,
+            "apt-get install iptables (NAT, published ports)",
+        ),
+        ("crun", false, "apt-get install crun (peer for benchmarks)"),
+        ("runc", false, "apt-get install runc (peer for benchmarks)"),
+        (
+            "qemu-system-x86_64",
+            false,
+            "apt-get install qemu-system-x86 (peer VMM for benchmarks)",
+        ),
+    ] {
+        if on_path(tool) {
+            line(Level::Ok, tool, "found", "");
+        } else if required {
+            missing += 1;
+            line(Level::Missing, tool, "not on PATH", hint);
+        } else {
+            line(Level::Warn, tool, "not on PATH (optional)", hint);
         }
     }
-    if r.problems > 0 {
-        println!("{} problem(s) found", r.problems);
-        return Ok(1);
-    }
-    Ok(0)
-}
-
-fn which(prog: &str) -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
+    let root = &global.root;
+    line(
+        Level::Ok,
+        "store",
+        &format!(
+            "{}{}",
+            root.display(),
+            if Path::new(root).exists() {
+                ""
+            } else {
+                " (not created yet)"
+            }
+        ),
+        "",
+    );
+    Ok(if missing == 0 { 0 } else { 1 })
 }

@@ -1,44 +1,53 @@
-//! `rvmm vm`: boot a kernel and disks directly with rvmm's VMM (to compare VMMs on the same kernel and
-//! disk, and to debug guests).
+//! `rvmm vm`: boot a kernel and disks directly with rvmm's VMM.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::Context;
-use rvmm::vmm::{Console, DiskConfig, Vm, VmConfig, VmExit};
+use nix::sys::signal::{SigSet, Signal};
+use rvmm::vmm::{Console, DiskConfig, NetConfig, TapSource, Vm, VmConfig, VmExit, DEFAULT_CMDLINE};
 
 use super::Global;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Uncompressed vmlinux to boot. Default: the cached guest kernel (`rvmm kernel path`).
+    /// Uncompressed ELF vmlinux (default: the cached guest kernel, see `rvmm kernel path`).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// A raw disk image, attached as virtio-blk (/dev/vda, /dev/vdb, ... in order); `:ro` for read-only.
+    /// A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ...); append `:ro` for read-only.
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<String>,
-    /// An initramfs (newc cpio, optionally gzip-compressed).
+    /// An initrd/initramfs.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line. Default: console on ttyS0, reboot through the i8042, root on the first disk.
+    /// Kernel command line (default: serial console, reboot=k, and root=/dev/vda when a disk is
+    /// given). The VMM always appends its devices and, on kvm_pvm, the CPU-feature additions.
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_name = "N")]
     pub cpus: u8,
-    /// Guest RAM in MiB.
+    /// Guest memory in MiB.
     #[arg(long, default_value_t = 128, value_name = "MIB")]
     pub memory: u32,
+    /// A virtio-net device on this TAP (created if missing); MAC 52:54:00:12:34:NN.
+    #[arg(long = "net", value_name = "TAP")]
+    pub nets: Vec<String>,
+    /// Write the guest console to a file instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub console: Option<PathBuf>,
 }
 
-static STOP_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let fd = STOP_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the buffer is a live local of the right size.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+/// Parses `PATH[:ro]`.
+pub fn parse_disk(s: &str) -> DiskConfig {
+    match s.strip_suffix(":ro") {
+        Some(p) => DiskConfig {
+            path: PathBuf::from(p),
+            read_only: true,
+        },
+        None => DiskConfig {
+            path: PathBuf::from(s.strip_suffix(":rw").unwrap_or(s)),
+            read_only: false,
+        },
     }
 }
 
@@ -47,51 +56,71 @@ pub fn exec(args: Args, _global: &Global) -> anyhow::Result<u8> {
         Some(k) => k,
         None => rvmm::kernel::cached_vmlinux()?,
     };
-    let mut disks = Vec::new();
-    for d in &args.disks {
-        let (path, ro) = match d.strip_suffix(":ro") {
-            Some(p) => (p, true),
-            None => (d.as_str(), false),
-        };
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            anyhow::bail!("disk {} does not exist or is not a file", path.display());
-        }
-        disks.push(DiskConfig {
-            path,
-            read_only: ro,
-        });
-    }
-    let cmdline = args.cmdline.unwrap_or_else(|| {
-        let mut c = String::from("console=ttyS0 reboot=k panic=-1");
-        if let Some(d) = disks.first() {
-            c.push_str(if d.read_only {
-                " root=/dev/vda ro"
-            } else {
-                " root=/dev/vda rw"
-            });
-        }
-        c
+    let disks: Vec<DiskConfig> = args.disks.iter().map(|d| parse_disk(d)).collect();
+    let cmdline = args.cmdline.unwrap_or_else(|| match disks.first() {
+        Some(d) => format!(
+            "{DEFAULT_CMDLINE} root=/dev/vda {}",
+            if d.read_only { "ro" } else { "rw" }
+        ),
+        None => DEFAULT_CMDLINE.to_owned(),
     });
-    let vm = Vm::new(VmConfig {
+    let cfg = VmConfig {
         kernel,
         initrd: args.initrd,
         cmdline,
         vcpus: args.cpus,
         mem_mib: args.memory,
         disks,
-        console: Console::Stdio,
+        console: match args.console {
+            Some(p) => Console::File(p),
+            None => Console::Stdio,
+        },
         channel: None,
-    })
-    .context("cannot start the VM")?;
-    STOP_FD.store(vm.stop_handle().raw_fd(), Ordering::SeqCst);
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        let _ = vmm_sys_util::signal::register_signal_handler(sig, on_signal);
-    }
-    let exit = vm.run();
-    STOP_FD.store(-1, Ordering::SeqCst);
-    match exit? {
+        net: args
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| NetConfig {
+                tap: TapSource::Name(t.clone()),
+                mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(i as u8)],
+            })
+            .collect(),
+    };
+
+    // SIGINT/SIGTERM: blocked in every thread, received by one waiter that stops the VM.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block().context("cannot block signals")?;
+
+    let vm = Vm::new(cfg)?;
+    let stop = vm.stop_handle();
+    std::thread::Builder::new()
+        .name("rvmm-signals".into())
+        .spawn(move || {
+            if sigs.wait().is_ok() {
+                stop.stop();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    match vm.run()? {
         VmExit::Reset | VmExit::Shutdown => Ok(0),
         VmExit::Stopped => Ok(130),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_flags() {
+        let d = parse_disk("/a/b.img:ro");
+        assert!(d.read_only);
+        assert_eq!(d.path, PathBuf::from("/a/b.img"));
+        let d = parse_disk("x.img");
+        assert!(!d.read_only);
+        assert_eq!(parse_disk("x.img:rw").path, PathBuf::from("x.img"));
     }
 }

@@ -1,60 +1,83 @@
-//! 16550 UARTs (vm-superio) on the legacy COM ports. Output goes to a writer; input is fed by the event
-//! loop only while the receive FIFO has room, and resumes when the guest drains it.
+//! 16550 UART (vm-superio) on a port-I/O window, with flow-controlled input.
+//!
+//! Input never gets dropped: the event thread only enqueues what the 64-byte FIFO has room for and
+//! keeps the rest pending; when the guest drains the FIFO the device signals `drained` and the event
+//! thread feeds the next bytes.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::IrqLine;
+use super::{BusDevice, IrqLine};
 
-/// Tells the event loop when the guest has emptied the receive FIFO.
-#[derive(Debug)]
-pub struct RxEvents {
-    pub drained: EventFd,
-    waiting: AtomicBool,
-}
+/// Tells the event thread that the receive FIFO became empty.
+pub struct DrainSignal(pub Arc<EventFd>);
 
-impl RxEvents {
-    pub fn new() -> std::io::Result<Arc<RxEvents>> {
-        Ok(Arc::new(RxEvents {
-            drained: EventFd::new(libc::EFD_NONBLOCK)?,
-            waiting: AtomicBool::new(false),
-        }))
-    }
-
-    /// The event loop stopped feeding because the FIFO was full.
-    pub fn set_waiting(&self) {
-        self.waiting.store(true, Ordering::SeqCst);
-    }
-}
-
-impl SerialEvents for RxEvents {
+impl SerialEvents for DrainSignal {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {}
     fn in_buffer_empty(&self) {
-        if self.waiting.swap(false, Ordering::SeqCst) {
-            let _ = self.drained.write(1);
+        let _ = self.0.write(1);
+    }
+}
+
+/// Where the guest's transmitted bytes go.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// A 16550 UART.
+pub struct SerialDevice {
+    serial: Serial<IrqLine, DrainSignal, SerialOut>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: IrqLine, out: SerialOut, drained: Arc<EventFd>) -> Self {
+        Self {
+            serial: Serial::with_events(irq, DrainSignal(drained), out),
         }
     }
-}
 
-pub type SerialDevice = Serial<IrqLine, Arc<RxEvents>, Box<dyn Write + Send>>;
-
-pub fn new_serial(irq: IrqLine, events: Arc<RxEvents>, out: Box<dyn Write + Send>) -> SerialDevice {
-    Serial::with_events(irq, events, out)
-}
-
-/// Feeds as much of `bytes` as the FIFO takes; returns how many were taken.
-pub fn feed(serial: &mut SerialDevice, bytes: &[u8]) -> usize {
-    let room = serial.fifo_capacity();
-    if room == 0 {
-        return 0;
+    /// Free space in the receive FIFO.
+    pub fn fifo_room(&self) -> usize {
+        self.serial.fifo_capacity()
     }
-    let n = room.min(bytes.len());
-    serial.enqueue_raw_bytes(&bytes[..n]).unwrap_or(0)
+
+    /// Feeds bytes to the guest; returns how many were taken (at most [`Self::fifo_room`]).
+    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        if bytes.is_empty() || self.serial.fifo_capacity() == 0 {
+            return 0;
+        }
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial: cannot enqueue input: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Register state, for snapshots.
+    pub fn state(&self) -> SerialState {
+        self.serial.state()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // The UART has byte-wide registers; wider accesses read the first register only.
+        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *b = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.serial.write(off, v) {
+                log::debug!("serial: write: {e:?}");
+            }
+        }
+    }
 }

@@ -1,238 +1,277 @@
-//! Guest memory and the 64-bit Linux boot protocol: ELF vmlinux, command line, initrd, boot_params with
-//! the e820 map, identity-mapped page tables and a GDT for the long-mode entry.
+//! Loading the kernel and initrd and writing the boot structures: PVH start info when the ELF has a
+//! PVH note, the Linux 64-bit boot protocol's zero page otherwise; the command line; the MP table.
 
 use std::fs::File;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use linux_loader::loader::elf::PvhBootCapability;
-use linux_loader::loader::{elf::Elf, load_cmdline, Cmdline, KernelLoader};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use linux_loader::loader::{self, Cmdline, Elf, KernelLoader, PvhBootCapability};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::layout::*;
-use super::Error;
+use super::layout;
+use super::mptable;
 
-/// Guest RAM: one region below the MMIO gap, one above 4 GiB for what does not fit below it.
-pub fn create_memory(mem_mib: u32) -> Result<GuestMemoryMmap, Error> {
-    let size = u64::from(mem_mib) << 20;
-    let mut ranges = vec![(GuestAddress(0), size.min(MMIO_GAP_START) as usize)];
-    if size > MMIO_GAP_START {
-        ranges.push((GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize));
-    }
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open kernel {path}")]
+    KernelOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel {0} is not an ELF vmlinux (a bzImage or compressed kernel will not do)")]
+    NotElf(PathBuf),
+    #[error("cannot load kernel {path}")]
+    KernelLoad {
+        path: PathBuf,
+        #[source]
+        source: loader::Error,
+    },
+    #[error("cannot read initrd {path}")]
+    Initrd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("initrd {0} does not fit in guest memory above the kernel")]
+    InitrdTooBig(PathBuf),
+    #[error("kernel command line is invalid or longer than {max} bytes", max = layout::CMDLINE_MAX_SIZE - 1)]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("cannot write the command line to guest memory")]
+    CmdlineLoad(#[source] loader::Error),
+    #[error("cannot write boot parameters to guest memory")]
+    BootParams(#[source] linux_loader::configurator::Error),
+    #[error("cannot write boot structures to guest memory")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot write the MP table")]
+    MpTable(#[source] mptable::Error),
 }
 
-/// Which entry the vCPU starts at.
+/// How the vCPU must be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Entry {
-    /// PVH: 32-bit protected mode, paging off, RBX = hvm_start_info.
-    Pvh(GuestAddress),
-    /// Linux 64-bit boot protocol: long mode, RSI = boot_params.
-    Linux64(GuestAddress),
+pub enum EntryMode {
+    /// PVH: 32-bit protected mode, paging off, RBX = start info.
+    Pvh,
+    /// Linux 64-bit boot protocol: long mode, identity paging, RSI = zero page.
+    Linux64,
 }
 
-/// Where the kernel starts, and how the boot code must point the vCPU at it.
-pub struct Loaded {
-    pub entry: Entry,
+/// Where and how the boot vCPU starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootEntry {
+    pub entry: u64,
+    pub mode: EntryMode,
 }
 
-/// Loads the vmlinux, the command line and the initrd, and writes boot_params.
-pub fn load_kernel(
-    mem: &GuestMemoryMmap,
-    kernel: &Path,
-    cmdline: &str,
-    initrd: Option<&Path>,
-    use_pvh: bool,
-) -> Result<Loaded, Error> {
-    let mut f = File::open(kernel).map_err(|source| Error::Kernel {
-        path: kernel.to_path_buf(),
+/// Checks that `path` is an ELF file (for a clear error before anything else happens).
+pub fn check_elf(path: &Path) -> Result<(), Error> {
+    let mut f = File::open(path).map_err(|source| Error::KernelOpen {
+        path: path.to_owned(),
         source,
     })?;
-    let res = Elf::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY_START))).map_err(|e| {
-        Error::KernelFormat {
-            path: kernel.to_path_buf(),
-            why: e.to_string(),
-        }
-    })?;
-
-    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
-    cl.insert_str(cmdline)
-        .map_err(|e| Error::Cmdline(e.to_string()))?;
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
-        .map_err(|e| Error::Cmdline(e.to_string()))?;
-    let cmdline_len = cl
-        .as_cstring()
-        .map_err(|e| Error::Cmdline(e.to_string()))?
-        .as_bytes_with_nul()
-        .len();
-
-    let ram_end_low = last_addr_below_gap(mem);
-    let mut initrd_at = None;
-    if let Some(path) = initrd {
-        let data = std::fs::read(path).map_err(|source| Error::Initrd {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        // Page-aligned, as high as possible below the gap, above the kernel.
-        let size = data.len() as u64;
-        let addr = ram_end_low
-            .checked_sub(size)
-            .map(|a| a & !0xfff)
-            .filter(|&a| a > res.kernel_end)
-            .ok_or(Error::InitrdTooBig(size))?;
-        mem.write_slice(&data, GuestAddress(addr))
-            .map_err(|e| Error::Memory(e.to_string()))?;
-        initrd_at = Some((addr, size));
+    let mut magic = [0u8; 4];
+    if f.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
+        return Err(Error::NotElf(path.to_owned()));
     }
+    Ok(())
+}
 
-    let mut e820 = vec![
-        (0, EBDA_START),
-        (HIGH_MEMORY_START, ram_end_low - HIGH_MEMORY_START),
+/// The e820 map for `mem`: low RAM below the EBDA, RAM from 1 MiB to the gap, RAM above 4 GiB.
+pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
+    const RAM: u32 = 1;
+    const RESERVED: u32 = 2;
+    let mut v = vec![
+        (0, layout::EBDA_START, RAM),
+        (
+            layout::EBDA_START,
+            layout::HIMEM_START - layout::EBDA_START,
+            RESERVED,
+        ),
     ];
-    if let Some(r) = mem
-        .iter()
-        .find(|r| r.start_addr().raw_value() >= MMIO_GAP_END)
-    {
-        e820.push((MMIO_GAP_END, r.len()));
+    for r in mem.iter() {
+        use vm_memory::GuestMemoryRegion;
+        let start = r.start_addr().raw_value();
+        let end = start + r.len();
+        let start = start.max(layout::HIMEM_START);
+        if end > start {
+            v.push((start, end - start, RAM));
+        }
     }
-
-    if let (PvhBootCapability::PvhEntryPresent(pvh), true) = (res.pvh_boot_cap, use_pvh) {
-        write_pvh_start_info(mem, &e820, cmdline_len, initrd_at)?;
-        return Ok(Loaded {
-            entry: Entry::Pvh(pvh),
-        });
-    }
-
-    let mut params = boot_params::default();
-    params.hdr.type_of_loader = 0xff;
-    params.hdr.boot_flag = 0xaa55;
-    params.hdr.header = 0x5372_6448; // "HdrS"
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
-    params.hdr.kernel_alignment = 0x0100_0000;
-    if let Some((addr, size)) = initrd_at {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
-    }
-    for (i, (addr, size)) in e820.iter().enumerate() {
-        params.e820_table[i].addr = *addr;
-        params.e820_table[i].size = *size;
-        params.e820_table[i].r#type = 1; // E820_RAM
-    }
-    params.e820_entries = e820.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
-        &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
-        mem,
-    )
-    .map_err(|e| Error::Memory(e.to_string()))?;
-
-    Ok(Loaded {
-        entry: Entry::Linux64(res.kernel_load),
-    })
+    v
 }
 
-/// hvm_start_info (version 1, with the memory map) and, for an initrd, one module entry.
-fn write_pvh_start_info(
+/// Loads everything and returns where the boot vCPU starts.
+pub fn load(
     mem: &GuestMemoryMmap,
-    e820: &[(u64, u64)],
-    cmdline_len: usize,
-    initrd: Option<(u64, u64)>,
-) -> Result<(), Error> {
-    let _ = cmdline_len;
-    let mut info = hvm_start_info {
-        magic: 0x336e_c578, // XEN_HVM_START_MAGIC_VALUE
-        version: 1,
-        cmdline_paddr: CMDLINE_START,
-        memmap_paddr: PVH_MEMMAP_START,
-        memmap_entries: e820.len() as u32,
-        ..Default::default()
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    vcpus: u8,
+) -> Result<BootEntry, Error> {
+    check_elf(kernel)?;
+    let mut f = File::open(kernel).map_err(|source| Error::KernelOpen {
+        path: kernel.to_owned(),
+        source,
+    })?;
+    let res = Elf::load(mem, None, &mut f, Some(GuestAddress(layout::HIMEM_START))).map_err(
+        |source| match source {
+            loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber) => {
+                Error::NotElf(kernel.to_owned())
+            }
+            source => Error::KernelLoad {
+                path: kernel.to_owned(),
+                source,
+            },
+        },
+    )?;
+    let kernel_end = res.kernel_end;
+
+    // Command line.
+    let cl = Cmdline::try_from(cmdline, layout::CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
+    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cl)
+        .map_err(Error::CmdlineLoad)?;
+    let cmdline_len = cmdline.len() as u32 + 1;
+
+    // Initrd: page aligned, as high in low RAM as it fits.
+    let initrd_at = match initrd {
+        Some(p) => Some(load_initrd(mem, p, kernel_end)?),
+        None => None,
     };
-    let memmap: Vec<hvm_memmap_table_entry> = e820
-        .iter()
-        .map(|&(addr, size)| hvm_memmap_table_entry {
-            addr,
-            size,
-            type_: 1, // RAM
-            reserved: 0,
-        })
-        .collect();
-    let mut params = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
-    if let Some((paddr, size)) = initrd {
-        info.nr_modules = 1;
-        info.modlist_paddr = PVH_MODLIST_START;
-        params = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
-        params.set_modules::<hvm_modlist_entry>(
-            &[hvm_modlist_entry {
-                paddr,
-                size,
+
+    mptable::setup(mem, vcpus).map_err(Error::MpTable)?;
+    let e820 = e820_map(mem);
+
+    // RVMM_BOOT_PROTOCOL=linux64 ignores the PVH note (for debugging and comparisons).
+    let force64 = std::env::var("RVMM_BOOT_PROTOCOL").is_ok_and(|v| v == "linux64");
+    match res.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) if !force64 => {
+            let mut info = hvm_start_info {
+                magic: linux_loader::loader::elf::start_info::XEN_HVM_START_MAGIC_VALUE,
+                version: 1,
+                cmdline_paddr: layout::CMDLINE_START,
+                memmap_paddr: layout::PVH_MEMMAP_START,
+                memmap_entries: e820.len() as u32,
                 ..Default::default()
-            }],
-            GuestAddress(PVH_MODLIST_START),
-        );
+            };
+            let memmap: Vec<hvm_memmap_table_entry> = e820
+                .iter()
+                .take(layout::PVH_MEMMAP_MAX)
+                .map(|&(addr, size, type_)| hvm_memmap_table_entry {
+                    addr,
+                    size,
+                    type_,
+                    reserved: 0,
+                })
+                .collect();
+            let mut modules = None;
+            if let Some((addr, size)) = initrd_at {
+                info.nr_modules = 1;
+                info.modlist_paddr = layout::PVH_MODLIST_START;
+                modules = Some(hvm_modlist_entry {
+                    paddr: addr,
+                    size,
+                    cmdline_paddr: 0,
+                    reserved: 0,
+                });
+            }
+            let mut bp = BootParams::new(&info, GuestAddress(layout::PVH_INFO_START));
+            bp.set_sections(&memmap, GuestAddress(layout::PVH_MEMMAP_START));
+            if let Some(m) = modules {
+                bp.set_modules(&[m], GuestAddress(layout::PVH_MODLIST_START));
+            }
+            PvhBootConfigurator::write_bootparams(&bp, mem).map_err(Error::BootParams)?;
+            Ok(BootEntry {
+                entry: entry.raw_value(),
+                mode: EntryMode::Pvh,
+            })
+        }
+        _ => {
+            let mut params = boot_params::default();
+            params.hdr.boot_flag = 0xaa55;
+            params.hdr.header = 0x5372_6448; // "HdrS"
+            params.hdr.type_of_loader = 0xff;
+            params.hdr.kernel_alignment = 0x100_0000;
+            params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
+            params.hdr.cmdline_size = cmdline_len;
+            if let Some((addr, size)) = initrd_at {
+                params.hdr.ramdisk_image = addr as u32;
+                params.hdr.ramdisk_size = size as u32;
+            }
+            let mut table = [boot_e820_entry::default(); 128];
+            let n = e820.len().min(table.len());
+            for (slot, &(addr, size, r#type)) in table.iter_mut().zip(e820.iter()) {
+                *slot = boot_e820_entry { addr, size, r#type };
+            }
+            params.e820_table = table;
+            params.e820_entries = n as u8;
+            let bp = BootParams::new(&params, GuestAddress(layout::ZERO_PAGE_START));
+            LinuxBootConfigurator::write_bootparams(&bp, mem).map_err(Error::BootParams)?;
+            Ok(BootEntry {
+                entry: res.kernel_load.raw_value(),
+                mode: EntryMode::Linux64,
+            })
+        }
     }
-    params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(PVH_MEMMAP_START));
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
-        .map_err(|e| Error::Memory(e.to_string()))
 }
 
-fn last_addr_below_gap(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter()
-        .filter(|r| r.start_addr().raw_value() < MMIO_GAP_START)
-        .map(|r| r.start_addr().raw_value() + r.len())
+/// Loads the initrd as high as it fits in low RAM (below the MMIO gap and 4 GiB), above the kernel.
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u64, u64), Error> {
+    let mut f = File::open(path).map_err(|source| Error::Initrd {
+        path: path.to_owned(),
+        source,
+    })?;
+    let size = f
+        .metadata()
+        .map_err(|source| Error::Initrd {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    let low_end = mem
+        .iter()
+        .map(|r| {
+            use vm_memory::GuestMemoryRegion;
+            r.start_addr().raw_value() + r.len()
+        })
+        .filter(|&e| e <= layout::MMIO_GAP_START)
         .max()
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let addr = low_end
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end && size <= u32::MAX as u64)
+        .ok_or_else(|| Error::InitrdTooBig(path.to_owned()))?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
+        .map_err(Error::Memory)?;
+    Ok((addr, size))
 }
 
-/// GDT entries for the 64-bit entry: null, code (0x08), data (0x10), TSS (0x18).
-pub const GDT: [u64; 4] = [
-    0,
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
-
-/// GDT entries for the PVH entry (32-bit flat): null, code (0x08), data (0x10), TSS (0x18).
-pub const GDT_PVH: [u64; 4] = [
-    0,
-    gdt_entry(0xc09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x008b, 0, 0x67),
-];
-
-pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
-    ((base as u64 & 0xff00_0000) << (56 - 24))
-        | ((flags as u64 & 0x0000_f0ff) << 40)
-        | ((limit as u64 & 0x000f_0000) << (48 - 16))
-        | ((base as u64 & 0x00ff_ffff) << 16)
-        | (limit as u64 & 0x0000_ffff)
-}
-
-/// Writes the GDT, an empty IDT and identity page tables for the first 4 GiB (2 MiB pages), so that the
-/// entry code reaches RAM and the MMIO gap alike.
-pub fn write_boot_tables(mem: &GuestMemoryMmap, pvh: bool) -> Result<(), Error> {
-    let w = |v: u64, a: u64| {
-        mem.write_obj(v, GuestAddress(a))
-            .map_err(|e| Error::Memory(e.to_string()))
-    };
-    let gdt = if pvh { &GDT_PVH } else { &GDT };
+/// Writes the identity page tables (first 4 GiB, 2 MiB pages), the boot GDT and an empty IDT.
+pub fn write_boot_tables(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), Error> {
+    mem.write_obj(layout::PDPTE_START | 0x03, GuestAddress(layout::PML4_START))
+        .map_err(Error::Memory)?;
+    for d in 0..layout::PDE_COUNT {
+        let pd = layout::PDE_START + d * 0x1000;
+        mem.write_obj(pd | 0x03, GuestAddress(layout::PDPTE_START + d * 8))
+            .map_err(Error::Memory)?;
+        for i in 0..512u64 {
+            let page = ((d * 512 + i) << 21) | 0x83;
+            mem.write_obj(page, GuestAddress(pd + i * 8))
+                .map_err(Error::Memory)?;
+        }
+    }
     for (i, e) in gdt.iter().enumerate() {
-        w(*e, BOOT_GDT_START + i as u64 * 8)?;
+        mem.write_obj(*e, GuestAddress(layout::BOOT_GDT_START + i as u64 * 8))
+            .map_err(Error::Memory)?;
     }
-    w(0, BOOT_IDT_START)?;
-    w(PDPTE_START | 0x03, PML4_START)?;
-    for gib in 0..4u64 {
-        w((PDE_START + gib * 0x1000) | 0x03, PDPTE_START + gib * 8)?;
-    }
-    for i in 0..4 * 512u64 {
-        w((i << 21) | 0x83, PDE_START + i * 8)?;
-    }
+    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT_START))
+        .map_err(Error::Memory)?;
     Ok(())
 }

@@ -1,258 +1,323 @@
-//! The VMM: KVM setup, guest memory, vCPUs, boot, and the event loop. See docs/ARCHITECTURE.md for the
-//! numbered boot sequence and the threads.
+//! The VMM: KVM setup, guest memory, vCPUs, boot, event loop.
+//!
+//! ```no_run
+//! # use rvmm::vmm::*;
+//! let vm = Vm::new(VmConfig::new("vmlinux".into())).unwrap();
+//! let stop = vm.stop_handle(); // Clone + Send: stop.stop() ends the VM from any thread
+//! match vm.run().unwrap() { VmExit::Reset | VmExit::Shutdown | VmExit::Stopped => {} }
+//! ```
+//!
+//! Threads: the thread calling [`Vm::run`] becomes the event thread (epoll via event-manager:
+//! console input, virtio queue notifications, the exit EventFd); each vCPU gets its own thread.
+//! See docs/ARCHITECTURE.md for the boot sequence.
 
 pub mod boot;
-pub mod cpu;
+mod events;
+pub mod kvm;
 pub mod layout;
 pub mod mptable;
+pub mod vcpu;
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
+use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::devices::serial::{self, RxEvents, SerialDevice};
-use crate::devices::virtio::block::Block;
-use crate::devices::virtio::MmioTransport;
-use crate::devices::{I8042Action, IrqLine, I8042};
-use layout::*;
+use crate::devices::i8042::{self, I8042};
+use crate::devices::serial::SerialDevice;
+use crate::devices::tap::Tap;
+use crate::devices::virtio::block::{self, Block};
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::{lock, Bus, IrqLine, SharedDevice};
+
+pub use kvm::HostKind;
+
+/// Kernel command-line additions a guest needs on kvm_pvm: the one list in
+/// guest-kernel/cmdline-kvm_pvm.txt, embedded in the binary (see `crate::kernel`).
+pub fn pvm_cmdline_additions() -> String {
+    crate::kernel::pvm_cmdline_additions().to_owned()
+}
+
+/// What to boot.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// Uncompressed ELF vmlinux (PVH note used when present).
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; the VMM appends `reboot=k` (if no `reboot=`), the kvm_pvm additions
+    /// on kvm_pvm, and one `virtio_mmio.device=` per device.
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// virtio-blk disks, in order: /dev/vda, /dev/vdb, ...
+    pub disks: Vec<DiskConfig>,
+    /// COM1 (ttyS0, port 0x3f8, IRQ 4).
+    pub console: Console,
+    /// COM2 (ttyS1, port 0x2f8, IRQ 3): a byte channel to the guest.
+    pub channel: Option<Channel>,
+    /// virtio-net devices (eth0, eth1, ...), after the disks on the MMIO bus.
+    pub net: Vec<NetConfig>,
+}
+
+/// A virtio-net device backed by a TAP.
+#[derive(Debug)]
+pub struct NetConfig {
+    pub tap: TapSource,
+    pub mac: [u8; 6],
+}
+
+/// Where the TAP comes from.
+#[derive(Debug)]
+pub enum TapSource {
+    /// Open (or create) the tap with this name.
+    Name(String),
+    /// An already attached tap fd.
+    Fd(OwnedFd),
+}
+
+impl VmConfig {
+    /// One vCPU, 128 MiB, console on stdio, no disks, `console=ttyS0`.
+    pub fn new(kernel: PathBuf) -> Self {
+        Self {
+            kernel,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_owned(),
+            vcpus: 1,
+            mem_mib: 128,
+            disks: Vec::new(),
+            console: Console::Stdio,
+            channel: None,
+            net: Vec::new(),
+        }
+    }
+}
+
+/// A sensible base command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule";
+
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Where COM1 goes.
+#[derive(Debug, Clone)]
+pub enum Console {
+    /// Guest output to our stdout, our stdin to the guest.
+    Stdio,
+    /// Guest output to a file (created or truncated); no input.
+    File(PathBuf),
+    /// Discarded; no input.
+    Null,
+}
+
+/// A byte channel on COM2. Bytes read from `input` go to the guest (flow-controlled, never
+/// dropped; EOF just stops feeding); bytes the guest transmits go to `output`.
+#[derive(Debug)]
+pub struct Channel {
+    pub input: OwnedFd,
+    pub output: OwnedFd,
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset the machine (i8042 0xFE, triple fault): `reboot`, or `poweroff` with `reboot=k`.
+    Reset,
+    /// The guest powered off or halted its last vCPU.
+    Shutdown,
+    /// [`StopHandle::stop`] was called.
+    Stopped,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open /dev/kvm (is KVM available, and may this user use it?)")]
-    OpenKvm(#[source] kvm_ioctls::Error),
-    #[error("KVM API version {0} is not supported (need 12)")]
-    KvmApi(i32),
-    #[error("KVM lacks a capability rvmm needs: {0}")]
-    KvmCap(&'static str),
-    #[error("{0} failed")]
-    Kvm(&'static str, #[source] kvm_ioctls::Error),
-    #[error("guest memory: {0}")]
-    Memory(String),
-    #[error("memory {0} MiB is out of range ({MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB)")]
-    MemorySize(u32),
-    #[error("vCPU count {0} is out of range (1..=32)")]
-    VcpuCount(u8),
-    #[error("cannot open kernel {path}")]
-    Kernel {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a loadable vmlinux (an uncompressed x86-64 ELF kernel): {why}")]
-    KernelFormat { path: PathBuf, why: String },
-    #[error("kernel command line: {0}")]
-    Cmdline(String),
-    #[error("cannot read initrd {path}")]
-    Initrd {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("initrd of {0} bytes does not fit in guest memory")]
-    InitrdTooBig(u64),
     #[error(transparent)]
-    Disk(#[from] crate::devices::virtio::block::Error),
-    #[error("too many devices (at most {VIRTIO_MAX_DEVICES})")]
-    TooManyDevices,
+    Kvm(#[from] kvm::Error),
+    #[error("{what} failed")]
+    KvmIoctl {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory of {0} MiB is too small (minimum {min} MiB)", min = layout::MIN_MEM_MIB)]
+    MemoryTooSmall(u32),
+    #[error("guest memory of {0} MiB is too large (maximum {max} MiB)", max = layout::MAX_MEM_MIB)]
+    MemoryTooLarge(u32),
+    #[error("{0} vCPUs is out of range (1 to {max})", max = layout::MAX_VCPUS)]
+    Vcpus(u8),
+    #[error("{0} disks is too many (maximum {max})", max = layout::MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
+    #[error("cannot allocate guest memory")]
+    Memory(#[source] vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    #[error(transparent)]
+    Disk(#[from] block::Error),
+    #[error(transparent)]
+    Tap(#[from] crate::devices::tap::Error),
+    #[error("cannot set up a device")]
+    Device(#[source] crate::devices::Error),
+    #[error("cannot create virtio queues")]
+    Queue(#[source] virtio_queue::Error),
     #[error("cannot open console file {path}")]
     Console {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("vCPU setup: {0}")]
-    Setup(&'static str),
-    #[error("event loop")]
-    EventLoop(#[source] std::io::Error),
-    #[error("vCPU {0} stopped the VM: {1}")]
-    VcpuExit(u8, String),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+    #[error("event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+    #[error("{0}")]
+    Guest(String),
 }
 
-/// Which KVM this host offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostKind {
-    /// VMX/SVM in hardware.
-    Hardware,
-    /// kvm_pvm: KVM in software with shadow paging; guests need the command-line additions.
-    Pvm,
+fn ioctl_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::KvmIoctl { what, source }
 }
 
-impl HostKind {
-    pub fn detect() -> HostKind {
-        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-            HostKind::Pvm
-        } else {
-            HostKind::Hardware
-        }
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            HostKind::Hardware => "hardware KVM",
-            HostKind::Pvm => "kvm_pvm (software KVM)",
-        }
-    }
-}
-
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-}
-
-/// Where the first serial port (ttyS0, the guest console) goes.
-pub enum Console {
-    /// Our stdout, and our stdin feeds the guest.
-    Stdio,
-    File(PathBuf),
-    Null,
-}
-
-/// The second serial port (ttyS1): bytes read from `input` go to the guest, what the guest sends goes
-/// to `output`.
-pub struct Channel {
-    pub input: OwnedFd,
-    pub output: OwnedFd,
-}
-
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    /// The command line; the VMM appends its devices and, on kvm_pvm, the additions it needs.
-    pub cmdline: String,
-    pub vcpus: u8,
-    pub mem_mib: u32,
-    pub disks: Vec<DiskConfig>,
-    pub console: Console,
-    pub channel: Option<Channel>,
-}
-
-/// How the VM ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest reset (i8042 0xFE, triple fault, or a KVM reset event): a `reboot`.
+/// Why the VM is stopping (first reason wins).
+#[derive(Debug, Clone)]
+pub(crate) enum ExitReason {
     Reset,
-    /// The guest powered off or halted for good.
     Shutdown,
-    /// Stopped from the host (StopHandle, a signal).
     Stopped,
+    Error(String),
 }
 
-const EXIT_NONE: u8 = 0;
-const EXIT_RESET: u8 = 1;
-const EXIT_SHUTDOWN: u8 = 2;
-const EXIT_STOPPED: u8 = 3;
-const EXIT_ERROR: u8 = 4;
-
-/// Shared between threads: how the VM is ending, and the fd that wakes the main thread.
-struct ExitState {
-    reason: AtomicU8,
-    error: Mutex<Option<Error>>,
-    evt: EventFd,
+/// State shared by the vCPU threads, the event thread and stop handles.
+pub(crate) struct Shared {
+    pub(crate) stopping: AtomicBool,
+    reason: Mutex<Option<ExitReason>>,
+    exit_evt: EventFd,
 }
 
-impl ExitState {
-    fn end(&self, reason: u8) {
-        // The first reason wins.
-        let _ = self
-            .reason
-            .compare_exchange(EXIT_NONE, reason, Ordering::SeqCst, Ordering::SeqCst);
-        let _ = self.evt.write(1);
+impl Shared {
+    pub(crate) fn request_exit(&self, r: ExitReason) {
+        {
+            let mut g = lock(&self.reason);
+            if g.is_none() {
+                *g = Some(r);
+            }
+        }
+        self.stopping.store(true, Ordering::Release);
+        let _ = self.exit_evt.write(1);
     }
 }
 
-/// Ends the VM from any thread (or, through `raw_fd`, from a signal handler: write 8 bytes to it).
+/// Ends the VM from any thread.
 #[derive(Clone)]
-pub struct StopHandle(Arc<ExitState>);
+pub struct StopHandle(Arc<Shared>);
 
 impl StopHandle {
     pub fn stop(&self) {
-        self.0.end(EXIT_STOPPED);
-    }
-
-    /// An eventfd whose write stops the VM; async-signal-safe to write from a handler.
-    pub fn raw_fd(&self) -> i32 {
-        self.0.evt.as_raw_fd()
+        self.0.request_exit(ExitReason::Stopped);
     }
 }
 
-/// The devices the vCPUs and the event loop share.
-struct Devices {
-    com1: SerialDevice,
-    com2: SerialDevice,
-    i8042: I8042,
-    virtio: Vec<MmioTransport>,
-}
-
+/// A created, not yet running VM.
 pub struct Vm {
-    kvm: Kvm,
-    vm: VmFd,
+    _vm: VmFd,
     vcpus: Vec<VcpuFd>,
-    devices: Arc<Mutex<Devices>>,
-    exit: Arc<ExitState>,
-    inputs: Vec<(File, Arc<RxEvents>, bool)>,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    shared: Arc<Shared>,
+    events: events::Handler,
+    kind: HostKind,
+    cmdline: String,
 }
+
+/// How long `run` waits for vCPU threads to stop.
+const VCPU_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN() + 1
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 impl Vm {
+    /// Validates the configuration, creates the VM, loads the kernel and sets up every device and
+    /// vCPU. Nothing runs yet. On error nothing is left behind (everything is owned and dropped).
     pub fn new(cfg: VmConfig) -> Result<Vm, Error> {
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&cfg.mem_mib) {
-            return Err(Error::MemorySize(cfg.mem_mib));
+        if cfg.mem_mib < layout::MIN_MEM_MIB {
+            return Err(Error::MemoryTooSmall(cfg.mem_mib));
         }
-        if !(1..=32).contains(&cfg.vcpus) {
-            return Err(Error::VcpuCount(cfg.vcpus));
+        if cfg.mem_mib > layout::MAX_MEM_MIB {
+            return Err(Error::MemoryTooLarge(cfg.mem_mib));
         }
-        if cfg.disks.len() > VIRTIO_MAX_DEVICES {
-            return Err(Error::TooManyDevices);
+        if cfg.vcpus == 0 || cfg.vcpus > layout::MAX_VCPUS {
+            return Err(Error::Vcpus(cfg.vcpus));
         }
-        // Check the kernel before touching KVM, so that a typo gets the clearest error.
-        std::fs::metadata(&cfg.kernel).map_err(|source| Error::Kernel {
-            path: cfg.kernel.clone(),
-            source,
-        })?;
+        let ndev = cfg.disks.len() + cfg.net.len();
+        if ndev > layout::MAX_VIRTIO_DEVICES as usize {
+            return Err(Error::TooManyDevices(ndev));
+        }
+        boot::check_elf(&cfg.kernel)?;
+        let disks = cfg
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Block::open(&d.path, d.read_only, &format!("rvmm-vd{}", disk_letter(i))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nets = cfg
+            .net
+            .into_iter()
+            .map(|n| {
+                let tap = match n.tap {
+                    TapSource::Name(name) => Tap::open(&name)?,
+                    TapSource::Fd(fd) => Tap::from_fd(fd)?,
+                };
+                Ok(Net::new(tap, n.mac))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        if let Some(p) = &cfg.initrd {
+            std::fs::metadata(p).map_err(|source| boot::Error::Initrd {
+                path: p.clone(),
+                source,
+            })?;
+        }
 
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-        let api = kvm.get_api_version();
-        if api != 12 {
-            return Err(Error::KvmApi(api));
-        }
-        for (cap, name) in [
-            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-            (Cap::Irqfd, "KVM_CAP_IRQFD"),
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-            (Cap::Pit2, "KVM_CAP_PIT2"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(Error::KvmCap(name));
-            }
-        }
-        let host = HostKind::detect();
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        let kvm = kvm::open()?;
+        let kind = kvm::host_kind();
+        let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(layout::KVM_TSS_START as usize)
+            .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
-            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+            .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        vm.create_pit2(pit)
-            .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+        vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
 
-        let mem = boot::create_memory(cfg.mem_mib)?;
+        // Guest RAM, split around the MMIO gap.
+        let bytes = u64::from(cfg.mem_mib) << 20;
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(bytes)
+            .into_iter()
+            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(Error::Memory)?;
         for (slot, r) in mem.iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -261,21 +326,30 @@ impl Vm {
                 userspace_addr: r.as_ptr() as u64,
                 flags: 0,
             };
-            // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps for as long as the
-            // VM exists; KVM only accesses it while the VM fd is open.
+            // SAFETY: the region is a live mmap owned by `mem`, which the returned Vm keeps
+            // alive for as long as the VM fd exists.
             unsafe { vm.set_user_memory_region(region) }
-                .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+                .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        // Devices.
+        let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let shared = Arc::new(Shared {
+            stopping: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            exit_evt,
+        });
+
         let irq = |gsi: u32| -> Result<IrqLine, Error> {
-            let line = IrqLine::new().map_err(Error::EventLoop)?;
-            vm.register_irqfd(&line.0, gsi)
-                .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-            Ok(line)
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+            vm.register_irqfd(&evt, gsi)
+                .map_err(ioctl_err("KVM_IRQFD"))?;
+            Ok(IrqLine { gsi, evt })
         };
-        let mut inputs = Vec::new();
-        let com1_out: Box<dyn Write + Send> = match &cfg.console {
+
+        // Port I/O: COM1, COM2, i8042.
+        let mut pio = Bus::new();
+        let mut handler = events::Handler::new(shared.clone()).map_err(Error::EventFd)?;
+        let console_out: Box<dyn Write + Send> = match &cfg.console {
             Console::Stdio => Box::new(std::io::stdout()),
             Console::File(p) => Box::new(File::create(p).map_err(|source| Error::Console {
                 path: p.clone(),
@@ -283,373 +357,215 @@ impl Vm {
             })?),
             Console::Null => Box::new(std::io::sink()),
         };
-        let com1_events = RxEvents::new().map_err(Error::EventLoop)?;
+        let drained1 = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let com1 = Arc::new(Mutex::new(SerialDevice::new(
+            irq(layout::COM1_IRQ)?,
+            console_out,
+            drained1.clone(),
+        )));
+        pio.insert(
+            u64::from(layout::COM1_PORT),
+            u64::from(layout::SERIAL_PORT_SIZE),
+            com1.clone(),
+        )
+        .map_err(Error::Device)?;
         if matches!(cfg.console, Console::Stdio) {
-            let stdin = std::io::stdin().as_raw_fd();
-            // SAFETY: dup of our own stdin; the new fd is owned by the File.
-            let fd = unsafe { libc::dup(stdin) };
-            if fd >= 0 {
-                // SAFETY: `fd` was just returned by dup and is owned by nobody else.
-                let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-                inputs.push((f, com1_events.clone(), true));
-            }
+            handler.add_input(events::InputSource::Stdin, com1, drained1);
         }
-        let com1 = serial::new_serial(irq(IRQ_COM1)?, com1_events, com1_out);
-        let com2_events = RxEvents::new().map_err(Error::EventLoop)?;
-        let com2_out: Box<dyn Write + Send> = match &cfg.channel {
-            Some(ch) => Box::new(File::from(ch.output.try_clone().map_err(Error::EventLoop)?)),
-            None => Box::new(std::io::sink()),
+        let (chan_in, chan_out): (Option<OwnedFd>, Box<dyn Write + Send>) = match cfg.channel {
+            Some(c) => (Some(c.input), Box::new(File::from(c.output))),
+            None => (None, Box::new(std::io::sink())),
         };
-        if let Some(ch) = &cfg.channel {
-            let f = File::from(ch.input.try_clone().map_err(Error::EventLoop)?);
-            inputs.push((f, com2_events.clone(), false));
+        let drained2 = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let com2 = Arc::new(Mutex::new(SerialDevice::new(
+            irq(layout::COM2_IRQ)?,
+            chan_out,
+            drained2.clone(),
+        )));
+        pio.insert(
+            u64::from(layout::COM2_PORT),
+            u64::from(layout::SERIAL_PORT_SIZE),
+            com2.clone(),
+        )
+        .map_err(Error::Device)?;
+        if let Some(fd) = chan_in {
+            handler.add_input(events::InputSource::Owned(fd), com2, drained2);
         }
-        let com2 = serial::new_serial(irq(IRQ_COM2)?, com2_events, com2_out);
+        let s = shared.clone();
+        let kbd: SharedDevice = Arc::new(Mutex::new(I8042::new(Box::new(move || {
+            s.request_exit(ExitReason::Reset)
+        }))));
+        pio.insert(u64::from(layout::I8042_DATA_PORT), i8042::WINDOW, kbd)
+            .map_err(Error::Device)?;
 
-        let mut cmdline = cfg.cmdline.trim().to_string();
-        let mut virtio = Vec::new();
-        for (i, d) in cfg.disks.iter().enumerate() {
-            let dev = Block::open(&d.path, d.read_only)?;
-            virtio.push(MmioTransport::new(
-                Box::new(dev),
-                mem.clone(),
-                irq(VIRTIO_IRQS[i])?,
-            ));
-            cmdline.push_str(&format!(
-                " virtio_mmio.device=4K@{:#x}:{}",
-                virtio_mmio_addr(i),
-                VIRTIO_IRQS[i]
-            ));
+        // virtio-mmio devices.
+        let mut mmio = Bus::new();
+        let mut cmdline = cfg.cmdline.trim().to_owned();
+        if !cmdline.split_whitespace().any(|w| w.starts_with("reboot=")) {
+            cmdline.push_str(" reboot=k");
         }
-        if host == HostKind::Pvm {
+        if kind == HostKind::Pvm {
             cmdline.push(' ');
-            cmdline.push_str(crate::kernel::pvm_cmdline_additions());
+            cmdline.push_str(&pvm_cmdline_additions());
         }
-        log::info!("guest command line: {cmdline}");
+        let devices = disks
+            .into_iter()
+            .map(|d| (Box::new(d) as Box<dyn VirtioDevice>, None))
+            .chain(nets.into_iter().map(|n| {
+                let fd = n.tap_fd();
+                (Box::new(n) as Box<dyn VirtioDevice>, Some(fd))
+            }));
+        for (i, (dev, backend_fd)) in devices.enumerate() {
+            let idx = i as u32;
+            let addr = layout::virtio_mmio_addr(idx);
+            let gsi = layout::virtio_irq(idx);
+            let t =
+                MmioTransport::new(dev, mem.clone(), Arc::new(irq(gsi)?)).map_err(Error::Queue)?;
+            let nq = t.num_queues();
+            let t = Arc::new(Mutex::new(t));
+            for q in 0..nq {
+                let evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+                vm.register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(ioctl_err("KVM_IOEVENTFD"))?;
+                handler.add_notify(evt, t.clone(), q);
+            }
+            if let Some(fd) = backend_fd {
+                handler.add_backend(fd, t.clone());
+            }
+            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, t)
+                .map_err(Error::Device)?;
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                layout::VIRTIO_MMIO_SIZE / 1024,
+                addr,
+                gsi
+            ));
+        }
 
-        let loaded = boot::load_kernel(
+        let entry = boot::load(
             &mem,
             &cfg.kernel,
-            &cmdline,
             cfg.initrd.as_deref(),
-            use_pvh(),
+            &cmdline,
+            cfg.vcpus,
         )?;
-        boot::write_boot_tables(&mem, matches!(loaded.entry, boot::Entry::Pvh(_)))?;
-        log::info!("boot entry: {:?}", loaded.entry);
-        mptable::write(&mem, cfg.vcpus)?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
-            let vcpu = vm
+            let fd = vm
                 .create_vcpu(u64::from(id))
-                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-            cpu::setup(&kvm, &vcpu, id, cfg.vcpus, loaded.entry, host)?;
-            vcpus.push(vcpu);
+                .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+            vcpu::configure(&fd, id, cfg.vcpus, &cpuid, entry, &mem, kind)?;
+            vcpus.push(fd);
         }
-        let exit = Arc::new(ExitState {
-            reason: AtomicU8::new(EXIT_NONE),
-            error: Mutex::new(None),
-            evt: EventFd::new(0).map_err(Error::EventLoop)?,
-        });
+        log::debug!("kernel command line: {cmdline}");
         Ok(Vm {
-            kvm,
-            vm,
+            _vm: vm,
             vcpus,
-            devices: Arc::new(Mutex::new(Devices {
-                com1,
-                com2,
-                i8042: I8042::default(),
-                virtio,
-            })),
-            exit,
-            inputs,
-            _mem: mem,
+            mem,
+            pio,
+            mmio,
+            shared,
+            events: handler,
+            kind,
+            cmdline,
         })
     }
 
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(self.exit.clone())
+        StopHandle(self.shared.clone())
     }
 
-    /// Runs the VM until it ends. One thread per vCPU, one event-loop thread for the consoles.
-    pub fn run(mut self) -> Result<VmExit, Error> {
-        install_kick_handler();
-        let stop_loop = Arc::new(AtomicBool::new(false));
-        let loop_thread = {
-            let inputs = std::mem::take(&mut self.inputs);
-            let devices = self.devices.clone();
-            let stop = stop_loop.clone();
-            std::thread::Builder::new()
-                .name("rvmm-events".into())
-                .spawn(move || event_loop(inputs, devices, stop))
-                .map_err(Error::EventLoop)?
-        };
-        let running = Arc::new(AtomicBool::new(true));
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (id, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let devices = self.devices.clone();
-            let exit = self.exit.clone();
-            let running = running.clone();
+    /// The host kind detected.
+    pub fn host_kind(&self) -> HostKind {
+        self.kind
+    }
+
+    /// The final kernel command line (with the VMM's additions).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The guest memory (e.g. to find its mapping when measuring the VMM's overhead).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Runs the VM until the guest resets or powers off, a vCPU fails, or a stop handle fires.
+    pub fn run(self) -> Result<VmExit, Error> {
+        static KICK: Once = Once::new();
+        KICK.call_once(|| {
+            if let Err(e) = register_signal_handler(kick_signal(), noop_handler) {
+                log::warn!("cannot install the vCPU kick handler: {e}");
+            }
+        });
+        let Vm {
+            _vm,
+            vcpus,
+            mem,
+            pio,
+            mmio,
+            shared,
+            events,
+            ..
+        } = self;
+        let mut threads = Vec::new();
+        for (id, fd) in vcpus.into_iter().enumerate() {
+            let (pio, mmio, sh) = (pio.clone(), mmio.clone(), shared.clone());
             let t = std::thread::Builder::new()
                 .name(format!("rvmm-vcpu{id}"))
-                .spawn(move || vcpu_loop(id as u8, vcpu, devices, exit, running))
-                .map_err(Error::EventLoop)?;
-            threads.push(t);
-        }
-        // Wait for an ending.
-        let _ = self.exit.evt.read();
-        running.store(false, Ordering::SeqCst);
-        if self.exit.reason.load(Ordering::SeqCst) == EXIT_NONE {
-            self.exit.end(EXIT_STOPPED);
-        }
-        // Kick vCPUs out of KVM_RUN until they have all returned.
-        for t in threads {
-            use std::os::unix::thread::JoinHandleExt;
-            while !t.is_finished() {
-                // SAFETY: pthread_kill on a thread we spawned and have not joined; the handler is a no-op.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            let _ = t.join();
-        }
-        stop_loop.store(true, Ordering::SeqCst);
-        let _ = loop_thread.join();
-        if let Ok(mut d) = self.devices.lock() {
-            let _ = d.com1.writer_mut().flush();
-            let _ = d.com2.writer_mut().flush();
-        }
-        let _ = (&self.kvm, &self.vm);
-        match self.exit.reason.load(Ordering::SeqCst) {
-            EXIT_RESET => Ok(VmExit::Reset),
-            EXIT_SHUTDOWN => Ok(VmExit::Shutdown),
-            EXIT_ERROR => Err(self
-                .exit
-                .error
-                .lock()
-                .ok()
-                .and_then(|mut e| e.take())
-                .unwrap_or(Error::Setup("vCPU failed"))),
-            _ => Ok(VmExit::Stopped),
-        }
-    }
-}
-
-/// PVH when the kernel has the entry, unless `RVMM_BOOT_PROTOCOL=linux64` asks for the 64-bit protocol.
-fn use_pvh() -> bool {
-    std::env::var("RVMM_BOOT_PROTOCOL").map_or(true, |v| v != "linux64")
-}
-
-fn kick_signal() -> i32 {
-    libc::SIGRTMIN() + 1
-}
-
-fn install_kick_handler() {
-    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop);
-}
-
-fn vcpu_loop(
-    id: u8,
-    mut vcpu: VcpuFd,
-    devices: Arc<Mutex<Devices>>,
-    exit: Arc<ExitState>,
-    running: Arc<AtomicBool>,
-) {
-    let fail = |why: String| {
-        if let Ok(mut e) = exit.error.lock() {
-            e.get_or_insert(Error::VcpuExit(id, why));
-        }
-        exit.end(EXIT_ERROR);
-    };
-    while running.load(Ordering::SeqCst) {
-        let r = vcpu.run();
-        let Ok(mut d) = devices.lock() else {
-            fail("device lock poisoned".into());
-            return;
-        };
-        match r {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let v = data.first().copied().unwrap_or(0);
-                match port {
-                    p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {
-                        let _ = d.com1.write((p - PORT_COM1) as u8, v);
-                    }
-                    p if (PORT_COM2..PORT_COM2 + 8).contains(&p) => {
-                        let _ = d.com2.write((p - PORT_COM2) as u8, v);
-                    }
-                    PORT_I8042_DATA | PORT_I8042_CMD
-                        if d.i8042.write(port - PORT_I8042_DATA, v) == I8042Action::Reset =>
-                    {
-                        exit.end(EXIT_RESET);
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                let v = match port {
-                    p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {
-                        d.com1.read((p - PORT_COM1) as u8)
-                    }
-                    p if (PORT_COM2..PORT_COM2 + 8).contains(&p) => {
-                        d.com2.read((p - PORT_COM2) as u8)
-                    }
-                    PORT_I8042_DATA | PORT_I8042_CMD => d.i8042.read(port - PORT_I8042_DATA),
-                    _ => 0xff,
-                };
-                data.fill(0);
-                if let Some(b) = data.first_mut() {
-                    *b = v;
-                }
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => match virtio_slot(addr) {
-                Some((i, off)) if i < d.virtio.len() => d.virtio[i].read(off, data),
-                _ => data.fill(0),
-            },
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if let Some((i, off)) = virtio_slot(addr) {
-                    if let Some(t) = d.virtio.get_mut(i) {
-                        t.write(off, data);
-                    }
-                }
-            }
-            Ok(VcpuExit::Hlt) => {
-                exit.end(EXIT_SHUTDOWN);
-                return;
-            }
-            Ok(VcpuExit::Shutdown) => {
-                // A triple fault: what a reboot without reboot=k looks like.
-                exit.end(EXIT_RESET);
-                return;
-            }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                exit.end(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
-                    EXIT_RESET
-                } else {
-                    EXIT_SHUTDOWN
+                .spawn(move || {
+                    let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
+                    vcpu::run_loop(fd, id as u8, &pio, &mmio, &sh);
                 });
-                return;
-            }
-            Ok(VcpuExit::InternalError) => {
-                fail(
-                    "KVM internal error (emulation failure: an instruction KVM cannot emulate)"
-                        .into(),
-                );
-                return;
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                fail(format!("KVM entry failure (reason {reason:#x}, cpu {cpu})"));
-                return;
-            }
-            Ok(VcpuExit::Intr) => {}
-            Ok(other) => {
-                log::debug!("vcpu{id}: unhandled exit {other:?}");
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => {
-                fail(format!("KVM_RUN failed: {e}"));
-                return;
-            }
-        }
-    }
-}
-
-fn virtio_slot(addr: u64) -> Option<(usize, u64)> {
-    let end = virtio_mmio_addr(VIRTIO_MAX_DEVICES);
-    if (VIRTIO_MMIO_BASE..end).contains(&addr) {
-        let rel = addr - VIRTIO_MMIO_BASE;
-        Some(((rel / VIRTIO_MMIO_SIZE) as usize, rel % VIRTIO_MMIO_SIZE))
-    } else {
-        None
-    }
-}
-
-/// One input source feeding a serial port, with flow control.
-struct InputFeeder {
-    file: File,
-    events: Arc<RxEvents>,
-    com1: bool,
-    devices: Arc<Mutex<Devices>>,
-    pending: Vec<u8>,
-    eof: bool,
-}
-
-impl InputFeeder {
-    fn serial<'a>(&self, d: &'a mut Devices) -> &'a mut SerialDevice {
-        if self.com1 {
-            &mut d.com1
-        } else {
-            &mut d.com2
-        }
-    }
-
-    /// Pushes pending bytes into the FIFO; returns true when everything pending went in.
-    fn flush_pending(&mut self) -> bool {
-        let Ok(mut d) = self.devices.lock() else {
-            return false;
-        };
-        let mut pending = std::mem::take(&mut self.pending);
-        let n = serial::feed(self.serial(&mut d), &pending);
-        pending.drain(..n);
-        self.pending = pending;
-        if !self.pending.is_empty() {
-            self.events.set_waiting();
-        }
-        self.pending.is_empty()
-    }
-}
-
-impl MutEventSubscriber for InputFeeder {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.events.drained.as_raw_fd() {
-            let _ = self.events.drained.read();
-            if self.flush_pending() && !self.eof {
-                let _ = ops.add(Events::new(&self.file, EventSet::IN));
-            }
-            return;
-        }
-        let mut buf = [0u8; 64];
-        match self.file.read(&mut buf) {
-            Ok(0) | Err(_) => {
-                self.eof = true;
-                let _ = ops.remove(Events::new(&self.file, EventSet::IN));
-            }
-            Ok(n) => {
-                self.pending.extend_from_slice(&buf[..n]);
-                if !self.flush_pending() {
-                    // FIFO full: stop reading until the guest drains it.
-                    let _ = ops.remove(Events::new(&self.file, EventSet::IN));
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared
+                        .request_exit(ExitReason::Error(format!("cannot start vCPU thread: {e}")));
+                    break;
                 }
             }
         }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&self.file, EventSet::IN));
-        let _ = ops.add(Events::new(&self.events.drained, EventSet::IN));
+        let loop_result = events::run(events, &shared);
+        if loop_result.is_err() {
+            shared.request_exit(ExitReason::Error("event loop failed".into()));
+        }
+        // Kick every vCPU out of KVM_RUN until all threads are done. A vCPU blocked in a device
+        // (e.g. writing to a console pipe nobody reads) is left behind after a grace period rather
+        // than hanging the caller.
+        let t0 = std::time::Instant::now();
+        while threads.iter().any(|t| !t.is_finished()) && t0.elapsed() < VCPU_STOP_GRACE {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in threads {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::warn!("a vCPU thread did not stop within {VCPU_STOP_GRACE:?}; leaving it");
+            }
+        }
+        drop(mem);
+        loop_result.map_err(Error::EventLoop)?;
+        let reason = lock(&shared.reason).clone();
+        match reason {
+            Some(ExitReason::Reset) => Ok(VmExit::Reset),
+            Some(ExitReason::Shutdown) => Ok(VmExit::Shutdown),
+            Some(ExitReason::Stopped) | None => Ok(VmExit::Stopped),
+            Some(ExitReason::Error(e)) => Err(Error::Guest(e)),
+        }
     }
 }
 
-fn event_loop(
-    inputs: Vec<(File, Arc<RxEvents>, bool)>,
-    devices: Arc<Mutex<Devices>>,
-    stop: Arc<AtomicBool>,
-) {
-    let Ok(mut em) = EventManager::<Box<dyn MutEventSubscriber + Send>>::new() else {
-        return;
-    };
-    for (file, events, com1) in inputs {
-        em.add_subscriber(Box::new(InputFeeder {
-            file,
-            events,
-            com1,
-            devices: devices.clone(),
-            pending: Vec::new(),
-            eof: false,
-        }));
-    }
-    while !stop.load(Ordering::SeqCst) {
-        if em.run_with_timeout(50).is_err() {
-            break;
-        }
-    }
+fn disk_letter(i: usize) -> char {
+    (b'a' + (i % 26) as u8) as char
 }

@@ -1,175 +1,236 @@
-//! virtio-blk over a raw image file: read, write, flush, get-id; read-only mode. Every guest-supplied
-//! address and length is checked: a bad request completes with an error status, never a panic.
+//! virtio-blk on a raw image file: read, write, flush, get-id, and a read-only mode.
+//!
+//! Every request is checked before it touches the file: the chain must lie in guest RAM
+//! (virtio-queue's Reader/Writer), the sector range must lie inside the disk, and writes to a
+//! read-only disk fail with VIRTIO_BLK_S_IOERR. A malformed chain is returned to the guest with
+//! a zero length; a chain without room for the status byte is returned the same way.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
-use super::VirtioDevice;
+use super::{Mem, VirtioDevice, F_EVENT_IDX, TYPE_BLOCK};
 
-pub const TYPE_BLOCK: u32 = 2;
-const SECTOR_SIZE: u64 = 512;
-const F_RO: u64 = 1 << 5;
-const F_FLUSH: u64 = 1 << 9;
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-const ID_LEN: usize = 20;
-const QUEUE_SIZE: u16 = 256;
-/// Copy granularity between the file and guest memory.
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size offered to the driver.
+pub const QUEUE_SIZE: u16 = 256;
+/// Length of the GET_ID answer.
+pub const ID_BYTES: usize = 20;
+
+pub const F_RO: u64 = 1 << 5;
+pub const F_FLUSH: u64 = 1 << 9;
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+/// Bytes copied per file access.
 const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open disk {path}")]
+    #[error("cannot open disk image {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("disk image {0} is not a regular file or block device")]
+    NotAFile(PathBuf),
+}
+
+/// Request counters (for tests and metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub errors: u64,
+    pub bad_chains: u64,
 }
 
 pub struct Block {
     file: File,
     read_only: bool,
-    capacity: u64,
-    id: [u8; ID_LEN],
+    /// Usable size in bytes (whole sectors).
+    size: u64,
+    id: [u8; ID_BYTES],
     queue_sizes: [u16; 1],
     buf: Vec<u8>,
+    pub stats: BlockStats,
 }
 
 impl Block {
-    pub fn open(path: &Path, read_only: bool) -> Result<Block, Error> {
-        let err = |source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        };
+    /// Opens a raw disk image. `id` is what GET_ID answers (truncated to 20 bytes).
+    pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Self, Error> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
-            .map_err(err)?;
-        let len = file.metadata().map_err(err)?.len();
-        let mut id = [0u8; ID_LEN];
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        for (d, s) in id.iter_mut().zip(name.bytes()) {
-            *d = s;
-        }
-        Ok(Block {
-            file,
-            read_only,
-            capacity: len / SECTOR_SIZE,
-            id,
-            queue_sizes: [QUEUE_SIZE],
-            buf: vec![0; CHUNK],
-        })
+            .map_err(|source| Error::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let size = if meta.is_file() {
+            meta.len()
+        } else {
+            use std::io::Seek;
+            let mut f = &file;
+            if meta.is_dir() {
+                return Err(Error::NotAFile(path.to_owned()));
+            }
+            f.seek(std::io::SeekFrom::End(0))
+                .map_err(|source| Error::Open {
+                    path: path.to_owned(),
+                    source,
+                })?
+        };
+        Ok(Self::from_file(file, size, read_only, id))
     }
 
-    /// Handles one request chain; returns the number of bytes written into guest memory.
-    fn handle(&mut self, mem: &GuestMemoryMmap, descs: &[(GuestAddress, u32, bool)]) -> u32 {
-        // [header (readable, 16 bytes)] [data ...] [status (writable, >= 1 byte)]
-        let (Some(&(haddr, hlen, hw)), Some(&(saddr, slen, sw))) = (descs.first(), descs.last())
-        else {
+    /// Wraps an already open file of `size` bytes.
+    pub fn from_file(file: File, size: u64, read_only: bool, id: &str) -> Self {
+        let mut idb = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Self {
+            file,
+            read_only,
+            size: size / SECTOR_SIZE * SECTOR_SIZE,
+            id: idb,
+            queue_sizes: [QUEUE_SIZE],
+            buf: Vec::new(),
+            stats: BlockStats::default(),
+        }
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    /// Checks that `len` bytes at `sector` lie inside the disk; returns the byte offset.
+    fn range(&self, sector: u64, len: usize) -> Option<u64> {
+        let off = sector.checked_mul(SECTOR_SIZE)?;
+        let end = off.checked_add(len as u64)?;
+        (end <= self.size).then_some(off)
+    }
+
+    fn read_to_guest(&mut self, mut off: u64, w: &mut Writer<'_>) -> std::io::Result<()> {
+        let mut left = w.available_bytes();
+        self.buf.resize(CHUNK.min(left.max(1)), 0);
+        while left > 0 {
+            let n = left.min(self.buf.len());
+            self.file.read_exact_at(&mut self.buf[..n], off)?;
+            w.write_all(&self.buf[..n])?;
+            left -= n;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    fn write_from_guest(&mut self, mut off: u64, r: &mut Reader<'_>) -> std::io::Result<()> {
+        let mut left = r.available_bytes();
+        self.buf.resize(CHUNK.min(left.max(1)), 0);
+        while left > 0 {
+            let n = left.min(self.buf.len());
+            r.read_exact(&mut self.buf[..n])?;
+            self.file.write_all_at(&self.buf[..n], off)?;
+            left -= n;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Handles one request; returns the number of bytes written into the guest's buffers.
+    pub fn handle_chain(&mut self, chain: DescriptorChain<&Mem>, mem: &Mem) -> u32 {
+        let (mut reader, mut writer) =
+            match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
+                (Ok(r), Ok(w)) => (r, w),
+                _ => {
+                    self.stats.bad_chains += 1;
+                    return 0;
+                }
+            };
+        let mut hdr = [0u8; 16];
+        let avail = writer.available_bytes();
+        if avail == 0 || reader.read_exact(&mut hdr).is_err() {
+            self.stats.bad_chains += 1;
+            return 0;
+        }
+        let Ok(mut status_w) = writer.split_at(avail - 1) else {
+            self.stats.bad_chains += 1;
             return 0;
         };
-        if descs.len() < 2 || hw || hlen < 16 || !sw || slen < 1 {
-            return 0; // malformed: nothing sane to write a status into
-        }
-        let mut hdr = [0u8; 16];
-        if mem.read_slice(&mut hdr, haddr).is_err() {
-            return 0;
-        }
-        let typ = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([
-            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-        ]);
-        let data = &descs[1..descs.len() - 1];
-        let mut written = 0u32;
-        let status = match typ {
-            T_IN | T_OUT => {
-                let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
-                let in_range = sector
-                    .checked_mul(SECTOR_SIZE)
-                    .and_then(|off| off.checked_add(total))
-                    .is_some_and(|end| end <= self.capacity * SECTOR_SIZE);
-                let dir_ok = data.iter().all(|d| d.2 == (typ == T_IN));
-                let writable = typ == T_IN || !self.read_only;
-                if !writable || !in_range || !dir_ok {
-                    S_IOERR
-                } else {
-                    match self.transfer(mem, typ == T_IN, sector * SECTOR_SIZE, data) {
-                        Ok(n) => {
-                            written = n;
-                            S_OK
+        let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let mut sector_bytes = [0u8; 8];
+        sector_bytes.copy_from_slice(&hdr[8..16]);
+        let sector = u64::from_le_bytes(sector_bytes);
+
+        let status = match rtype {
+            T_IN => match self.range(sector, writer.available_bytes()) {
+                Some(off) => {
+                    self.stats.reads += 1;
+                    match self.read_to_guest(off, &mut writer) {
+                        Ok(()) => S_OK,
+                        Err(e) => {
+                            log::debug!("virtio-blk: read at sector {sector}: {e}");
+                            S_IOERR
                         }
-                        Err(()) => S_IOERR,
                     }
                 }
-            }
+                None => S_IOERR,
+            },
+            T_OUT if self.read_only => S_IOERR,
+            T_OUT => match self.range(sector, reader.available_bytes()) {
+                Some(off) => {
+                    self.stats.writes += 1;
+                    match self.write_from_guest(off, &mut reader) {
+                        Ok(()) => S_OK,
+                        Err(e) => {
+                            log::debug!("virtio-blk: write at sector {sector}: {e}");
+                            S_IOERR
+                        }
+                    }
+                }
+                None => S_IOERR,
+            },
             T_FLUSH => {
+                self.stats.flushes += 1;
                 if self.read_only || self.file.sync_data().is_ok() {
                     S_OK
                 } else {
                     S_IOERR
                 }
             }
-            T_GET_ID => match data.first() {
-                Some(&(addr, len, true)) => {
-                    let n = (len as usize).min(ID_LEN);
-                    if mem.write_slice(&self.id[..n], addr).is_ok() {
-                        written = n as u32;
-                        S_OK
-                    } else {
-                        S_IOERR
-                    }
+            T_GET_ID => {
+                let n = writer.available_bytes().min(ID_BYTES);
+                match writer.write_all(&self.id[..n]) {
+                    Ok(()) => S_OK,
+                    Err(_) => S_IOERR,
                 }
-                _ => S_IOERR,
-            },
+            }
             _ => S_UNSUPP,
         };
-        if mem.write_obj(status, saddr).is_err() {
-            return written;
+        if status != S_OK {
+            self.stats.errors += 1;
         }
-        written + 1
-    }
-
-    fn transfer(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        read: bool,
-        mut off: u64,
-        data: &[(GuestAddress, u32, bool)],
-    ) -> Result<u32, ()> {
-        let mut done = 0u32;
-        for &(addr, len, _) in data {
-            let mut pos = 0usize;
-            while pos < len as usize {
-                let n = CHUNK.min(len as usize - pos);
-                let gaddr = addr.0.checked_add(pos as u64).map(GuestAddress).ok_or(())?;
-                let buf = &mut self.buf[..n];
-                if read {
-                    self.file.read_exact_at(buf, off).map_err(|_| ())?;
-                    mem.write_slice(buf, gaddr).map_err(|_| ())?;
-                    done += n as u32;
-                } else {
-                    mem.read_slice(buf, gaddr).map_err(|_| ())?;
-                    self.file.write_all_at(buf, off).map_err(|_| ())?;
-                }
-                pos += n;
-                off += n as u64;
-            }
+        if status_w.write_all(&[status]).is_err() {
+            self.stats.bad_chains += 1;
         }
-        Ok(done)
+        let written = writer.bytes_written() + status_w.bytes_written();
+        u32::try_from(written).unwrap_or(u32::MAX)
     }
 }
 
@@ -178,46 +239,275 @@ impl VirtioDevice for Block {
         TYPE_BLOCK
     }
 
-    fn features(&self) -> u64 {
-        F_FLUSH | if self.read_only { F_RO } else { 0 }
-    }
-
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes
     }
 
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { F_RO } else { 0 };
+        F_FLUSH | F_EVENT_IDX | ro
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_blk_config { le64 capacity; ... }: only capacity is ours.
-        let cfg = self.capacity.to_le_bytes();
+        // struct virtio_blk_config: capacity (le64) is all we fill in.
+        let cfg = self.capacity_sectors().to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o))
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| cfg.get(usize::try_from(o).ok()?))
                 .copied()
                 .unwrap_or(0);
         }
     }
 
-    fn process_queue(&mut self, _idx: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used_any = false;
-        // Bounded: at most one pass over the ring per notification.
-        for _ in 0..queue.size() {
-            let chain = match queue.pop_descriptor_chain(mem) {
-                Some(c) => c,
-                None => break,
-            };
-            let head = chain.head_index();
-            // The chain iterator stops at loops and at the queue size (virtio-queue's TTL).
-            let descs: Vec<(GuestAddress, u32, bool)> = chain
-                .map(|d| (d.addr(), d.len(), d.is_write_only()))
-                .collect();
-            let len = self.handle(mem, &descs);
-            if queue.add_used(mem, head, len).is_err() {
-                break;
+    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &Mem) -> bool {
+        let mut used = false;
+        loop {
+            let _ = queue.disable_notification(mem);
+            let mut progressed = false;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let len = self.handle_chain(chain, mem);
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    log::debug!("virtio-blk: add_used: {e}");
+                }
+                used = true;
+                progressed = true;
             }
-            used_any = true;
+            // enable_notification says whether more buffers arrived meanwhile; a guest that lies
+            // about its avail index must not keep us here, so stop when nothing was popped.
+            match queue.enable_notification(mem) {
+                Ok(true) if progressed => continue,
+                _ => break,
+            }
         }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        used
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    fn mem() -> Mem {
+        Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn disk(ro: bool) -> (tempfile::NamedTempFile, Block) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..8 * 512).map(|i| (i / 512) as u8).collect();
+        std::fs::write(f.path(), data).unwrap();
+        let b = Block::open(f.path(), ro, "rvmm-test").unwrap();
+        (f, b)
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    fn hdr(m: &Mem, at: u64, t: u32, sector: u64) {
+        m.write_obj(t, GuestAddress(at)).unwrap();
+        m.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        m.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    /// Runs one chain through the device; returns (used len, status byte at `status_at`).
+    fn run(b: &mut Block, m: &Mem, descs: &[RawDescriptor], status_at: u64) -> (u32, u8) {
+        let vq = MockSplitQueue::new(m, 16);
+        let chain = vq.build_desc_chain(descs).unwrap();
+        let len = b.handle_chain(chain, m);
+        (len, m.read_obj(GuestAddress(status_at)).unwrap())
+    }
+
+    #[test]
+    fn read_write_flush_get_id() {
+        let m = mem();
+        let (f, mut b) = disk(false);
+        assert_eq!(b.capacity_sectors(), 8);
+        // Read sector 3.
+        hdr(&m, 0x1000, T_IN, 3);
+        let (len, st) = run(
+            &mut b,
+            &m,
+            &[
+                desc(0x1000, 16, 0),
+                desc(0x2000, 512, F_WRITE),
+                desc(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
+        assert_eq!((len, st), (513, S_OK));
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
+        assert!(got.iter().all(|&x| x == 3));
+        // Write sector 5.
+        m.write_slice(&[0xab; 512], GuestAddress(0x4000)).unwrap();
+        hdr(&m, 0x1000, T_OUT, 5);
+        let (len, st) = run(
+            &mut b,
+            &m,
+            &[
+                desc(0x1000, 16, 0),
+                desc(0x4000, 512, 0),
+                desc(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
+        assert_eq!((len, st), (1, S_OK));
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert!(on_disk[5 * 512..6 * 512].iter().all(|&x| x == 0xab));
+        // Flush.
+        hdr(&m, 0x1000, T_FLUSH, 0);
+        let (_, st) = run(
+            &mut b,
+            &m,
+            &[desc(0x1000, 16, 0), desc(0x3000, 1, F_WRITE)],
+            0x3000,
+        );
+        assert_eq!(st, S_OK);
+        // Get id.
+        hdr(&m, 0x1000, T_GET_ID, 0);
+        let (len, st) = run(
+            &mut b,
+            &m,
+            &[
+                desc(0x1000, 16, 0),
+                desc(0x5000, 20, F_WRITE),
+                desc(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
+        assert_eq!((len, st), (21, S_OK));
+        let mut id = [0u8; 9];
+        m.read_slice(&mut id, GuestAddress(0x5000)).unwrap();
+        assert_eq!(&id, b"rvmm-test");
+        // Unknown type.
+        hdr(&m, 0x1000, 99, 0);
+        let (_, st) = run(
+            &mut b,
+            &m,
+            &[desc(0x1000, 16, 0), desc(0x3000, 1, F_WRITE)],
+            0x3000,
+        );
+        assert_eq!(st, S_UNSUPP);
+    }
+
+    #[test]
+    fn hostile_requests_fail_cleanly() {
+        let m = mem();
+        let (f, mut ro) = disk(true);
+        // Write to a read-only disk.
+        hdr(&m, 0x1000, T_OUT, 0);
+        let (_, st) = run(
+            &mut ro,
+            &m,
+            &[
+                desc(0x1000, 16, 0),
+                desc(0x4000, 512, 0),
+                desc(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
+        assert_eq!(st, S_IOERR);
+        assert!(std::fs::read(f.path()).unwrap()[..512]
+            .iter()
+            .all(|&x| x == 0));
+        let (_f2, mut b) = disk(false);
+        // Read past the end of the disk.
+        hdr(&m, 0x1000, T_IN, 7);
+        let (_, st) = run(
+            &mut b,
+            &m,
+            &[
+                desc(0x1000, 16, 0),
+                desc(0x2000, 1024, F_WRITE),
+                desc(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
+        assert_eq!(st, S_IOERR);
+        // Sector number that overflows.
+        hdr(&m, 0x1000, T_IN, u64::MAX);
+        let (_, st) = run(
+            &mut b,
+            &m,
+            &[
+                desc(0x1000, 16, 0),
+                desc(0x2000, 512, F_WRITE),
+                desc(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
+        assert_eq!(st, S_IOERR);
+        // Buffer outside guest RAM, and an absurd length: the chain is refused, nothing written.
+        hdr(&m, 0x1000, T_IN, 0);
+        m.write_obj(0x55u8, GuestAddress(0x3000)).unwrap();
+        let (len, st) = run(
+            &mut b,
+            &m,
+            &[
+                desc(0x1000, 16, 0),
+                desc(0xffff_0000_0000, 512, F_WRITE),
+                desc(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
+        assert_eq!((len, st), (0, 0x55));
+        let (len, _) = run(
+            &mut b,
+            &m,
+            &[
+                desc(0x1000, 16, 0),
+                desc(0x2000, u32::MAX, F_WRITE),
+                desc(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
+        assert_eq!(len, 0);
+        // No writable status byte at all.
+        let (len, _) = run(&mut b, &m, &[desc(0x1000, 16, 0)], 0x3000);
+        assert_eq!(len, 0);
+        // Header too short.
+        let (len, _) = run(
+            &mut b,
+            &m,
+            &[desc(0x1000, 4, 0), desc(0x3000, 1, F_WRITE)],
+            0x3000,
+        );
+        assert_eq!(len, 0);
+        assert!(b.stats.bad_chains >= 4);
+    }
+
+    #[test]
+    fn looping_chain_and_bogus_avail_index_terminate() {
+        let m = mem();
+        let (_f, mut b) = disk(false);
+        let vq = MockSplitQueue::new(&m, 16);
+        // Two descriptors pointing at each other.
+        vq.desc_table()
+            .store(0, desc_next(0x1000, 16, F_NEXT, 1))
+            .unwrap();
+        vq.desc_table()
+            .store(1, desc_next(0x2000, 16, F_NEXT, 0))
+            .unwrap();
+        vq.avail().ring().ref_at(0).unwrap().store(u16::to_le(0));
+        vq.avail().idx().store(u16::to_le(1));
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(b.process_queue(0, &mut q, &m));
+        assert_eq!(q.next_used(), 1);
+        // An avail index far ahead of the ring: nothing is processed, no endless loop.
+        vq.avail().idx().store(u16::to_le(1000));
+        let _ = b.process_queue(0, &mut q, &m);
+    }
+
+    fn desc_next(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
     }
 }

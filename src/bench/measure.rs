@@ -137,7 +137,9 @@ pub fn run_timed(
     };
     for (is_out, first, buf) in rx.iter() {
         if is_out {
-            out.first_byte = first.map(|t| t.duration_since(start));
+            // The reader thread stamps a byte when it gets to run, which on a busy host can be after the
+            // exit was seen; the byte existed before the exit, so the exit bounds it.
+            out.first_byte = first.map(|t| t.duration_since(start).min(exit));
             out.stdout = buf;
         } else {
             out.stderr = buf;

@@ -1,6 +1,6 @@
-//! `rvmm vm` boots the real guest kernel on two vCPUs with a busybox ext4 root on virtio-blk; init prints a marker,
-//! writes to the disk, and reboots; the VMM exits cleanly on the i8042 reset. The bytes written by the
-//! guest are checked on the host file afterwards.
+//! `rvmm vm` boots the real guest kernel on two vCPUs with an ext4 root on virtio-blk whose init (a
+//! static C program, tests/fixtures/boot-init.c) prints a marker, writes to the disk, and reboots; the
+//! VMM exits cleanly on the i8042 reset. The bytes written by the guest are checked on the host file.
 
 mod common;
 
@@ -9,16 +9,9 @@ use std::time::Duration;
 
 use common::guest;
 
-const INIT: &str = r#"#!/bin/busybox sh
-mount -t proc proc /proc
-echo "RVMM-BOOT-MARKER $(grep -c virtio_mmio.device /proc/cmdline) $(grep -c ^processor /proc/cpuinfo)"
-echo guest-wrote-this > /from-guest && sync
-reboot -f
-"#;
-
 #[test]
 fn rvmm_vm_boots_the_guest_kernel_to_user_space_and_exits_cleanly() {
-    if !common::have_kvm() || !common::have_tools(&["mkfs.ext4", "debugfs"]) {
+    if !common::have_kvm() || !common::have_tools(&["mkfs.ext4", "debugfs", "gcc"]) {
         return;
     }
     let Some(kernel) = guest::kernel() else {
@@ -26,7 +19,7 @@ fn rvmm_vm_boots_the_guest_kernel_to_user_space_and_exits_cleanly() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("root.ext4");
-    guest::busybox_disk(dir.path(), &disk, INIT, false);
+    guest::c_init_disk(dir.path(), &disk, "boot-init.c");
     let mut cmd = Command::new(common::rvmm_bin());
     cmd.arg("vm")
         .arg("--kernel")

@@ -129,3 +129,33 @@ pub fn boot(mut cmd: Command, deadline: Duration) -> Boot {
         elapsed,
     }
 }
+
+/// Builds an ext4 disk whose /sbin/init is the static C program `tests/fixtures/<source>`.
+pub fn c_init_disk(dir: &Path, disk: &Path, source: &str) {
+    let root = dir.join("rootfs");
+    for d in ["sbin", "proc", "dev"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(source);
+    let st = Command::new("gcc")
+        .args(["-O2", "-static", "-o"])
+        .arg(root.join("sbin/init"))
+        .arg(src)
+        .status()
+        .expect("gcc runs");
+    assert!(st.success(), "building {source} failed");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(disk)
+        .arg("16M")
+        .output()
+        .expect("mkfs.ext4 runs");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -9,10 +9,7 @@ if [ "${CI:-}" = "true" ]; then
   export RVMM_REQUIRE="${RVMM_REQUIRE:-all}"
 fi
 
-bash scripts/setup.sh
-if [ -x guest-kernel/build.sh ]; then
-  bash guest-kernel/build.sh
-fi
+SETUP_ONLY=1 bash scripts/setup.sh
 
 cargo fmt --all --check
 cargo clippy --all-targets --workspace -- -D warnings

@@ -28,6 +28,10 @@ const INPUTS: &[(&str, &[u8])] = &[
         "patches/0003-rvmm-pvm-syscall-via-page-fault.patch",
         include_bytes!("../guest-kernel/patches/0003-rvmm-pvm-syscall-via-page-fault.patch"),
     ),
+    (
+        "patches/0004-rvmm-halt-and-poweroff-end-the-microvm.patch",
+        include_bytes!("../guest-kernel/patches/0004-rvmm-halt-and-poweroff-end-the-microvm.patch"),
+    ),
 ];
 
 /// What the VMM appends to the guest command line on kvm_pvm hosts (one line, shared with the tests and

@@ -33,7 +33,7 @@ echo tmpfs-data > /tmp/f && echo "T7 tmpfs: $(cat /tmp/f)"
 echo ext4-data > /root/f && sync && echo "T8 ext4: $(cat /root/f)"
 echo "T9 $(/bin/probe)"
 echo "T-END"
-reboot -f
+poweroff -f
 "#;
 
 fn check(console: &str, status: Option<std::process::ExitStatus>, elapsed: Duration) {
@@ -62,7 +62,7 @@ fn check(console: &str, status: Option<std::process::ExitStatus>, elapsed: Durat
     );
     assert!(
         status.is_some(),
-        "the guest did not end by itself (reboot -f through the i8042) within {elapsed:?}"
+        "the guest did not end by itself (poweroff -f → halt → i8042 reset) within {elapsed:?}"
     );
 }
 
@@ -113,34 +113,8 @@ fn busybox_torture_under_qemu_microvm() {
             ""
         }
     );
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-        "-device",
-        "i8042",
-        "-kernel",
-    ])
-    .arg(&kernel)
-    .arg("-append")
-    .arg(&cmdline)
-    .arg("-drive")
-    .arg(format!(
-        "id=root,file={},format=raw,if=none",
-        disk.display()
-    ))
-    .args(["-device", "virtio-blk-device,drive=root"]);
+    let qemu = common::which("qemu-system-x86_64").expect("checked above");
+    let cmd = rvmm::bench::qemu_microvm_command(&qemu, &kernel, &disk, &cmdline, 128);
     let boot = guest::boot(cmd, Duration::from_secs(420));
     check(&boot.console, boot.status, boot.elapsed);
 }

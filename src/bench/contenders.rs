@@ -239,38 +239,9 @@ impl Env {
                     .boot
                     .as_ref()
                     .ok_or("no boot disk (see setup failure)")?;
-                let mut cmd = Command::new(qemu);
-                cmd.args([
-                    "-M",
-                    "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host,-arch-capabilities",
-                    "-m",
-                    &opts.vm_memory_mib.to_string(),
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-nographic",
-                    "-no-reboot",
-                    "-serial",
-                    "stdio",
-                    "-device",
-                    "i8042",
-                ])
-                .arg("-kernel")
-                .arg(&b.kernel)
-                .arg("-append")
-                .arg(format!(
-                    "{} {}",
-                    boot_cmdline(b),
-                    super::peer_cmdline_additions()
-                ))
-                .arg("-drive")
-                .arg(format!(
-                    "id=root,file={},format=raw,if=none",
-                    b.disk.display()
-                ))
-                .args(["-device", "virtio-blk-device,drive=root"]);
+                let cmdline = format!("{} {}", boot_cmdline(b), super::peer_cmdline_additions());
+                let cmd =
+                    qemu_microvm_command(qemu, &b.kernel, &b.disk, &cmdline, opts.vm_memory_mib);
                 Ok(cmd)
             }
             Contender::Firecracker => {
@@ -326,6 +297,47 @@ impl Env {
         // The temp dir removes itself; containers were run in the foreground and are gone.
         self.bundle = None;
     }
+}
+
+/// QEMU's microvm machine booting `kernel` with `disk` as a virtio-blk root, console on stdout, and an
+/// i8042 so that `reboot=k` ends it (`-no-reboot`). ACPI off so QEMU passes the virtio-mmio devices on the
+/// command line, and no ARCH_CAPABILITIES MSR, which kvm_pvm refuses.
+pub fn qemu_microvm_command(
+    qemu: &Path,
+    kernel: &Path,
+    disk: &Path,
+    cmdline: &str,
+    mem_mib: u32,
+) -> Command {
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        &mem_mib.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-device",
+        "i8042",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-append")
+    .arg(cmdline)
+    .arg("-drive")
+    .arg(format!(
+        "id=root,file={},format=raw,if=none",
+        disk.display()
+    ))
+    .args(["-device", "virtio-blk-device,drive=root"]);
+    cmd
 }
 
 /// A bundle (rootfs + config.json) of the image's own rootfs for crun and runc.
@@ -534,11 +546,17 @@ fn describe_failure(t: &Timed) -> String {
 }
 
 fn record_timed(rec: &mut Recorder, s: Scenario, c: Contender, label: &str, t: &Timed) {
+    // A direct boot waits for the marker its init prints, not for the kernel's first line.
+    let (label, first) = if s == Scenario::Boot {
+        ("boot", "launch to marker")
+    } else {
+        (label, "launch to first output")
+    };
     if let Some(fb) = t.first_byte {
         rec.value(
             s,
             c.name(),
-            &format!("{label}: launch to first output"),
+            &format!("{label}: {first}"),
             "ms",
             fb.as_secs_f64() * 1e3,
         );
@@ -723,25 +741,7 @@ pub fn memory(opts: &Options, env: &Env, rec: &mut Recorder) {
         let total: u64 = tree.iter().filter_map(|&p| measure::pss_kib(p)).sum();
         let own = measure::pss_kib(inst.pid()).unwrap_or(0);
         if c == Contender::RvmmVm {
-            let min = u64::from(opts.vm_memory_mib) * 1024 / 2;
-            let guest: u64 = tree
-                .iter()
-                .filter_map(|&p| measure::guest_ram_rss_kib(p, min))
-                .sum();
-            rec.value(
-                s,
-                c.name(),
-                "guest RAM resident",
-                "MiB",
-                guest as f64 / 1024.0,
-            );
-            rec.value(
-                s,
-                c.name(),
-                "runtime overhead (PSS minus guest RAM)",
-                "MiB",
-                total.saturating_sub(guest) as f64 / 1024.0,
-            );
+            record_vm_split(rec, c, opts, &tree, total);
         } else {
             let workload = tree.last().copied().unwrap_or(inst.pid());
             if let Some(cg) = measure::cgroup_memory_kib(workload) {
@@ -926,6 +926,30 @@ pub fn boot(opts: &Options, env: &mut Env, rec: &mut Recorder) {
     }
 }
 
+/// Records a VM's host memory split: guest RAM resident (the VMM's big mapping) and everything else.
+fn record_vm_split(rec: &mut Recorder, c: Contender, opts: &Options, tree: &[u32], total_kib: u64) {
+    let s = Scenario::Memory;
+    let min = u64::from(opts.vm_memory_mib) * 1024 / 2;
+    let guest: u64 = tree
+        .iter()
+        .filter_map(|&p| measure::guest_ram_rss_kib(p, min))
+        .sum();
+    rec.value(
+        s,
+        c.name(),
+        "guest RAM resident",
+        "MiB",
+        guest as f64 / 1024.0,
+    );
+    rec.value(
+        s,
+        c.name(),
+        "runtime overhead (PSS minus guest RAM)",
+        "MiB",
+        total_kib.saturating_sub(guest) as f64 / 1024.0,
+    );
+}
+
 /// Host memory of a VMM whose guest sits idle: guest RAM resident in the host, and everything else (the
 /// VMM's own overhead), from PSS.
 fn vm_memory(opts: &Options, env: &Env, rec: &mut Recorder, c: Contender) {
@@ -950,25 +974,7 @@ fn vm_memory(opts: &Options, env: &Env, rec: &mut Recorder, c: Contender) {
     std::thread::sleep(Duration::from_millis(500));
     let tree = measure::process_tree(inst.pid());
     let total: u64 = tree.iter().filter_map(|&p| measure::pss_kib(p)).sum();
-    let min = u64::from(opts.vm_memory_mib) * 1024 / 2;
-    let guest: u64 = tree
-        .iter()
-        .filter_map(|&p| measure::guest_ram_rss_kib(p, min))
-        .sum();
-    rec.value(
-        s,
-        c.name(),
-        "guest RAM resident",
-        "MiB",
-        guest as f64 / 1024.0,
-    );
-    rec.value(
-        s,
-        c.name(),
-        "runtime overhead (PSS minus guest RAM)",
-        "MiB",
-        total.saturating_sub(guest) as f64 / 1024.0,
-    );
+    record_vm_split(rec, c, opts, &tree, total);
     rec.value(s, c.name(), "total PSS", "MiB", total as f64 / 1024.0);
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use contenders::{Contender, PeerPaths, Workload};
+pub use contenders::{qemu_microvm_command, Contender, PeerPaths, Workload};
 
 /// The built-in sample image (built locally from Debian's busybox-static by scripts/make-test-images.sh).
 pub const DEFAULT_IMAGE: &str = "rvmm-sample:latest";

@@ -179,7 +179,7 @@ fn strip_chart(dir: &Path, s: Scenario, rs: &[&Record]) -> Result<Option<String>
     for r in rs {
         if let Some(v) = r
             .value
-            .filter(|_| r.metric.contains("launch to exit") || r.metric.contains("to first output"))
+            .filter(|_| r.metric.contains("launch to ") && r.x.is_none())
         {
             series
                 .entry((r.contender.clone(), short_metric(&r.metric)))
@@ -197,8 +197,9 @@ fn strip_chart(dir: &Path, s: Scenario, rs: &[&Record]) -> Result<Option<String>
         .values()
         .flatten()
         .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    let lo = (lo / 2.0).max(0.01);
-    let hi = hi * 2.0;
+    // Whole decades, so the log axis always has labelled ticks.
+    let lo = 10f64.powf(lo.max(0.01).log10().floor());
+    let hi = 10f64.powf(hi.max(0.01).log10().ceil()).max(lo * 10.0);
     let height = 120 + 36 * labels.len() as u32;
     let root = SVGBackend::new(&path, (900, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -212,7 +213,14 @@ fn strip_chart(dir: &Path, s: Scenario, rs: &[&Record]) -> Result<Option<String>
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
-        .x_desc("milliseconds (log scale)")
+        .x_desc("time from launch (log scale)")
+        .x_label_formatter(&|v| {
+            if *v >= 1000.0 {
+                format!("{} s", v / 1000.0)
+            } else {
+                format!("{v} ms")
+            }
+        })
         .y_labels(n * 2 + 1)
         .y_label_formatter(&|y| {
             let i = y.floor() as usize;

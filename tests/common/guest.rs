@@ -54,11 +54,16 @@ pub fn busybox_disk(dir: &Path, disk: &Path, init_script: &str, probe: bool) {
         .status()
         .expect("chmod");
     assert!(st.success());
+    mkfs_ext4(&root, disk, "64M");
+}
+
+/// `mkfs.ext4 -d ROOT DISK SIZE`, asserting success.
+pub fn mkfs_ext4(root: &Path, disk: &Path, size: &str) {
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
-        .arg(&root)
+        .arg(root)
         .arg(disk)
-        .arg("64M")
+        .arg(size)
         .output()
         .expect("mkfs.ext4 runs");
     assert!(
@@ -146,16 +151,5 @@ pub fn c_init_disk(dir: &Path, disk: &Path, source: &str) {
         .status()
         .expect("gcc runs");
     assert!(st.success(), "building {source} failed");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&root)
-        .arg(disk)
-        .arg("16M")
-        .output()
-        .expect("mkfs.ext4 runs");
-    assert!(
-        out.status.success(),
-        "mkfs.ext4: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mkfs_ext4(&root, disk, "16M");
 }

@@ -33,3 +33,189 @@ pub struct ResolvedImage {
     /// Unpacked layer directories, bottom layer first. Never written by a run.
     pub layers: Vec<PathBuf>,
 }
+
+pub mod local;
+pub mod reference;
+pub mod registry;
+pub mod spec;
+pub mod store;
+pub mod unpack;
+
+use anyhow::Context;
+pub use reference::{Reference, Source};
+pub use store::{ImageRecord, Store};
+
+/// How to reach registries.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// `USER:PASS` for basic auth (else ~/.docker/config.json, else anonymous).
+    pub creds: Option<String>,
+    /// Registries spoken to over plain HTTP (loopback always is).
+    pub insecure_registries: Vec<String>,
+    /// No progress bars.
+    pub quiet: bool,
+}
+
+fn progress(opts: &PullOptions) -> Box<dyn store::Progress> {
+    if opts.quiet {
+        Box::new(store::Quiet)
+    } else {
+        Box::new(store::Bars::new())
+    }
+}
+
+/// Pulls `reference` from its registry into the store.
+pub fn pull(
+    store: &Store,
+    reference: &Reference,
+    opts: &PullOptions,
+) -> anyhow::Result<ImageRecord> {
+    let mut f = registry::RegistryFetcher::new(reference, opts)?;
+    let names = if reference.tag.is_some() {
+        let mut r = reference.clone();
+        r.digest = None;
+        vec![r.to_string()]
+    } else {
+        vec![]
+    };
+    store
+        .import(&mut f, &names, progress(opts).as_ref())
+        .with_context(|| format!("pulling {reference}"))
+}
+
+/// Imports the image `src` names (any transport) into the store.
+pub fn import(store: &Store, src: &Source, opts: &PullOptions) -> anyhow::Result<ImageRecord> {
+    let p = progress(opts);
+    match src {
+        Source::Registry(r) => pull(store, r, opts),
+        Source::OciLayout { path, tag } => {
+            let mut l = local::Layout::open(path, tag.as_deref())?;
+            let names: Vec<String> = local::layout_name(path, l.ref_name()).into_iter().collect();
+            store
+                .import(&mut l, &names, p.as_ref())
+                .with_context(|| format!("importing oci:{}", path.display()))
+        }
+        Source::OciArchive { path, tag } => {
+            let dir = local::extract_archive(path)?;
+            let mut l = local::Layout::open(dir.path(), tag.as_deref())?;
+            let names: Vec<String> = l
+                .ref_name()
+                .and_then(|n| local::layout_name(&archive_stem(path), Some(n)))
+                .into_iter()
+                .collect();
+            store
+                .import(&mut l, &names, p.as_ref())
+                .with_context(|| format!("importing oci-archive:{}", path.display()))
+        }
+        Source::DockerArchive { path, name } => {
+            let dir = local::extract_archive(path)?;
+            let entries = local::docker_entries(dir.path())?;
+            let entry = match name {
+                Some(n) => {
+                    let want = Reference::parse(n)
+                        .map(|r| r.to_string())
+                        .unwrap_or(n.clone());
+                    entries
+                        .iter()
+                        .find(|e| local::docker_names(e).contains(&want))
+                        .with_context(|| format!("{} holds no image named {n}", path.display()))?
+                }
+                None => &entries[0],
+            };
+            let mut a = local::DockerArchive::new(
+                dir.path(),
+                entry,
+                format!("docker-archive:{}", path.display()),
+            )?;
+            store
+                .import(&mut a, &local::docker_names(entry), p.as_ref())
+                .with_context(|| format!("importing docker-archive:{}", path.display()))
+        }
+    }
+}
+
+/// `rvmm load -i FILE`: every image in a docker-archive or OCI archive.
+pub fn load(
+    store: &Store,
+    path: &std::path::Path,
+    opts: &PullOptions,
+) -> anyhow::Result<Vec<ImageRecord>> {
+    let dir = local::extract_archive(path)?;
+    let p = progress(opts);
+    let mut out = Vec::new();
+    match local::archive_kind(dir.path())? {
+        local::ArchiveKind::Docker => {
+            for e in local::docker_entries(dir.path())? {
+                let mut a =
+                    local::DockerArchive::new(dir.path(), &e, format!("{}", path.display()))?;
+                out.push(store.import(&mut a, &local::docker_names(&e), p.as_ref())?);
+            }
+        }
+        local::ArchiveKind::Oci => {
+            for d in local::layout_entries(dir.path())? {
+                let tag = d
+                    .annotations
+                    .get("org.opencontainers.image.ref.name")
+                    .cloned();
+                let mut l = local::Layout::open(dir.path(), tag.as_deref())?;
+                let names: Vec<String> = local::layout_name(&archive_stem(path), tag.as_deref())
+                    .into_iter()
+                    .collect();
+                out.push(store.import(&mut l, &names, p.as_ref())?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `/x/busybox.tar` → a path whose file name is `busybox` (for naming archive images).
+fn archive_stem(path: &std::path::Path) -> std::path::PathBuf {
+    let stem = path
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .split('.')
+                .next()
+                .unwrap_or("image")
+                .to_string()
+        })
+        .unwrap_or_else(|| "image".into());
+    std::env::temp_dir().join(stem)
+}
+
+/// Finds `image` in the store (name or ID), importing or pulling it when it is not there
+/// (local transports are always re-read: cheap when nothing changed). Unpacked layers included.
+pub fn resolve(store: &Store, image: &str, opts: &PullOptions) -> anyhow::Result<ResolvedImage> {
+    let is_transport = ["oci:", "oci-archive:", "docker-archive:", "docker://"]
+        .iter()
+        .any(|p| image.starts_with(p));
+    let rec = match (!is_transport)
+        .then(|| store.find(image))
+        .transpose()?
+        .flatten()
+    {
+        Some(r) => r,
+        None => import(store, &Source::parse(image)?, opts)?,
+    };
+    let cfg = store.config(&rec)?;
+    let layers = rec
+        .layers
+        .iter()
+        .map(|l| store.layer_path(&l.diff_id))
+        .collect::<Vec<_>>();
+    for l in &layers {
+        if !l.is_dir() {
+            anyhow::bail!(
+                "layer {} of {image} is missing from the store (run `rvmm rmi` and pull again)",
+                l.display()
+            );
+        }
+    }
+    Ok(ResolvedImage {
+        reference: rec.names.first().cloned().unwrap_or_else(|| rec.id.clone()),
+        manifest_digest: rec.manifest_digest.clone(),
+        config_digest: rec.id.clone(),
+        config: cfg.run_config(),
+        layers,
+    })
+}

@@ -1,0 +1,213 @@
+//! Pulling over the OCI distribution API, with oci-client doing HTTP, token auth and redirects.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+
+use super::reference::Reference;
+use super::spec::{Descriptor, MANIFEST_TYPES};
+use super::store::{sha256_hex, BlobWriter, Fetcher};
+use super::PullOptions;
+
+pub struct RegistryFetcher {
+    client: oci_client::Client,
+    reference: Reference,
+    oci_ref: oci_client::Reference,
+    auth: RegistryAuth,
+    rt: tokio::runtime::Runtime,
+}
+
+impl RegistryFetcher {
+    pub fn new(reference: &Reference, opts: &PullOptions) -> anyhow::Result<RegistryFetcher> {
+        let insecure = reference.is_loopback()
+            || opts
+                .insecure_registries
+                .iter()
+                .any(|r| r == &reference.registry);
+        let protocol = if insecure {
+            ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
+        } else {
+            ClientProtocol::Https
+        };
+        let config = ClientConfig {
+            protocol,
+            connect_timeout: Some(Duration::from_secs(15)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let oci_ref = match (&reference.tag, &reference.digest) {
+            (_, Some(d)) => oci_client::Reference::with_digest(
+                reference.registry.clone(),
+                reference.repository.clone(),
+                d.clone(),
+            ),
+            (Some(t), None) => oci_client::Reference::with_tag(
+                reference.registry.clone(),
+                reference.repository.clone(),
+                t.clone(),
+            ),
+            (None, None) => bail!("reference {reference} has neither tag nor digest"),
+        };
+        let auth = credentials(reference, opts)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the HTTP runtime")?;
+        Ok(RegistryFetcher {
+            client: oci_client::Client::new(config),
+            reference: reference.clone(),
+            oci_ref,
+            auth,
+            rt,
+        })
+    }
+
+    fn pull_manifest(&self, r: &oci_client::Reference) -> anyhow::Result<Vec<u8>> {
+        let (bytes, _digest) = self
+            .rt
+            .block_on(self.client.pull_manifest_raw(r, &self.auth, MANIFEST_TYPES))
+            .map_err(|e| explain(e, &self.reference))?;
+        Ok(bytes.to_vec())
+    }
+}
+
+/// Turns oci-client's errors into one line a user can act on.
+fn explain(e: oci_client::errors::OciDistributionError, r: &Reference) -> anyhow::Error {
+    use oci_client::errors::OciDistributionError as E;
+    let msg = e.to_string();
+    match &e {
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => {
+            anyhow::anyhow!(
+                "{}: authentication failed (use --creds USER:PASS or ~/.docker/config.json)",
+                r.registry
+            )
+        }
+        E::ImageManifestNotFoundError(_) => anyhow::anyhow!("{r}: no such image in the registry"),
+        _ if msg.contains("MANIFEST_UNKNOWN")
+            || msg.contains("NAME_UNKNOWN")
+            || msg.contains("manifest unknown")
+            || msg.contains("name unknown")
+            || msg.contains("404") =>
+        {
+            anyhow::anyhow!("{r}: no such image in the registry")
+        }
+        _ if msg.contains("UNAUTHORIZED") || msg.contains("401") => {
+            anyhow::anyhow!(
+                "{}: authentication failed (use --creds USER:PASS or ~/.docker/config.json)",
+                r.registry
+            )
+        }
+        _ => anyhow::anyhow!("{}: {}", r.registry, one_line(&e)),
+    }
+}
+
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        let t = x.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = x.source();
+    }
+    s.replace('\n', " ")
+}
+
+impl Fetcher for RegistryFetcher {
+    fn describe(&self) -> String {
+        self.reference.to_string()
+    }
+
+    fn root(&mut self) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+        let bytes = self.pull_manifest(&self.oci_ref)?;
+        if let Some(d) = &self.reference.digest {
+            let got = format!("sha256:{}", sha256_hex(&bytes));
+            if &got != d {
+                bail!("manifest digest mismatch: asked for {d}, the registry sent {got}");
+            }
+        }
+        Ok((bytes, None))
+    }
+
+    fn manifest(&mut self, d: &Descriptor) -> anyhow::Result<Vec<u8>> {
+        let r = self.oci_ref.clone_with_digest(d.digest.clone());
+        self.pull_manifest(&r)
+    }
+
+    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> anyhow::Result<()> {
+        let reference = &self.reference;
+        self.rt.block_on(async {
+            let mut stream = self
+                .client
+                .pull_blob_stream(&self.oci_ref, d.digest.as_str())
+                .await
+                .map_err(|e| explain(e, reference))?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: download of {} broke off: {}",
+                        reference.registry,
+                        super::store::short(&d.digest),
+                        one_line(&e)
+                    )
+                })?;
+                w.write_chunk(&chunk)?;
+            }
+            Ok::<(), anyhow::Error>(())
+        })
+    }
+}
+
+/// `--creds USER:PASS`, else `~/.docker/config.json` (`auths.<registry>.auth`), else anonymous.
+fn credentials(r: &Reference, opts: &PullOptions) -> anyhow::Result<RegistryAuth> {
+    if let Some(c) = &opts.creds {
+        let Some((u, p)) = c.split_once(':') else {
+            bail!("--creds must be USER:PASSWORD");
+        };
+        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+    }
+    let path = std::env::var_os("DOCKER_CONFIG")
+        .map(|d| PathBuf::from(d).join("config.json"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")));
+    let Some(path) = path else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    let cfg: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let keys: Vec<String> = if r.registry == super::reference::DOCKER_HUB {
+        vec![
+            "https://index.docker.io/v1/".into(),
+            "index.docker.io".into(),
+            "docker.io".into(),
+        ]
+    } else {
+        vec![
+            r.registry.clone(),
+            format!("https://{}", r.registry),
+            format!("http://{}", r.registry),
+        ]
+    };
+    for k in keys {
+        if let Some(auth) = cfg["auths"][&k]["auth"].as_str() {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .with_context(|| format!("{}: auth for {k} is not base64", path.display()))?;
+            let s = String::from_utf8(raw)
+                .with_context(|| format!("{}: auth for {k} is not UTF-8", path.display()))?;
+            if let Some((u, p)) = s.split_once(':') {
+                return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+            }
+        }
+    }
+    Ok(RegistryAuth::Anonymous)
+}

@@ -1,0 +1,792 @@
+//! The content-addressed image store.
+//!
+//! ```text
+//! ROOT/lock                   flock: held exclusively while importing or removing
+//! ROOT/layers.lock            flock: shared by every run using layers, exclusive to delete layers
+//! ROOT/index.json             the images: names → manifest, config (image ID), layers (atomic rewrite)
+//! ROOT/blobs/sha256/HEX       manifests, configs and layer blobs, each verified while it streamed in
+//! ROOT/layers/HEX             one unpacked layer per diff_id (overlayfs-ready), renamed in when complete
+//! ROOT/tmp/                   partial blobs and layers; emptied under the lock by the next import
+//! ```
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::spec::{self, Compression, Descriptor, Document, ImageConfigFile, Manifest};
+use super::unpack::{self, UnpackOptions};
+
+/// One image in the index.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ImageRecord {
+    /// The config digest (`sha256:…`), Docker's image ID.
+    pub id: String,
+    pub manifest_digest: String,
+    /// Full names `registry/repository:tag`; empty for a dangling image.
+    pub names: Vec<String>,
+    /// Layer blob digests and their diff_ids, bottom first.
+    pub layers: Vec<LayerRecord>,
+    /// Compressed size of config + layers, bytes.
+    pub size: u64,
+    /// The config's `created`, as written there.
+    pub created: Option<String>,
+    /// When this store got it (unix seconds).
+    pub added: u64,
+    /// `registry/repository@sha256:…` for each repository it came from (manifests differ
+    /// between repositories holding the same image, e.g. recompressed layers).
+    #[serde(default)]
+    pub repo_digests: Vec<String>,
+}
+
+impl ImageRecord {
+    /// The manifest digest this image has in the repository of `name` (else the latest one).
+    pub fn digest_for(&self, name: &str) -> &str {
+        let repo = super::reference::Reference::parse(name)
+            .map(|r| r.name())
+            .unwrap_or_default();
+        self.repo_digests
+            .iter()
+            .find_map(|rd| {
+                rd.split_once('@')
+                    .filter(|(r, _)| *r == repo)
+                    .map(|(_, d)| d)
+            })
+            .unwrap_or(&self.manifest_digest)
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LayerRecord {
+    pub digest: String,
+    pub diff_id: String,
+    pub size: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct Index {
+    images: Vec<ImageRecord>,
+}
+
+/// Something that can hand over a manifest and its blobs: a registry, a layout, an archive.
+pub trait Fetcher {
+    /// A short description for messages (`127.0.0.1:5000/busybox:latest`, `oci:/path`).
+    fn describe(&self) -> String;
+    /// The top-level manifest or index: bytes, and the media type the source declared.
+    fn root(&mut self) -> anyhow::Result<(Vec<u8>, Option<String>)>;
+    /// A manifest by digest (an index entry).
+    fn manifest(&mut self, d: &Descriptor) -> anyhow::Result<Vec<u8>>;
+    /// Streams a blob into `w`, which verifies it.
+    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> anyhow::Result<()>;
+}
+
+pub struct Store {
+    root: PathBuf,
+}
+
+/// An exclusive or shared flock, released on drop.
+pub struct Lock(#[allow(dead_code)] File);
+
+fn flock(path: &Path, op: i32) -> io::Result<Option<Lock>> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: f is an open file descriptor for the duration of the call.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(Lock(f)))
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The hex part of a `sha256:` digest (validated by the parsers before it gets here).
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+impl Store {
+    /// Opens (creating as needed) the store at `root`.
+    pub fn open(root: &Path) -> anyhow::Result<Store> {
+        for d in ["blobs/sha256", "layers", "tmp"] {
+            fs::create_dir_all(root.join(d))
+                .with_context(|| format!("creating the image store at {}", root.display()))?;
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The store-wide write lock (blocks until free).
+    pub fn lock(&self) -> anyhow::Result<Lock> {
+        flock(&self.root.join("lock"), libc::LOCK_EX)?.context("locking the image store")
+    }
+
+    /// Held by a run for as long as it uses layer directories.
+    pub fn use_layers(&self) -> anyhow::Result<Lock> {
+        flock(&self.root.join("layers.lock"), libc::LOCK_SH)?.context("locking the layers")
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(hex_of(digest))
+    }
+
+    pub fn layer_path(&self, diff_id: &str) -> PathBuf {
+        self.root.join("layers").join(hex_of(diff_id))
+    }
+
+    fn has_blob(&self, d: &Descriptor) -> bool {
+        fs::metadata(self.blob_path(&d.digest)).is_ok_and(|m| m.len() == d.size)
+    }
+
+    pub fn read_blob(&self, digest: &str) -> anyhow::Result<Vec<u8>> {
+        fs::read(self.blob_path(digest))
+            .with_context(|| format!("blob {digest} is missing from the store"))
+    }
+
+    /// All images in the index.
+    pub fn images(&self) -> anyhow::Result<Vec<ImageRecord>> {
+        Ok(self.load_index()?.images)
+    }
+
+    fn load_index(&self) -> anyhow::Result<Index> {
+        match fs::read(self.root.join("index.json")) {
+            Ok(b) => serde_json::from_slice(&b).context("the store's index.json is corrupt"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Index::default()),
+            Err(e) => Err(e).context("reading the store's index.json"),
+        }
+    }
+
+    fn save_index(&self, idx: &Index) -> anyhow::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        serde_json::to_writer_pretty(&mut tmp, idx)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(self.root.join("index.json"))
+            .map_err(|e| e.error)
+            .context("writing the store's index.json")?;
+        Ok(())
+    }
+
+    /// Finds an image by full name, by `name@digest` (manifest digest), or by ID (prefix of at least 4 hex).
+    pub fn find(&self, name_or_id: &str) -> anyhow::Result<Option<ImageRecord>> {
+        let images = self.images()?;
+        let hexish = name_or_id.strip_prefix("sha256:").unwrap_or(name_or_id);
+        if hexish.len() >= 4 && hexish.len() <= 64 && hexish.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            let hits: Vec<_> = images
+                .iter()
+                .filter(|i| hex_of(&i.id).starts_with(hexish))
+                .collect();
+            if hits.len() == 1 {
+                return Ok(Some(hits[0].clone()));
+            }
+            if hits.len() > 1 {
+                bail!("image ID prefix {name_or_id} is ambiguous");
+            }
+        }
+        if let Ok(r) = super::reference::Reference::parse(name_or_id) {
+            if let Some(d) = &r.digest {
+                let rd = format!("{}@{d}", r.name());
+                return Ok(images
+                    .into_iter()
+                    .find(|i| &i.manifest_digest == d || i.repo_digests.contains(&rd)));
+            }
+            let full = r.to_string();
+            return Ok(images.into_iter().find(|i| i.names.contains(&full)));
+        }
+        Ok(images
+            .into_iter()
+            .find(|i| i.names.iter().any(|n| n == name_or_id)))
+    }
+
+    /// Imports an image from `src` under `names`. Idempotent: present blobs and layers are reused.
+    /// On any failure the store is left as it was (new blobs and layers are removed again).
+    pub fn import(
+        &self,
+        src: &mut dyn Fetcher,
+        names: &[String],
+        progress: &dyn Progress,
+    ) -> anyhow::Result<ImageRecord> {
+        let _lock = self.lock()?;
+        self.clear_tmp();
+        let mut txn = Txn {
+            created: Vec::new(),
+            committed: false,
+        };
+        let rec = self.import_locked(src, names, progress, &mut txn)?;
+        txn.committed = true;
+        Ok(rec)
+    }
+
+    fn import_locked(
+        &self,
+        src: &mut dyn Fetcher,
+        names: &[String],
+        progress: &dyn Progress,
+        txn: &mut Txn,
+    ) -> anyhow::Result<ImageRecord> {
+        let (bytes, declared) = src.root()?;
+        let (manifest, manifest_bytes) = match spec::parse_document(&bytes, declared.as_deref())? {
+            Document::Manifest(m) => (m, bytes),
+            Document::Index(idx) => {
+                let d = spec::select_platform(&idx)
+                    .or_else(|| {
+                        // A single-entry index without platform (common in OCI layouts).
+                        (idx.manifests.len() == 1 && idx.manifests[0].platform.is_none())
+                            .then(|| &idx.manifests[0])
+                    })
+                    .with_context(|| format!("{} has no linux/amd64 image", src.describe()))?
+                    .clone();
+                if d.size > spec::MAX_DOCUMENT {
+                    bail!("manifest of {} bytes is too large", d.size);
+                }
+                let b = src.manifest(&d)?;
+                check_bytes(&b, &d.digest, Some(d.size), "manifest")?;
+                match spec::parse_document(
+                    &b,
+                    Some(&d.media_type)
+                        .filter(|m| !m.is_empty())
+                        .map(|m| m.as_str()),
+                )? {
+                    Document::Manifest(m) => (m, b),
+                    Document::Index(_) => bail!("nested image indexes are not supported"),
+                }
+            }
+        };
+        let manifest_digest = format!("sha256:{}", sha256_hex(&manifest_bytes));
+        self.put_bytes(&manifest_digest, &manifest_bytes, txn)?;
+
+        // Config.
+        let config = manifest.config.clone();
+        if !self.has_blob(&config) {
+            let mut w = self.blob_writer(&config.digest, Some(config.size))?;
+            src.blob(&config, &mut w)?;
+            self.commit_blob(w, txn)?;
+        }
+        let cfg_bytes = self.read_blob(&config.digest)?;
+        check_bytes(&cfg_bytes, &config.digest, Some(config.size), "config")?;
+        let cfg = ImageConfigFile::parse(&cfg_bytes)?;
+        if cfg.rootfs.diff_ids.len() != manifest.layers.len() {
+            bail!(
+                "manifest has {} layers but the config lists {} diff_ids",
+                manifest.layers.len(),
+                cfg.rootfs.diff_ids.len()
+            );
+        }
+
+        // Layers.
+        let mut layers = Vec::new();
+        for (i, (l, diff_id)) in manifest.layers.iter().zip(&cfg.rootfs.diff_ids).enumerate() {
+            layers.push(LayerRecord {
+                digest: l.digest.clone(),
+                diff_id: diff_id.clone(),
+                size: l.size,
+            });
+            if self.layer_path(diff_id).is_dir() {
+                progress.layer_done(i, l, "already present");
+                continue;
+            }
+            if !self.has_blob(l) {
+                let mut w = self.blob_writer(&l.digest, Some(l.size))?;
+                w.progress = Some(progress.layer_start(i, l));
+                src.blob(l, &mut w)?;
+                self.commit_blob(w, txn)?;
+            }
+            let comp = Compression::from_media_type(&l.media_type).unwrap_or(Compression::None);
+            let lowers: Vec<PathBuf> = cfg.rootfs.diff_ids[..i]
+                .iter()
+                .rev()
+                .map(|d| self.layer_path(d))
+                .collect();
+            self.unpack_layer(&l.digest, comp, diff_id, &lowers, txn)
+                .with_context(|| format!("unpacking layer {}", short(&l.digest)))?;
+            progress.layer_done(i, l, "unpacked");
+        }
+
+        let record = ImageRecord {
+            id: config.digest.clone(),
+            manifest_digest,
+            names: names.to_vec(),
+            size: config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>(),
+            layers,
+            created: cfg.created.clone(),
+            added: now(),
+            repo_digests: Vec::new(),
+        };
+        let new_rds: Vec<String> = names
+            .iter()
+            .filter_map(|n| super::reference::Reference::parse(n).ok())
+            .map(|r| format!("{}@{}", r.name(), record.manifest_digest))
+            .collect();
+        let mut record = record;
+        record.repo_digests = new_rds.clone();
+        let mut idx = self.load_index()?;
+        for img in &mut idx.images {
+            img.names.retain(|n| !names.contains(n));
+        }
+        if let Some(existing) = idx.images.iter_mut().find(|i| i.id == record.id) {
+            for n in names {
+                if !existing.names.contains(n) {
+                    existing.names.push(n.clone());
+                }
+            }
+            for rd in &new_rds {
+                let repo = rd.split('@').next().unwrap_or_default();
+                existing
+                    .repo_digests
+                    .retain(|x| x.split('@').next() != Some(repo));
+                existing.repo_digests.push(rd.clone());
+            }
+            existing.manifest_digest = record.manifest_digest.clone();
+            existing.layers = record.layers.clone();
+            existing.size = record.size;
+            let mut out = existing.clone();
+            if !names.is_empty() {
+                out.names = names.to_vec();
+            }
+            self.save_index(&idx)?;
+            return Ok(out);
+        }
+        idx.images.push(record.clone());
+        self.save_index(&idx)?;
+        Ok(record)
+    }
+
+    fn put_bytes(&self, digest: &str, bytes: &[u8], txn: &mut Txn) -> anyhow::Result<()> {
+        if self.blob_path(digest).exists() {
+            return Ok(());
+        }
+        let mut w = self.blob_writer(digest, Some(bytes.len() as u64))?;
+        w.write_chunk(bytes)?;
+        self.commit_blob(w, txn)
+    }
+
+    /// A writer that verifies size and digest as bytes arrive.
+    pub fn blob_writer(&self, digest: &str, size: Option<u64>) -> anyhow::Result<BlobWriter> {
+        Ok(BlobWriter {
+            file: tempfile::NamedTempFile::new_in(self.root.join("tmp"))?,
+            hasher: Sha256::new(),
+            written: 0,
+            digest: digest.to_string(),
+            size,
+            progress: None,
+        })
+    }
+
+    fn commit_blob(&self, w: BlobWriter, txn: &mut Txn) -> anyhow::Result<()> {
+        let dest = self.blob_path(&w.digest);
+        let (file, digest) = w.finish()?;
+        file.as_file().sync_all()?;
+        file.persist(&dest)
+            .map_err(|e| e.error)
+            .with_context(|| format!("storing blob {digest}"))?;
+        txn.created.push(dest);
+        Ok(())
+    }
+
+    fn unpack_layer(
+        &self,
+        digest: &str,
+        comp: Compression,
+        diff_id: &str,
+        lowers: &[PathBuf],
+        txn: &mut Txn,
+    ) -> anyhow::Result<()> {
+        let blob = File::open(self.blob_path(digest))?;
+        let mut head = [0u8; 4];
+        let n = (&blob).read(&mut head)?;
+        let comp = match (comp, Compression::sniff(&head[..n])) {
+            // Trust the bytes over a media type that says "uncompressed" (docker-archive, some layouts).
+            (Compression::None, sniffed) => sniffed,
+            (c, _) => c,
+        };
+        let blob = File::open(self.blob_path(digest))?;
+        let reader: Box<dyn Read> = match comp {
+            Compression::None => Box::new(BufReader::with_capacity(1 << 16, blob)),
+            Compression::Gzip => Box::new(flate2::read::GzDecoder::new(BufReader::with_capacity(
+                1 << 16,
+                blob,
+            ))),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob)?),
+        };
+        let mut hashing = HashingReader {
+            inner: reader,
+            hasher: Sha256::new(),
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix("layer-")
+            .tempdir_in(self.root.join("tmp"))?;
+        let opts = UnpackOptions {
+            lowers,
+            ..UnpackOptions::for_current_user()
+        };
+        unpack::unpack(&mut hashing, tmp.path(), opts)?;
+        let got = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+        if got != diff_id {
+            bail!("layer content digest {got} does not match the config's diff_id {diff_id}");
+        }
+        fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        let dest = self.layer_path(diff_id);
+        let path = tmp.keep();
+        if let Err(e) = fs::rename(&path, &dest) {
+            let _ = fs::remove_dir_all(&path);
+            return Err(e).context("storing the unpacked layer");
+        }
+        txn.created.push(dest);
+        Ok(())
+    }
+
+    /// Removes leftovers of killed imports. Call with the store lock held.
+    fn clear_tmp(&self) {
+        if let Ok(rd) = fs::read_dir(self.root.join("tmp")) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    remove_tree(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+            }
+        }
+    }
+
+    /// Removes `name` (or the image with this ID, all its names). Returns the removed image's ID
+    /// when the image itself went (it had no names left), and whether layers stayed for `rvmm gc`.
+    pub fn remove(&self, name_or_id: &str) -> anyhow::Result<RemoveOutcome> {
+        let _lock = self.lock()?;
+        let Some(rec) = self.find(name_or_id)? else {
+            bail!("no such image: {name_or_id}");
+        };
+        let mut idx = self.load_index()?;
+        let by_name = rec.names.iter().any(|n| {
+            super::reference::Reference::parse(name_or_id).is_ok_and(|r| &r.to_string() == n)
+                || n == name_or_id
+        });
+        let mut untagged = Vec::new();
+        if let Some(img) = idx.images.iter_mut().find(|i| i.id == rec.id) {
+            if by_name && img.names.len() > 1 {
+                let full = super::reference::Reference::parse(name_or_id)
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| name_or_id.to_string());
+                img.names.retain(|n| n != &full && n != name_or_id);
+                untagged.push(full);
+                self.save_index(&idx)?;
+                return Ok(RemoveOutcome {
+                    untagged,
+                    deleted: None,
+                    layers_kept: false,
+                });
+            }
+            untagged = img.names.clone();
+        }
+        idx.images.retain(|i| i.id != rec.id);
+        self.save_index(&idx)?;
+        let layers_kept = !self.sweep(&idx)?;
+        Ok(RemoveOutcome {
+            untagged,
+            deleted: Some(rec.id),
+            layers_kept,
+        })
+    }
+
+    /// Deletes blobs and layers no image references. Returns false when layers are in use by a run
+    /// (they stay for a later sweep). Call with the store lock held.
+    fn sweep(&self, idx: &Index) -> anyhow::Result<bool> {
+        let mut keep_blobs = BTreeSet::new();
+        let mut keep_layers = BTreeSet::new();
+        for img in &idx.images {
+            keep_blobs.insert(hex_of(&img.id).to_string());
+            keep_blobs.insert(hex_of(&img.manifest_digest).to_string());
+            for rd in &img.repo_digests {
+                if let Some((_, d)) = rd.split_once('@') {
+                    keep_blobs.insert(hex_of(d).to_string());
+                }
+            }
+            for l in &img.layers {
+                keep_blobs.insert(hex_of(&l.digest).to_string());
+                keep_layers.insert(hex_of(&l.diff_id).to_string());
+            }
+        }
+        for e in fs::read_dir(self.root.join("blobs/sha256"))?.flatten() {
+            if !keep_blobs.contains(e.file_name().to_string_lossy().as_ref()) {
+                // An index's blob (for an OCI layout manifest list) is kept only while referenced.
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let Some(_layers) = flock(
+            &self.root.join("layers.lock"),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )?
+        else {
+            return Ok(false);
+        };
+        for e in fs::read_dir(self.root.join("layers"))?.flatten() {
+            if !keep_layers.contains(e.file_name().to_string_lossy().as_ref()) {
+                remove_tree(&e.path())?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// `rvmm gc` for the store: unreferenced blobs and layers, tmp leftovers.
+    pub fn gc(&self) -> anyhow::Result<bool> {
+        let _lock = self.lock()?;
+        self.clear_tmp();
+        let idx = self.load_index()?;
+        self.sweep(&idx)
+    }
+
+    /// The parsed config of an image.
+    pub fn config(&self, rec: &ImageRecord) -> anyhow::Result<ImageConfigFile> {
+        ImageConfigFile::parse(&self.read_blob(&rec.id)?)
+    }
+
+    /// The manifest of an image.
+    pub fn manifest(&self, rec: &ImageRecord) -> anyhow::Result<Manifest> {
+        match spec::parse_document(&self.read_blob(&rec.manifest_digest)?, None)? {
+            Document::Manifest(m) => Ok(m),
+            Document::Index(_) => bail!("stored manifest of {} is an index", rec.id),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RemoveOutcome {
+    pub untagged: Vec<String>,
+    pub deleted: Option<String>,
+    pub layers_kept: bool,
+}
+
+/// Removes a tree whose directories may be read-only for us.
+pub fn remove_tree(p: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable(p);
+            fs::remove_dir_all(p)
+        }
+    }
+}
+
+fn make_writable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = fs::symlink_metadata(p) {
+        if m.is_dir() {
+            let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o700));
+            if let Ok(rd) = fs::read_dir(p) {
+                for e in rd.flatten() {
+                    make_writable(&e.path());
+                }
+            }
+        }
+    }
+}
+
+/// Paths an import created; removed again unless the import commits.
+struct Txn {
+    created: Vec<PathBuf>,
+    committed: bool,
+}
+
+impl Drop for Txn {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for p in self.created.iter().rev() {
+            let _ = if p.is_dir() {
+                remove_tree(p)
+            } else {
+                fs::remove_file(p)
+            };
+        }
+    }
+}
+
+pub fn short(digest: &str) -> &str {
+    let h = hex_of(digest);
+    &h[..h.len().min(12)]
+}
+
+fn check_bytes(b: &[u8], digest: &str, size: Option<u64>, what: &str) -> anyhow::Result<()> {
+    if let Some(s) = size {
+        if b.len() as u64 != s {
+            bail!(
+                "{what} {} is {} bytes, not the {} its descriptor says",
+                short(digest),
+                b.len(),
+                s
+            );
+        }
+    }
+    let got = format!("sha256:{}", sha256_hex(b));
+    if got != digest {
+        bail!("{what} digest mismatch: expected {digest}, got {got}");
+    }
+    Ok(())
+}
+
+/// Verifies a blob as it streams into a temp file in the store.
+pub struct BlobWriter {
+    file: tempfile::NamedTempFile,
+    hasher: Sha256,
+    written: u64,
+    digest: String,
+    size: Option<u64>,
+    pub progress: Option<indicatif::ProgressBar>,
+}
+
+impl BlobWriter {
+    pub fn write_chunk(&mut self, chunk: &[u8]) -> anyhow::Result<()> {
+        self.written += chunk.len() as u64;
+        if let Some(s) = self.size {
+            if self.written > s {
+                bail!(
+                    "blob {} is larger than the {} bytes its descriptor says",
+                    short(&self.digest),
+                    s
+                );
+            }
+        }
+        self.hasher.update(chunk);
+        self.file.write_all(chunk)?;
+        if let Some(p) = &self.progress {
+            p.set_position(self.written);
+        }
+        Ok(())
+    }
+
+    /// Copies everything from `r`.
+    pub fn copy_from(&mut self, r: &mut dyn Read) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.write_chunk(&buf[..n])?;
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<(tempfile::NamedTempFile, String)> {
+        if let Some(p) = &self.progress {
+            p.finish_and_clear();
+        }
+        if let Some(s) = self.size {
+            if self.written != s {
+                bail!(
+                    "blob {} is truncated: got {} of {} bytes",
+                    short(&self.digest),
+                    self.written,
+                    s
+                );
+            }
+        }
+        let got = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        if got != self.digest {
+            bail!("blob digest mismatch: expected {}, got {got}", self.digest);
+        }
+        Ok((self.file, self.digest))
+    }
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Progress reporting for imports: bars on a terminal, nothing otherwise.
+pub trait Progress {
+    fn layer_start(&self, i: usize, d: &Descriptor) -> indicatif::ProgressBar;
+    fn layer_done(&self, i: usize, d: &Descriptor, what: &str);
+}
+
+/// No output.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn layer_start(&self, _i: usize, _d: &Descriptor) -> indicatif::ProgressBar {
+        indicatif::ProgressBar::hidden()
+    }
+    fn layer_done(&self, _i: usize, _d: &Descriptor, _what: &str) {}
+}
+
+/// Bars per layer on stderr when it is a terminal.
+pub struct Bars {
+    multi: indicatif::MultiProgress,
+    tty: bool,
+}
+
+impl Bars {
+    pub fn new() -> Bars {
+        use std::io::IsTerminal;
+        let tty = io::stderr().is_terminal();
+        let multi = indicatif::MultiProgress::with_draw_target(if tty {
+            indicatif::ProgressDrawTarget::stderr()
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        });
+        Bars { multi, tty }
+    }
+}
+
+impl Default for Bars {
+    fn default() -> Self {
+        Bars::new()
+    }
+}
+
+impl Progress for Bars {
+    fn layer_start(&self, _i: usize, d: &Descriptor) -> indicatif::ProgressBar {
+        let pb = self.multi.add(indicatif::ProgressBar::new(d.size));
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_prefix(short(&d.digest).to_string());
+        pb
+    }
+    fn layer_done(&self, _i: usize, d: &Descriptor, what: &str) {
+        if self.tty {
+            let _ = self.multi.println(format!("{} {what}", short(&d.digest)));
+        }
+    }
+}

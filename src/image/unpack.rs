@@ -1,0 +1,576 @@
+//! Unpacking one layer tar into an empty directory, without letting the tar reach outside it.
+//!
+//! Rules (an entry breaking one fails the whole layer, and the caller removes the directory):
+//! - paths are made relative (a leading `/` is dropped); a `..` component is rejected;
+//! - nothing is ever written through a symlink: every parent of an entry must be a real directory
+//!   inside the layer, files are created with `O_NOFOLLOW`, metadata is set with the no-follow calls;
+//! - a hardlink's target must be an earlier non-directory entry of the same layer;
+//! - device nodes only when privileged (skipped otherwise); fifos always;
+//! - whiteouts become overlayfs whiteouts when privileged (`.wh.x` → char device 0:0 named `x`,
+//!   `.wh..wh..opq` → `trusted.overlay.opaque=y` on the directory), so the layer directories stack
+//!   directly as overlayfs lower dirs. Unprivileged, the `.wh.` markers are kept as empty files.
+//! - ownership (privileged), modes, `user.*` and `security.capability` xattrs (privileged), mtimes.
+
+use std::ffi::{CString, OsStr};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+#[derive(Debug, Clone, Copy)]
+pub struct UnpackOptions<'a> {
+    /// Running with CAP_MKNOD/CAP_CHOWN/CAP_SYS_ADMIN: devices, ownership, overlay whiteouts.
+    pub privileged: bool,
+    /// The unpacked layers below this one, top-most first: a hardlink to a file of a lower layer
+    /// becomes a copy of it (layer directories never share inodes).
+    pub lowers: &'a [PathBuf],
+}
+
+impl UnpackOptions<'_> {
+    /// Privileged when running as root; no lower layers.
+    pub fn for_current_user() -> UnpackOptions<'static> {
+        UnpackOptions {
+            // SAFETY: geteuid has no preconditions.
+            privileged: unsafe { libc::geteuid() } == 0,
+            lowers: &[],
+        }
+    }
+}
+
+/// What an unpack wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UnpackStats {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// Unpacks the (uncompressed) tar stream into `dest`, an existing empty directory, then reads the
+/// stream to its end (so a digest computed over it covers every byte).
+pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::Result<UnpackStats> {
+    let mut archive = tar::Archive::new(reader);
+    let mut stats = UnpackStats::default();
+    let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
+    for entry in archive.entries().context("reading layer tar")? {
+        let mut entry = entry.context("reading layer tar")?;
+        stats.entries += 1;
+        let raw = entry.path_bytes().into_owned();
+        let Some(rel) = clean(&raw)? else {
+            continue; // the layer root itself
+        };
+        let name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        let parent = ensure_dirs(dest, parent_rel)?;
+        let path = parent.join(rel.file_name().unwrap_or_default());
+
+        if name == OPAQUE {
+            if opts.privileged {
+                set_xattr(&parent, "trusted.overlay.opaque", b"y")
+                    .with_context(|| format!("marking {} opaque", parent_rel.display()))?;
+            } else {
+                write_marker(&path)?;
+            }
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                bail!(
+                    "tar entry {:?} is a malformed whiteout",
+                    String::from_utf8_lossy(&raw)
+                );
+            }
+            if opts.privileged {
+                let target = parent.join(hidden);
+                remove_existing(&target)?;
+                mknod(&target, libc::S_IFCHR, 0)
+                    .with_context(|| format!("creating whiteout for {}", rel.display()))?;
+            } else {
+                write_marker(&path)?;
+            }
+            continue;
+        }
+
+        let header = entry.header().clone();
+        let kind = header.entry_type();
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let uid = header.uid().unwrap_or(0) as u32;
+        let gid = header.gid().unwrap_or(0) as u32;
+        let mtime = header.mtime().unwrap_or(0) as i64;
+        let xattrs = read_xattrs(&mut entry)?;
+
+        use tar::EntryType as T;
+        match kind {
+            T::Directory => {
+                match fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        remove_existing(&path)?;
+                        fs::create_dir(&path)?;
+                    }
+                    Err(_) => fs::create_dir(&path)
+                        .with_context(|| format!("creating {}", rel.display()))?,
+                }
+                dirs.push((path.clone(), mode, mtime));
+            }
+            T::Regular | T::Continuous | T::GNUSparse => {
+                remove_existing(&path)?;
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .with_context(|| format!("creating {}", rel.display()))?;
+                stats.bytes += io::copy(&mut entry, &mut f)
+                    .with_context(|| format!("writing {}", rel.display()))?;
+            }
+            T::Symlink => {
+                let target = header
+                    .link_name_bytes()
+                    .map(|b| b.into_owned())
+                    .unwrap_or_default();
+                if target.is_empty() {
+                    bail!("symlink {} has no target", rel.display());
+                }
+                remove_existing(&path)?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
+                    .with_context(|| format!("creating symlink {}", rel.display()))?;
+            }
+            T::Link => {
+                let target = header
+                    .link_name_bytes()
+                    .map(|b| b.into_owned())
+                    .unwrap_or_default();
+                let Some(trel) = clean(&target)? else {
+                    bail!("hardlink {} points at the layer root", rel.display());
+                };
+                let tparent_rel = trel.parent().unwrap_or(Path::new(""));
+                let tname = trel.file_name().unwrap_or_default();
+                let here = existing_dir(dest, tparent_rel)
+                    .ok()
+                    .map(|d| d.join(tname))
+                    .filter(|p| fs::symlink_metadata(p).is_ok());
+                if let Some(tpath) = here {
+                    if fs::symlink_metadata(&tpath)?.is_dir() {
+                        bail!("hardlink {} points at a directory", rel.display());
+                    }
+                    if tpath == path {
+                        continue;
+                    }
+                    remove_existing(&path)?;
+                    // link(2) does not follow a symlink target: the link is to the symlink itself.
+                    fs::hard_link(&tpath, &path)
+                        .with_context(|| format!("creating hardlink {}", rel.display()))?;
+                    continue; // shares the target's metadata
+                }
+                let lower = opts.lowers.iter().find_map(|l| {
+                    let p = existing_dir(l, tparent_rel).ok()?.join(tname);
+                    let m = fs::symlink_metadata(&p).ok()?;
+                    Some((p, m))
+                });
+                let Some((lpath, lmeta)) = lower else {
+                    bail!(
+                        "hardlink {} points at {}, which is in no layer",
+                        rel.display(),
+                        trel.display()
+                    );
+                };
+                if !lmeta.is_file() {
+                    bail!(
+                        "hardlink {} points at a lower-layer entry that is not a regular file",
+                        rel.display()
+                    );
+                }
+                remove_existing(&path)?;
+                copy_file(&lpath, &path, &lmeta, opts.privileged)
+                    .with_context(|| format!("copying hardlink target for {}", rel.display()))?;
+                continue;
+            }
+            T::Char | T::Block => {
+                if !opts.privileged {
+                    continue;
+                }
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                let fmt = if kind == T::Char {
+                    libc::S_IFCHR
+                } else {
+                    libc::S_IFBLK
+                };
+                remove_existing(&path)?;
+                mknod(&path, fmt | mode, libc::makedev(major, minor))
+                    .with_context(|| format!("creating device {}", rel.display()))?;
+            }
+            T::Fifo => {
+                remove_existing(&path)?;
+                mknod(&path, libc::S_IFIFO | mode, 0)
+                    .with_context(|| format!("creating fifo {}", rel.display()))?;
+            }
+            _ => continue, // pax/GNU headers are folded in by the tar crate; other types carry nothing
+        }
+
+        let is_symlink = kind == T::Symlink;
+        if opts.privileged {
+            lchown(&path, uid, gid).with_context(|| format!("chown {}", rel.display()))?;
+            for (k, v) in &xattrs {
+                set_xattr(&path, k, v)
+                    .with_context(|| format!("xattr {k} on {}", rel.display()))?;
+            }
+        }
+        if !is_symlink && kind != T::Directory {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", rel.display()))?;
+        }
+        if kind != T::Directory {
+            set_mtime(&path, mtime)?;
+        }
+    }
+    // Directory modes and mtimes last (a read-only directory still takes its children; creating
+    // them changed the mtime), deepest first.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0.as_os_str().len()));
+    for (d, mode, mtime) in dirs {
+        if !fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
+            continue; // replaced later in the same layer
+        }
+        fs::set_permissions(&d, fs::Permissions::from_mode(mode))?;
+        set_mtime(&d, mtime)?;
+    }
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).context("reading layer tar")?;
+    Ok(stats)
+}
+
+/// Normalizes a tar path: relative, no `.`; `..` is an error. `None` for the root itself.
+pub fn clean(raw: &[u8]) -> anyhow::Result<Option<PathBuf>> {
+    if raw.contains(&0) {
+        bail!("tar entry name contains a NUL byte");
+    }
+    let mut out = PathBuf::new();
+    for comp in raw.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => bail!(
+                "tar entry {:?} escapes the layer (\"..\")",
+                String::from_utf8_lossy(raw)
+            ),
+            c => out.push(OsStr::from_bytes(c)),
+        }
+    }
+    Ok((!out.as_os_str().is_empty()).then_some(out))
+}
+
+/// Makes every component of `rel` under `root` a real directory (creating missing ones, 0755),
+/// refusing symlinks and non-directories. Returns the absolute path.
+fn ensure_dirs(root: &Path, rel: &Path) -> anyhow::Result<PathBuf> {
+    let mut cur = root.to_path_buf();
+    for comp in rel.components() {
+        cur.push(comp);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => bail!(
+                "tar entry would write through the symlink {}",
+                rel.display()
+            ),
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!("tar entry needs {} to be a directory", rel.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&cur)?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(cur)
+}
+
+/// Like [`ensure_dirs`] but creates nothing: `rel` must already be real directories.
+fn existing_dir(root: &Path, rel: &Path) -> anyhow::Result<PathBuf> {
+    let mut cur = root.to_path_buf();
+    for comp in rel.components() {
+        cur.push(comp);
+        let m = fs::symlink_metadata(&cur).with_context(|| {
+            format!(
+                "hardlink target directory {} is not in this layer",
+                rel.display()
+            )
+        })?;
+        if !m.is_dir() || m.file_type().is_symlink() {
+            bail!(
+                "hardlink target {} is reached through a symlink or file",
+                rel.display()
+            );
+        }
+    }
+    Ok(cur)
+}
+
+/// Copies a regular file without following symlinks at either end, keeping mode, owner and mtime.
+fn copy_file(src: &Path, dst: &Path, meta: &fs::Metadata, privileged: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut from = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(src)?;
+    let mut to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dst)?;
+    io::copy(&mut from, &mut to)?;
+    if privileged {
+        lchown(dst, meta.uid(), meta.gid())?;
+    }
+    fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    set_mtime(dst, meta.mtime())
+}
+
+fn remove_existing(path: &Path) -> anyhow::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path)?,
+        Ok(_) => fs::remove_file(path)?,
+        Err(_) => {}
+    }
+    Ok(())
+}
+
+fn write_marker(path: &Path) -> anyhow::Result<()> {
+    remove_existing(path)?;
+    fs::write(path, b"")?;
+    Ok(())
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("path contains NUL"))
+}
+
+fn mknod(path: &Path, mode: libc::mode_t, dev: libc::dev_t) -> io::Result<()> {
+    let c = cpath(path)?;
+    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::mknod(c.as_ptr(), mode, dev) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn lchown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+}
+
+fn set_xattr(path: &Path, key: &str, value: &[u8]) -> io::Result<()> {
+    let c = cpath(path)?;
+    let k = CString::new(key).map_err(|_| io::Error::other("xattr name contains NUL"))?;
+    // SAFETY: both strings are NUL-terminated and live across the call; value is a valid slice.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            k.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_mtime(path: &Path, mtime: i64) -> anyhow::Result<()> {
+    let c = cpath(path)?;
+    let ts = [
+        libc::timespec {
+            tv_sec: mtime,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: mtime,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: c is NUL-terminated, ts points at two timespecs, as utimensat requires.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("setting mtime of {}", path.display()));
+    }
+    Ok(())
+}
+
+/// The xattrs a layer may carry and we are willing to set: `user.*` and `security.capability`.
+/// `trusted.*` (overlayfs metadata among them) is never taken from a tar.
+fn read_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(exts) = entry.pax_extensions().context("reading pax headers")? {
+        for ext in exts {
+            let ext = ext.context("reading pax headers")?;
+            let Ok(key) = ext.key() else { continue };
+            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                if name.starts_with("user.") || name == "security.capability" {
+                    out.push((name.to_string(), ext.value_bytes().to_vec()));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_paths() {
+        assert_eq!(clean(b"./a/b/").ok().flatten(), Some(PathBuf::from("a/b")));
+        assert_eq!(
+            clean(b"/etc/passwd").ok().flatten(),
+            Some(PathBuf::from("etc/passwd"))
+        );
+        assert_eq!(clean(b"./").ok().flatten(), None);
+        assert!(clean(b"a/../../x").is_err());
+        assert!(clean(b"..").is_err());
+        assert!(clean(b"a\0b").is_err());
+    }
+
+    fn tar_with(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().expect("tar")
+    }
+
+    fn header(kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h
+    }
+
+    fn unpack_bytes(bytes: &[u8]) -> (tempfile::TempDir, anyhow::Result<UnpackStats>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = unpack(
+            bytes,
+            dir.path(),
+            UnpackOptions {
+                privileged: false,
+                lowers: &[],
+            },
+        );
+        (dir, r)
+    }
+
+    /// Writes raw names (the tar crate's own setters refuse `..`, which is the point here).
+    fn raw_name(h: &mut tar::Header, name: &[u8]) {
+        let field = &mut h.as_old_mut().name;
+        field.fill(0);
+        field[..name.len()].copy_from_slice(name);
+        h.set_cksum();
+    }
+
+    #[test]
+    fn rejects_dotdot() {
+        let t = tar_with(|b| {
+            let mut h = header(tar::EntryType::Regular, 1);
+            raw_name(&mut h, b"../escape");
+            b.append(&h, &b"x"[..]).expect("append");
+        });
+        let (_d, r) = unpack_bytes(&t);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn rejects_write_through_symlink() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        let t = tar_with(|b| {
+            let mut h = header(tar::EntryType::Symlink, 0);
+            h.set_link_name(outside.path()).expect("link");
+            b.append_data(&mut h, "evil", io::empty()).expect("append");
+            let mut h = header(tar::EntryType::Regular, 1);
+            b.append_data(&mut h, "evil/pwned", &b"x"[..])
+                .expect("append");
+        });
+        let (_d, r) = unpack_bytes(&t);
+        assert!(r.is_err());
+        assert!(!outside.path().join("pwned").exists());
+    }
+
+    #[test]
+    fn rejects_hardlink_out_of_layer() {
+        let t = tar_with(|b| {
+            let mut h = header(tar::EntryType::Link, 0);
+            h.set_link_name("etc/shadow").expect("link");
+            b.append_data(&mut h, "stolen", io::empty())
+                .expect("append");
+        });
+        let (_d, r) = unpack_bytes(&t);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn absolute_paths_are_confined() {
+        let t = tar_with(|b| {
+            let mut h = header(tar::EntryType::Regular, 2);
+            raw_name(&mut h, b"/tmp/rvmm-unpack-abs-test");
+            b.append(&h, &b"hi"[..]).expect("append");
+        });
+        let (d, r) = unpack_bytes(&t);
+        r.expect("unpack");
+        assert_eq!(
+            fs::read(d.path().join("tmp/rvmm-unpack-abs-test")).ok(),
+            Some(b"hi".to_vec())
+        );
+    }
+
+    #[test]
+    fn files_links_and_modes() {
+        let t = tar_with(|b| {
+            let mut h = header(tar::EntryType::Directory, 0);
+            h.set_mode(0o750);
+            b.append_data(&mut h, "bin/", io::empty()).expect("append");
+            let mut h = header(tar::EntryType::Regular, 3);
+            h.set_mode(0o755);
+            h.set_mtime(1_000_000);
+            b.append_data(&mut h, "bin/sh", &b"elf"[..])
+                .expect("append");
+            let mut h = header(tar::EntryType::Link, 0);
+            h.set_link_name("bin/sh").expect("link");
+            b.append_data(&mut h, "bin/ash", io::empty())
+                .expect("append");
+            let mut h = header(tar::EntryType::Symlink, 0);
+            h.set_link_name("/bin/sh").expect("link");
+            b.append_data(&mut h, "bin/bash", io::empty())
+                .expect("append");
+        });
+        let (d, r) = unpack_bytes(&t);
+        let stats = r.expect("unpack");
+        assert_eq!(stats.entries, 4);
+        let p = d.path();
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(p.join("bin/sh")).expect("sh");
+        assert_eq!(m.mode() & 0o7777, 0o755);
+        assert_eq!(m.mtime(), 1_000_000);
+        assert_eq!(m.nlink(), 2);
+        assert_eq!(
+            fs::metadata(p.join("bin")).expect("bin").mode() & 0o7777,
+            0o750
+        );
+        assert_eq!(
+            fs::read_link(p.join("bin/bash")).expect("link"),
+            PathBuf::from("/bin/sh")
+        );
+    }
+}

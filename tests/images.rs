@@ -1,0 +1,593 @@
+//! The image store with real material: OCI layouts and archives built by umoci/skopeo from
+//! busybox-static, and Debian's docker-registry on 127.0.0.1.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+
+use common::images::{rvmm, rvmm_ok, store, test_images, tree, Registry};
+
+fn tools() -> bool {
+    common::have_tools(&["umoci", "skopeo", "python3", "docker-registry", "htpasswd"])
+}
+
+fn layer_dirs(root: &Path) -> Vec<std::path::PathBuf> {
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("index.json")).expect("index"))
+            .expect("json");
+    idx["images"][0]["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            root.join("layers")
+                .join(&l["diff_id"].as_str().expect("diff_id")[7..])
+        })
+        .collect()
+}
+
+#[test]
+fn layouts_archives_and_store_commands() {
+    if !tools() {
+        return;
+    }
+    let imgs = test_images();
+    let s = store();
+    let root = s.path();
+
+    // An OCI layout with whiteouts, an opaque directory, a cross-layer hardlink and a symlink.
+    let id = rvmm_ok(
+        root,
+        &[
+            "pull",
+            "-q",
+            &format!("oci:{}", imgs.join("multi").display()),
+        ],
+    );
+    assert!(id.trim().starts_with("sha256:"), "{id}");
+    let layers = layer_dirs(root);
+    assert_eq!(layers.len(), 4);
+    use std::os::unix::fs::FileTypeExt;
+    if nix::unistd::geteuid().is_root() {
+        let wh = std::fs::symlink_metadata(layers[2].join("etc/motd")).expect("whiteout");
+        assert!(
+            wh.file_type().is_char_device(),
+            "whiteout is an overlay char device"
+        );
+        let opq = xattr(&layers[2].join("data/dir"), "trusted.overlay.opaque");
+        assert_eq!(opq.as_deref(), Some(&b"y"[..]));
+    }
+    assert_eq!(
+        std::fs::read(layers[3].join("data/hard")).expect("hard"),
+        b"#!/bin/sh\necho script-ran\n"
+    );
+    assert_eq!(
+        std::fs::read_link(layers[3].join("data/soft")).expect("soft"),
+        Path::new("/data/dir/z")
+    );
+    // The store never lets layer content out.
+    assert!(!Path::new("/data/dir/z").exists());
+
+    let inspect = rvmm_ok(root, &["image", "inspect", "localhost/multi"]);
+    let v: serde_json::Value = serde_json::from_str(&inspect).expect("inspect json");
+    assert_eq!(v["Config"]["WorkingDir"], "/data");
+    assert_eq!(v["Config"]["User"], "app");
+    assert_eq!(v["Config"]["Cmd"][0], "sh");
+    assert_eq!(v["Config"]["StopSignal"], "SIGTERM");
+    assert_eq!(v["Id"], id.trim());
+
+    // Every other kind of local material, all the same busybox image.
+    let bb = rvmm_ok(
+        root,
+        &[
+            "pull",
+            "-q",
+            &format!("oci:{}:latest", imgs.join("busybox").display()),
+        ],
+    );
+    for src in [
+        format!("oci:{}", imgs.join("zstd").display()),
+        format!("oci:{}", imgs.join("index").display()),
+        format!(
+            "docker-archive:{}",
+            imgs.join("busybox.docker.tar").display()
+        ),
+        format!("oci-archive:{}", imgs.join("busybox.oci.tar").display()),
+    ] {
+        assert_eq!(rvmm_ok(root, &["pull", "-q", &src]), bb, "{src}");
+    }
+    let loaded = rvmm_ok(
+        root,
+        &[
+            "load",
+            "-q",
+            "-i",
+            imgs.join("busybox.docker.tar").to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(
+        loaded.trim(),
+        "Loaded image: docker.io/library/busybox:latest"
+    );
+
+    let list = rvmm_ok(root, &["images"]);
+    let header = list.lines().next().expect("header");
+    for col in ["REPOSITORY", "TAG", "IMAGE ID", "DIGEST", "CREATED", "SIZE"] {
+        assert!(header.contains(col), "{header}");
+    }
+    for name in [
+        "localhost/multi",
+        "localhost/busybox",
+        "localhost/zstd",
+        "docker.io/library/busybox",
+    ] {
+        assert!(list.contains(name), "{name} missing from\n{list}");
+    }
+
+    // rmi: a name goes, then the image, then its layers and blobs.
+    rvmm_ok(root, &["rmi", "localhost/zstd"]);
+    assert!(!rvmm_ok(root, &["images"]).contains("localhost/zstd"));
+    let ids = rvmm_ok(root, &["images", "-q", "--no-trunc"]);
+    assert_eq!(ids.lines().count(), 2, "{ids}");
+    rvmm_ok(root, &["rmi", id.trim()]);
+    rvmm_ok(root, &["rmi", bb.trim()]);
+    assert_eq!(rvmm_ok(root, &["images", "-q"]), "");
+    assert_eq!(
+        std::fs::read_dir(root.join("layers"))
+            .expect("layers")
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(root.join("blobs/sha256"))
+            .expect("blobs")
+            .count(),
+        0
+    );
+    let (code, _, err) = rvmm(root, &["rmi", "busybox"]);
+    assert_ne!(code, 0);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    let n = std::ffi::CString::new(name).ok()?;
+    let mut buf = [0u8; 64];
+    // SAFETY: valid C strings and a buffer of the stated length.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
+}
+
+#[test]
+fn registry_pulls_every_manifest_kind() {
+    if !tools() {
+        return;
+    }
+    let imgs = test_images();
+    let reg = Registry::start(None);
+    let oci = |n: &str| format!("oci:{}:latest", imgs.join(n).display());
+    reg.push(&oci("busybox"), "t/busybox:latest", &[], None);
+    reg.push(&oci("multi"), "t/multi:v2s2", &["--format", "v2s2"], None);
+    reg.push(&oci("index"), "t/index:latest", &["--all"], None);
+    reg.push(&oci("zstd"), "t/zstd:latest", &[], None);
+
+    let s = store();
+    let root = s.path();
+    let h = reg.host();
+    let bb = rvmm_ok(root, &["pull", "-q", &format!("{h}/t/busybox")]);
+    let digest =
+        serde_json::from_str::<serde_json::Value>(&rvmm_ok(root, &["image", "inspect", bb.trim()]))
+            .expect("json")["Digest"]
+            .as_str()
+            .expect("digest")
+            .to_string();
+    assert_eq!(rvmm_ok(root, &["pull", "-q", &format!("{h}/t/index")]), bb);
+    assert_eq!(rvmm_ok(root, &["pull", "-q", &format!("{h}/t/zstd")]), bb);
+    let multi = rvmm_ok(root, &["pull", "-q", &format!("{h}/t/multi:v2s2")]);
+    assert_ne!(multi, bb);
+    // The stored manifest is the Docker v2s2 one, as the registry served it.
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            root.join("blobs/sha256").join(
+                &serde_json::from_str::<serde_json::Value>(&rvmm_ok(
+                    root,
+                    &["image", "inspect", multi.trim()],
+                ))
+                .expect("json")["Digest"]
+                    .as_str()
+                    .expect("digest")[7..],
+            ),
+        )
+        .expect("manifest"),
+    )
+    .expect("json");
+    assert_eq!(
+        m["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+
+    // By digest, warm: nothing new is written.
+    let before = tree(root);
+    rvmm_ok(root, &["pull", "-q", &format!("{h}/t/busybox@{digest}")]);
+    let v: serde_json::Value =
+        serde_json::from_str(&rvmm_ok(root, &["image", "inspect", bb.trim()])).expect("json");
+    assert!(v["RepoDigests"]
+        .as_array()
+        .expect("repo digests")
+        .iter()
+        .any(|d| d.as_str() == Some(&format!("{h}/t/busybox@{digest}"))));
+    assert_eq!(
+        before
+            .iter()
+            .filter(|(p, _)| p.starts_with("layers/"))
+            .count(),
+        tree(root)
+            .iter()
+            .filter(|(p, _)| p.starts_with("layers/"))
+            .count()
+    );
+
+    // An image that does not exist: one line, non-zero, store untouched.
+    let before = tree(root);
+    let (code, _, err) = rvmm(root, &["pull", "-q", &format!("{h}/t/nothere:latest")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no such image"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let after = tree(root);
+    assert_eq!(
+        before
+            .iter()
+            .filter(|(p, _)| !p.starts_with("tmp/"))
+            .collect::<Vec<_>>(),
+        after
+            .iter()
+            .filter(|(p, _)| !p.starts_with("tmp/"))
+            .collect::<Vec<_>>()
+    );
+
+    // A reference that does not parse.
+    let (code, _, err) = rvmm(root, &["pull", "Not_Valid:::x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid image reference"), "{err}");
+}
+
+#[test]
+fn registry_basic_auth() {
+    if !tools() {
+        return;
+    }
+    let imgs = test_images();
+    let reg = Registry::start(Some(("alice", "s3cret")));
+    reg.push(
+        &format!("oci:{}:latest", imgs.join("busybox").display()),
+        "private/busybox:latest",
+        &[],
+        Some("alice:s3cret"),
+    );
+    let s = store();
+    let root = s.path();
+    let r = format!("{}/private/busybox", reg.host());
+    let (code, _, err) = rvmm(root, &["pull", "-q", &r]);
+    assert_ne!(code, 0);
+    assert!(err.contains("authentication"), "{err}");
+    let (code, _, err) = rvmm(root, &["pull", "-q", "--creds", "alice:wrong", &r]);
+    assert_ne!(code, 0, "{err}");
+    rvmm_ok(root, &["pull", "-q", "--creds", "alice:s3cret", &r]);
+    rvmm_ok(root, &["rmi", &r]);
+    // ~/.docker/config.json, through DOCKER_CONFIG.
+    let cfgdir = tempfile::tempdir().expect("tempdir");
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    std::fs::write(
+        cfgdir.path().join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host()),
+    )
+    .expect("write");
+    let out = std::process::Command::new(common::rvmm_bin())
+        .env("DOCKER_CONFIG", cfgdir.path())
+        .args(["--root", root.to_str().expect("utf8"), "pull", "-q", &r])
+        .output()
+        .expect("rvmm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Copies a layout, then lets `edit` damage it.
+fn damaged_layout(name: &str, edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(test_images().join(name))
+        .arg(d.path().join("img"))
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    edit(&d.path().join("img"));
+    d
+}
+
+/// The layout's (only) manifest path and JSON.
+fn manifest_of(layout: &Path) -> (std::path::PathBuf, serde_json::Value) {
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
+            .expect("json");
+    let d = idx["manifests"][0]["digest"].as_str().expect("digest");
+    let p = layout.join("blobs/sha256").join(&d[7..]);
+    let m = serde_json::from_slice(&std::fs::read(&p).expect("manifest")).expect("json");
+    (p, m)
+}
+
+/// Rewrites the manifest (and index.json to point at its new digest).
+fn rewrite_manifest(layout: &Path, m: &serde_json::Value) {
+    use sha2::Digest;
+    let body = serde_json::to_vec(m).expect("json");
+    let hex = hex::encode(sha2::Sha256::digest(&body));
+    std::fs::write(layout.join("blobs/sha256").join(&hex), &body).expect("write");
+    let mut idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
+            .expect("json");
+    idx["manifests"][0]["digest"] = format!("sha256:{hex}").into();
+    idx["manifests"][0]["size"] = body.len().into();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&idx).expect("json"),
+    )
+    .expect("write");
+}
+
+fn layer_blob(layout: &Path, i: usize) -> std::path::PathBuf {
+    let (_, m) = manifest_of(layout);
+    layout
+        .join("blobs/sha256")
+        .join(&m["layers"][i]["digest"].as_str().expect("digest")[7..])
+}
+
+#[test]
+fn bad_images_leave_the_store_as_it_was() {
+    if !tools() {
+        return;
+    }
+    let s = store();
+    let root = s.path();
+    // Something already in the store, so "as it was" is not just "empty".
+    rvmm_ok(
+        root,
+        &[
+            "pull",
+            "-q",
+            &format!("oci:{}", test_images().join("busybox").display()),
+        ],
+    );
+    let before = tree(root);
+
+    let cases: Vec<(&str, tempfile::TempDir, &str)> = vec![
+        (
+            "tampered blob",
+            damaged_layout("multi", |l| {
+                let p = layer_blob(l, 1);
+                let mut b = std::fs::read(&p).expect("read");
+                let n = b.len();
+                b[n / 2] ^= 0xff;
+                std::fs::write(&p, b).expect("write");
+            }),
+            "digest mismatch",
+        ),
+        (
+            "truncated blob",
+            damaged_layout("multi", |l| {
+                let p = layer_blob(l, 2);
+                let b = std::fs::read(&p).expect("read");
+                std::fs::write(&p, &b[..b.len() / 2]).expect("write");
+            }),
+            "truncated",
+        ),
+        (
+            "size lie",
+            damaged_layout("multi", |l| {
+                let (_, mut m) = manifest_of(l);
+                let sz = m["layers"][3]["size"].as_u64().expect("size");
+                m["layers"][3]["size"] = (sz - 10).into();
+                rewrite_manifest(l, &m);
+            }),
+            "larger than",
+        ),
+        (
+            "unknown media type",
+            damaged_layout("multi", |l| {
+                let (_, mut m) = manifest_of(l);
+                m["layers"][1]["mediaType"] = "application/x-rar".into();
+                rewrite_manifest(l, &m);
+            }),
+            "unsupported layer media type",
+        ),
+        (
+            "traversal",
+            damaged_layout("multi", |l| {
+                // Replace the last layer with one whose entry climbs out; fix digests so only the
+                // content is wrong.
+                let mut tar = Vec::new();
+                let mut h = [0u8; 512];
+                let name = b"../../../../tmp/rvmm-traversal-pwned";
+                h[..name.len()].copy_from_slice(name);
+                h[100..108].copy_from_slice(b"0000644\0");
+                h[124..136].copy_from_slice(b"00000000003\0");
+                h[156] = b'0';
+                h[257..263].copy_from_slice(b"ustar\0");
+                h[263..265].copy_from_slice(b"00");
+                h[148..156].copy_from_slice(b"        ");
+                let sum: u32 = h.iter().map(|&b| b as u32).sum();
+                h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+                tar.extend_from_slice(&h);
+                let mut data = [0u8; 512];
+                data[..3].copy_from_slice(b"hi\n");
+                tar.extend_from_slice(&data);
+                tar.extend_from_slice(&[0u8; 1024]);
+                use sha2::Digest;
+                let hex = hex::encode(sha2::Sha256::digest(&tar));
+                std::fs::write(l.join("blobs/sha256").join(&hex), &tar).expect("write");
+                let (_, mut m) = manifest_of(l);
+                let cfg_digest = m["config"]["digest"].as_str().expect("cfg")[7..].to_string();
+                let mut cfg: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(l.join("blobs/sha256").join(&cfg_digest)).expect("cfg"),
+                )
+                .expect("json");
+                cfg["rootfs"]["diff_ids"][3] = format!("sha256:{hex}").into();
+                let cbody = serde_json::to_vec(&cfg).expect("json");
+                let chex = hex::encode(sha2::Sha256::digest(&cbody));
+                std::fs::write(l.join("blobs/sha256").join(&chex), &cbody).expect("write");
+                m["config"]["digest"] = format!("sha256:{chex}").into();
+                m["config"]["size"] = cbody.len().into();
+                m["layers"][3] = serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": format!("sha256:{hex}"), "size": tar.len()});
+                rewrite_manifest(l, &m);
+            }),
+            "escapes the layer",
+        ),
+    ];
+    for (what, dir, expect) in cases {
+        let (code, _, err) = rvmm(
+            root,
+            &[
+                "pull",
+                "-q",
+                &format!("oci:{}", dir.path().join("img").display()),
+            ],
+        );
+        assert_ne!(code, 0, "{what}: pull should fail");
+        assert!(err.contains(expect), "{what}: expected {expect:?} in {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: {err}");
+        let after = tree(root);
+        let strip = |t: &[(String, u64)]| {
+            t.iter()
+                .filter(|(p, _)| !p.starts_with("tmp/"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&before), strip(&after), "{what}: the store changed");
+        assert!(!Path::new("/tmp/rvmm-traversal-pwned").exists());
+    }
+    let (code, _, err) = rvmm(root, &["pull", "oci:/nonexistent/layout"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not an OCI image layout"), "{err}");
+    let junk = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(junk.path(), b"this is not a tar").expect("write");
+    let (code, _, err) = rvmm(root, &["load", "-i", junk.path().to_str().expect("utf8")]);
+    assert_ne!(code, 0);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// A registry that serves the manifest and config, then drops the connection halfway through the
+/// layer: the pull fails cleanly and leaves nothing behind.
+#[test]
+fn registry_that_goes_away_mid_pull() {
+    if !tools() {
+        return;
+    }
+    let layout = test_images().join("busybox");
+    let (mpath, m) = manifest_of(&layout);
+    let manifest = std::fs::read(&mpath).expect("manifest");
+    let cfg_digest = m["config"]["digest"].as_str().expect("cfg").to_string();
+    let config = std::fs::read(layout.join("blobs/sha256").join(&cfg_digest[7..])).expect("config");
+    let layer_digest = m["layers"][0]["digest"]
+        .as_str()
+        .expect("layer")
+        .to_string();
+    let layer = std::fs::read(layout.join("blobs/sha256").join(&layer_digest[7..])).expect("layer");
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&req)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let path = line.split(' ').nth(1).unwrap_or("");
+            let (ctype, body, cut): (&str, &[u8], bool) = if path == "/v2/" {
+                ("application/json", b"{}", false)
+            } else if path.contains("/manifests/") {
+                (
+                    "application/vnd.oci.image.manifest.v1+json",
+                    &manifest,
+                    false,
+                )
+            } else if path.ends_with(&cfg_digest) {
+                ("application/octet-stream", &config, false)
+            } else if path.ends_with(&layer_digest) {
+                ("application/octet-stream", &layer, true)
+            } else {
+                ("text/plain", b"not found", false)
+            };
+            let status = if body == b"not found" {
+                "404 Not Found"
+            } else {
+                "200 OK"
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = c.write_all(head.as_bytes());
+            let n = if cut { body.len() / 2 } else { body.len() };
+            let _ = c.write_all(&body[..n]);
+            let _ = c.flush();
+            drop(c);
+        }
+    });
+    let s = store();
+    let root = s.path();
+    let (code, _, err) = rvmm(
+        root,
+        &["pull", "-q", &format!("127.0.0.1:{port}/t/busybox")],
+    );
+    assert_ne!(code, 0, "pull from a dying registry should fail");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let left: Vec<_> = tree(root)
+        .into_iter()
+        .filter(|(p, _)| !p.ends_with('/'))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Two rvmm processes pulling the same image at once both succeed and agree.
+#[test]
+fn concurrent_pulls() {
+    if !tools() {
+        return;
+    }
+    let src = format!("oci:{}", test_images().join("multi").display());
+    let s = store();
+    let root = s.path().to_path_buf();
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let (root, src) = (root.clone(), src.clone());
+            std::thread::spawn(move || rvmm(&root, &["pull", "-q", &src]))
+        })
+        .collect();
+    let outs: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    for (code, out, err) in &outs {
+        assert_eq!(*code, 0, "{err}");
+        assert_eq!(out, &outs[0].1);
+    }
+    assert_eq!(rvmm_ok(&root, &["images", "-q"]).lines().count(), 1);
+}

@@ -1,4 +1,474 @@
 //! `RunSpec`: the contract both isolations consume (defined in the `rvmm-proto` crate so the guest's PID 1
-//! shares it), and building it from the image config and the `run` flags.
+//! shares it), and building it from the image config and the `run` flags, with Docker's rules.
 
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
 pub use rvmm_proto::{Limits, Mount, Network, NetworkMode, PortMapping, Protocol, RunSpec, User};
+
+use crate::image::ImageConfig;
+
+/// The `run` flags that shape the workload (isolation-independent).
+#[derive(Debug, Clone, Default)]
+pub struct RunFlags {
+    /// `--entrypoint`: Some("") clears the image's entrypoint.
+    pub entrypoint: Option<String>,
+    /// Arguments after the image: replace Cmd.
+    pub args: Vec<String>,
+    /// `-e KEY=VALUE` or `-e KEY` (taken from rvmm's environment).
+    pub env: Vec<String>,
+    pub env_files: Vec<PathBuf>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub hostname: Option<String>,
+    pub tty: bool,
+    pub stdin: bool,
+    pub read_only: bool,
+    pub limits: Limits,
+    pub network: NetworkMode,
+    pub ports: Vec<PortMapping>,
+    pub mounts: Vec<Mount>,
+}
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Reads a file of the image's root filesystem from its unpacked layers (top layer first),
+/// honouring whiteouts. `rel` is relative to `/`.
+pub fn read_image_file(layers: &[PathBuf], rel: &str) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileTypeExt;
+    for l in layers.iter().rev() {
+        let p = l.join(rel);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_char_device() => return None, // whiteout
+            Ok(m) if m.is_file() => return std::fs::read(&p).ok(),
+            Ok(_) => return None,
+            Err(_) => {
+                let marker = p.parent().map(|d| {
+                    d.join(format!(
+                        ".wh.{}",
+                        p.file_name().unwrap_or_default().to_string_lossy()
+                    ))
+                });
+                if marker.is_some_and(|m| m.exists()) {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Builds the RunSpec from the image config and the flags. `layers` (bottom first) is where
+/// /etc/passwd and /etc/group are read from to resolve users.
+pub fn build(
+    image: &ImageConfig,
+    layers: &[PathBuf],
+    flags: &RunFlags,
+    default_hostname: &str,
+) -> anyhow::Result<RunSpec> {
+    // argv: Docker's entrypoint/cmd rules.
+    let (entrypoint, cmd) = match &flags.entrypoint {
+        Some(e) => {
+            let ep = if e.is_empty() {
+                vec![]
+            } else {
+                vec![e.clone()]
+            };
+            (ep, flags.args.clone())
+        }
+        None => (
+            image.entrypoint.clone().unwrap_or_default(),
+            if flags.args.is_empty() {
+                image.cmd.clone().unwrap_or_default()
+            } else {
+                flags.args.clone()
+            },
+        ),
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.is_empty() {
+        bail!("no command specified: the image has no Entrypoint or Cmd; give one after the image name");
+    }
+
+    let hostname = flags
+        .hostname
+        .clone()
+        .unwrap_or_else(|| default_hostname.to_string());
+    if hostname.is_empty() || hostname.len() > 64 || hostname.contains('/') {
+        bail!("invalid hostname {hostname:?}");
+    }
+
+    // Environment: image, then env files, then -e; later entries win.
+    let mut env: Vec<String> = Vec::new();
+    fn put(env: &mut Vec<String>, kv: String) {
+        let key = kv.split('=').next().unwrap_or_default().to_string();
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(kv);
+    }
+    for e in &image.env {
+        put(&mut env, e.clone());
+    }
+    for f in &flags.env_files {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading env file {}", f.display()))?;
+        for line in text.lines() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            put(&mut env, env_entry(line)?);
+        }
+    }
+    for e in &flags.env {
+        put(&mut env, env_entry(e)?);
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        put(&mut env, format!("PATH={DEFAULT_PATH}"));
+    }
+    put(&mut env, format!("HOSTNAME={hostname}"));
+
+    let user_spec = flags
+        .user
+        .clone()
+        .or_else(|| image.user.clone())
+        .unwrap_or_default();
+    let (user, home) = resolve_user(&user_spec, layers)?;
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        put(
+            &mut env,
+            format!("HOME={}", home.unwrap_or_else(|| "/".into())),
+        );
+    }
+
+    let cwd = flags
+        .workdir
+        .clone()
+        .or_else(|| image.working_dir.clone())
+        .unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        bail!("working directory {cwd:?} must be absolute");
+    }
+
+    let stop_signal = match &image.stop_signal {
+        Some(s) => {
+            signal_number(s).with_context(|| format!("image StopSignal {s:?} is not a signal"))?
+        }
+        None => libc::SIGTERM,
+    };
+
+    Ok(RunSpec {
+        argv,
+        env,
+        cwd,
+        user,
+        hostname,
+        tty: flags.tty,
+        stdin: flags.stdin,
+        read_only: flags.read_only,
+        limits: flags.limits.clone(),
+        network: Network {
+            mode: flags.network,
+            ports: flags.ports.clone(),
+            address: None,
+            gateway: None,
+            dns: Vec::new(),
+        },
+        mounts: flags.mounts.clone(),
+        stop_signal,
+    })
+}
+
+/// `KEY=VALUE` as is; `KEY` alone takes rvmm's own value (and is dropped if unset... as Docker keeps it out).
+fn env_entry(e: &str) -> anyhow::Result<String> {
+    if e.starts_with('=') || e.is_empty() {
+        bail!("invalid environment variable {e:?}");
+    }
+    if e.contains('=') {
+        return Ok(e.to_string());
+    }
+    Ok(format!("{e}={}", std::env::var(e).unwrap_or_default()))
+}
+
+/// Resolves `user[:group]` (names or numbers) against the image's /etc/passwd and /etc/group.
+/// Returns the identity and the home directory.
+pub fn resolve_user(spec: &str, layers: &[PathBuf]) -> anyhow::Result<(User, Option<String>)> {
+    let passwd =
+        read_image_file(layers, "etc/passwd").map(|b| String::from_utf8_lossy(&b).into_owned());
+    let group =
+        read_image_file(layers, "etc/group").map(|b| String::from_utf8_lossy(&b).into_owned());
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let u = if u.is_empty() { "0" } else { u };
+    let pw_entry = |pred: &dyn Fn(&[&str]) -> bool| -> Option<(u32, u32, String, String)> {
+        passwd.as_deref()?.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() >= 7 && pred(&f) {
+                Some((
+                    f[2].parse().ok()?,
+                    f[3].parse().ok()?,
+                    f[0].to_string(),
+                    f[5].to_string(),
+                ))
+            } else {
+                None
+            }
+        })
+    };
+    let (uid, mut gid, name, home) = match u.parse::<u32>() {
+        Ok(n) => match pw_entry(&|f| f[2] == n.to_string()) {
+            Some((uid, gid, name, home)) => (uid, gid, Some(name), Some(home)),
+            None => (n, 0, None, None),
+        },
+        Err(_) => {
+            let (uid, gid, name, home) = pw_entry(&|f| f[0] == u).with_context(|| {
+                format!("unable to find user {u}: no matching entries in the image's /etc/passwd")
+            })?;
+            (uid, gid, Some(name), Some(home))
+        }
+    };
+    let gr_entries: Vec<(String, u32, Vec<String>)> = group
+        .as_deref()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4).then(|| {
+                Some((
+                    f[0].to_string(),
+                    f[2].parse().ok()?,
+                    f[3].split(',')
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                ))
+            })?
+        })
+        .collect();
+    if let Some(g) = g {
+        gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => gr_entries
+                .iter()
+                .find(|e| e.0 == g)
+                .map(|e| e.1)
+                .with_context(|| {
+                    format!(
+                        "unable to find group {g}: no matching entries in the image's /etc/group"
+                    )
+                })?,
+        };
+    }
+    let additional_gids = match &name {
+        Some(n) => gr_entries
+            .iter()
+            .filter(|e| e.2.contains(n) && e.1 != gid)
+            .map(|e| e.1)
+            .collect(),
+        None => vec![],
+    };
+    Ok((
+        User {
+            uid,
+            gid,
+            additional_gids,
+        },
+        home,
+    ))
+}
+
+/// `SIGTERM`, `TERM` or `15` → 15.
+pub fn signal_number(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let name = s.strip_prefix("SIG").unwrap_or(s).to_ascii_uppercase();
+    let n = match name.as_str() {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "WINCH" => libc::SIGWINCH,
+        "PWR" => libc::SIGPWR,
+        _ => return None,
+    };
+    Some(n)
+}
+
+/// Parses `-p [ip:]hostport:containerport[/tcp|udp]` (the ip must be empty, 0.0.0.0 or 127.0.0.1).
+pub fn parse_port(s: &str) -> anyhow::Result<PortMapping> {
+    let (spec, proto) = match s.rsplit_once('/') {
+        Some((a, "tcp")) => (a, Protocol::Tcp),
+        Some((a, "udp")) => (a, Protocol::Udp),
+        Some(_) => bail!("invalid port mapping {s:?}: protocol must be tcp or udp"),
+        None => (s, Protocol::Tcp),
+    };
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (h, c) = match parts.as_slice() {
+        [h, c] => (*h, *c),
+        [_ip, h, c] => (*h, *c),
+        _ => bail!("invalid port mapping {s:?}: expected HOSTPORT:CONTAINERPORT[/tcp|udp]"),
+    };
+    let port = |p: &str| p.parse::<u16>().ok().filter(|&n| n > 0);
+    Ok(PortMapping {
+        host_port: port(h).with_context(|| format!("invalid host port in {s:?}"))?,
+        container_port: port(c).with_context(|| format!("invalid container port in {s:?}"))?,
+        protocol: proto,
+    })
+}
+
+/// Parses `-v HOSTPATH:PATH[:ro|rw]`.
+pub fn parse_volume(s: &str) -> anyhow::Result<Mount> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (src, dst, ro) = match parts.as_slice() {
+        [a, b] => (*a, *b, false),
+        [a, b, "ro"] => (*a, *b, true),
+        [a, b, "rw"] => (*a, *b, false),
+        _ => bail!("invalid volume {s:?}: expected HOSTPATH:PATH[:ro]"),
+    };
+    if !dst.starts_with('/') {
+        bail!("invalid volume {s:?}: the container path must be absolute");
+    }
+    if dst.split('/').any(|c| c == "..") {
+        bail!("invalid volume {s:?}: the container path must not contain ..");
+    }
+    let src = Path::new(src)
+        .canonicalize()
+        .with_context(|| format!("volume source {src} does not exist"))?;
+    Ok(Mount {
+        source: src.display().to_string(),
+        destination: dst.to_string(),
+        read_only: ro,
+    })
+}
+
+/// `512m`, `1g`, `1048576` → bytes.
+pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| *n > 0.0)
+        .with_context(|| format!("invalid size {s:?}"))?;
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(ep: Option<&[&str]>, cmd: Option<&[&str]>) -> ImageConfig {
+        ImageConfig {
+            entrypoint: ep.map(|v| v.iter().map(|s| s.to_string()).collect()),
+            cmd: cmd.map(|v| v.iter().map(|s| s.to_string()).collect()),
+            env: vec!["A=1".into(), "B=2".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn docker_argv_rules() {
+        let f = |ep: Option<&str>, args: &[&str]| RunFlags {
+            entrypoint: ep.map(str::to_string),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let i = img(Some(&["/ep"]), Some(&["c1"]));
+        assert_eq!(
+            build(&i, &[], &f(None, &[]), "h").expect("spec").argv,
+            ["/ep", "c1"]
+        );
+        assert_eq!(
+            build(&i, &[], &f(None, &["x"]), "h").expect("spec").argv,
+            ["/ep", "x"]
+        );
+        assert_eq!(
+            build(&i, &[], &f(Some("/o"), &[]), "h").expect("spec").argv,
+            ["/o"]
+        );
+        assert_eq!(
+            build(&i, &[], &f(Some(""), &["sh"]), "h")
+                .expect("spec")
+                .argv,
+            ["sh"]
+        );
+        assert!(build(&img(None, None), &[], &f(None, &[]), "h").is_err());
+    }
+
+    #[test]
+    fn env_override_order() {
+        let flags = RunFlags {
+            env: vec!["B=3".into(), "C=4".into()],
+            args: vec!["x".into()],
+            ..Default::default()
+        };
+        let s = build(&img(None, None), &[], &flags, "box").expect("spec");
+        assert!(s.env.contains(&"A=1".to_string()));
+        assert!(s.env.contains(&"B=3".to_string()));
+        assert!(!s.env.contains(&"B=2".to_string()));
+        assert!(s.env.contains(&"HOSTNAME=box".to_string()));
+        assert!(s.env.iter().any(|e| e.starts_with("PATH=")));
+    }
+
+    #[test]
+    fn users_from_image_files() {
+        let d = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(d.path().join("etc")).expect("mkdir");
+        std::fs::write(
+            d.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .expect("w");
+        std::fs::write(
+            d.path().join("etc/group"),
+            "root:x:0:\napp:x:1000:\nstaff:x:50:app\n",
+        )
+        .expect("w");
+        let layers = vec![d.path().to_path_buf()];
+        let (u, home) = resolve_user("app", &layers).expect("user");
+        assert_eq!(
+            (u.uid, u.gid, u.additional_gids.clone()),
+            (1000, 1000, vec![50])
+        );
+        assert_eq!(home.as_deref(), Some("/home/app"));
+        let (u, _) = resolve_user("1000:staff", &layers).expect("user");
+        assert_eq!((u.uid, u.gid), (1000, 50));
+        let (u, _) = resolve_user("4242:4243", &layers).expect("user");
+        assert_eq!((u.uid, u.gid), (4242, 4243));
+        assert!(resolve_user("ghost", &layers).is_err());
+        let (u, _) = resolve_user("", &layers).expect("root");
+        assert_eq!(u.uid, 0);
+    }
+
+    #[test]
+    fn flag_parsers() {
+        assert_eq!(parse_port("8080:80").expect("p").host_port, 8080);
+        assert_eq!(
+            parse_port("127.0.0.1:53:53/udp").expect("p").protocol,
+            Protocol::Udp
+        );
+        assert!(parse_port("80").is_err());
+        assert!(parse_port("0:80").is_err());
+        assert_eq!(parse_bytes("32m").expect("b"), 32 << 20);
+        assert_eq!(parse_bytes("1g").expect("b"), 1 << 30);
+        assert!(parse_bytes("lots").is_err());
+        assert_eq!(signal_number("SIGKILL"), Some(9));
+        assert_eq!(signal_number("term"), Some(15));
+        assert!(parse_volume("/tmp:rel").is_err());
+        assert!(parse_volume("/tmp:/x/../y").is_err());
+        assert!(parse_volume("/tmp:/data:ro").expect("v").read_only);
+    }
+}

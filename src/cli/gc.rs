@@ -1,10 +1,21 @@
 //! `rvmm gc`.
 
+use rvmm::container::state;
+use rvmm::image::Store;
+
 use super::Global;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {}
 
-pub fn exec(_args: Args, _global: &Global) -> anyhow::Result<u8> {
-    anyhow::bail!("`rvmm gc` is not implemented yet")
+pub fn exec(_args: Args, global: &Global) -> anyhow::Result<u8> {
+    let runs = state::gc(&global.root);
+    println!("cleaned up after {runs} dead run(s)");
+    if global.root.join("index.json").exists() || global.root.join("blobs").exists() {
+        let store = Store::open(&global.root)?;
+        if !store.gc()? {
+            eprintln!("rvmm: layers in use by running workloads were kept");
+        }
+    }
+    Ok(0)
 }

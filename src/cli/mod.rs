@@ -39,7 +39,7 @@ pub struct Global {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run an image in a microVM or a container.
-    Run(run::Args),
+    Run(Box<run::Args>),
     /// Pull an image from a registry.
     Pull(pull::Args),
     /// Load an image from a docker-archive or OCI-archive tarball.
@@ -51,8 +51,10 @@ pub enum Command {
     /// Image subcommands (inspect).
     #[command(subcommand)]
     Image(images::ImageCommand),
-    /// List running workloads (both isolations).
+    /// List running workloads (both isolations); -a includes exited ones.
     Ps(ps::Args),
+    /// Remove exited runs (their writable layers).
+    Rm(ps::RmArgs),
     /// Remove what dead runs left behind (mounts, cgroups, taps, veths, rules, run dirs).
     Gc(gc::Args),
     /// Boot a kernel and disks directly with rvmm's VMM (low level).
@@ -71,13 +73,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         root: cli.root.unwrap_or_else(rvmm::paths::default_root),
     };
     match cli.command {
-        Command::Run(a) => run::exec(a, &global),
+        Command::Run(a) => run::exec(*a, &global),
         Command::Pull(a) => pull::exec(a, &global),
         Command::Load(a) => load::exec(a, &global),
         Command::Images(a) => images::list(a, &global),
         Command::Rmi(a) => images::rmi(a, &global),
         Command::Image(c) => images::image(c, &global),
         Command::Ps(a) => ps::exec(a, &global),
+        Command::Rm(a) => ps::rm(a, &global),
         Command::Gc(a) => gc::exec(a, &global),
         Command::Vm(a) => vm::exec(a, &global),
         Command::Kernel(c) => kernel::exec(c, &global),

@@ -1,10 +1,157 @@
 //! `rvmm run`.
 
+use std::path::PathBuf;
+
+use rvmm::container::{self, RunOptions};
+use rvmm::image::{self, Store};
+use rvmm::runspec::{self, Limits, NetworkMode, RunFlags};
+
+use super::pull::RegistryArgs;
 use super::Global;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// A KVM microVM with its own kernel (hardware isolation).
+    Vm,
+    /// A namespaced container on the host kernel.
+    Container,
+}
 
-pub fn exec(_args: Args, _global: &Global) -> anyhow::Result<u8> {
-    anyhow::bail!("`rvmm run` is not implemented yet")
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Net {
+    /// Only a loopback interface.
+    None,
+    /// A veth (container) or tap (VM) on the rvmm0 bridge, with NAT and -p.
+    Bridge,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(trailing_var_arg = true)]
+pub struct Args {
+    /// Where the workload runs.
+    #[arg(long, value_enum, default_value = "container", env = "RVMM_ISOLATION")]
+    pub isolation: Isolation,
+    /// Set an environment variable (KEY=VALUE, or KEY to pass rvmm's own value).
+    #[arg(short, long = "env", value_name = "KEY[=VALUE]")]
+    pub env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines, # comments).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Working directory inside the workload.
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User to run as: name, uid, name:group or uid:gid (resolved in the image).
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// Override the image's entrypoint ("" clears it).
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+    /// Hostname of the workload (default: the first 12 digits of its ID).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Name of the run (default: generated); shown by `rvmm ps`, usable with `rvmm rm`.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Remove the workload's writable layer when it exits. Without it, it is kept (exited, listed
+    /// by `rvmm ps -a`) until `rvmm rm`.
+    #[arg(long)]
+    pub rm: bool,
+    /// Keep stdin attached.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a pseudo-terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Memory limit (e.g. 64m, 1g); for VMs, the guest's RAM (default 256m there).
+    #[arg(short, long, value_name = "BYTES")]
+    pub memory: Option<String>,
+    /// CPU limit (e.g. 0.5, 2); for VMs, the vCPU count (rounded up).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
+    /// Mount the root filesystem read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Network mode.
+    #[arg(long, value_enum, default_value = "bridge")]
+    pub network: Net,
+    /// Publish a port: HOSTPORT:CONTAINERPORT[/tcp|udp].
+    #[arg(short, long = "publish", value_name = "HOST:CONTAINER[/PROTO]")]
+    pub publish: Vec<String>,
+    /// Bind-mount a host path: HOSTPATH:PATH[:ro].
+    #[arg(short, long = "volume", value_name = "HOST:PATH[:ro]")]
+    pub volume: Vec<String>,
+    /// No pull progress output.
+    #[arg(short, long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// The image: NAME[:TAG], NAME@DIGEST, an image ID, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
+    pub image: String,
+    /// Command and arguments (replace the image's Cmd).
+    #[arg(allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
+    let flags = RunFlags {
+        entrypoint: args.entrypoint.clone(),
+        args: args.command.clone(),
+        env: args.env.clone(),
+        env_files: args.env_file.clone(),
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        hostname: args.hostname.clone(),
+        tty: args.tty,
+        stdin: args.interactive,
+        read_only: args.read_only,
+        limits: Limits {
+            memory_bytes: args
+                .memory
+                .as_deref()
+                .map(runspec::parse_bytes)
+                .transpose()?,
+            cpus: args.cpus,
+            pids: args.pids_limit,
+        },
+        network: match args.network {
+            Net::None => NetworkMode::None,
+            Net::Bridge => NetworkMode::Bridge,
+        },
+        ports: args
+            .publish
+            .iter()
+            .map(|p| runspec::parse_port(p))
+            .collect::<anyhow::Result<_>>()?,
+        mounts: args
+            .volume
+            .iter()
+            .map(|v| runspec::parse_volume(v))
+            .collect::<anyhow::Result<_>>()?,
+    };
+    if let Some(c) = args.cpus {
+        if !(c > 0.0 && c <= 1024.0) {
+            anyhow::bail!("--cpus must be a positive number");
+        }
+    }
+    let store = Store::open(&global.root)?;
+    let resolved = image::resolve(&store, &args.image, &args.registry.options(args.quiet))?;
+    let id = container::new_id();
+    let spec = runspec::build(&resolved.config, &resolved.layers, &flags, &id[..12])?;
+    let opts = RunOptions {
+        root: global.root.clone(),
+        id: id.clone(),
+        name: args
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("rvmm-{}", &id[..8])),
+        remove: args.rm,
+        image: resolved.reference.clone(),
+    };
+    match args.isolation {
+        Isolation::Container => container::run(&spec, &resolved, &opts),
+        Isolation::Vm => rvmm::vmrun::run(&spec, &resolved, &opts),
+    }
 }

@@ -1,1 +1,304 @@
-//! Host-side networking shared by both isolations: bridge, IPAM, NAT, published ports, taps and veths.
+//! Host-side networking shared by both isolations: the `rvmm0` bridge with NAT, a file-lease IPAM,
+//! veth pairs for containers, and published ports (a userspace TCP/UDP proxy on the host, as
+//! docker-proxy does, so 127.0.0.1:PORT works without route_localnet tricks).
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::runspec::{PortMapping, Protocol};
+
+pub const BRIDGE: &str = "rvmm0";
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+pub const PREFIX: u8 = 16;
+pub const SUBNET: &str = "10.77.0.0/16";
+
+fn ipam_dir() -> PathBuf {
+    crate::paths::run_dir().join("ipam")
+}
+
+/// Runs a command, turning failure into one line with its stderr.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} {:?} failed: {}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip_batch(netns_pid: Option<i32>, batch: &str) -> anyhow::Result<()> {
+    let mut cmd = match netns_pid {
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/proc/{pid}/ns/net")).arg("ip");
+            c
+        }
+        None => Command::new("ip"),
+    };
+    cmd.args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("running ip (iproute2)")?;
+    child
+        .stdin
+        .take()
+        .context("ip stdin")?
+        .write_all(batch.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("ip: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Creates the bridge with its address and the NAT rule, once (idempotent, under a lock).
+pub fn ensure_bridge() -> anyhow::Result<()> {
+    if std::path::Path::new(&format!("/sys/class/net/{BRIDGE}")).exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(crate::paths::run_dir())?;
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(crate::paths::run_dir().join("net.lock"))?;
+    // SAFETY: flock on an open fd.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if !std::path::Path::new(&format!("/sys/class/net/{BRIDGE}")).exists() {
+        ip_batch(
+            None,
+            &format!("link add {BRIDGE} type bridge\naddr add {GATEWAY}/{PREFIX} dev {BRIDGE}\nlink set {BRIDGE} up\n"),
+        )
+        .context("creating the rvmm0 bridge")?;
+    }
+    let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+    let rules: [&[&str]; 3] = [
+        &[
+            "-t",
+            "nat",
+            "POSTROUTING",
+            "-s",
+            SUBNET,
+            "!",
+            "-o",
+            BRIDGE,
+            "-j",
+            "MASQUERADE",
+        ],
+        &["-t", "filter", "FORWARD", "-i", BRIDGE, "-j", "ACCEPT"],
+        &["-t", "filter", "FORWARD", "-o", BRIDGE, "-j", "ACCEPT"],
+    ];
+    for r in rules {
+        let (table, rest) = (&r[..2], &r[2..]);
+        let exists = Command::new("iptables")
+            .args(table)
+            .arg("-C")
+            .args(rest)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !exists {
+            run(Command::new("iptables").args(table).arg("-A").args(rest))
+                .context("adding the NAT rules")?;
+        }
+    }
+    Ok(())
+}
+
+/// An address leased to one run: a file in /run/rvmm/ipam named after the address.
+#[derive(Debug)]
+pub struct Lease {
+    pub addr: Ipv4Addr,
+    path: PathBuf,
+}
+
+impl Lease {
+    pub fn allocate(owner: &str) -> anyhow::Result<Lease> {
+        let dir = ipam_dir();
+        fs::create_dir_all(&dir)?;
+        for n in 2u32..65534 {
+            let addr = Ipv4Addr::from(u32::from(GATEWAY) - 1 + n);
+            let path = dir.join(addr.to_string());
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(owner.as_bytes())?;
+                    return Ok(Lease { addr, path });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).context("leasing an address"),
+            }
+        }
+        bail!("no free address left in {SUBNET}")
+    }
+
+    pub fn release(&self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Releases every lease owned by `owner` (for gc).
+pub fn release_owned_by(owner: &str) {
+    if let Ok(rd) = fs::read_dir(ipam_dir()) {
+        for e in rd.flatten() {
+            if fs::read_to_string(e.path()).is_ok_and(|o| o == owner) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Host-side veth name for a run.
+pub fn veth_name(id: &str) -> String {
+    format!("rvh{}", &id[..id.len().min(11)])
+}
+
+/// Creates the veth pair, puts its peer as eth0 into the netns of `pid` with `addr`, and
+/// attaches the host side to the bridge.
+pub fn attach_container(id: &str, pid: i32, addr: Ipv4Addr) -> anyhow::Result<String> {
+    let host = veth_name(id);
+    let peer = format!("rvc{}", &id[..id.len().min(11)]);
+    ip_batch(
+        None,
+        &format!("link add {host} type veth peer name {peer} netns {pid}\nlink set {host} master {BRIDGE} up\n"),
+    )
+    .context("creating the veth pair")?;
+    ip_batch(
+        Some(pid),
+        &format!(
+            "link set {peer} name eth0\naddr add {addr}/{PREFIX} dev eth0\nlink set eth0 up\nroute add default via {GATEWAY}\n"
+        ),
+    )
+    .context("configuring the container's eth0")?;
+    Ok(host)
+}
+
+pub fn delete_link(name: &str) {
+    if std::path::Path::new(&format!("/sys/class/net/{name}")).exists() {
+        let _ = run(Command::new("ip").args(["link", "del", name]));
+    }
+}
+
+/// The host's nameservers that a container can reach (not loopback), for resolv.conf.
+pub fn host_resolv_conf() -> String {
+    let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    host.lines()
+        .filter(|l| {
+            !l.trim_start().starts_with("nameserver")
+                || !l
+                    .split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| a.starts_with("127.") || a == "::1")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Published ports: listening sockets bound before the workload starts (a taken port fails the
+/// run early), proxying to `target` once started.
+pub struct Publisher {
+    tcp: Vec<(TcpListener, u16)>,
+    udp: Vec<(UdpSocket, u16)>,
+}
+
+impl Publisher {
+    pub fn bind(ports: &[PortMapping]) -> anyhow::Result<Publisher> {
+        let mut p = Publisher {
+            tcp: vec![],
+            udp: vec![],
+        };
+        for m in ports {
+            let addr = SocketAddr::from(([0, 0, 0, 0], m.host_port));
+            match m.protocol {
+                Protocol::Tcp => p.tcp.push((
+                    TcpListener::bind(addr).with_context(|| {
+                        format!("publishing port {}/tcp: it is already in use", m.host_port)
+                    })?,
+                    m.container_port,
+                )),
+                Protocol::Udp => p.udp.push((
+                    UdpSocket::bind(addr).with_context(|| {
+                        format!("publishing port {}/udp: it is already in use", m.host_port)
+                    })?,
+                    m.container_port,
+                )),
+            }
+        }
+        Ok(p)
+    }
+
+    /// Starts the proxy threads (they live until the process exits).
+    pub fn start(self, target: Ipv4Addr) {
+        for (l, port) in self.tcp {
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    let Ok(client) = c else { continue };
+                    std::thread::spawn(move || {
+                        let Ok(upstream) = TcpStream::connect((target, port)) else {
+                            return;
+                        };
+                        splice_streams(client, upstream);
+                    });
+                }
+            });
+        }
+        for (sock, port) in self.udp {
+            std::thread::spawn(move || {
+                let Ok(up) = UdpSocket::bind("0.0.0.0:0") else {
+                    return;
+                };
+                let Ok(up2) = up.try_clone() else { return };
+                let Ok(sock2) = sock.try_clone() else { return };
+                let last = std::sync::Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+                let last2 = last.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = up2.recv(&mut buf) {
+                        if let Some(a) = *last2.lock().unwrap_or_else(|e| e.into_inner()) {
+                            let _ = sock2.send_to(&buf[..n], a);
+                        }
+                    }
+                });
+                let _ = up.connect((target, port));
+                let mut buf = [0u8; 65536];
+                while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+                    let _ = up.send(&buf[..n]);
+                }
+            });
+        }
+    }
+}
+
+fn splice_streams(a: TcpStream, b: TcpStream) {
+    let (Ok(mut a2), Ok(mut b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    let t = std::thread::spawn(move || {
+        let mut a = a;
+        let mut b = b;
+        let _ = io::copy(&mut a, &mut b);
+        let _ = b.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = io::copy(&mut b2, &mut a2);
+    let _ = a2.shutdown(std::net::Shutdown::Write);
+    let _ = t.join();
+}

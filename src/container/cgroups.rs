@@ -1,0 +1,304 @@
+//! cgroups for `--memory`, `--cpus`, `--pids-limit` on v1, v2 and hybrid hosts.
+//!
+//! Hybrid (v1 controllers plus a cgroup2 mount, e.g. /sys/fs/cgroup/unified holding only hugetlb)
+//! is treated as v1: limits go where the controllers are. On v1 the devices controller also gets
+//! runc's allow-list, so CAP_MKNOD cannot be used to reach host disks; on v2 (where device
+//! control is an eBPF program) MKNOD is dropped from the capability set instead.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::runspec::Limits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// The cgroup(s) of one run: one directory per v1 hierarchy used, or one v2 directory.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Cgroup {
+    pub version: Version,
+    /// (controller, directory); for v2 a single ("unified", dir).
+    pub dirs: Vec<(String, PathBuf)>,
+}
+
+/// Where each controller is mounted, read from /proc/self/mountinfo.
+#[derive(Debug, Default, PartialEq)]
+pub struct Layout {
+    /// A pure v2 host: the unified hierarchy holds the controllers.
+    pub unified: Option<PathBuf>,
+    /// v1 controller → mount point.
+    pub v1: Vec<(String, PathBuf)>,
+}
+
+impl Layout {
+    pub fn detect() -> anyhow::Result<Layout> {
+        let mi =
+            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+        Ok(Layout::parse(&mi, |p| {
+            fs::read_to_string(p.join("cgroup.controllers")).ok()
+        }))
+    }
+
+    /// `controllers_of` reads a cgroup2 mount's cgroup.controllers (injectable for tests).
+    pub fn parse(mountinfo: &str, controllers_of: impl Fn(&Path) -> Option<String>) -> Layout {
+        let mut l = Layout::default();
+        for line in mountinfo.lines() {
+            let Some((pre, post)) = line.split_once(" - ") else {
+                continue;
+            };
+            let mount_point = pre.split(' ').nth(4).unwrap_or_default();
+            let mut post = post.split(' ');
+            let fstype = post.next().unwrap_or_default();
+            let _source = post.next();
+            let opts = post.next().unwrap_or_default();
+            match fstype {
+                "cgroup2" => {
+                    let mp = PathBuf::from(mount_point);
+                    let ctrls = controllers_of(&mp).unwrap_or_default();
+                    let useful = ctrls
+                        .split_whitespace()
+                        .any(|c| c == "memory" || c == "pids" || c == "cpu");
+                    if useful {
+                        l.unified = Some(mp);
+                    }
+                }
+                "cgroup" => {
+                    for c in opts.split(',') {
+                        if matches!(c, "memory" | "pids" | "cpu" | "devices") {
+                            l.v1.push((c.to_string(), PathBuf::from(mount_point)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        l
+    }
+
+    pub fn version(&self) -> Version {
+        if self.v1.iter().any(|(c, _)| c == "memory" || c == "pids") || self.unified.is_none() {
+            Version::V1
+        } else {
+            Version::V2
+        }
+    }
+}
+
+/// Creates the run's cgroup(s) under `rvmm/<id>` and applies the limits.
+pub fn create(id: &str, limits: &Limits) -> anyhow::Result<Cgroup> {
+    let layout = Layout::detect()?;
+    let cg = match layout.version() {
+        Version::V1 => {
+            let mut dirs = Vec::new();
+            for (ctrl, mp) in &layout.v1 {
+                let d = mp.join("rvmm").join(id);
+                fs::create_dir_all(&d)
+                    .with_context(|| format!("creating cgroup {}", d.display()))?;
+                dirs.push((ctrl.clone(), d));
+            }
+            Cgroup {
+                version: Version::V1,
+                dirs,
+            }
+        }
+        Version::V2 => {
+            let root = layout.unified.clone().context("no cgroup2 mount")?;
+            let parent = root.join("rvmm");
+            fs::create_dir_all(&parent)?;
+            let avail = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            let want: Vec<String> = ["memory", "pids", "cpu"]
+                .iter()
+                .filter(|c| avail.split_whitespace().any(|a| a == **c))
+                .map(|c| format!("+{c}"))
+                .collect();
+            for d in [&root, &parent] {
+                let _ = fs::write(d.join("cgroup.subtree_control"), want.join(" "));
+            }
+            let d = parent.join(id);
+            fs::create_dir_all(&d).with_context(|| format!("creating cgroup {}", d.display()))?;
+            Cgroup {
+                version: Version::V2,
+                dirs: vec![("unified".into(), d)],
+            }
+        }
+    };
+    if let Err(e) = cg.apply(limits) {
+        cg.remove();
+        return Err(e);
+    }
+    Ok(cg)
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> anyhow::Result<()> {
+    fs::write(dir.join(file), value)
+        .with_context(|| format!("writing {value:?} to {}", dir.join(file).display()))
+}
+
+impl Cgroup {
+    fn dir(&self, ctrl: &str) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|(c, _)| c == ctrl || c == "unified")
+            .map(|(_, d)| d.as_path())
+    }
+
+    fn apply(&self, l: &Limits) -> anyhow::Result<()> {
+        match self.version {
+            Version::V1 => {
+                if let Some(d) = self.dir("devices") {
+                    write(d, "devices.deny", "a")?;
+                    for rule in [
+                        "c *:* m",
+                        "b *:* m",
+                        "c 1:3 rwm",
+                        "c 1:5 rwm",
+                        "c 1:7 rwm",
+                        "c 1:8 rwm",
+                        "c 1:9 rwm",
+                        "c 5:0 rwm",
+                        "c 5:1 rwm",
+                        "c 5:2 rwm",
+                        "c 136:* rwm",
+                        "c 10:200 rwm",
+                    ] {
+                        write(d, "devices.allow", rule)?;
+                    }
+                }
+                if let Some(m) = l.memory_bytes {
+                    let d = self
+                        .dir("memory")
+                        .context("the memory cgroup controller is not mounted")?;
+                    write(d, "memory.limit_in_bytes", &m.to_string())?;
+                    // No swap beyond the limit, so the limit is what the workload gets.
+                    let _ = fs::write(d.join("memory.memsw.limit_in_bytes"), m.to_string());
+                }
+                if let Some(p) = l.pids {
+                    let d = self
+                        .dir("pids")
+                        .context("the pids cgroup controller is not mounted")?;
+                    write(d, "pids.max", &p.to_string())?;
+                }
+                if let Some(c) = l.cpus {
+                    let d = self
+                        .dir("cpu")
+                        .context("the cpu cgroup controller is not mounted")?;
+                    write(d, "cpu.cfs_period_us", "100000")?;
+                    write(
+                        d,
+                        "cpu.cfs_quota_us",
+                        &((c * 100_000.0) as u64).max(1000).to_string(),
+                    )?;
+                }
+            }
+            Version::V2 => {
+                let d = self.dirs[0].1.as_path();
+                if let Some(m) = l.memory_bytes {
+                    write(d, "memory.max", &m.to_string())?;
+                    let _ = fs::write(d.join("memory.swap.max"), "0");
+                }
+                if let Some(p) = l.pids {
+                    write(d, "pids.max", &p.to_string())?;
+                }
+                if let Some(c) = l.cpus {
+                    write(
+                        d,
+                        "cpu.max",
+                        &format!("{} 100000", ((c * 100_000.0) as u64).max(1000)),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `pid` into every directory of the run.
+    pub fn add(&self, pid: i32) -> anyhow::Result<()> {
+        for (_, d) in &self.dirs {
+            write(d, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Did the kernel's OOM killer kill something in this cgroup?
+    pub fn oom_killed(&self) -> bool {
+        let (file, key) = match self.version {
+            Version::V1 => ("memory.oom_control", "oom_kill "),
+            Version::V2 => ("memory.events", "oom_kill "),
+        };
+        let Some(d) = self.dir("memory") else {
+            return false;
+        };
+        fs::read_to_string(d.join(file))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix(key)
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+            })
+            .is_some_and(|n| n > 0)
+    }
+
+    /// Kills whatever is left and removes the directories (retrying while the kernel lets go).
+    pub fn remove(&self) {
+        for (_, d) in &self.dirs {
+            for _ in 0..200 {
+                if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+                    for p in procs
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok())
+                    {
+                        // SAFETY: kill has no memory preconditions.
+                        unsafe { libc::kill(p, libc::SIGKILL) };
+                    }
+                }
+                match fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw
+33 30 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+34 30 0:30 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+35 30 0:31 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+36 30 0:32 / /sys/fs/cgroup/devices rw - cgroup cgroup rw,devices
+";
+
+    #[test]
+    fn hybrid_is_v1() {
+        let l = Layout::parse(HYBRID, |_| Some("hugetlb".into()));
+        assert_eq!(l.version(), Version::V1);
+        assert_eq!(l.unified, None);
+        assert!(l
+            .v1
+            .contains(&("cpu".into(), PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"))));
+        assert_eq!(l.v1.len(), 4);
+    }
+
+    #[test]
+    fn pure_v2() {
+        let mi = "31 25 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        let l = Layout::parse(mi, |_| {
+            Some("cpuset cpu io memory hugetlb pids rdma".into())
+        });
+        assert_eq!(l.version(), Version::V2);
+        assert_eq!(l.unified, Some(PathBuf::from("/sys/fs/cgroup")));
+    }
+}

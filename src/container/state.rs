@@ -1,0 +1,187 @@
+//! Run state files (ROOT/containers/ID/state.json): what `rvmm ps` lists and what `rvmm gc`
+//! uses to remove what a dead run left behind. Shared by both isolations.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::cgroups::Cgroup;
+use super::RunOptions;
+use crate::runspec::RunSpec;
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RunState {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub command: String,
+    pub isolation: String,
+    /// The rvmm process that owns the run, and its start time (to survive PID reuse).
+    pub rvmm_pid: i32,
+    pub rvmm_start: u64,
+    /// The workload's first process (host PID), 0 before it exists.
+    pub pid: i32,
+    pub created: u64,
+    /// "running" or "exited".
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub cgroup: Option<Cgroup>,
+    pub veth: Option<String>,
+    /// Host network devices (taps) a VM run owns.
+    #[serde(default)]
+    pub taps: Vec<String>,
+    pub dir: PathBuf,
+    /// `--rm`.
+    pub remove: bool,
+}
+
+pub fn containers_dir(root: &Path) -> PathBuf {
+    root.join("containers")
+}
+
+pub fn container_dir(root: &Path, id: &str) -> PathBuf {
+    containers_dir(root).join(id)
+}
+
+/// Start time of a live (not zombie) process in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn start_time(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut f = rest.split(' ');
+    if matches!(f.next(), Some("Z" | "X" | "x")) {
+        return None;
+    }
+    f.nth(18)?.parse().ok()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl RunState {
+    pub fn new(opts: &RunOptions, spec: &RunSpec, isolation: &str, dir: &Path) -> RunState {
+        let me = std::process::id() as i32;
+        RunState {
+            id: opts.id.clone(),
+            name: opts.name.clone(),
+            image: opts.image.clone(),
+            command: spec.argv.join(" "),
+            isolation: isolation.to_string(),
+            rvmm_pid: me,
+            rvmm_start: start_time(me).unwrap_or(0),
+            pid: 0,
+            created: now(),
+            status: "running".into(),
+            exit_code: None,
+            cgroup: None,
+            veth: None,
+            taps: Vec::new(),
+            dir: dir.to_path_buf(),
+            remove: opts.remove,
+        }
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        let tmp = self.dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, self.dir.join("state.json"))?;
+        Ok(())
+    }
+
+    /// Is the owning rvmm still alive?
+    pub fn alive(&self) -> bool {
+        self.status == "running" && start_time(self.rvmm_pid).is_some_and(|t| t == self.rvmm_start)
+    }
+
+    /// Cgroup, network devices, address lease (idempotent).
+    pub fn release_host_resources(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            cg.remove();
+        }
+        if let Some(v) = self.veth.take() {
+            crate::net::delete_link(&v);
+        }
+        for t in std::mem::take(&mut self.taps) {
+            crate::net::delete_link(&t);
+        }
+        crate::net::release_owned_by(&self.id);
+        if self.status == "running" {
+            let _ = self.save();
+        }
+    }
+
+    /// The workload ended: release everything, then remove the container (`--rm`) or keep its
+    /// writable layer and record the exit.
+    pub fn finish(&mut self, code: i32, remove: bool) {
+        self.release_host_resources();
+        self.status = "exited".into();
+        self.exit_code = Some(code);
+        if remove {
+            let _ = remove_dir(&self.dir);
+        } else {
+            let _ = std::fs::remove_dir_all(self.dir.join("work"));
+            let _ = std::fs::remove_dir(self.dir.join("rootfs"));
+            let _ = self.save();
+        }
+    }
+}
+
+fn remove_dir(d: &Path) -> std::io::Result<()> {
+    crate::image::store::remove_tree(d)
+}
+
+/// Every run recorded under `root`.
+pub fn list(root: &Path) -> anyhow::Result<Vec<RunState>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(containers_dir(root)) else {
+        return Ok(out);
+    };
+    for e in rd.flatten() {
+        if let Ok(b) = std::fs::read(e.path().join("state.json")) {
+            if let Ok(s) = serde_json::from_slice::<RunState>(&b) {
+                out.push(s);
+            }
+        }
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.created));
+    Ok(out)
+}
+
+/// Cleans up after runs whose rvmm died (killed, crashed): cgroups, veths, taps, leases, and
+/// their container dirs (kept, marked exited, when they were not `--rm`). Returns how many.
+pub fn gc(root: &Path) -> usize {
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir(containers_dir(root)) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let dir = e.path();
+        let state = std::fs::read(dir.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RunState>(&b).ok());
+        match state {
+            Some(mut s) if s.status == "running" && !s.alive() => {
+                s.finish(137, s.remove);
+                n += 1;
+            }
+            Some(_) => {}
+            None => {
+                // A run killed before its first state write, or a half-removed one.
+                let age = std::fs::metadata(&dir)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                if age > 60 {
+                    let _ = remove_dir(&dir);
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}

@@ -1,0 +1,547 @@
+//! Container isolation, for real: root, this host's cgroups, the busybox test image.
+//! Every test checks that nothing is left behind (mounts, cgroups, links, leases, run dirs).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+
+use common::images::{store, test_images};
+
+/// Container tests compare host-wide state before and after: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Env {
+    _lock: MutexGuard<'static, ()>,
+    store: tempfile::TempDir,
+    before: HostState,
+}
+
+fn setup() -> Option<Env> {
+    if !common::have_root()
+        || !common::have_tools(&["umoci", "skopeo", "ip", "iptables", "nsenter"])
+    {
+        return None;
+    }
+    let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = store();
+    let imgs = test_images();
+    for l in ["busybox", "multi"] {
+        let out = rvmm(
+            s.path(),
+            &["pull", "-q", &format!("oci:{}", imgs.join(l).display())],
+            None,
+        );
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    Some(Env {
+        _lock: lock,
+        before: HostState::now(s.path()),
+        store: s,
+    })
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let after = HostState::now(self.store.path());
+        assert_eq!(self.before, after, "the run left something behind");
+    }
+}
+
+/// What a run may leave on the host.
+#[derive(Debug, PartialEq)]
+struct HostState {
+    mounts: usize,
+    cgroups: Vec<String>,
+    links: Vec<String>,
+    leases: Vec<String>,
+    runs: Vec<String>,
+}
+
+fn ls(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+impl HostState {
+    fn now(root: &Path) -> HostState {
+        let mut cgroups = Vec::new();
+        for c in ["memory", "pids", "cpu", "devices"] {
+            for d in ls(&Path::new("/sys/fs/cgroup").join(c).join("rvmm")) {
+                if d.len() == 64 {
+                    cgroups.push(format!("{c}/{d}"));
+                }
+            }
+        }
+        HostState {
+            mounts: std::fs::read_to_string("/proc/self/mountinfo")
+                .map(|s| s.lines().count())
+                .unwrap_or(0),
+            cgroups,
+            links: ls(Path::new("/sys/class/net"))
+                .into_iter()
+                .filter(|l| l.starts_with("rvh"))
+                .collect(),
+            leases: ls(Path::new("/run/rvmm/ipam")),
+            runs: ls(&root.join("containers")),
+        }
+    }
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn rvmm(root: &Path, args: &[&str], stdin: Option<&str>) -> Out {
+    let mut c = Command::new(common::rvmm_bin());
+    c.arg("--root").arg(root).args(args);
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn rvmm");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        let mut si = child.stdin.take().expect("stdin");
+        si.write_all(input.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("rvmm");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `rvmm run --rm --network none IMAGE args…` (plus `extra` flags before the image).
+fn run(env: &Env, extra: &[&str], image: &str, args: &[&str]) -> Out {
+    let mut a = vec!["run", "--rm", "--isolation=container"];
+    if !extra.iter().any(|e| e.starts_with("--network")) {
+        a.push("--network=none");
+    }
+    a.extend_from_slice(extra);
+    a.push(image);
+    a.extend_from_slice(args);
+    rvmm(env.store.path(), &a, None)
+}
+
+const BB: &str = "localhost/busybox";
+
+#[test]
+fn namespaces_and_identity() {
+    let Some(env) = setup() else { return };
+    let o = run(
+        &env,
+        &["--hostname", "boxy"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            "echo $$; hostname; cat /etc/hostname; ls /proc | grep -c '^[0-9]'",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[0], "1", "the workload is PID 1");
+    assert_eq!(lines[1], "boxy");
+    assert_eq!(lines[2], "boxy");
+    let procs: usize = lines[3].parse().expect("count");
+    assert!(procs <= 3, "host processes are visible: {procs} pids");
+    // Separate IPC and network namespaces: no host interfaces.
+    let o = run(
+        &env,
+        &[],
+        BB,
+        &["sh", "-c", "ls /sys/class/net; readlink /proc/1/ns/ipc"],
+    );
+    assert_eq!(o.stdout.lines().next(), Some("lo"));
+    let host_ipc = std::fs::read_link("/proc/self/ns/ipc").expect("ns");
+    assert_ne!(
+        o.stdout.lines().nth(1).unwrap_or(""),
+        host_ipc.to_string_lossy()
+    );
+    // stdout and stderr are kept apart.
+    let o = run(&env, &[], BB, &["sh", "-c", "echo out; echo err >&2"]);
+    assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("out\n", "err\n"));
+}
+
+#[test]
+fn exit_codes() {
+    let Some(env) = setup() else { return };
+    assert_eq!(run(&env, &[], BB, &["true"]).code, 0);
+    assert_eq!(run(&env, &[], BB, &["sh", "-c", "exit 42"]).code, 42);
+    let o = run(&env, &[], BB, &["/etc/passwd"]);
+    assert_eq!(o.code, 126, "{}", o.stderr);
+    let o = run(&env, &[], BB, &["no-such-command"]);
+    assert_eq!(o.code, 127);
+    assert!(o.stderr.contains("not found"), "{}", o.stderr);
+    assert_eq!(
+        run(
+            &env,
+            &[],
+            BB,
+            &["sh", "-c", "sleep 5 & kill -9 $!; wait $!"]
+        )
+        .code,
+        137
+    );
+    // rvmm's own failure: 125, one line.
+    let o = run(&env, &[], "localhost/no-such-image-here", &["true"]);
+    assert_eq!(o.code, 125);
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.stderr);
+    let o = run(&env, &["-u", "ghost"], BB, &["true"]);
+    assert_eq!(o.code, 125);
+    assert!(
+        o.stderr.contains("unable to find user ghost"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn filesystem() {
+    let Some(env) = setup() else { return };
+    let o = run(&env, &["--read-only"], BB, &["touch", "/x"]);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("Read-only"), "{}", o.stderr);
+    // Writes go to the run's upper dir, never the store.
+    let o = run(
+        &env,
+        &[],
+        BB,
+        &["sh", "-c", "echo changed > /etc/motd && cat /etc/motd"],
+    );
+    assert_eq!(o.stdout, "changed\n");
+    assert_eq!(
+        run(&env, &[], BB, &["cat", "/etc/motd"]).stdout,
+        "welcome to the rvmm test image\n"
+    );
+    // Whiteouts and the opaque dir from the image layers.
+    let o = run(
+        &env,
+        &[],
+        "localhost/multi",
+        &[
+            "sh",
+            "-c",
+            "ls /data/dir; test -e /etc/motd || echo gone; cat /data/soft; /data/hard",
+        ],
+    );
+    assert_eq!(o.stdout, "z\ngone\nz\nscript-ran\n", "{}", o.stderr);
+    // /dev, /proc masking, /sys read-only.
+    let o = run(&env, &[], BB, &["sh", "-c", "ls /dev | tr '\\n' ' '; echo; cat /proc/kcore | wc -c; touch /sys/x 2>&1 | grep -c Read-only"]);
+    for d in [
+        "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "tty", "urandom", "zero",
+    ] {
+        assert!(o.stdout.contains(d), "/dev lacks {d}: {}", o.stdout);
+    }
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[1].trim(), "0", "/proc/kcore is masked");
+    assert_eq!(lines[2].trim(), "1", "/sys is read-only");
+    // Volumes.
+    let host = tempfile::tempdir().expect("tmp");
+    std::fs::write(host.path().join("in"), "from host\n").expect("write");
+    let v = format!("{}:/mnt/vol", host.path().display());
+    let o = run(
+        &env,
+        &["-v", &v],
+        BB,
+        &["sh", "-c", "cat /mnt/vol/in; echo back > /mnt/vol/out"],
+    );
+    assert_eq!(o.stdout, "from host\n", "{}", o.stderr);
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("out")).expect("out"),
+        "back\n"
+    );
+    let v = format!("{}:/mnt/vol:ro", host.path().display());
+    assert_ne!(run(&env, &["-v", &v], BB, &["touch", "/mnt/vol/x"]).code, 0);
+}
+
+#[test]
+fn env_workdir_user() {
+    let Some(env) = setup() else { return };
+    // From the image config (multi: User app, WorkingDir /data, Env RVMM_IMAGE=multi).
+    let o = run(
+        &env,
+        &[],
+        "localhost/multi",
+        &["sh", "-c", "id -u; pwd; echo $RVMM_IMAGE; echo $HOME"],
+    );
+    assert_eq!(o.stdout, "1000\n/data\nmulti\n/home/app\n", "{}", o.stderr);
+    // From flags.
+    let ef = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(ef.path(), "# comment\nFROM_FILE=yes\nRVMM_IMAGE=file\n").expect("write");
+    let o = run(
+        &env,
+        &[
+            "-e",
+            "A=1",
+            "--env-file",
+            ef.path().to_str().expect("utf8"),
+            "-e",
+            "RVMM_IMAGE=flag",
+            "-w",
+            "/tmp/new",
+            "-u",
+            "65534:50",
+        ],
+        BB,
+        &[
+            "sh",
+            "-c",
+            "echo $A $FROM_FILE $RVMM_IMAGE; pwd; id -u; id -g",
+        ],
+    );
+    assert_eq!(
+        o.stdout, "1 yes flag\n/tmp/new\n65534\n50\n",
+        "{}",
+        o.stderr
+    );
+    let o = run(&env, &["--entrypoint", "echo"], BB, &["hello", "world"]);
+    assert_eq!(o.stdout, "hello world\n");
+    // stdin only with -i.
+    let o = rvmm(
+        env.store.path(),
+        &["run", "--rm", "--network=none", "-i", BB, "cat"],
+        Some("piped in\n"),
+    );
+    assert_eq!(o.stdout, "piped in\n");
+    let o = rvmm(
+        env.store.path(),
+        &["run", "--rm", "--network=none", BB, "cat"],
+        Some("ignored\n"),
+    );
+    assert_eq!(o.stdout, "");
+    // -t gives the workload a terminal.
+    let o = run(&env, &["-t"], BB, &["sh", "-c", "test -t 1 && echo tty"]);
+    assert_eq!(o.stdout.trim(), "tty");
+}
+
+#[test]
+fn privileges() {
+    let Some(env) = setup() else { return };
+    let caps = |o: &Out, k: &str| {
+        o.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let o = run(&env, &[], BB, &["cat", "/proc/self/status"]);
+    // Docker's default set: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP
+    // NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP.
+    assert_eq!(caps(&o, "CapEff:"), "00000000a80425fb");
+    assert_eq!(caps(&o, "CapBnd:"), "00000000a80425fb");
+    assert_eq!(caps(&o, "NoNewPrivs:"), "1");
+    assert_eq!(caps(&o, "Seccomp:"), "2");
+    let o = run(&env, &["-u", "app"], BB, &["cat", "/proc/self/status"]);
+    assert_eq!(caps(&o, "CapEff:"), "0000000000000000");
+    assert_eq!(caps(&o, "CapBnd:"), "00000000a80425fb");
+
+    // Seccomp: add_key works on the host but not in the container.
+    let dir = tempfile::tempdir().expect("tmp");
+    let probe = dir.path().join("sysprobe");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sysprobe.c");
+    let st = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&probe)
+        .arg(&src)
+        .status()
+        .expect("gcc");
+    assert!(st.success());
+    let host = Command::new(&probe).arg("add_key").output().expect("probe");
+    assert_eq!(
+        String::from_utf8_lossy(&host.stdout).trim(),
+        "OK",
+        "add_key must work outside seccomp"
+    );
+    let v = format!("{}:/probe:ro", probe.display());
+    let o = run(
+        &env,
+        &["-v", &v],
+        BB,
+        &["sh", "-c", "/probe add_key; /probe getpid"],
+    );
+    assert_eq!(o.stdout, "EPERM\nOK\n", "{}", o.stderr);
+    // Mounting fails even for root in the container.
+    let o = run(&env, &[], BB, &["mount", "-t", "tmpfs", "x", "/mnt"]);
+    assert_ne!(o.code, 0);
+}
+
+#[test]
+fn cgroup_limits() {
+    let Some(env) = setup() else { return };
+    let o = run(
+        &env,
+        &["--memory", "32m"],
+        BB,
+        &["sh", "-c", "x=a; while true; do x=\"$x$x\"; done"],
+    );
+    assert_eq!(o.code, 137);
+    assert!(o.stderr.contains("out of memory"), "{}", o.stderr);
+    let o = run(
+        &env,
+        &["--pids-limit", "20"],
+        BB,
+        &["sh", "-c", "for i in $(seq 1 40); do sleep 3 & done; wait"],
+    );
+    assert!(
+        o.stderr.contains("can't fork"),
+        "the fork bomb was not stopped: {}",
+        o.stderr
+    );
+    let o = run(&env, &["--cpus", "0.5"], BB, &["true"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+}
+
+#[test]
+fn bridge_network_and_published_port() {
+    let Some(env) = setup() else { return };
+    let o = run(&env, &["--network=bridge"], BB, &["sh", "-c", "ip -4 addr show eth0 | grep -o 'inet [0-9.]*'; ping -c1 -W2 10.77.0.1 >/dev/null && echo gw-ok"]);
+    assert!(
+        o.stdout.contains("inet 10.77."),
+        "{} {}",
+        o.stdout,
+        o.stderr
+    );
+    assert!(o.stdout.contains("gw-ok"), "{}", o.stdout);
+
+    let port = common::images::free_port();
+    let mut child = Command::new(common::rvmm_bin())
+        .arg("--root")
+        .arg(env.store.path())
+        .args([
+            "run",
+            "--rm",
+            "-p",
+            &format!("{port}:8080"),
+            BB,
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/var/www",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rvmm");
+    let mut body = String::new();
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
+            let _ = s.read_to_string(&mut body);
+            if body.contains("hello from rvmm") {
+                break;
+            }
+        }
+    }
+    assert!(
+        body.contains("hello from rvmm"),
+        "published port did not reach httpd: {body:?}"
+    );
+    // Ctrl-C equivalent: SIGINT forwarded, a second one kills (httpd as PID 1 may ignore it).
+    for _ in 0..2 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let st = child.wait().expect("wait");
+    assert!(!st.success() || st.code() == Some(0));
+}
+
+#[test]
+fn kill_9_of_rvmm_is_cleaned_up() {
+    let Some(env) = setup() else { return };
+    let mut child = Command::new(common::rvmm_bin())
+        .arg("--root")
+        .arg(env.store.path())
+        .args(["run", "--rm", BB, "sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rvmm");
+    // Wait for the workload to be up.
+    let mut up = false;
+    for _ in 0..100 {
+        let o = rvmm(env.store.path(), &["ps", "-q"], None);
+        if !o.stdout.trim().is_empty() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(up, "the run never showed up in rvmm ps");
+    let workload_cg = ls(Path::new("/sys/fs/cgroup/pids/rvmm"))
+        .into_iter()
+        .find(|d| d.len() == 64)
+        .expect("cgroup");
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    // The workload dies with rvmm (PDEATHSIG); gc removes the rest.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let procs = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/pids/rvmm/{workload_cg}/cgroup.procs"
+    ))
+    .unwrap_or_default();
+    assert!(
+        procs.trim().is_empty(),
+        "the workload survived rvmm: {procs}"
+    );
+    let o = rvmm(env.store.path(), &["gc"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("1 dead run"), "{}", o.stdout);
+}
+
+#[test]
+fn without_rm_the_run_is_kept_until_rvmm_rm() {
+    let Some(env) = setup() else { return };
+    let o = rvmm(
+        env.store.path(),
+        &[
+            "run",
+            "--network=none",
+            "--name",
+            "keeper",
+            BB,
+            "sh",
+            "-c",
+            "echo kept > /file; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 3);
+    let ps = rvmm(env.store.path(), &["ps", "-a"], None);
+    assert!(
+        ps.stdout.contains("keeper") && ps.stdout.contains("Exited (3)"),
+        "{}",
+        ps.stdout
+    );
+    assert!(!rvmm(env.store.path(), &["ps"], None)
+        .stdout
+        .contains("keeper"));
+    let o = rvmm(env.store.path(), &["rm", "keeper"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(!rvmm(env.store.path(), &["ps", "-a"], None)
+        .stdout
+        .contains("keeper"));
+}

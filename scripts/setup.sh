@@ -32,6 +32,9 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 bash guest-kernel/build.sh
+# The guest's PID 1, static (VM isolation puts it in the initramfs).
+RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+  cargo build -q --release -p rvmm-guest-init --target x86_64-unknown-linux-gnu
 
 # Everything below shows the result; `SETUP_ONLY=1` skips it (the test command uses that).
 [ "${SETUP_ONLY:-}" = 1 ] && exit 0

@@ -86,3 +86,99 @@ pub struct Mount {
     pub destination: String,
     pub read_only: bool,
 }
+
+/// The host ↔ guest channel (COM2, a raw byte stream): frames of `[kind u8][len u32 LE][payload]`.
+/// See docs/vm-channel.md.
+pub mod frame {
+    /// Guest → host: workload stdout bytes.
+    pub const STDOUT: u8 = 1;
+    /// Guest → host: workload stderr bytes.
+    pub const STDERR: u8 = 2;
+    /// Guest → host: the workload's exit status, i32 LE (Docker numbering: 128+n for signal n).
+    pub const EXIT: u8 = 3;
+    /// Guest → host: the workload started (empty).
+    pub const STARTED: u8 = 4;
+    /// Guest → host: the workload could not start: u8 status (125/126/127) then a UTF-8 message.
+    pub const FAILED: u8 = 5;
+    /// Host → guest: stdin bytes.
+    pub const STDIN: u8 = 10;
+    /// Host → guest: stdin reached EOF (empty).
+    pub const STDIN_EOF: u8 = 11;
+    /// Host → guest: deliver a signal to the workload, i32 LE.
+    pub const SIGNAL: u8 = 12;
+    /// Host → guest: terminal size, rows u16 LE then cols u16 LE.
+    pub const WINSIZE: u8 = 13;
+
+    /// Largest payload either side sends or accepts.
+    pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+    /// Encodes one frame.
+    pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(5 + payload.len());
+        v.push(kind);
+        v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Incremental decoder: feed bytes, take whole frames.
+    #[derive(Default)]
+    pub struct Decoder {
+        buf: Vec<u8>,
+    }
+
+    impl Decoder {
+        pub fn feed(&mut self, bytes: &[u8]) {
+            self.buf.extend_from_slice(bytes);
+        }
+
+        /// The next whole frame, or `Err` when the stream is corrupt (a length over the limit).
+        #[allow(clippy::type_complexity)]
+        pub fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
+            if self.buf.len() < 5 {
+                return Ok(None);
+            }
+            let len =
+                u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+            if len > MAX_PAYLOAD {
+                return Err(format!("channel frame of {len} bytes is over the limit"));
+            }
+            if self.buf.len() < 5 + len {
+                return Ok(None);
+            }
+            let kind = self.buf[0];
+            let payload = self.buf[5..5 + len].to_vec();
+            self.buf.drain(..5 + len);
+            Ok(Some((kind, payload)))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trip_in_pieces() {
+            let mut bytes = encode(STDOUT, b"hello");
+            bytes.extend(encode(EXIT, &42i32.to_le_bytes()));
+            let mut d = Decoder::default();
+            let mut got = Vec::new();
+            for b in bytes {
+                d.feed(&[b]);
+                while let Some(f) = d.next_frame().expect("frame") {
+                    got.push(f);
+                }
+            }
+            assert_eq!(
+                got,
+                vec![
+                    (STDOUT, b"hello".to_vec()),
+                    (EXIT, 42i32.to_le_bytes().to_vec())
+                ]
+            );
+            let mut d = Decoder::default();
+            d.feed(&[1, 0xff, 0xff, 0xff, 0xff]);
+            assert!(d.next_frame().is_err());
+        }
+    }
+}

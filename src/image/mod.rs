@@ -34,6 +34,7 @@ pub struct ResolvedImage {
     pub layers: Vec<PathBuf>,
 }
 
+pub mod disk;
 pub mod local;
 pub mod reference;
 pub mod registry;

@@ -302,3 +302,14 @@ fn splice_streams(a: TcpStream, b: TcpStream) {
     let _ = a2.shutdown(std::net::Shutdown::Write);
     let _ = t.join();
 }
+
+/// Creates a persistent TAP for a VM run, attached to the bridge and up.
+pub fn create_tap(id: &str) -> anyhow::Result<String> {
+    let name = format!("rvt{}", &id[..id.len().min(11)]);
+    ip_batch(
+        None,
+        &format!("tuntap add dev {name} mode tap\nlink set {name} master {BRIDGE} up\n"),
+    )
+    .context("creating the VM's tap")?;
+    Ok(name)
+}

@@ -1,10 +1,407 @@
-//! VM isolation: image root disk, guest-init delivery (initramfs), the host-guest channel, running a RunSpec in a microVM.
+//! VM isolation: the image's root disk, guest-init delivery (initramfs), the host-guest channel,
+//! running a RunSpec in a microVM with the same flags, output and exit status as a container.
+//!
+//! The guest gets: the kernel from guest-kernel/, an initramfs holding rvmm-init as /init and the
+//! RunSpec as /rvmm/spec.json, the image's erofs disk read-only as /dev/vda, COM1 for kernel
+//! messages (to the run dir's console.log, never mixed with output), COM2 as the channel
+//! (docs/vm-channel.md), and with `--network bridge` a virtio-net device on a TAP in `rvmm0`.
 
+mod cpio;
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rvmm_proto::frame;
+
+use crate::container::state::{self, RunState};
 use crate::container::RunOptions;
 use crate::image::ResolvedImage;
-use crate::runspec::RunSpec;
+use crate::runspec::{NetworkMode, RunSpec};
+use crate::vmm::{Channel, Console, DiskConfig, NetConfig, TapSource, Vm, VmConfig, VmExit};
+
+/// Guest RAM when `--memory` is not given.
+pub const DEFAULT_MEM_MIB: u32 = 256;
+
+/// Where rvmm-init is: `RVMM_GUEST_INIT`, next to the rvmm binary, or the static build of this
+/// workspace (`target/x86_64-unknown-linux-gnu/release/rvmm-init`).
+pub fn guest_init_path() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("RVMM_GUEST_INIT").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locating rvmm")?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let candidates = [
+        dir.join("rvmm-init"),
+        dir.join("../x86_64-unknown-linux-gnu/release/rvmm-init"),
+        dir.join("../../x86_64-unknown-linux-gnu/release/rvmm-init"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .context("rvmm-init (the guest's PID 1) is not built: run scripts/setup.sh, or RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p rvmm-guest-init --target x86_64-unknown-linux-gnu")
+}
+
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static STOPS: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+    if sig == libc::SIGINT || sig == libc::SIGTERM {
+        STOPS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn install_signals() {
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
+        // SAFETY: a handler that only stores to atomics.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+struct Cleanup {
+    state: RunState,
+    lease: Option<crate::net::Lease>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.state.release_host_resources();
+        if let Some(l) = &self.lease {
+            l.release();
+        }
+    }
+}
+
+fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    // SAFETY: both fds are fresh from pipe2.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
 
 /// Runs the spec in a microVM; returns the workload's exit status.
-pub fn run(_spec: &RunSpec, _image: &ResolvedImage, _opts: &RunOptions) -> anyhow::Result<u8> {
-    anyhow::bail!("--isolation=vm is not implemented yet; use --isolation=container")
+pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::Result<u8> {
+    if !spec.mounts.is_empty() {
+        bail!("-v is not supported with --isolation=vm yet");
+    }
+    let t0 = Instant::now();
+    let kernel = crate::kernel::cached_vmlinux().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let init = guest_init_path()?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context("VM isolation needs /dev/kvm (read-write)")?;
+    state::gc(&opts.root);
+    if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
+        bail!("the name {:?} is already in use", opts.name);
+    }
+    let store = crate::image::Store::open(&opts.root)?;
+    let _layers_in_use = store.use_layers()?;
+    let disk = crate::image::disk::image_disk(&opts.root, image)?;
+    let t_disk = t0.elapsed();
+
+    let dir = state::container_dir(&opts.root, &opts.id);
+    std::fs::create_dir_all(&dir)?;
+    let mut cleanup = Cleanup {
+        state: RunState::new(opts, spec, "vm", &dir),
+        lease: None,
+    };
+    cleanup.state.save()?;
+
+    let mut spec = spec.clone();
+    let mut net = Vec::new();
+    let mut publisher = None;
+    if spec.network.mode == NetworkMode::Bridge {
+        crate::net::ensure_bridge()?;
+        let lease = crate::net::Lease::allocate(&opts.id)?;
+        spec.network.address = Some(format!("{}/{}", lease.addr, crate::net::PREFIX));
+        spec.network.gateway = Some(crate::net::GATEWAY.to_string());
+        spec.network.dns = crate::net::host_resolv_conf()
+            .lines()
+            .filter_map(|l| l.strip_prefix("nameserver").map(|a| a.trim().to_string()))
+            .collect();
+        let tap = crate::net::create_tap(&opts.id)?;
+        cleanup.state.taps.push(tap.clone());
+        cleanup.state.save()?;
+        cleanup.lease = Some(lease);
+        publisher = Some(crate::net::Publisher::bind(&spec.network.ports)?);
+        let id = hex::decode(&opts.id[..10]).unwrap_or_default();
+        let mut mac = [0x02, 0, 0, 0, 0, 0];
+        mac[1..].copy_from_slice(&id[..5]);
+        net.push(NetConfig {
+            tap: TapSource::Name(tap),
+            mac,
+        });
+    } else if !spec.network.ports.is_empty() {
+        bail!("-p needs --network bridge");
+    }
+
+    // The initramfs: rvmm-init and the spec.
+    let initrd = dir.join("initrd.cpio");
+    {
+        let init_bytes =
+            std::fs::read(&init).with_context(|| format!("reading {}", init.display()))?;
+        let mut w = cpio::Writer::new(std::io::BufWriter::new(std::fs::File::create(&initrd)?));
+        for d in ["dev", "proc", "sys", "rvmm"] {
+            w.dir(d)?;
+        }
+        w.file("init", 0o755, &init_bytes)?;
+        w.file("rvmm/spec.json", 0o600, &serde_json::to_vec(&spec)?)?;
+        w.finish()?;
+    }
+
+    let mem_mib = spec
+        .limits
+        .memory_bytes
+        .map(|b| (b >> 20).max(64) as u32)
+        .unwrap_or(DEFAULT_MEM_MIB);
+    let vcpus = spec
+        .limits
+        .cpus
+        .map(|c| c.ceil().clamp(1.0, 32.0) as u8)
+        .unwrap_or(1);
+    let (to_guest_r, to_guest_w) = pipe()?;
+    let (from_guest_r, from_guest_w) = pipe()?;
+    let cfg = VmConfig {
+        kernel,
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 pci=off nomodule rdinit=/init"
+            .into(),
+        vcpus,
+        mem_mib,
+        disks: vec![DiskConfig {
+            path: disk,
+            read_only: true,
+        }],
+        console: Console::File(dir.join("console.log")),
+        channel: Some(Channel {
+            input: to_guest_r,
+            output: from_guest_w,
+        }),
+        net,
+    };
+    let vm = Vm::new(cfg).context("creating the microVM")?;
+    let stop = vm.stop_handle();
+    let t_setup = t0.elapsed();
+    let vm_thread = std::thread::spawn(move || vm.run());
+    install_signals();
+
+    let mut to_guest = std::fs::File::from(to_guest_w);
+    // stdin → guest.
+    if spec.stdin {
+        let mut tg = to_guest.try_clone()?;
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match std::io::stdin().read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tg.write_all(&frame::encode(frame::STDIN_EOF, &[]));
+                        return;
+                    }
+                    Ok(n) => {
+                        if tg
+                            .write_all(&frame::encode(frame::STDIN, &buf[..n]))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    // guest → host, on its own thread so the main one can watch signals.
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(u8, Vec<u8>), String>>();
+    let mut from_guest = std::fs::File::from(from_guest_r);
+    std::thread::spawn(move || {
+        let mut dec = frame::Decoder::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from_guest.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    dec.feed(&buf[..n]);
+                    loop {
+                        match dec.next_frame() {
+                            Ok(Some(f)) => {
+                                if tx.send(Ok(f)).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+
+    let mut exit: Option<i32> = None;
+    let mut failure: Option<(u8, String)> = None;
+    let mut started_at = None;
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let mut killed = false;
+    loop {
+        let sig = STOP_SIGNAL.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            if STOPS.load(Ordering::SeqCst) >= 2 {
+                // Second Ctrl-C/TERM: the VM goes, as `docker kill` would.
+                stop.stop();
+                killed = true;
+            } else {
+                let _ = to_guest.write_all(&frame::encode(frame::SIGNAL, &sig.to_le_bytes()));
+            }
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok((kind, payload))) => match kind {
+                frame::STDOUT => {
+                    let _ = stdout.write_all(&payload);
+                    let _ = stdout.flush();
+                }
+                frame::STDERR => {
+                    let _ = stderr.write_all(&payload);
+                }
+                frame::STARTED => {
+                    started_at = Some(t0.elapsed());
+                    if let (Some(p), Some(l)) = (publisher.take(), &cleanup.lease) {
+                        p.start(l.addr);
+                    }
+                }
+                frame::FAILED if !payload.is_empty() => {
+                    failure = Some((
+                        payload[0],
+                        String::from_utf8_lossy(&payload[1..]).into_owned(),
+                    ));
+                }
+                frame::EXIT if payload.len() == 4 => {
+                    exit = Some(i32::from_le_bytes([
+                        payload[0], payload[1], payload[2], payload[3],
+                    ]));
+                }
+                _ => {}
+            },
+            Ok(Err(e)) => {
+                log::warn!("channel: {e}");
+                stop.stop();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if vm_thread.is_finished() {
+                    // Drain what is left, then stop.
+                    while let Ok(Ok((kind, payload))) = rx.recv_timeout(Duration::from_millis(20)) {
+                        match kind {
+                            frame::STDOUT => {
+                                let _ = stdout.write_all(&payload);
+                            }
+                            frame::STDERR => {
+                                let _ = stderr.write_all(&payload);
+                            }
+                            frame::FAILED if !payload.is_empty() => {
+                                failure = Some((
+                                    payload[0],
+                                    String::from_utf8_lossy(&payload[1..]).into_owned(),
+                                ));
+                            }
+                            frame::EXIT if payload.len() == 4 => {
+                                exit = Some(i32::from_le_bytes([
+                                    payload[0], payload[1], payload[2], payload[3],
+                                ]));
+                            }
+                            _ => {}
+                        }
+                    }
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                if vm_thread.is_finished() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if exit.is_some() {
+            // The guest powers off right after; don't wait on a stuck one.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !vm_thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !vm_thread.is_finished() {
+                stop.stop();
+            }
+            break;
+        }
+    }
+    let _ = stdout.flush();
+    let vm_result = vm_thread.join();
+    let total = t0.elapsed();
+    log::info!(
+        "vm run: disk ready {:?}, vmm set up {:?}, workload started {:?}, exit {:?}",
+        t_disk,
+        t_setup,
+        started_at,
+        total
+    );
+    if std::env::var_os("RVMM_TIMINGS").is_some() {
+        eprintln!(
+            "rvmm-timings disk_ms={} setup_ms={} started_ms={} exit_ms={}",
+            t_disk.as_millis(),
+            t_setup.as_millis(),
+            started_at.map(|d| d.as_millis() as i64).unwrap_or(-1),
+            total.as_millis()
+        );
+    }
+    let code = match (failure, exit, killed) {
+        (Some((125, msg)), _, _) => {
+            cleanup.state.finish(125, opts.remove);
+            bail!("starting the workload in the VM: {msg}");
+        }
+        (Some((code, msg)), _, _) => {
+            eprintln!("rvmm: {msg}");
+            code as i32
+        }
+        (None, Some(c), _) => c,
+        (None, None, true) => 137,
+        (None, None, false) => {
+            let why = match vm_result {
+                Ok(Ok(VmExit::Stopped)) => "it was stopped".to_string(),
+                Ok(Ok(e)) => format!("it ended ({e:?})"),
+                Ok(Err(e)) => format!("{:#}", anyhow::Error::from(e)),
+                Err(_) => "the VMM thread panicked".into(),
+            };
+            cleanup.state.finish(125, opts.remove);
+            bail!(
+                "the microVM stopped without reporting an exit status: {why} (kernel log: {})",
+                dir.join("console.log").display()
+            );
+        }
+    };
+    cleanup.state.finish(code, opts.remove);
+    Ok(code.clamp(0, 255) as u8)
 }

@@ -1,0 +1,239 @@
+//! Thin syscall helpers for PID 1.
+
+use std::ffi::CString;
+
+pub fn c(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+fn err() -> String {
+    std::io::Error::last_os_error().to_string()
+}
+
+pub fn check(r: libc::c_int, what: &str) -> Result<(), (u8, String)> {
+    if r < 0 {
+        return Err((125, format!("{what}: {}", err())));
+    }
+    Ok(())
+}
+
+pub fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), (u8, String)> {
+    let (s, t, f, d) = (c(src), c(target), c(fstype), c(data));
+    // SAFETY: NUL-terminated strings (or null for empty) valid across the call.
+    let r = unsafe {
+        libc::mount(
+            if src.is_empty() {
+                std::ptr::null()
+            } else {
+                s.as_ptr()
+            },
+            t.as_ptr(),
+            if fstype.is_empty() {
+                std::ptr::null()
+            } else {
+                f.as_ptr()
+            },
+            flags,
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                d.as_ptr().cast()
+            },
+        )
+    };
+    check(r, &format!("mounting {target}"))
+}
+
+pub fn mkdir_p(path: &str) {
+    let mut cur = String::new();
+    for comp in path.split('/').filter(|c| !c.is_empty()) {
+        cur.push('/');
+        cur.push_str(comp);
+        // SAFETY: NUL-terminated path.
+        unsafe { libc::mkdir(c(&cur).as_ptr(), 0o755) };
+    }
+}
+
+pub fn touch(path: &str) {
+    if let Some(i) = path.rfind('/') {
+        mkdir_p(&path[..i]);
+    }
+    // SAFETY: NUL-terminated path; the fd is closed at once.
+    unsafe {
+        let fd = libc::open(
+            c(path).as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o644,
+        );
+        if fd >= 0 {
+            libc::close(fd);
+        }
+    }
+}
+
+pub fn mknod(path: &str, mode: libc::mode_t, major: u32, minor: u32) -> Result<(), (u8, String)> {
+    // SAFETY: NUL-terminated path.
+    let r = unsafe { libc::mknod(c(path).as_ptr(), mode, libc::makedev(major, minor)) };
+    check(r, &format!("mknod {path}"))?;
+    // SAFETY: as above; the umask must not narrow the device's mode.
+    unsafe { libc::chmod(c(path).as_ptr(), mode & 0o7777) };
+    Ok(())
+}
+
+pub fn write_all(fd: libc::c_int, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        // SAFETY: writing from a valid slice.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return;
+        }
+        buf = &buf[n as usize..];
+    }
+}
+
+/// Opens a serial port in raw mode (8-bit clean, no echo, no line discipline).
+pub fn open_raw_tty(path: &str) -> Result<libc::c_int, String> {
+    // SAFETY: NUL-terminated path; termios is plain data.
+    unsafe {
+        let fd = libc::open(
+            c(path).as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return Err(format!("opening the channel {path}: {}", err()));
+        }
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            t.c_cflag |= libc::CLOCAL | libc::CREAD;
+            t.c_cflag &= !libc::CRTSCTS;
+            t.c_iflag &= !(libc::IXON | libc::IXOFF);
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
+        Ok(fd)
+    }
+}
+
+pub fn set_hostname(h: &str) -> Result<(), String> {
+    // SAFETY: pointer and length of a valid buffer.
+    if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } != 0 {
+        return Err(format!("sethostname: {}", err()));
+    }
+    Ok(())
+}
+
+pub fn power_off() -> ! {
+    // SAFETY: reboot(2) ends the machine; with reboot=k the kernel resets through the i8042,
+    // which the VMM turns into a clean exit.
+    unsafe {
+        libc::reboot(libc::RB_POWER_OFF);
+        libc::_exit(1)
+    }
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in name.bytes().take(15).enumerate() {
+        ifr.ifr_name[i] = b as libc::c_char;
+    }
+    ifr
+}
+
+fn sockaddr(ip: [u8; 4]) -> libc::sockaddr {
+    // SAFETY: sockaddr_in is plain data and fits in sockaddr.
+    unsafe {
+        let mut sin: libc::sockaddr_in = std::mem::zeroed();
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_addr.s_addr = u32::from_ne_bytes(ip);
+        std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin)
+    }
+}
+
+fn set_up(sock: libc::c_int, name: &str) -> Result<(), String> {
+    let mut ifr = ifreq(name);
+    // SAFETY: flag ioctls with an ifreq naming the interface.
+    unsafe {
+        if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            return Err(format!("{name}: {}", err()));
+        }
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr) != 0 {
+            return Err(format!("{name} up: {}", err()));
+        }
+    }
+    Ok(())
+}
+
+fn socket() -> libc::c_int {
+    // SAFETY: plain socket creation.
+    unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) }
+}
+
+pub fn loopback_up() {
+    let s = socket();
+    let _ = set_up(s, "lo");
+    // SAFETY: closing our socket.
+    unsafe { libc::close(s) };
+}
+
+fn parse_ip(s: &str) -> Option<[u8; 4]> {
+    let v: Vec<u8> = s
+        .split('.')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
+/// `ADDR/PREFIX` on eth0, up, default route via `gw` (ioctls, no ip binary needed).
+pub fn configure_eth0(addr: &str, gw: &str) -> Result<(), String> {
+    let (ip, prefix) = addr.split_once('/').ok_or("address needs a prefix")?;
+    let ip = parse_ip(ip).ok_or("bad address")?;
+    let prefix: u32 = prefix.parse().map_err(|_| "bad prefix")?;
+    let gw = parse_ip(gw).ok_or("bad gateway")?;
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    let s = socket();
+    let r = (|| {
+        let mut ifr = ifreq("eth0");
+        ifr.ifr_ifru.ifru_addr = sockaddr(ip);
+        // SAFETY: address ioctls with a filled ifreq.
+        unsafe {
+            if libc::ioctl(s, libc::SIOCSIFADDR, &ifr) != 0 {
+                return Err(format!("address: {}", err()));
+            }
+            ifr.ifr_ifru.ifru_netmask = sockaddr(mask.to_be_bytes());
+            if libc::ioctl(s, libc::SIOCSIFNETMASK, &ifr) != 0 {
+                return Err(format!("netmask: {}", err()));
+            }
+        }
+        set_up(s, "eth0")?;
+        // SAFETY: rtentry is plain data; the route ioctl reads it.
+        unsafe {
+            let mut rt: libc::rtentry = std::mem::zeroed();
+            rt.rt_dst = sockaddr([0, 0, 0, 0]);
+            rt.rt_genmask = sockaddr([0, 0, 0, 0]);
+            rt.rt_gateway = sockaddr(gw);
+            rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+            if libc::ioctl(s, libc::SIOCADDRT, &rt) != 0 {
+                return Err(format!("default route: {}", err()));
+            }
+        }
+        Ok(())
+    })();
+    // SAFETY: closing our socket.
+    unsafe { libc::close(s) };
+    r
+}

@@ -1,0 +1,361 @@
+//! Starting the workload and relaying it over the channel until it exits.
+
+use std::ffi::CString;
+
+use rvmm_proto::{frame, RunSpec};
+
+use crate::sys::{c, mkdir_p, write_all};
+use crate::{Channel, Fail};
+
+fn pipe() -> Result<[libc::c_int; 2], Fail> {
+    let mut p = [0; 2];
+    // SAFETY: p is a valid array of two ints.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err((125, format!("pipe: {}", std::io::Error::last_os_error())));
+    }
+    Ok(p)
+}
+
+fn cstrings(v: &[String]) -> Vec<CString> {
+    v.iter().map(|s| c(s)).collect()
+}
+
+/// PATH lookup as Docker does it: 127 when not found, 126 when found but not executable.
+fn resolve(argv0: &str, env: &[String]) -> Result<CString, (u8, String)> {
+    if argv0.contains('/') {
+        return Ok(c(argv0));
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let mut denied = None;
+    for d in path.split(':').filter(|d| !d.is_empty()) {
+        let cand = format!("{}/{argv0}", d.trim_end_matches('/'));
+        let meta = match std::fs::metadata(&cand) {
+            Ok(m) if !m.is_dir() => m,
+            _ => continue,
+        };
+        let _ = meta;
+        // SAFETY: NUL-terminated path.
+        if unsafe { libc::access(c(&cand).as_ptr(), libc::X_OK) } == 0 {
+            return Ok(c(&cand));
+        }
+        denied.get_or_insert(cand);
+    }
+    match denied {
+        Some(p) => Err((126, format!("{p}: permission denied"))),
+        None => Err((127, format!("{argv0}: executable file not found in $PATH"))),
+    }
+}
+
+pub fn run(spec: &RunSpec, ch: &mut Channel) -> Result<i32, Fail> {
+    if spec.argv.is_empty() {
+        return Err((125, "no command".into()));
+    }
+    let argv = cstrings(&spec.argv);
+    let env = cstrings(&spec.env);
+    let err_pipe = pipe()?;
+    // Output: a pty with -t (one stream, as with Docker), else two pipes.
+    let (mut master, slave) = (-1, -1);
+    let (out_pipe, err_out_pipe) = if spec.tty {
+        let mut m = 0;
+        let mut s = 0;
+        // SAFETY: openpty fills two fds.
+        if unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err((125, format!("openpty: {}", std::io::Error::last_os_error())));
+        }
+        master = m;
+        (([m, s]), [-1, -1])
+    } else {
+        (pipe()?, pipe()?)
+    };
+    let _ = slave;
+    let in_pipe = if spec.stdin && !spec.tty {
+        Some(pipe()?)
+    } else {
+        None
+    };
+
+    // SAFETY: fork in a single-threaded process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err((125, format!("fork: {}", std::io::Error::last_os_error())));
+    }
+    if pid == 0 {
+        child(
+            spec,
+            &argv,
+            &env,
+            err_pipe[1],
+            out_pipe,
+            err_out_pipe,
+            in_pipe,
+        );
+    }
+    // SAFETY: closing the child's ends in the parent.
+    unsafe {
+        libc::close(err_pipe[1]);
+        libc::close(out_pipe[1]);
+        if err_out_pipe[1] >= 0 {
+            libc::close(err_out_pipe[1]);
+        }
+        if let Some(p) = in_pipe {
+            libc::close(p[0]);
+        }
+    }
+    let mut msg = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: reading into a local buffer.
+        let n = unsafe { libc::read(err_pipe[0], buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        msg.extend_from_slice(&buf[..n as usize]);
+    }
+    if !msg.is_empty() {
+        let mut st = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+        let code = msg[0];
+        return Err((code, String::from_utf8_lossy(&msg[1..]).into_owned()));
+    }
+    ch.send(frame::STARTED, &[]);
+    relay(
+        ch,
+        pid,
+        out_pipe[0],
+        err_out_pipe[0],
+        in_pipe.map(|p| p[1]),
+        master,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn child(
+    spec: &RunSpec,
+    argv: &[CString],
+    env: &[CString],
+    err_fd: libc::c_int,
+    out: [libc::c_int; 2],
+    err: [libc::c_int; 2],
+    input: Option<[libc::c_int; 2]>,
+) -> ! {
+    let fail = |code: u8, msg: String| -> ! {
+        let mut b = vec![code];
+        b.extend_from_slice(msg.as_bytes());
+        write_all(err_fd, &b);
+        // SAFETY: leaving the child.
+        unsafe { libc::_exit(code as i32) }
+    };
+    // SAFETY: fd and identity setup in the forked child before exec.
+    unsafe {
+        libc::setsid();
+        if spec.tty {
+            let slave = out[1];
+            libc::ioctl(slave, libc::TIOCSCTTY, 0);
+            libc::dup2(slave, 0);
+            libc::dup2(slave, 1);
+            libc::dup2(slave, 2);
+            if !spec.stdin {
+                let n = libc::open(c("/dev/null").as_ptr(), libc::O_RDONLY);
+                libc::dup2(n, 0);
+            }
+        } else {
+            libc::dup2(out[1], 1);
+            libc::dup2(err[1], 2);
+            match input {
+                Some(p) => {
+                    libc::dup2(p[0], 0);
+                }
+                None => {
+                    let n = libc::open(c("/dev/null").as_ptr(), libc::O_RDONLY);
+                    libc::dup2(n, 0);
+                }
+            }
+        }
+        let u = &spec.user;
+        let mut groups: Vec<libc::gid_t> = vec![u.gid];
+        groups.extend(u.additional_gids.iter().copied());
+        mkdir_p(&spec.cwd);
+        if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            || libc::setresgid(u.gid, u.gid, u.gid) != 0
+            || libc::setresuid(u.uid, u.uid, u.uid) != 0
+        {
+            fail(
+                125,
+                format!(
+                    "setting user {}:{}: {}",
+                    u.uid,
+                    u.gid,
+                    std::io::Error::last_os_error()
+                ),
+            );
+        }
+        if libc::chdir(c(&spec.cwd).as_ptr()) != 0 {
+            fail(
+                125,
+                format!(
+                    "cannot enter working directory {}: {}",
+                    spec.cwd,
+                    std::io::Error::last_os_error()
+                ),
+            );
+        }
+        libc::umask(0o022);
+    }
+    let prog = match resolve(&spec.spec_argv0(), &spec.env) {
+        Ok(p) => p,
+        Err((code, msg)) => fail(code, msg),
+    };
+    let mut a: Vec<*const libc::c_char> = argv.iter().map(|x| x.as_ptr()).collect();
+    a.push(std::ptr::null());
+    let mut e: Vec<*const libc::c_char> = env.iter().map(|x| x.as_ptr()).collect();
+    e.push(std::ptr::null());
+    // SAFETY: NULL-terminated arrays of NUL-terminated strings.
+    unsafe { libc::execve(prog.as_ptr(), a.as_ptr(), e.as_ptr()) };
+    let er = std::io::Error::last_os_error();
+    let code = if er.raw_os_error() == Some(libc::ENOENT) {
+        127
+    } else {
+        126
+    };
+    fail(code, format!("{}: {er}", spec.argv[0]))
+}
+
+trait Argv0 {
+    fn spec_argv0(&self) -> String;
+}
+
+impl Argv0 for RunSpec {
+    fn spec_argv0(&self) -> String {
+        self.argv[0].clone()
+    }
+}
+
+/// Moves bytes until the workload is gone; returns its status (Docker numbering).
+fn relay(
+    ch: &mut Channel,
+    pid: libc::pid_t,
+    out: libc::c_int,
+    err: libc::c_int,
+    mut input: Option<libc::c_int>,
+    master: libc::c_int,
+) -> Result<i32, Fail> {
+    let mut dec = frame::Decoder::default();
+    let mut open = [out >= 0, err >= 0];
+    let mut status: Option<i32> = None;
+    let mut drained_since: Option<std::time::Instant> = None;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: ch.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if open[0] { out } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if open[1] { err } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polling a valid array.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+        for (i, kind) in [(1usize, frame::STDOUT), (2, frame::STDERR)] {
+            if fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                // SAFETY: reading into our buffer.
+                let n = unsafe { libc::read(fds[i].fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if n > 0 {
+                    ch.send(kind, &buf[..n as usize]);
+                } else {
+                    open[i - 1] = false; // EOF, or EIO from a pty whose slave is gone
+                }
+            }
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            // SAFETY: reading into our buffer.
+            let n = unsafe { libc::read(ch.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                dec.feed(&buf[..n as usize]);
+                while let Ok(Some((kind, payload))) = dec.next_frame() {
+                    match kind {
+                        frame::STDIN => {
+                            let fd = if master >= 0 { Some(master) } else { input };
+                            if let Some(fd) = fd {
+                                write_all(fd, &payload);
+                            }
+                        }
+                        frame::STDIN_EOF => {
+                            if let Some(fd) = input.take() {
+                                // SAFETY: closing the workload's stdin pipe.
+                                unsafe { libc::close(fd) };
+                            } else if master >= 0 {
+                                write_all(master, &[4]); // ^D
+                            }
+                        }
+                        frame::SIGNAL if payload.len() == 4 => {
+                            let sig = i32::from_le_bytes([
+                                payload[0], payload[1], payload[2], payload[3],
+                            ]);
+                            // SAFETY: signalling the workload's process group, then the workload.
+                            unsafe {
+                                libc::kill(-pid, sig);
+                                libc::kill(pid, sig);
+                            }
+                        }
+                        frame::WINSIZE if payload.len() == 4 && master >= 0 => {
+                            // SAFETY: setting the pty size with a filled winsize.
+                            unsafe {
+                                let mut ws: libc::winsize = std::mem::zeroed();
+                                ws.ws_row = u16::from_le_bytes([payload[0], payload[1]]);
+                                ws.ws_col = u16::from_le_bytes([payload[2], payload[3]]);
+                                libc::ioctl(master, libc::TIOCSWINSZ, &ws);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        // Reap everything; note the workload's end.
+        loop {
+            let mut st = 0;
+            // SAFETY: reaping any child without blocking.
+            let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+            if r <= 0 {
+                break;
+            }
+            if r == pid {
+                status = Some(if libc::WIFEXITED(st) {
+                    libc::WEXITSTATUS(st)
+                } else {
+                    128 + libc::WTERMSIG(st)
+                });
+            }
+        }
+        if let Some(s) = status {
+            let since = *drained_since.get_or_insert_with(std::time::Instant::now);
+            // Output still buffered is sent; a background process keeping the pipes open does
+            // not hold the VM up for more than a moment.
+            if (!open[0] && !open[1]) || since.elapsed() > std::time::Duration::from_millis(500) {
+                return Ok(s);
+            }
+        }
+    }
+}

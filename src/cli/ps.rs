@@ -20,7 +20,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     let shown: Vec<_> = runs.iter().filter(|r| args.all || r.alive()).collect();
     if args.quiet {
         for r in shown {
-            println!("{}", &r.id[..12]);
+            println!("{}", short_id(&r.id));
         }
         return Ok(0);
     }
@@ -43,7 +43,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             cmd = cmd.chars().take(29).collect::<String>() + "…";
         }
         rows.push([
-            r.id[..12].to_string(),
+            short_id(&r.id).to_string(),
             r.image.clone(),
             format!("\"{cmd}\""),
             r.isolation.clone(),
@@ -91,4 +91,9 @@ pub fn rm(args: RmArgs, global: &Global) -> anyhow::Result<u8> {
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// The 12-digit form of a run ID (state files are read from disk: never slice blindly).
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }

@@ -65,27 +65,36 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-fn install_forwarding() {
-    for sig in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGWINCH,
-    ] {
-        // SAFETY: installing a handler that only calls async-signal-safe functions.
+/// Signals rvmm relays to the workload (both isolations).
+pub(crate) const RELAYED_SIGNALS: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Installs `handler` for `sigs`. The handler must only use async-signal-safe calls.
+pub(crate) fn install_handler(handler: extern "C" fn(libc::c_int), sigs: &[libc::c_int]) {
+    for &sig in sigs {
+        // SAFETY: installing a handler that only calls async-signal-safe functions (the caller's contract).
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = forward as *const () as usize;
+            sa.sa_sigaction = handler as *const () as usize;
             sa.sa_flags = libc::SA_RESTART;
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
 }
 
-fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+fn install_forwarding() {
+    install_handler(forward, RELAYED_SIGNALS);
+    install_handler(forward, &[libc::SIGWINCH]);
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub(crate) fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -95,10 +104,10 @@ fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// What the run left on the host, removed on drop (every exit path, panics included).
-struct Cleanup {
-    state: RunState,
-    lease: Option<crate::net::Lease>,
+/// What a run (either isolation) left on the host, removed on drop (every exit path, panics included).
+pub(crate) struct Cleanup {
+    pub(crate) state: RunState,
+    pub(crate) lease: Option<crate::net::Lease>,
 }
 
 impl Drop for Cleanup {

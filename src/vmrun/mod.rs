@@ -9,7 +9,7 @@
 mod cpio;
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use rvmm_proto::frame;
 
 use crate::container::state::{self, RunState};
-use crate::container::RunOptions;
+use crate::container::{pipe, Cleanup, RunOptions};
 use crate::image::ResolvedImage;
 use crate::runspec::{NetworkMode, RunSpec};
 use crate::vmm::{Channel, Console, DiskConfig, NetConfig, TapSource, Vm, VmConfig, VmExit};
@@ -56,47 +56,43 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-fn install_signals() {
-    for sig in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-    ] {
-        // SAFETY: a handler that only stores to atomics.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
+/// What the guest reported over the channel.
+#[derive(Default)]
+struct GuestReport {
+    exit: Option<i32>,
+    /// The workload could not start: status (125/126/127) and message.
+    failure: Option<(u8, String)>,
+}
+
+impl GuestReport {
+    /// Applies one guest frame: output goes to our stdout/stderr, status is recorded.
+    /// Returns true for STARTED.
+    fn apply(&mut self, kind: u8, payload: &[u8]) -> bool {
+        match kind {
+            frame::STDOUT => {
+                let mut out = std::io::stdout();
+                let _ = out.write_all(payload);
+                let _ = out.flush();
+            }
+            frame::STDERR => {
+                let _ = std::io::stderr().write_all(payload);
+            }
+            frame::STARTED => return true,
+            frame::FAILED if !payload.is_empty() => {
+                self.failure = Some((
+                    payload[0],
+                    String::from_utf8_lossy(&payload[1..]).into_owned(),
+                ));
+            }
+            frame::EXIT if payload.len() == 4 => {
+                self.exit = Some(i32::from_le_bytes([
+                    payload[0], payload[1], payload[2], payload[3],
+                ]));
+            }
+            _ => {}
         }
+        false
     }
-}
-
-struct Cleanup {
-    state: RunState,
-    lease: Option<crate::net::Lease>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.state.release_host_resources();
-        if let Some(l) = &self.lease {
-            l.release();
-        }
-    }
-}
-
-fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2");
-    }
-    // SAFETY: both fds are fresh from pipe2.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Runs the spec in a microVM; returns the workload's exit status.
@@ -146,9 +142,12 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         cleanup.state.save()?;
         cleanup.lease = Some(lease);
         publisher = Some(crate::net::Publisher::bind(&spec.network.ports)?);
-        let id = hex::decode(&opts.id[..10]).unwrap_or_default();
+        // A locally administered MAC from the run ID.
+        let id = hex::decode(opts.id.get(..10).unwrap_or_default()).unwrap_or_default();
         let mut mac = [0x02, 0, 0, 0, 0, 0];
-        mac[1..].copy_from_slice(&id[..5]);
+        for (m, b) in mac[1..].iter_mut().zip(&id) {
+            *m = *b;
+        }
         net.push(NetConfig {
             tap: TapSource::Name(tap),
             mac,
@@ -205,7 +204,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let stop = vm.stop_handle();
     let t_setup = t0.elapsed();
     let vm_thread = std::thread::spawn(move || vm.run());
-    install_signals();
+    crate::container::install_handler(on_signal, crate::container::RELAYED_SIGNALS);
 
     let mut to_guest = std::fs::File::from(to_guest_w);
     // stdin → guest.
@@ -262,11 +261,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         }
     });
 
-    let mut exit: Option<i32> = None;
-    let mut failure: Option<(u8, String)> = None;
+    let mut report = GuestReport::default();
     let mut started_at = None;
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
     let mut killed = false;
     loop {
         let sig = STOP_SIGNAL.swap(0, Ordering::SeqCst);
@@ -280,33 +276,14 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             }
         }
         match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Ok((kind, payload))) => match kind {
-                frame::STDOUT => {
-                    let _ = stdout.write_all(&payload);
-                    let _ = stdout.flush();
-                }
-                frame::STDERR => {
-                    let _ = stderr.write_all(&payload);
-                }
-                frame::STARTED => {
+            Ok(Ok((kind, payload))) => {
+                if report.apply(kind, &payload) {
                     started_at = Some(t0.elapsed());
                     if let (Some(p), Some(l)) = (publisher.take(), &cleanup.lease) {
                         p.start(l.addr);
                     }
                 }
-                frame::FAILED if !payload.is_empty() => {
-                    failure = Some((
-                        payload[0],
-                        String::from_utf8_lossy(&payload[1..]).into_owned(),
-                    ));
-                }
-                frame::EXIT if payload.len() == 4 => {
-                    exit = Some(i32::from_le_bytes([
-                        payload[0], payload[1], payload[2], payload[3],
-                    ]));
-                }
-                _ => {}
-            },
+            }
             Ok(Err(e)) => {
                 log::warn!("channel: {e}");
                 stop.stop();
@@ -315,26 +292,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 if vm_thread.is_finished() {
                     // Drain what is left, then stop.
                     while let Ok(Ok((kind, payload))) = rx.recv_timeout(Duration::from_millis(20)) {
-                        match kind {
-                            frame::STDOUT => {
-                                let _ = stdout.write_all(&payload);
-                            }
-                            frame::STDERR => {
-                                let _ = stderr.write_all(&payload);
-                            }
-                            frame::FAILED if !payload.is_empty() => {
-                                failure = Some((
-                                    payload[0],
-                                    String::from_utf8_lossy(&payload[1..]).into_owned(),
-                                ));
-                            }
-                            frame::EXIT if payload.len() == 4 => {
-                                exit = Some(i32::from_le_bytes([
-                                    payload[0], payload[1], payload[2], payload[3],
-                                ]));
-                            }
-                            _ => {}
-                        }
+                        report.apply(kind, &payload);
                     }
                     break;
                 }
@@ -346,7 +304,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        if exit.is_some() {
+        if report.exit.is_some() {
             // The guest powers off right after; don't wait on a stuck one.
             let deadline = Instant::now() + Duration::from_secs(10);
             while !vm_thread.is_finished() && Instant::now() < deadline {
@@ -358,7 +316,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             break;
         }
     }
-    let _ = stdout.flush();
+    let _ = std::io::stdout().flush();
     let vm_result = vm_thread.join();
     let total = t0.elapsed();
     log::info!(
@@ -377,7 +335,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             total.as_millis()
         );
     }
-    let code = match (failure, exit, killed) {
+    let code = match (report.failure, report.exit, killed) {
         (Some((125, msg)), _, _) => {
             cleanup.state.finish(125, opts.remove);
             bail!("starting the workload in the VM: {msg}");

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
 use common::images::{store, test_images};
+use common::run::{ls, rvmm, HostState, Out};
 
 /// Container tests compare host-wide state before and after: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -49,83 +50,6 @@ impl Drop for Env {
         }
         let after = HostState::now(self.store.path());
         assert_eq!(self.before, after, "the run left something behind");
-    }
-}
-
-/// What a run may leave on the host.
-#[derive(Debug, PartialEq)]
-struct HostState {
-    mounts: usize,
-    cgroups: Vec<String>,
-    links: Vec<String>,
-    leases: Vec<String>,
-    runs: Vec<String>,
-}
-
-fn ls(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-impl HostState {
-    fn now(root: &Path) -> HostState {
-        let mut cgroups = Vec::new();
-        for c in ["memory", "pids", "cpu", "devices"] {
-            for d in ls(&Path::new("/sys/fs/cgroup").join(c).join("rvmm")) {
-                if d.len() == 64 {
-                    cgroups.push(format!("{c}/{d}"));
-                }
-            }
-        }
-        HostState {
-            mounts: std::fs::read_to_string("/proc/self/mountinfo")
-                .map(|s| s.lines().count())
-                .unwrap_or(0),
-            cgroups,
-            links: ls(Path::new("/sys/class/net"))
-                .into_iter()
-                .filter(|l| l.starts_with("rvh"))
-                .collect(),
-            leases: ls(Path::new("/run/rvmm/ipam")),
-            runs: ls(&root.join("containers")),
-        }
-    }
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn rvmm(root: &Path, args: &[&str], stdin: Option<&str>) -> Out {
-    let mut c = Command::new(common::rvmm_bin());
-    c.arg("--root").arg(root).args(args);
-    c.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn rvmm");
-    if let Some(input) = stdin {
-        use std::io::Write;
-        let mut si = child.stdin.take().expect("stdin");
-        si.write_all(input.as_bytes()).expect("write stdin");
-    }
-    let out = child.wait_with_output().expect("rvmm");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

@@ -287,6 +287,12 @@ impl Image {
     /// Makes `head` available on the queue whose memory is `q`, notifies queue `sel` of `dev`,
     /// and waits for the used ring to advance.
     fn submit_to(&mut self, dev: u64, q: usize, sel: u64, head: u16) {
+        self.post(dev, q, sel, head);
+        self.wait_used(q);
+    }
+    /// Makes `head` available on the queue whose memory is `q` and notifies queue `sel` of `dev`,
+    /// without waiting.
+    fn post(&mut self, dev: u64, q: usize, sel: u64, head: u16) {
         let n = self.requests[q];
         let avail = Self::qbase(q) + 0x400;
         self.put(avail + 4 + 2 * u64::from(n), &head.to_le_bytes());
@@ -294,7 +300,11 @@ impl Image {
         // avail.flags = 0, avail.idx = n + 1
         self.op(OP_W32, avail, u64::from(n + 1) << 16);
         self.op(OP_W32, mmio(dev, 0x50), sel); // notify
-        self.op(OP_WAIT16, Self::qbase(q) + 0x1000 + 2, u64::from(n + 1));
+    }
+    /// Waits until the used ring of queue memory `q` has caught up with everything posted.
+    fn wait_used(&mut self, q: usize) {
+        let n = self.requests[q];
+        self.op(OP_WAIT16, Self::qbase(q) + 0x1000 + 2, u64::from(n));
     }
     fn header(&mut self, slot: u64, rtype: u32, sector: u64) -> u64 {
         let at = HDRS + slot * 32;
@@ -778,12 +788,15 @@ fn tiny_guest_virtio_net_tx_rx_echo() {
     g.put(DATA_W, &txbuf);
     g.init_queues(0, &[0, 1]); // RX uses queue memory 0, TX queue memory 1
     g.out_str(layout::COM1_PORT, "net up\n");
+    // Host -> guest: one RX buffer, posted (and notified) before any frame exists, so only the
+    // tap becoming readable can fill it.
+    let d = g.desc(0, DATA_R, 2048, F_WRITE, 0);
+    g.post(0, 0, 0, d);
     // Guest -> host.
     let d = g.desc(1, DATA_W, txbuf.len() as u32, 0, 0);
     g.submit_to(0, 1, 1, d);
-    // Host -> guest: one RX buffer; then echo what arrived (12-byte header + 60-byte frame).
-    let d = g.desc(0, DATA_R, 2048, F_WRITE, 0);
-    g.submit_to(0, 0, 0, d);
+    // Then echo what arrived (12-byte header + 60-byte frame).
+    g.wait_used(0);
     let d = g.desc(1, DATA_R, 72, 0, 0);
     g.submit_to(0, 1, 1, d);
     g.out_str(layout::COM1_PORT, MARKER);

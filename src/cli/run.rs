@@ -150,6 +150,10 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         remove: args.rm,
         image: resolved.reference.clone(),
     };
+    // A run owns host resources (taps, mounts, cgroups): a closed stdout must not kill rvmm before it
+    // releases them. Writes then fail with EPIPE and the workload's output is dropped.
+    // SAFETY: changing a signal disposition; no handler runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     match args.isolation {
         Isolation::Container => container::run(&spec, &resolved, &opts),
         Isolation::Vm => rvmm::vmrun::run(&spec, &resolved, &opts),

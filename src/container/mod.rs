@@ -325,7 +325,8 @@ fn wait(pid: i32) -> Status {
     }
 }
 
-fn winsize() -> Option<nix::pty::Winsize> {
+/// The size of the terminal on our stdout, if it is one.
+pub(crate) fn winsize() -> Option<nix::pty::Winsize> {
     // SAFETY: TIOCGWINSZ fills a winsize struct.
     unsafe {
         let mut ws: libc::winsize = std::mem::zeroed();
@@ -339,7 +340,25 @@ fn winsize() -> Option<nix::pty::Winsize> {
 }
 
 /// Terminal restored on drop.
-struct RawMode(Option<libc::termios>);
+pub(crate) struct RawMode(Option<libc::termios>);
+
+impl RawMode {
+    /// Puts our stdin in raw mode when it is a terminal (a no-op otherwise).
+    pub(crate) fn stdin() -> RawMode {
+        // SAFETY: termios calls on fd 0 with a valid struct.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) == 0 {
+                let saved = t;
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(0, libc::TCSANOW, &t);
+                RawMode(Some(saved))
+            } else {
+                RawMode(None)
+            }
+        }
+    }
+}
 
 impl Drop for RawMode {
     fn drop(&mut self) {
@@ -353,18 +372,7 @@ impl Drop for RawMode {
 /// Copies the pty to stdout (until the workload closes it) and, with -i, stdin to the pty.
 fn tty_relay(master: OwnedFd, stdin: bool) -> (std::thread::JoinHandle<()>, RawMode) {
     let raw = if stdin {
-        // SAFETY: termios calls on fd 0 with a valid struct.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) == 0 {
-                let saved = t;
-                libc::cfmakeraw(&mut t);
-                libc::tcsetattr(0, libc::TCSANOW, &t);
-                RawMode(Some(saved))
-            } else {
-                RawMode(None)
-            }
-        }
+        RawMode::stdin()
     } else {
         RawMode(None)
     };

@@ -84,9 +84,20 @@ impl RunState {
         }
     }
 
+    /// Writes state.json and, while the run is running, its host-wide registration (so the host
+    /// resources of a run are found even when its `--root` is gone).
     pub fn save(&self) -> anyhow::Result<()> {
+        let json = serde_json::to_vec_pretty(self)?;
+        if self.status == "running" {
+            let reg = registry_dir();
+            let _ = std::fs::create_dir_all(&reg);
+            let tmp = reg.join(format!("{}.tmp", self.id));
+            if std::fs::write(&tmp, &json).is_ok() {
+                let _ = std::fs::rename(&tmp, reg.join(&self.id));
+            }
+        }
         let tmp = self.dir.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::write(&tmp, &json)?;
         std::fs::rename(&tmp, self.dir.join("state.json"))?;
         Ok(())
     }
@@ -117,6 +128,7 @@ impl RunState {
     /// writable layer and record the exit.
     pub fn finish(&mut self, code: i32, remove: bool) {
         self.release_host_resources();
+        let _ = std::fs::remove_file(registry_dir().join(&self.id));
         self.status = "exited".into();
         self.exit_code = Some(code);
         if remove {
@@ -131,6 +143,45 @@ impl RunState {
 
 fn remove_dir(d: &Path) -> std::io::Result<()> {
     crate::image::store::remove_tree(d)
+}
+
+/// Host-wide registrations of running runs, whatever their `--root` (tmpfs: gone at reboot, like
+/// the resources they describe).
+fn registry_dir() -> PathBuf {
+    crate::paths::run_dir().join("runs")
+}
+
+/// Releases the host resources (cgroups, veths, taps, leases) of every run on this host whose rvmm
+/// died, including runs whose `--root` no longer exists. Returns how many of those orphans there were
+/// (a dead run whose directory still exists is counted by [`gc`] of its root).
+pub fn gc_host() -> usize {
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir(registry_dir()) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        if path.extension().is_some() {
+            continue; // a registration being written
+        }
+        let Some(mut s) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RunState>(&b).ok())
+        else {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        if s.alive() {
+            continue;
+        }
+        // Only what is outside the run's directory: its root's own gc marks the run exited.
+        let orphan = !s.dir.join("state.json").exists();
+        s.status = "exited".into();
+        s.release_host_resources();
+        let _ = std::fs::remove_file(&path);
+        n += usize::from(orphan);
+    }
+    n
 }
 
 /// Every run recorded under `root`.
@@ -153,7 +204,7 @@ pub fn list(root: &Path) -> anyhow::Result<Vec<RunState>> {
 /// Cleans up after runs whose rvmm died (killed, crashed): cgroups, veths, taps, leases, and
 /// their container dirs (kept, marked exited, when they were not `--rm`). Returns how many.
 pub fn gc(root: &Path) -> usize {
-    let mut n = 0;
+    let mut n = gc_host();
     let Ok(rd) = std::fs::read_dir(containers_dir(root)) else {
         return 0;
     };

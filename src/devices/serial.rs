@@ -28,6 +28,39 @@ impl SerialEvents for DrainSignal {
 /// Where the guest's transmitted bytes go.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// A writer that keeps the first `limit` bytes and silently drops the rest: a guest flooding its
+/// console cannot fill the host's disk.
+pub struct Capped<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: Write> Capped<W> {
+    pub fn new(inner: W, limit: u64) -> Self {
+        Self { inner, left: limit }
+    }
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let keep = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if keep > 0 {
+            let n = self.inner.write(&buf[..keep])?;
+            self.left -= n as u64;
+            if n < keep {
+                return Ok(n);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A 16550 UART.
 pub struct SerialDevice {
     serial: Serial<IrqLine, DrainSignal, SerialOut>,
@@ -79,5 +112,19 @@ impl BusDevice for SerialDevice {
                 log::debug!("serial: write: {e:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capped_keeps_the_first_bytes_and_accepts_the_rest() {
+        let mut w = Capped::new(Vec::new(), 5);
+        assert_eq!(w.write(b"abc").expect("write"), 3);
+        assert_eq!(w.write(b"defgh").expect("write"), 5);
+        assert_eq!(w.write(b"ij").expect("write"), 2);
+        assert_eq!(w.inner, b"abcde");
     }
 }

@@ -159,6 +159,16 @@ impl MutEventSubscriber for Handler {
                 self.inputs[i].paused = true;
             }
         }
+        for (k, (fd, _)) in self.backends.iter().enumerate() {
+            let ev = Events::with_data_raw(
+                *fd,
+                BACKEND_BASE + k as u32,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            );
+            if let Err(e) = ops.add(ev) {
+                log::warn!("cannot poll device backend fd {fd}: {e:?}");
+            }
+        }
         for (k, n) in self.notifies.iter().enumerate() {
             let _ = ops.add(Events::with_data(
                 &n.evt,

@@ -112,12 +112,15 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// How much of the guest's console a [`Console::File`] keeps; the rest is dropped.
+pub const CONSOLE_FILE_LIMIT: u64 = 4 << 20;
+
 /// Where COM1 goes.
 #[derive(Debug, Clone)]
 pub enum Console {
     /// Guest output to our stdout, our stdin to the guest.
     Stdio,
-    /// Guest output to a file (created or truncated); no input.
+    /// Guest output to a file (created or truncated, at most [`CONSOLE_FILE_LIMIT`] bytes); no input.
     File(PathBuf),
     /// Discarded; no input.
     Null,
@@ -351,10 +354,13 @@ impl Vm {
         let mut handler = events::Handler::new(shared.clone()).map_err(Error::EventFd)?;
         let console_out: Box<dyn Write + Send> = match &cfg.console {
             Console::Stdio => Box::new(std::io::stdout()),
-            Console::File(p) => Box::new(File::create(p).map_err(|source| Error::Console {
-                path: p.clone(),
-                source,
-            })?),
+            Console::File(p) => Box::new(crate::devices::serial::Capped::new(
+                File::create(p).map_err(|source| Error::Console {
+                    path: p.clone(),
+                    source,
+                })?,
+                CONSOLE_FILE_LIMIT,
+            )),
             Console::Null => Box::new(std::io::sink()),
         };
         let drained1 = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);

@@ -205,12 +205,30 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let t_setup = t0.elapsed();
     let vm_thread = std::thread::spawn(move || vm.run());
     crate::container::install_handler(on_signal, crate::container::RELAYED_SIGNALS);
+    let _raw = if spec.tty {
+        crate::container::install_handler(on_signal, &[libc::SIGWINCH]);
+        spec.stdin.then(crate::container::RawMode::stdin)
+    } else {
+        None
+    };
+    let send_winsize = |to_guest: &mut std::fs::File| {
+        if let Some(ws) = crate::container::winsize() {
+            let mut p = ws.ws_row.to_le_bytes().to_vec();
+            p.extend_from_slice(&ws.ws_col.to_le_bytes());
+            let _ = to_guest.write_all(&frame::encode(frame::WINSIZE, &p));
+        }
+    };
 
     let mut to_guest = std::fs::File::from(to_guest_w);
-    // stdin → guest.
+    // stdin → guest, once the guest listens: bytes sent before rvmm-init has put its end of the
+    // channel in raw mode would be echoed back by the tty layer and corrupt the stream.
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     if spec.stdin {
         let mut tg = to_guest.try_clone()?;
         std::thread::spawn(move || {
+            if started_rx.recv().is_err() {
+                return;
+            }
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 match std::io::stdin().read(&mut buf) {
@@ -263,14 +281,24 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
 
     let mut report = GuestReport::default();
     let mut started_at = None;
-    let mut killed = false;
+    let mut killed: Option<i32> = None;
     loop {
         let sig = STOP_SIGNAL.swap(0, Ordering::SeqCst);
         if sig != 0 {
             if STOPS.load(Ordering::SeqCst) >= 2 {
                 // Second Ctrl-C/TERM: the VM goes, as `docker kill` would.
                 stop.stop();
-                killed = true;
+                killed = Some(libc::SIGKILL);
+            } else if sig == libc::SIGWINCH {
+                if started_at.is_some() {
+                    send_winsize(&mut to_guest);
+                }
+            } else if started_at.is_none() {
+                // Nothing to forward to yet: Ctrl-C or TERM during the boot stops the VM.
+                if sig == libc::SIGINT || sig == libc::SIGTERM {
+                    stop.stop();
+                    killed = Some(sig);
+                }
             } else {
                 let _ = to_guest.write_all(&frame::encode(frame::SIGNAL, &sig.to_le_bytes()));
             }
@@ -279,6 +307,10 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             Ok(Ok((kind, payload))) => {
                 if report.apply(kind, &payload) {
                     started_at = Some(t0.elapsed());
+                    let _ = started_tx.send(());
+                    if spec.tty {
+                        send_winsize(&mut to_guest);
+                    }
                     if let (Some(p), Some(l)) = (publisher.take(), &cleanup.lease) {
                         p.start(l.addr);
                     }
@@ -345,8 +377,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             code as i32
         }
         (None, Some(c), _) => c,
-        (None, None, true) => 137,
-        (None, None, false) => {
+        (None, None, Some(sig)) => 128 + sig,
+        (None, None, None) => {
             let why = match vm_result {
                 Ok(Ok(VmExit::Stopped)) => "it was stopped".to_string(),
                 Ok(Ok(e)) => format!("it ended ({e:?})"),

@@ -242,13 +242,28 @@ fn env_workdir_user() {
     // stdin only with -i.
     let o = rvmm(
         env.store.path(),
-        &["run", "--rm", "--network=none", "-i", BB, "cat"],
+        &[
+            "run",
+            "--rm",
+            "--isolation=container",
+            "--network=none",
+            "-i",
+            BB,
+            "cat",
+        ],
         Some("piped in\n"),
     );
     assert_eq!(o.stdout, "piped in\n");
     let o = rvmm(
         env.store.path(),
-        &["run", "--rm", "--network=none", BB, "cat"],
+        &[
+            "run",
+            "--rm",
+            "--isolation=container",
+            "--network=none",
+            BB,
+            "cat",
+        ],
         Some("ignored\n"),
     );
     assert_eq!(o.stdout, "");
@@ -352,6 +367,7 @@ fn bridge_network_and_published_port() {
         .arg(env.store.path())
         .args([
             "run",
+            "--isolation=container",
             "--rm",
             "-p",
             &format!("{port}:8080"),
@@ -399,7 +415,7 @@ fn kill_9_of_rvmm_is_cleaned_up() {
     let mut child = Command::new(common::rvmm_bin())
         .arg("--root")
         .arg(env.store.path())
-        .args(["run", "--rm", BB, "sleep", "60"])
+        .args(["run", "--rm", "--isolation=container", BB, "sleep", "60"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -443,6 +459,7 @@ fn without_rm_the_run_is_kept_until_rvmm_rm() {
         env.store.path(),
         &[
             "run",
+            "--isolation=container",
             "--network=none",
             "--name",
             "keeper",

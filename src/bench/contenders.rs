@@ -112,6 +112,8 @@ pub struct Env {
     bundle: Option<PathBuf>,
     boot: Option<BootFiles>,
     counter: std::cell::Cell<u64>,
+    /// crun/runc containers started (binary, id): deleted by [`Env::reap_peers`].
+    peers_started: std::cell::RefCell<Vec<(PathBuf, String)>>,
 }
 
 struct BootFiles {
@@ -131,6 +133,7 @@ impl Env {
             bundle: None,
             boot: None,
             counter: std::cell::Cell::new(0),
+            peers_started: std::cell::RefCell::new(Vec::new()),
         };
         // The rootfs every peer shares with rvmm: the image itself, flattened.
         let needs_bundle = opts
@@ -204,6 +207,9 @@ impl Env {
                     .as_ref()
                     .ok_or("no bundle (see setup failure)")?;
                 let id = format!("rvmm-bench-{}-{}", std::process::id(), self.next_id());
+                self.peers_started
+                    .borrow_mut()
+                    .push((bin.clone(), id.clone()));
                 let argv = serde_json::to_string(&w.argv()).map_err(|e| e.to_string())?;
                 set_bundle_args(bundle, &argv).map_err(|e| e.to_string())?;
                 // crun 1.8 refuses a hybrid cgroup host; hide the cgroup2 mount in a private mount ns.
@@ -293,7 +299,26 @@ impl Env {
         }
     }
 
+    /// Deletes (killing first) every crun/runc container this bench started that is still there:
+    /// `crun run` in the foreground deletes its container when the workload exits, but not when
+    /// `crun` itself is killed.
+    pub fn reap_peers(&self) {
+        for (bin, id) in self.peers_started.borrow_mut().drain(..) {
+            let script = format!(
+                "umount /sys/fs/cgroup/unified 2>/dev/null; exec {} delete -f {id}",
+                bin.display()
+            );
+            let _ = Command::new("unshare")
+                .args(["-m", "--propagation", "private", "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
     pub fn cleanup(&mut self) {
+        self.reap_peers();
         // The temp dir removes itself; containers were run in the foreground and are gone.
         self.bundle = None;
     }
@@ -437,7 +462,7 @@ fn make_boot_files(opts: &Options, work: &Path) -> Result<BootFiles, Error> {
     Ok(BootFiles {
         kernel,
         disk,
-        cmdline: "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw init=/init".into(),
+        cmdline: "console=ttyS0 quiet reboot=k panic=-1 root=/dev/vda rw init=/init".into(),
     })
 }
 
@@ -693,17 +718,24 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        // SIGTERM first so rvmm cleans up, then SIGKILL for anything still there.
-        // SAFETY: kill(2) on a process group id we created; no memory is involved.
-        unsafe {
-            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        // SIGTERM to the runtime so it stops the workload and cleans up; a second one, as from a
+        // user pressing Ctrl-C twice, for a workload that ignores it (a PID 1 `sleep` does); then
+        // SIGKILL for anything still there.
+        for grace in [Duration::from_secs(3), Duration::from_secs(10)] {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             if matches!(self.child.try_wait(), Ok(Some(_))) {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
         measure::kill_group(self.child.id());
         let _ = self.child.wait();
@@ -718,6 +750,7 @@ pub fn memory(opts: &Options, env: &Env, rec: &mut Recorder) {
         Contender::Runc,
         Contender::RvmmVm,
     ] {
+        env.reap_peers();
         rec.progress(&format!("memory: {}", c.name()));
         let timeout = if c.boots_a_kernel() {
             opts.vm_timeout

@@ -18,8 +18,9 @@ use serde::Serialize;
 
 pub use contenders::{qemu_microvm_command, Contender, PeerPaths, Workload};
 
-/// The built-in sample image (built locally from Debian's busybox-static by scripts/make-test-images.sh).
-pub const DEFAULT_IMAGE: &str = "rvmm-sample:latest";
+/// The built-in sample image: built locally from Debian's busybox-static by scripts/make-test-images.sh,
+/// imported by scripts/setup.sh.
+pub const DEFAULT_IMAGE: &str = "localhost/rvmm-sample:latest";
 
 /// Peers found on PATH.
 pub fn contenders_from_path() -> PeerPaths {
@@ -260,14 +261,17 @@ pub fn run(opts: &Options) -> Result<PathBuf, Error> {
 }
 
 /// Flattens `image` (as the store at `root` resolves it) into the plain directory `dest`.
-fn image_rootfs(
-    _root: &std::path::Path,
-    image: &str,
-    _dest: &std::path::Path,
-) -> Result<(), String> {
-    Err(format!(
-        "cannot export {image}: the image store is not wired yet"
-    ))
+fn image_rootfs(root: &std::path::Path, image: &str, dest: &std::path::Path) -> Result<(), String> {
+    let export = || -> anyhow::Result<()> {
+        let store = crate::image::Store::open(root)?;
+        let opts = crate::image::PullOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        let resolved = crate::image::resolve(&store, image, &opts)?;
+        crate::image::disk::export_rootfs(&resolved, dest)
+    };
+    export().map_err(|e| format!("{e:#}"))
 }
 
 /// What a peer VMM must add to the kernel command line on this host (rvmm vm adds it itself).

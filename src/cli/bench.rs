@@ -54,6 +54,15 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .map(|s| Scenario::parse(s.trim()))
             .collect::<Result<Vec<_>, _>>()?
     };
+    // Never pull implicitly: a bench measures what is already here.
+    let store = rvmm::image::Store::open(&global.root)?;
+    if store.find(&args.image)?.is_none() {
+        anyhow::bail!(
+            "{} is not in the image store at {}: scripts/setup.sh builds and imports the sample image, or `rvmm pull` yours first",
+            args.image,
+            global.root.display()
+        );
+    }
     let q = args.quick;
     let opts = Options {
         scenarios,

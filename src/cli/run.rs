@@ -28,8 +28,9 @@ pub enum Net {
 #[derive(clap::Args, Debug)]
 #[command(trailing_var_arg = true)]
 pub struct Args {
-    /// Where the workload runs.
-    #[arg(long, value_enum, default_value = "container", env = "RVMM_ISOLATION")]
+    /// Where the workload runs: vm (the default: its own kernel behind KVM) or container (the host
+    /// kernel, namespaces; much faster to start, weaker boundary).
+    #[arg(long, value_enum, default_value = "vm", env = "RVMM_ISOLATION")]
     pub isolation: Isolation,
     /// Set an environment variable (KEY=VALUE, or KEY to pass rvmm's own value).
     #[arg(short, long = "env", value_name = "KEY[=VALUE]")]

@@ -47,24 +47,37 @@ fn build(image: &ResolvedImage, out: &Path) -> anyhow::Result<()> {
     if which("mkfs.erofs").is_none() {
         bail!("mkfs.erofs is missing (apt install erofs-utils, or run scripts/setup.sh)");
     }
+    with_merged_view(
+        image,
+        &format!("mkfs.erofs --quiet '{}' \"$m\"", out.display()),
+    )
+    .with_context(|| format!("building the VM disk for {}", image.reference))
+}
+
+/// Copies the image's merged root filesystem into `dest` (created; ownership, modes and xattrs
+/// kept): the rootfs of a crun/runc bundle, for example.
+pub fn export_rootfs(image: &ResolvedImage, dest: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dest)?;
+    with_merged_view(image, &format!("cp -a \"$m/.\" '{}'", dest.display()))
+        .with_context(|| format!("exporting the root filesystem of {}", image.reference))
+}
+
+/// Runs the shell command `cmd` with `$m` naming the image's merged view: the single layer
+/// itself, or a read-only overlayfs of all layers (whiteouts applied by overlayfs) mounted in a
+/// private mount namespace that disappears with the command.
+fn with_merged_view(image: &ResolvedImage, cmd: &str) -> anyhow::Result<()> {
     let lowers: Vec<String> = image
         .layers
         .iter()
         .rev()
         .map(|p| p.display().to_string())
         .collect();
-    // One layer is its own merged view; several are merged by a private overlayfs mount.
     let script = if lowers.len() == 1 {
-        format!(
-            "exec mkfs.erofs --quiet '{}' '{}'",
-            out.display(),
-            lowers[0]
-        )
+        format!("set -e; m='{}'; {cmd}", lowers[0])
     } else {
         format!(
-            "set -e; m=$(mktemp -d); mount -t overlay rvmm-disk -o 'lowerdir={}' \"$m\"; mkfs.erofs --quiet '{}' \"$m\"; umount \"$m\"; rmdir \"$m\"",
+            "set -e; m=$(mktemp -d); mount -t overlay rvmm-view -o 'ro,lowerdir={}' \"$m\"; {cmd}; umount \"$m\"; rmdir \"$m\"",
             lowers.join(":"),
-            out.display()
         )
     };
     let o = Command::new("unshare")
@@ -73,11 +86,7 @@ fn build(image: &ResolvedImage, out: &Path) -> anyhow::Result<()> {
         .output()
         .context("running unshare (util-linux)")?;
     if !o.status.success() {
-        bail!(
-            "building the VM disk for {} failed: {}",
-            image.reference,
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
+        bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
     }
     Ok(())
 }

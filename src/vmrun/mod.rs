@@ -107,7 +107,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .context("VM isolation needs /dev/kvm (read-write)")?;
+        .context(
+            "VM isolation needs /dev/kvm (read-write); use --isolation=container to run without it",
+        )?;
     state::gc(&opts.root);
     if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
         bail!("the name {:?} is already in use", opts.name);

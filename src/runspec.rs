@@ -175,6 +175,7 @@ pub fn build(
         },
         mounts: flags.mounts.clone(),
         stop_signal,
+        security: Default::default(),
     })
 }
 

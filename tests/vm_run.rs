@@ -1,11 +1,12 @@
 //! VM isolation, for real: `rvmm run --isolation=vm` boots the guest kernel with rvmm-init and runs the
 //! busybox test image. Boots are slow on kvm_pvm (tens of seconds), so each test packs many checks into
-//! one boot, and there are three boots in all:
+//! one boot, and there are four boots in all:
 //!
 //! 1. parity: one script (identity, cwd, env, hostname, a missing file, stdout and stderr, stdin,
 //!    `exit 42`) under the same flags gives the same stdout, stderr and status in both isolations;
 //! 2. a command that does not exist: 127 and the same message in both isolations;
-//! 3. network and a hostile workload: httpd in the VM answers on a `-p` port from the host while the
+//! 3. `-t` and privileges: a terminal, the capability sets, no_new_privs, the seccomp filter;
+//! 4. network and a hostile workload: httpd in the VM answers on a `-p` port from the host while the
 //!    workload floods its stdout and a TCP connection to the host; the VMM keeps serving, the run ends
 //!    with the workload's status and leaves no tap, lease or run directory behind.
 
@@ -116,6 +117,33 @@ fn parity_with_container_isolation() {
     assert!(c.stdout.contains("GREETING=hello world"), "{}", c.stdout);
     assert!(c.stdout.contains("stdin: from the host"), "{}", c.stdout);
     let v = run(&env, "vm", &flags, &args, Some("from the host\n"));
+    assert_eq!(
+        (v.code, v.stdout.as_str(), v.stderr.as_str()),
+        (c.code, c.stdout.as_str(), c.stderr.as_str()),
+        "vm (left) and container (right) differ"
+    );
+}
+
+/// A terminal and the privileges: the workload sees a tty on stdout, the same capability sets,
+/// no_new_privs and seccomp filter, and a syscall outside Docker's profile fails with EPERM.
+#[test]
+fn tty_and_privileges_match_container_isolation() {
+    let Some(env) = setup() else { return };
+    let script = "test -t 1 && echo tty; grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; \
+                  unshare -m true 2>/dev/null && echo unshare-allowed || echo unshare-denied; \
+                  su app -c 'grep -E \"^(CapEff|CapBnd):\" /proc/self/status'";
+    let args = ["sh", "-c", script];
+    let flags = ["-t", "--network=none"];
+    let c = run(&env, "container", &flags, &args, None);
+    assert_eq!(c.code, 0, "container: {} {}", c.stdout, c.stderr);
+    assert!(c.stdout.starts_with("tty\r\n"), "{:?}", c.stdout);
+    assert!(
+        c.stdout.contains("CapEff:\t00000000a80425fb"),
+        "{:?}",
+        c.stdout
+    );
+    assert!(c.stdout.contains("unshare-denied"), "{:?}", c.stdout);
+    let v = run(&env, "vm", &flags, &args, None);
     assert_eq!(
         (v.code, v.stdout.as_str(), v.stderr.as_str()),
         (c.code, c.stdout.as_str(), c.stderr.as_str()),

@@ -23,7 +23,11 @@ use sys::{c, check, mkdir_p, mount};
 const CHANNEL: &str = "/dev/ttyS1";
 const NEWROOT: &str = "/newroot";
 
+/// Guest uptime when PID 1 started, for the STARTED frame (the kernel's share of a cold start).
+pub static INIT_UPTIME_MS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn main() {
+    INIT_UPTIME_MS.store(sys::uptime_ms(), std::sync::atomic::Ordering::Relaxed);
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != 1 {
         eprintln!("rvmm-init: must run as PID 1 inside an rvmm microVM");

@@ -130,7 +130,12 @@ pub fn run(spec: &RunSpec, ch: &mut Channel) -> Result<i32, Fail> {
         let code = msg[0];
         return Err((code, String::from_utf8_lossy(&msg[1..]).into_owned()));
     }
-    ch.send(frame::STARTED, &[]);
+    let mut started = crate::INIT_UPTIME_MS
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .to_le_bytes()
+        .to_vec();
+    started.extend_from_slice(&crate::sys::uptime_ms().to_le_bytes());
+    ch.send(frame::STARTED, &started);
     relay(
         ch,
         pid,
@@ -184,6 +189,12 @@ fn child(
                 }
             }
         }
+        let sec = &spec.security;
+        if sec.enforce {
+            if let Err(e) = crate::sys::drop_bounding(sec.caps) {
+                fail(125, e);
+            }
+        }
         let u = &spec.user;
         let mut groups: Vec<libc::gid_t> = vec![u.gid];
         groups.extend(u.additional_gids.iter().copied());
@@ -214,10 +225,20 @@ fn child(
         }
         libc::umask(0o022);
     }
+    if spec.security.enforce && spec.user.uid == 0 {
+        if let Err(e) = crate::sys::set_caps(spec.security.caps) {
+            fail(125, e);
+        }
+    }
     let prog = match resolve(&spec.spec_argv0(), &spec.env) {
         Ok(p) => p,
         Err((code, msg)) => fail(code, msg),
     };
+    if spec.security.enforce && !spec.security.seccomp.is_empty() {
+        if let Err(e) = crate::sys::install_seccomp(&spec.security.seccomp) {
+            fail(125, e);
+        }
+    }
     let mut a: Vec<*const libc::c_char> = argv.iter().map(|x| x.as_ptr()).collect();
     a.push(std::ptr::null());
     let mut e: Vec<*const libc::c_char> = env.iter().map(|x| x.as_ptr()).collect();

@@ -28,6 +28,23 @@ pub struct RunSpec {
     pub mounts: Vec<Mount>,
     /// Signal to stop the workload with (image StopSignal), as a number.
     pub stop_signal: i32,
+    /// Privileges of the workload. Filled by the host for VM isolation (guest-init applies it);
+    /// container isolation applies the same values itself.
+    #[serde(default)]
+    pub security: Security,
+}
+
+/// Capabilities and seccomp, as a runtime applies them right before exec.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Security {
+    /// Apply nothing (a spec from an older host): the workload keeps the guest's full root.
+    pub enforce: bool,
+    /// Bit n set: capability n stays in the bounding set (and, for uid 0, in the effective and
+    /// permitted sets).
+    pub caps: u64,
+    /// A classic BPF seccomp program for x86_64, as (code, jt, jf, k) instructions; installed
+    /// with no_new_privs. Empty: no filter.
+    pub seccomp: Vec<(u16, u8, u8, u32)>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -96,7 +113,8 @@ pub mod frame {
     pub const STDERR: u8 = 2;
     /// Guest → host: the workload's exit status, i32 LE (Docker numbering: 128+n for signal n).
     pub const EXIT: u8 = 3;
-    /// Guest → host: the workload started (empty).
+    /// Guest → host: the workload started. Payload (may be empty): guest uptime in ms, u32 LE, when
+    /// PID 1 started, then when the workload was exec'd.
     pub const STARTED: u8 = 4;
     /// Guest → host: the workload could not start: u8 status (125/126/127) then a UTF-8 message.
     pub const FAILED: u8 = 5;

@@ -387,6 +387,22 @@ const ALLOWED: &[i64] = &[
     SYS_writev,
 ];
 
+/// Docker's defaults as a [`rvmm_proto::Security`] for a guest to apply (VM isolation).
+pub fn for_guest() -> anyhow::Result<rvmm_proto::Security> {
+    let caps = default_caps(true)
+        .iter()
+        .fold(0u64, |m, c| m | (1u64 << c.index()));
+    let seccomp = seccomp_program()?
+        .iter()
+        .map(|f| (f.code, f.jt, f.jf, f.k))
+        .collect();
+    Ok(rvmm_proto::Security {
+        enforce: true,
+        caps,
+        seccomp,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,8 @@ extern "C" fn on_signal(sig: libc::c_int) {
 #[derive(Default)]
 struct GuestReport {
     exit: Option<i32>,
+    /// Guest uptime (ms) when PID 1 started and when the workload started.
+    guest_times: Option<(u32, u32)>,
     /// The workload could not start: status (125/126/127) and message.
     failure: Option<(u8, String)>,
 }
@@ -77,7 +79,20 @@ impl GuestReport {
             frame::STDERR => {
                 let _ = std::io::stderr().write_all(payload);
             }
-            frame::STARTED => return true,
+            frame::STARTED => {
+                if payload.len() >= 8 {
+                    let at = |i: usize| {
+                        u32::from_le_bytes([
+                            payload[i],
+                            payload[i + 1],
+                            payload[i + 2],
+                            payload[i + 3],
+                        ])
+                    };
+                    self.guest_times = Some((at(0), at(4)));
+                }
+                return true;
+            }
             frame::FAILED if !payload.is_empty() => {
                 self.failure = Some((
                     payload[0],
@@ -128,6 +143,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     cleanup.state.save()?;
 
     let mut spec = spec.clone();
+    // The same privileges a container gets, applied by guest-init inside the guest.
+    spec.security = crate::container::security::for_guest()?;
     let mut net = Vec::new();
     let mut publisher = None;
     if spec.network.mode == NetworkMode::Bridge {
@@ -361,8 +378,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         total
     );
     if std::env::var_os("RVMM_TIMINGS").is_some() {
+        let (init, exec) = report.guest_times.unwrap_or((0, 0));
         eprintln!(
-            "rvmm-timings disk_ms={} setup_ms={} started_ms={} exit_ms={}",
+            "rvmm-timings disk_ms={} setup_ms={} guest_init_uptime_ms={init} guest_exec_uptime_ms={exec} started_ms={} exit_ms={}",
             t_disk.as_millis(),
             t_setup.as_millis(),
             started_at.map(|d| d.as_millis() as i64).unwrap_or(-1),

@@ -55,6 +55,7 @@ pub struct UnpackStats {
 pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::Result<UnpackStats> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = UnpackStats::default();
+    // Directories whose mode and mtime are set at the end: (path relative to dest, mode, mtime).
     let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
     for entry in archive.entries().context("reading layer tar")? {
         let mut entry = entry.context("reading layer tar")?;
@@ -99,6 +100,8 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
         }
 
         let header = entry.header().clone();
+        // From the entry, not the header: GNU long-link and PAX linkpath extensions apply.
+        let link = entry.link_name_bytes().map(|b| b.into_owned());
         let kind = header.entry_type();
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
         let uid = header.uid().unwrap_or(0) as u32;
@@ -118,7 +121,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
                     Err(_) => fs::create_dir(&path)
                         .with_context(|| format!("creating {}", rel.display()))?,
                 }
-                dirs.push((path.clone(), mode, mtime));
+                dirs.push((rel.clone(), mode, mtime));
             }
             T::Regular | T::Continuous | T::GNUSparse => {
                 remove_existing(&path)?;
@@ -133,10 +136,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
                     .with_context(|| format!("writing {}", rel.display()))?;
             }
             T::Symlink => {
-                let target = header
-                    .link_name_bytes()
-                    .map(|b| b.into_owned())
-                    .unwrap_or_default();
+                let target = link.clone().unwrap_or_default();
                 if target.is_empty() {
                     bail!("symlink {} has no target", rel.display());
                 }
@@ -145,10 +145,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
                     .with_context(|| format!("creating symlink {}", rel.display()))?;
             }
             T::Link => {
-                let target = header
-                    .link_name_bytes()
-                    .map(|b| b.into_owned())
-                    .unwrap_or_default();
+                let target = link.clone().unwrap_or_default();
                 let Some(trel) = clean(&target)? else {
                     bail!("hardlink {} points at the layer root", rel.display());
                 };
@@ -236,10 +233,12 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
     // Directory modes and mtimes last (a read-only directory still takes its children; creating
     // them changed the mtime), deepest first.
     dirs.sort_by_key(|d| std::cmp::Reverse(d.0.as_os_str().len()));
-    for (d, mode, mtime) in dirs {
-        if !fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
-            continue; // replaced later in the same layer
-        }
+    for (rel, mode, mtime) in dirs {
+        // Walked again component by component: a later entry may have replaced the directory, or
+        // one of its parents, by a file or by a symlink pointing anywhere.
+        let Ok(d) = existing_dir(dest, &rel) else {
+            continue;
+        };
         fs::set_permissions(&d, fs::Permissions::from_mode(mode))?;
         set_mtime(&d, mtime)?;
     }

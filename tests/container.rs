@@ -347,6 +347,20 @@ fn cgroup_limits() {
     );
     let o = run(&env, &["--cpus", "0.5"], BB, &["true"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
+    // The workload sees its own cgroup as the root of /sys/fs/cgroup (v1 or v2 alike), read-only,
+    // with its limits where programs look for them.
+    let o = run(
+        &env,
+        &["--memory", "48m"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max; \
+             grep -v ':/$' /proc/self/cgroup; mkdir /sys/fs/cgroup/x 2>/dev/null && echo writable; echo end",
+        ],
+    );
+    assert_eq!(o.stdout, "50331648\nend\n", "{}", o.stderr);
 }
 
 #[test]

@@ -112,7 +112,7 @@ fn explain(s: Scenario) -> &'static str {
         Scenario::Cold => "`rvmm run IMAGE true` with a fresh store: includes unpacking the image and, for VMs, building the root disk.",
         Scenario::Memory => "Host memory while the workload sleeps: proportional set size (PSS) of every process of the instance; for VMs split into guest RAM resident in the host and the runtime's own overhead.",
         Scenario::Density => "N instances started at once; time until each printed `ready`, and host memory (sum of PSS) as they come up.",
-        Scenario::Io => "`dd` of 64 MiB to and from the root filesystem inside the workload (VM: overlay on tmpfs over the image disk; container: overlayfs on the host disk).",
+        Scenario::Io => "`dd` of 32 MiB to (with fsync) and back from the root filesystem inside the workload, timed with its own /proc/uptime (10 ms resolution). VM: the writable layer is a tmpfs in guest RAM over the image disk; container: overlayfs upper dir on the host disk.",
         Scenario::Boot => "Each VMM boots the same guest kernel and ext4 root disk whose init prints a marker and resets: launch to marker and launch to exit.",
     }
 }

@@ -27,6 +27,51 @@ pub struct Cgroup {
     pub dirs: Vec<(String, PathBuf)>,
 }
 
+/// A cgroup filesystem as the container sees it under /sys/fs/cgroup (read-only, rooted at its own
+/// cgroup through the cgroup namespace), mirroring the host's layout: v1, v2 or hybrid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerMount {
+    /// "cgroup" (v1) or "cgroup2".
+    pub fstype: String,
+    /// Mount data: the v1 hierarchy's options ("memory", "cpu,cpuacct", "name=systemd"), empty for v2.
+    pub data: String,
+    /// Absolute mount point inside the container.
+    pub target: String,
+}
+
+/// The cgroup mounts of the host under /sys/fs/cgroup, for the container to mount the same way.
+pub fn container_mounts(mountinfo: &str) -> Vec<ContainerMount> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let target = pre.split(' ').nth(4).unwrap_or_default();
+        if target != "/sys/fs/cgroup" && !target.starts_with("/sys/fs/cgroup/") {
+            continue;
+        }
+        let mut post = post.split(' ');
+        let fstype = post.next().unwrap_or_default();
+        let _source = post.next();
+        let opts = post.next().unwrap_or_default();
+        let data = match fstype {
+            "cgroup" => opts
+                .split(',')
+                .filter(|o| !matches!(*o, "rw" | "ro"))
+                .collect::<Vec<_>>()
+                .join(","),
+            "cgroup2" => String::new(),
+            _ => continue,
+        };
+        out.push(ContainerMount {
+            fstype: fstype.to_string(),
+            data,
+            target: target.to_string(),
+        });
+    }
+    out
+}
+
 /// Where each controller is mounted, read from /proc/self/mountinfo.
 #[derive(Debug, Default, PartialEq)]
 pub struct Layout {
@@ -265,6 +310,48 @@ impl Cgroup {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod container_mount_tests {
+    use super::*;
+
+    #[test]
+    fn hybrid_host_layout_is_mirrored() {
+        let mi = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+50 23 0:40 / /mnt/other rw - cgroup2 cgroup2 rw";
+        let m = container_mounts(mi);
+        let got: Vec<(&str, &str, &str)> = m
+            .iter()
+            .map(|c| (c.fstype.as_str(), c.data.as_str(), c.target.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("cgroup", "cpu,cpuacct", "/sys/fs/cgroup/cpu,cpuacct"),
+                ("cgroup", "memory", "/sys/fs/cgroup/memory"),
+                ("cgroup", "xattr,name=systemd", "/sys/fs/cgroup/systemd"),
+                ("cgroup2", "", "/sys/fs/cgroup/unified"),
+            ]
+        );
+    }
+
+    #[test]
+    fn pure_v2_is_one_mount() {
+        let mi = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate";
+        assert_eq!(
+            container_mounts(mi),
+            vec![ContainerMount {
+                fstype: "cgroup2".into(),
+                data: String::new(),
+                target: "/sys/fs/cgroup".into()
+            }]
+        );
     }
 }
 

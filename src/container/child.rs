@@ -39,6 +39,8 @@ pub struct Plan {
     /// The slave's path on the host's devpts (reopened in our mount namespace for /dev/console).
     pub tty_path: Option<CString>,
     pub attach_stdin: bool,
+    /// The host's cgroup filesystems, mounted read-only under /sys/fs/cgroup.
+    pub cgroup_mounts: Vec<super::cgroups::ContainerMount>,
     pub sync_fd: RawFd,
     pub err_fd: RawFd,
 }
@@ -190,6 +192,49 @@ pub fn main(plan: &Plan) -> isize {
 
 enum Never {}
 
+/// /sys/fs/cgroup as the host lays it out (a tmpfs of v1 hierarchies plus the unified one, or a
+/// single cgroup2), read-only, each rooted at the run's cgroup (so limits are where programs such
+/// as the JVM look for them).
+fn mount_cgroups(mounts: &[super::cgroups::ContainerMount]) -> Result<(), Fail> {
+    if mounts.is_empty() {
+        return Ok(());
+    }
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let root = c("/sys/fs/cgroup");
+    let single = mounts.len() == 1 && mounts[0].target == "/sys/fs/cgroup";
+    if !single {
+        mount(
+            Some(&c("tmpfs")),
+            &root,
+            Some(&c("tmpfs")),
+            flags,
+            Some(&c("mode=755,size=64k")),
+        )?;
+    }
+    for m in mounts {
+        let target = c(&m.target);
+        mkdir_p(m.target.as_bytes());
+        let data = (!m.data.is_empty()).then(|| c(&m.data));
+        mount(
+            Some(&c(&m.fstype)),
+            &target,
+            Some(&c(&m.fstype)),
+            flags | libc::MS_RDONLY,
+            data.as_deref(),
+        )?;
+    }
+    if !single {
+        mount(
+            None,
+            &root,
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | flags,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
 fn setup_and_exec(p: &Plan) -> Result<Never, Fail> {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
@@ -203,6 +248,12 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Fail> {
     }
     // SAFETY: closing our copy of the sync pipe.
     unsafe { libc::close(p.sync_fd) };
+    // Our own cgroup namespace, now that the parent has put us in the run's cgroup: the workload
+    // sees that cgroup as "/".
+    // SAFETY: unshare with a flag constant.
+    check(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }, || {
+        "creating the cgroup namespace".into()
+    })?;
 
     // SAFETY: hostname is NUL-terminated; length excludes the NUL.
     let r = unsafe { libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len()) };
@@ -265,6 +316,7 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Fail> {
         nodev | libc::MS_RDONLY,
         None,
     )?;
+    mount_cgroups(&p.cgroup_mounts)?;
 
     // A minimal /dev.
     mkdir_p(b"/dev");

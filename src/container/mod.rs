@@ -205,8 +205,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         | nix::sched::CloneFlags::CLONE_NEWPID
         | nix::sched::CloneFlags::CLONE_NEWUTS
         | nix::sched::CloneFlags::CLONE_NEWIPC
-        | nix::sched::CloneFlags::CLONE_NEWNET
-        | nix::sched::CloneFlags::CLONE_NEWCGROUP;
+        | nix::sched::CloneFlags::CLONE_NEWNET;
+    // The cgroup namespace comes later, from the child, once it is in its cgroup.
     let mut stack = vec![0u8; 1 << 20];
     // SAFETY: the child runs `child::main` on its own copy of our memory (no CLONE_VM) and either
     // execs or _exits; rvmm is single-threaded here, so no lock can be held across the clone.
@@ -488,6 +488,9 @@ fn make_plan(
             .map(|p| cstr(&p.display().to_string()))
             .transpose()?,
         attach_stdin: spec.stdin,
+        cgroup_mounts: std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|mi| cgroups::container_mounts(&mi))
+            .unwrap_or_default(),
         sync_fd,
         err_fd,
     })

@@ -167,6 +167,13 @@ impl Reference {
                 "repository must be lowercase components of [a-z0-9] joined by '.', '_', '__' or '-', separated by '/'",
             ));
         }
+        // Docker's limit on the whole name (distribution's NameTotalLengthMax); it also keeps every
+        // normalized reference short enough to parse again.
+        if registry.len() + 1 + repository.len() > 255 {
+            return Err(err(
+                "name (registry/repository) is longer than 255 characters",
+            ));
+        }
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_string()),
             (None, Some(_)) => None,
@@ -344,6 +351,16 @@ mod tests {
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad:?} should not parse");
         }
+    }
+
+    #[test]
+    fn names_over_255_characters_are_refused() {
+        // What fuzzing found: a 507-byte reference whose normalized form did not parse again.
+        let long = format!("{}.io/{}", "r".repeat(248), "a".repeat(255));
+        assert!(Reference::parse(&long).is_err());
+        let ok = format!("example.com/{}", "a".repeat(243));
+        let r = Reference::parse(&ok).expect("a 255-character name parses");
+        assert_eq!(Reference::parse(&r.to_string()).ok(), Some(r));
     }
 
     #[test]

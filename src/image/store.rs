@@ -568,6 +568,46 @@ impl Store {
         ImageConfigFile::parse(&self.read_blob(&rec.id)?)
     }
 
+    /// Writes `rec` as an OCI image layout in `dir` (created), tagged `tag`: its manifest, config
+    /// and layer blobs as stored (hard links when the filesystem allows, copies otherwise).
+    pub fn export_layout(&self, rec: &ImageRecord, dir: &Path, tag: &str) -> anyhow::Result<()> {
+        let manifest_bytes = self.read_blob(&rec.manifest_digest)?;
+        let m = self.manifest(rec)?;
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs)?;
+        let digests = std::iter::once(rec.manifest_digest.as_str())
+            .chain(std::iter::once(m.config.digest.as_str()))
+            .chain(m.layers.iter().map(|l| l.digest.as_str()));
+        for d in digests {
+            let hex = d
+                .strip_prefix("sha256:")
+                .context("a blob digest that is not sha256")?;
+            let (src, dst) = (self.blob_path(d), blobs.join(hex));
+            if dst.exists() {
+                continue;
+            }
+            if fs::hard_link(&src, &dst).is_err() {
+                fs::copy(&src, &dst).with_context(|| format!("copying blob {d}"))?;
+            }
+        }
+        let media_type = m
+            .media_type
+            .clone()
+            .unwrap_or_else(|| spec::OCI_MANIFEST.to_string());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": media_type,
+                "digest": rec.manifest_digest,
+                "size": manifest_bytes.len(),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }],
+        });
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+        Ok(())
+    }
+
     /// The manifest of an image.
     pub fn manifest(&self, rec: &ImageRecord) -> anyhow::Result<Manifest> {
         match spec::parse_document(&self.read_blob(&rec.manifest_digest)?, None)? {

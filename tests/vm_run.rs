@@ -1,12 +1,14 @@
 //! VM isolation, for real: `rvmm run --isolation=vm` boots the guest kernel with rvmm-init and runs the
 //! busybox test image. Boots are slow on kvm_pvm (tens of seconds), so each test packs many checks into
-//! one boot, and there are four boots in all:
+//! one boot, and there are six boots in all:
 //!
 //! 1. parity: one script (identity, cwd, env, hostname, a missing file, stdout and stderr, stdin,
 //!    `exit 42`) under the same flags gives the same stdout, stderr and status in both isolations;
 //! 2. a command that does not exist: 127 and the same message in both isolations;
 //! 3. `-t` and privileges: a terminal, the capability sets, no_new_privs, the seccomp filter;
-//! 4. network and a hostile workload: httpd in the VM answers on a `-p` port from the host while the
+//! 4. lifecycle: `rvmm ps` lists the VM, SIGTERM reaches the workload's trap and its status comes back;
+//! 5. `kill -9` of rvmm with a tap attached: `rvmm gc` removes the tap, lease and run;
+//! 6. network and a hostile workload: httpd in the VM answers on a `-p` port from the host while the
 //!    workload floods its stdout and a TCP connection to the host; the VMM keeps serving, the run ends
 //!    with the workload's status and leaves no tap, lease or run directory behind.
 
@@ -163,6 +165,103 @@ fn missing_command_is_127_in_both() {
         (c.code, c.stdout.as_str(), c.stderr.as_str()),
         "vm (left) and container (right) differ"
     );
+}
+
+/// Starts `rvmm run --isolation=vm` in the background and waits for `ready` on its stdout.
+fn start_ready(env: &Env, flags: &[&str], script: &str) -> Reaped {
+    let mut child = Reaped(
+        Command::new(common::rvmm_bin())
+            .arg("--root")
+            .arg(env.store.path())
+            .args(["run", "--rm", "--isolation=vm"])
+            .args(flags)
+            .args([BB, "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("rvmm"),
+    );
+    let mut out = child.0.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let mut err = String::new();
+                let _ = child
+                    .0
+                    .stderr
+                    .take()
+                    .map(|mut e| e.read_to_string(&mut err));
+                panic!("the VM ended before it was ready: {err}");
+            }
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    child.0.stdout = Some(out);
+    child
+}
+
+#[test]
+fn ps_and_sigterm_reach_the_vm() {
+    let Some(env) = setup() else { return };
+    let mut child = start_ready(
+        &env,
+        &["--network=none", "--name", "vm-life"],
+        "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 1; done",
+    );
+    let ps = rvmm(env.store.path(), &["ps"], None);
+    let line = ps
+        .stdout
+        .lines()
+        .find(|l| l.contains("vm-life"))
+        .unwrap_or_else(|| panic!("the VM is not in rvmm ps:\n{}", ps.stdout));
+    assert!(line.contains("vm"), "{line}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    // The rest of the output is a few bytes: it fits the pipes while we wait.
+    let status = child.0.wait().expect("wait");
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    let _ = child
+        .0
+        .stdout
+        .take()
+        .map(|mut o| o.read_to_string(&mut stdout));
+    let _ = child
+        .0
+        .stderr
+        .take()
+        .map(|mut e| e.read_to_string(&mut stderr));
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stdout.contains("got-term"), "{stdout}");
+}
+
+#[test]
+fn kill_9_of_a_vm_run_is_cleaned_up_by_gc() {
+    let Some(env) = setup() else { return };
+    let mut child = start_ready(&env, &[], "echo ready; while :; do sleep 1; done");
+    let taps = || {
+        common::run::ls(Path::new("/sys/class/net"))
+            .into_iter()
+            .filter(|l| l.starts_with("rvt"))
+            .count()
+    };
+    assert!(
+        taps()
+            > env
+                .before
+                .links
+                .iter()
+                .filter(|l| l.starts_with("rvt"))
+                .count()
+    );
+    child.0.kill().expect("kill -9");
+    child.0.wait().expect("wait");
+    let o = rvmm(env.store.path(), &["gc"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("1 dead run"), "{}", o.stdout);
+    // Env's drop compares links, leases, mounts and runs with the state before.
 }
 
 /// A child that is killed and reaped when the test ends, on every path.

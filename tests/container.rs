@@ -5,19 +5,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
-use common::images::{store, test_images};
-use common::run::{ls, rvmm, HostState, Out};
+use common::run::{ls, rvmm, Out, RunEnv};
 
 /// Container tests compare host-wide state before and after: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-struct Env {
-    _lock: MutexGuard<'static, ()>,
-    store: tempfile::TempDir,
-    before: HostState,
-}
+type Env = RunEnv;
 
 fn setup() -> Option<Env> {
     if !common::have_root()
@@ -25,32 +20,7 @@ fn setup() -> Option<Env> {
     {
         return None;
     }
-    let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = store();
-    let imgs = test_images();
-    for l in ["busybox", "multi"] {
-        let out = rvmm(
-            s.path(),
-            &["pull", "-q", &format!("oci:{}", imgs.join(l).display())],
-            None,
-        );
-        assert_eq!(out.code, 0, "{}", out.stderr);
-    }
-    Some(Env {
-        _lock: lock,
-        before: HostState::now(s.path()),
-        store: s,
-    })
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            return;
-        }
-        let after = HostState::now(self.store.path());
-        assert_eq!(self.before, after, "the run left something behind");
-    }
+    Some(RunEnv::new(&SERIAL, &["busybox", "multi"]))
 }
 
 /// `rvmm run --rm --network none IMAGE args…` (plus `extra` flags before the image).

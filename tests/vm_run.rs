@@ -18,22 +18,17 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::images::{store, test_images};
-use common::run::{rvmm, HostState, Out};
+use common::run::{rvmm, Out, RunEnv};
 
 /// The runs compare host-wide state before and after, and boots are CPU-bound: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const BB: &str = "localhost/busybox";
 
-struct Env {
-    _lock: MutexGuard<'static, ()>,
-    store: tempfile::TempDir,
-    before: HostState,
-}
+type Env = RunEnv;
 
 fn setup() -> Option<Env> {
     if !common::have_kvm()
@@ -52,33 +47,7 @@ fn setup() -> Option<Env> {
     ) {
         return None;
     }
-    let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = store();
-    let out = rvmm(
-        s.path(),
-        &[
-            "pull",
-            "-q",
-            &format!("oci:{}", test_images().join("busybox").display()),
-        ],
-        None,
-    );
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    Some(Env {
-        _lock: lock,
-        before: HostState::now(s.path()),
-        store: s,
-    })
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            return;
-        }
-        let after = HostState::now(self.store.path());
-        assert_eq!(self.before, after, "the run left something behind");
-    }
+    Some(RunEnv::new(&SERIAL, &["busybox"]))
 }
 
 fn run(env: &Env, isolation: &str, flags: &[&str], args: &[&str], stdin: Option<&str>) -> Out {

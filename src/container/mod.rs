@@ -151,12 +151,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let mut spec = spec.clone();
     let mut publisher = None;
     if spec.network.mode == NetworkMode::Bridge {
-        crate::net::ensure_bridge()?;
-        let lease = crate::net::Lease::allocate(&opts.id)?;
-        spec.network.address = Some(format!("{}/{}", lease.addr, crate::net::PREFIX));
-        spec.network.gateway = Some(crate::net::GATEWAY.to_string());
+        let (lease, p) = crate::net::attach_run(&mut spec.network, &opts.id)?;
         cleanup.lease = Some(lease);
-        publisher = Some(crate::net::Publisher::bind(&spec.network.ports)?);
+        publisher = Some(p);
     } else if !spec.network.ports.is_empty() {
         bail!("-p needs --network bridge");
     }

@@ -155,6 +155,23 @@ impl Lease {
     }
 }
 
+/// Bridge networking for run `id`: the bridge exists, an address is leased and written into
+/// `net` (address, gateway), and the `-p` ports are bound (forwarding starts later, with
+/// [`Publisher::start`]). On error nothing stays leased.
+pub fn attach_run(net: &mut rvmm_proto::Network, id: &str) -> anyhow::Result<(Lease, Publisher)> {
+    ensure_bridge()?;
+    let lease = Lease::allocate(id)?;
+    net.address = Some(format!("{}/{}", lease.addr, PREFIX));
+    net.gateway = Some(GATEWAY.to_string());
+    match Publisher::bind(&net.ports) {
+        Ok(p) => Ok((lease, p)),
+        Err(e) => {
+            lease.release();
+            Err(e)
+        }
+    }
+}
+
 /// Releases every lease owned by `owner` (for gc).
 pub fn release_owned_by(owner: &str) {
     if let Ok(rd) = fs::read_dir(ipam_dir()) {

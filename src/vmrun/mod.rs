@@ -148,10 +148,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let mut net = Vec::new();
     let mut publisher = None;
     if spec.network.mode == NetworkMode::Bridge {
-        crate::net::ensure_bridge()?;
-        let lease = crate::net::Lease::allocate(&opts.id)?;
-        spec.network.address = Some(format!("{}/{}", lease.addr, crate::net::PREFIX));
-        spec.network.gateway = Some(crate::net::GATEWAY.to_string());
+        let (lease, p) = crate::net::attach_run(&mut spec.network, &opts.id)?;
+        cleanup.lease = Some(lease);
+        publisher = Some(p);
         spec.network.dns = crate::net::host_resolv_conf()
             .lines()
             .filter_map(|l| l.strip_prefix("nameserver").map(|a| a.trim().to_string()))
@@ -159,8 +158,6 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         let tap = crate::net::create_tap(&opts.id)?;
         cleanup.state.taps.push(tap.clone());
         cleanup.state.save()?;
-        cleanup.lease = Some(lease);
-        publisher = Some(crate::net::Publisher::bind(&spec.network.ports)?);
         // A locally administered MAC from the run ID.
         let id = hex::decode(opts.id.get(..10).unwrap_or_default()).unwrap_or_default();
         let mut mac = [0x02, 0, 0, 0, 0, 0];

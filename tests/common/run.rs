@@ -2,6 +2,46 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+
+/// A store holding the named test-image layouts, held by one test at a time (runs compare
+/// host-wide state), that checks on drop that the test left nothing behind.
+pub struct RunEnv {
+    _lock: MutexGuard<'static, ()>,
+    pub store: tempfile::TempDir,
+    pub before: HostState,
+}
+
+impl RunEnv {
+    pub fn new(serial: &'static Mutex<()>, layouts: &[&str]) -> RunEnv {
+        let lock = serial.lock().unwrap_or_else(|e| e.into_inner());
+        let s = super::images::store();
+        let imgs = super::images::test_images();
+        for l in layouts {
+            let out = rvmm(
+                s.path(),
+                &["pull", "-q", &format!("oci:{}", imgs.join(l).display())],
+                None,
+            );
+            assert_eq!(out.code, 0, "{}", out.stderr);
+        }
+        RunEnv {
+            _lock: lock,
+            before: HostState::now(s.path()),
+            store: s,
+        }
+    }
+}
+
+impl Drop for RunEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let after = HostState::now(self.store.path());
+        assert_eq!(self.before, after, "the run left something behind");
+    }
+}
 
 /// What a run may leave on the host.
 #[derive(Debug, PartialEq)]

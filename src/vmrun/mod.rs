@@ -46,6 +46,19 @@ pub fn guest_init_path() -> anyhow::Result<PathBuf> {
         .context("rvmm-init (the guest's PID 1) is not built: run scripts/setup.sh, or RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p rvmm-guest-init --target x86_64-unknown-linux-gnu")
 }
 
+/// The guest kernel's command line: quiet console, reset on reboot and panic, no PCI or modules,
+/// rvmm-init as PID 1. `RVMM_GUEST_CMDLINE_APPEND` adds to it (for debugging, e.g. `loglevel=7`).
+fn guest_cmdline() -> String {
+    let mut c = String::from(
+        "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 pci=off nomodule rdinit=/init",
+    );
+    if let Some(extra) = std::env::var_os("RVMM_GUEST_CMDLINE_APPEND") {
+        c.push(' ');
+        c.push_str(&extra.to_string_lossy());
+    }
+    c
+}
+
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static STOPS: AtomicI32 = AtomicI32::new(0);
 
@@ -201,8 +214,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let cfg = VmConfig {
         kernel,
         initrd: Some(initrd),
-        cmdline: "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 pci=off nomodule rdinit=/init"
-            .into(),
+        cmdline: guest_cmdline(),
         vcpus,
         mem_mib,
         disks: vec![DiskConfig {

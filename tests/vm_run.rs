@@ -1,14 +1,16 @@
 //! VM isolation, for real: `rvmm run --isolation=vm` boots the guest kernel with rvmm-init and runs the
 //! busybox test image. Boots are slow on kvm_pvm (tens of seconds), so each test packs many checks into
-//! one boot, and there are six boots in all:
+//! one boot, and there are eight boots in all:
 //!
 //! 1. parity: one script (identity, cwd, env, hostname, a missing file, stdout and stderr, stdin,
 //!    `exit 42`) under the same flags gives the same stdout, stderr and status in both isolations;
 //! 2. a command that does not exist: 127 and the same message in both isolations;
 //! 3. `-t` and privileges: a terminal, the capability sets, no_new_privs, the seccomp filter;
 //! 4. lifecycle: `rvmm ps` lists the VM, SIGTERM reaches the workload's trap and its status comes back;
-//! 5. `kill -9` of rvmm with a tap attached: `rvmm gc` removes the tap, lease and run;
-//! 6. network and a hostile workload: httpd in the VM answers on a `-p` port from the host while the
+//! 5. a workload ignoring SIGTERM: the second SIGTERM stops the VM, 137;
+//! 6. a file that cannot be executed: 126 and the same message in both isolations;
+//! 7. `kill -9` of rvmm with a tap attached: `rvmm gc` removes the tap, lease and run;
+//! 8. network and a hostile workload: httpd in the VM answers on a `-p` port from the host while the
 //!    workload floods its stdout and a TCP connection to the host; the VMM keeps serving, the run ends
 //!    with the workload's status and leaves no tap, lease or run directory behind.
 
@@ -204,6 +206,38 @@ fn ps_and_sigterm_reach_the_vm() {
         .map(|mut e| e.read_to_string(&mut stderr));
     assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(stdout.contains("got-term"), "{stdout}");
+}
+
+/// A workload that ignores SIGTERM: the first one is forwarded, the second stops the VM (137).
+#[test]
+fn a_second_sigterm_stops_the_vm_with_137() {
+    let Some(env) = setup() else { return };
+    let mut child = start_ready(
+        &env,
+        &["--network=none"],
+        "trap '' TERM; echo ready; while :; do sleep 1; done",
+    );
+    for _ in 0..2 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let status = child.0.wait().expect("wait");
+    assert_eq!(status.code(), Some(137));
+}
+
+#[test]
+fn a_file_that_cannot_be_executed_is_126_in_both() {
+    let Some(env) = setup() else { return };
+    let args = ["/etc/passwd"];
+    let c = run(&env, "container", &["--network=none"], &args, None);
+    assert_eq!(c.code, 126, "{}", c.stderr);
+    let v = run(&env, "vm", &["--network=none"], &args, None);
+    assert_eq!(
+        (v.code, v.stdout.as_str(), v.stderr.as_str()),
+        (c.code, c.stdout.as_str(), c.stderr.as_str()),
+        "vm (left) and container (right) differ"
+    );
 }
 
 #[test]

@@ -60,7 +60,8 @@ echo "setup: running $sample in a microVM (about 15 s on kvm_pvm hosts, well und
 
 echo "setup: comparing startup and memory (rvmm bench --quick --scenario startup,memory; a few minutes here)"
 out=target/bench-quick
-"$rvmm" bench --quick --scenario startup,memory --out "$out" >/dev/null
+# Progress: one line per scenario here (the bench prints one per round).
+"$rvmm" bench --quick --scenario startup,memory --out "$out" 2> >(grep --line-buffered -E 'scenario|fail|error' >&2) >/dev/null
 # The tables of the report, without the charts.
 sed -n '/^## Startup/,/^Raw results/p' "$out/report.md" | grep -v '^!\[' | grep -v '^Raw results'
 echo "setup: full report in $out/report.md"

@@ -39,39 +39,6 @@ pub struct ContainerMount {
     pub target: String,
 }
 
-/// The cgroup mounts of the host under /sys/fs/cgroup, for the container to mount the same way.
-pub fn container_mounts(mountinfo: &str) -> Vec<ContainerMount> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        let target = pre.split(' ').nth(4).unwrap_or_default();
-        if target != "/sys/fs/cgroup" && !target.starts_with("/sys/fs/cgroup/") {
-            continue;
-        }
-        let mut post = post.split(' ');
-        let fstype = post.next().unwrap_or_default();
-        let _source = post.next();
-        let opts = post.next().unwrap_or_default();
-        let data = match fstype {
-            "cgroup" => opts
-                .split(',')
-                .filter(|o| !matches!(*o, "rw" | "ro"))
-                .collect::<Vec<_>>()
-                .join(","),
-            "cgroup2" => String::new(),
-            _ => continue,
-        };
-        out.push(ContainerMount {
-            fstype: fstype.to_string(),
-            data,
-            target: target.to_string(),
-        });
-    }
-    out
-}
-
 /// Where each controller is mounted, read from /proc/self/mountinfo.
 #[derive(Debug, Default, PartialEq)]
 pub struct Layout {
@@ -79,6 +46,8 @@ pub struct Layout {
     pub unified: Option<PathBuf>,
     /// v1 controller → mount point.
     pub v1: Vec<(String, PathBuf)>,
+    /// Every cgroup filesystem mounted under /sys/fs/cgroup, for a container to mount the same way.
+    pub mounts: Vec<ContainerMount>,
 }
 
 impl Layout {
@@ -102,6 +71,25 @@ impl Layout {
             let fstype = post.next().unwrap_or_default();
             let _source = post.next();
             let opts = post.next().unwrap_or_default();
+            if mount_point == "/sys/fs/cgroup" || mount_point.starts_with("/sys/fs/cgroup/") {
+                let data = match fstype {
+                    "cgroup" => Some(
+                        opts.split(',')
+                            .filter(|o| !matches!(*o, "rw" | "ro"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                    "cgroup2" => Some(String::new()),
+                    _ => None,
+                };
+                if let Some(data) = data {
+                    l.mounts.push(ContainerMount {
+                        fstype: fstype.to_string(),
+                        data,
+                        target: mount_point.to_string(),
+                    });
+                }
+            }
             match fstype {
                 "cgroup2" => {
                     let mp = PathBuf::from(mount_point);
@@ -135,9 +123,8 @@ impl Layout {
     }
 }
 
-/// Creates the run's cgroup(s) under `rvmm/<id>` and applies the limits.
-pub fn create(id: &str, limits: &Limits) -> anyhow::Result<Cgroup> {
-    let layout = Layout::detect()?;
+/// Creates the run's cgroup(s) under `rvmm/<id>` in `layout` and applies the limits.
+pub fn create(layout: &Layout, id: &str, limits: &Limits) -> anyhow::Result<Cgroup> {
     let cg = match layout.version() {
         Version::V1 => {
             let mut dirs = Vec::new();
@@ -325,8 +312,9 @@ mod container_mount_tests {
 40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 50 23 0:40 / /mnt/other rw - cgroup2 cgroup2 rw";
-        let m = container_mounts(mi);
-        let got: Vec<(&str, &str, &str)> = m
+        let l = Layout::parse(mi, |_| Some("hugetlb".into()));
+        let got: Vec<(&str, &str, &str)> = l
+            .mounts
             .iter()
             .map(|c| (c.fstype.as_str(), c.data.as_str(), c.target.as_str()))
             .collect();
@@ -345,7 +333,7 @@ mod container_mount_tests {
     fn pure_v2_is_one_mount() {
         let mi = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate";
         assert_eq!(
-            container_mounts(mi),
+            Layout::parse(mi, |_| Some("memory pids".into())).mounts,
             vec![ContainerMount {
                 fstype: "cgroup2".into(),
                 data: String::new(),

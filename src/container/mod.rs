@@ -145,7 +145,10 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let _layers_in_use = store.use_layers()?;
 
     // Host side: cgroup, network, published ports.
-    let cg = cgroups::create(&opts.id, &spec.limits)?;
+    // The host's cgroup mounts, read once: where the run's cgroup goes, and what the container
+    // mounts under /sys/fs/cgroup.
+    let layout = cgroups::Layout::detect()?;
+    let cg = cgroups::create(&layout, &opts.id, &spec.limits)?;
     cleanup.state.cgroup = Some(cg.clone());
     cleanup.state.save()?;
     let mut spec = spec.clone();
@@ -185,14 +188,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         None
     };
 
-    let v1 = cg.version == cgroups::Version::V1;
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let plan = make_plan(
         &spec,
         image,
         &dir,
-        v1,
+        layout,
         pty.as_ref().map(|p| p.slave.as_raw_fd()),
         sync_r.as_raw_fd(),
         err_w.as_raw_fd(),
@@ -405,7 +407,7 @@ fn make_plan(
     spec: &RunSpec,
     image: &ResolvedImage,
     dir: &Path,
-    devices_cgroup: bool,
+    layout: cgroups::Layout,
     tty_slave: Option<RawFd>,
     sync_fd: RawFd,
     err_fd: RawFd,
@@ -477,7 +479,8 @@ fn make_plan(
             .iter()
             .map(|m| Ok((cstr(&m.source)?, cstr(&m.destination)?, m.read_only)))
             .collect::<anyhow::Result<_>>()?,
-        caps: security::default_caps(devices_cgroup),
+        // v1 hosts give the run a devices cgroup, which keeps MKNOD safe to grant.
+        caps: security::default_caps(layout.version() == cgroups::Version::V1),
         seccomp: security::seccomp_program()?,
         tty_slave,
         tty_path: tty_slave
@@ -485,9 +488,7 @@ fn make_plan(
             .map(|p| cstr(&p.display().to_string()))
             .transpose()?,
         attach_stdin: spec.stdin,
-        cgroup_mounts: std::fs::read_to_string("/proc/self/mountinfo")
-            .map(|mi| cgroups::container_mounts(&mi))
-            .unwrap_or_default(),
+        cgroup_mounts: layout.mounts,
         sync_fd,
         err_fd,
     })

@@ -206,7 +206,7 @@ pub fn list(root: &Path) -> anyhow::Result<Vec<RunState>> {
 pub fn gc(root: &Path) -> usize {
     let mut n = gc_host();
     let Ok(rd) = std::fs::read_dir(containers_dir(root)) else {
-        return 0;
+        return n;
     };
     for e in rd.flatten() {
         let dir = e.path();

@@ -12,9 +12,7 @@ use common::run::{ls, rvmm, Out, RunEnv};
 /// Container tests compare host-wide state before and after: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-type Env = RunEnv;
-
-fn setup() -> Option<Env> {
+fn setup() -> Option<RunEnv> {
     if !common::have_root()
         || !common::have_tools(&["umoci", "skopeo", "ip", "iptables", "nsenter"])
     {
@@ -24,7 +22,7 @@ fn setup() -> Option<Env> {
 }
 
 /// `rvmm run --rm --network none IMAGE args…` (plus `extra` flags before the image).
-fn run(env: &Env, extra: &[&str], image: &str, args: &[&str]) -> Out {
+fn run(env: &RunEnv, extra: &[&str], image: &str, args: &[&str]) -> Out {
     let mut a = vec!["run", "--rm", "--isolation=container"];
     if !extra.iter().any(|e| e.starts_with("--network")) {
         a.push("--network=none");

@@ -30,9 +30,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const BB: &str = "localhost/busybox";
 
-type Env = RunEnv;
-
-fn setup() -> Option<Env> {
+fn setup() -> Option<RunEnv> {
     if !common::have_kvm()
         || !common::have_root()
         || !common::have_tools(&["umoci", "skopeo", "ip", "iptables", "mkfs.erofs", "unshare"])
@@ -40,19 +38,15 @@ fn setup() -> Option<Env> {
         return None;
     }
     common::guest::kernel()?;
-    let init = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/x86_64-unknown-linux-gnu/release/rvmm-init");
-    if !common::require(
-        common::Cap::Kernel,
-        init.is_file(),
-        "rvmm-init is not built (scripts/setup.sh builds it)",
-    ) {
+    // Found the way rvmm finds it (RVMM_GUEST_INIT, or the workspace's static build).
+    if let Err(e) = rvmm::vmrun::guest_init_path() {
+        common::require(common::Cap::Kernel, false, &format!("{e:#}"));
         return None;
     }
     Some(RunEnv::new(&SERIAL, &["busybox"]))
 }
 
-fn run(env: &Env, isolation: &str, flags: &[&str], args: &[&str], stdin: Option<&str>) -> Out {
+fn run(env: &RunEnv, isolation: &str, flags: &[&str], args: &[&str], stdin: Option<&str>) -> Out {
     let iso = format!("--isolation={isolation}");
     let mut a = vec!["run", "--rm", iso.as_str()];
     a.extend_from_slice(flags);
@@ -139,7 +133,7 @@ fn missing_command_is_127_in_both() {
 }
 
 /// Starts `rvmm run --isolation=vm` in the background and waits for `ready` on its stdout.
-fn start_ready(env: &Env, flags: &[&str], script: &str) -> Reaped {
+fn start_ready(env: &RunEnv, flags: &[&str], script: &str) -> Reaped {
     let mut child = Reaped(
         Command::new(common::rvmm_bin())
             .arg("--root")
@@ -264,7 +258,7 @@ fn kill_9_of_a_vm_run_is_cleaned_up_by_gc() {
     let o = rvmm(env.store.path(), &["gc"], None);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains("1 dead run"), "{}", o.stdout);
-    // Env's drop compares links, leases, mounts and runs with the state before.
+    // RunEnv's drop compares links, leases, mounts and runs with the state before.
 }
 
 /// A child that is killed and reaped when the test ends, on every path.

@@ -331,9 +331,7 @@ fn relay(
                             }
                         }
                         frame::SIGNAL if payload.len() == 4 => {
-                            let sig = i32::from_le_bytes([
-                                payload[0], payload[1], payload[2], payload[3],
-                            ]);
+                            let sig = frame::le32_at(&payload, 0).map_or(0, i32::from_le_bytes);
                             // SAFETY: signalling the workload's process group, then the workload.
                             unsafe {
                                 libc::kill(-pid, sig);

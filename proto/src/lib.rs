@@ -130,6 +130,11 @@ pub mod frame {
     /// Largest payload either side sends or accepts.
     pub const MAX_PAYLOAD: usize = 64 * 1024;
 
+    /// The little-endian 32-bit word at byte `at` of a payload, if the payload is that long.
+    pub fn le32_at(payload: &[u8], at: usize) -> Option<[u8; 4]> {
+        payload.get(at..at.checked_add(4)?)?.try_into().ok()
+    }
+
     /// Encodes one frame.
     pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
         let mut v = Vec::with_capacity(5 + payload.len());
@@ -174,6 +179,14 @@ pub mod frame {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn le32_words() {
+            let p = [1, 0, 0, 0, 2, 0, 0];
+            assert_eq!(le32_at(&p, 0).map(u32::from_le_bytes), Some(1));
+            assert_eq!(le32_at(&p, 4), None);
+            assert_eq!(le32_at(&p, usize::MAX), None);
+        }
 
         #[test]
         fn round_trip_in_pieces() {

@@ -93,16 +93,9 @@ impl GuestReport {
                 let _ = std::io::stderr().write_all(payload);
             }
             frame::STARTED => {
-                if payload.len() >= 8 {
-                    let at = |i: usize| {
-                        u32::from_le_bytes([
-                            payload[i],
-                            payload[i + 1],
-                            payload[i + 2],
-                            payload[i + 3],
-                        ])
-                    };
-                    self.guest_times = Some((at(0), at(4)));
+                let at = |i| frame::le32_at(payload, i).map(u32::from_le_bytes);
+                if let (Some(init), Some(exec)) = (at(0), at(4)) {
+                    self.guest_times = Some((init, exec));
                 }
                 return true;
             }
@@ -113,9 +106,7 @@ impl GuestReport {
                 ));
             }
             frame::EXIT if payload.len() == 4 => {
-                self.exit = Some(i32::from_le_bytes([
-                    payload[0], payload[1], payload[2], payload[3],
-                ]));
+                self.exit = frame::le32_at(payload, 0).map(i32::from_le_bytes);
             }
             _ => {}
         }

@@ -489,11 +489,11 @@ fn tiny_guest_serial_blk_hostile_and_reset() {
         kernel,
         vec![
             DiskConfig {
-                path: d0.clone(),
+                path: Some(d0.clone()),
                 read_only: false,
             },
             DiskConfig {
-                path: d1.clone(),
+                path: Some(d1.clone()),
                 read_only: true,
             },
         ],
@@ -646,7 +646,7 @@ fn bad_input_is_one_clear_error() {
     assert!(err(c).contains("too small"));
     let mut c = config(dir.path(), elf(&[0xf4]), vec![]);
     c.disks = vec![DiskConfig {
-        path: dir.path().join("nodisk.img"),
+        path: Some(dir.path().join("nodisk.img")),
         read_only: false,
     }];
     assert!(err(c).contains("cannot open disk image"));
@@ -907,7 +907,7 @@ fn initrd_is_loaded_high_and_announced_in_the_zero_page() {
         dir.path(),
         g.build(),
         vec![DiskConfig {
-            path: d0.clone(),
+            path: Some(d0.clone()),
             read_only: false,
         }],
     );
@@ -990,4 +990,147 @@ fn pvh_entry_gets_start_info_with_initrd_module() {
     assert_eq!(run_with_timeout(vm).unwrap(), VmExit::Reset);
     let out = std::fs::read_to_string(dir.path().join("console.txt")).unwrap();
     assert_eq!(out, "PVH-OK\n");
+}
+
+/// A guest that echoes each COM2 byte plus the number of bytes it has seen (kept in ECX and at
+/// COUNTER in RAM), and resets after ten.
+fn counting_echo_guest() -> Vec<u8> {
+    const COUNTER: u32 = 0x20_0000;
+    let mut a = Asm::default();
+    a.b(&[0x31, 0xc9]); // xor ecx, ecx
+    a.label("poll");
+    a.b(&[0x66, 0xba]).b(&(layout::COM2_PORT + 5).to_le_bytes()); // mov dx, LSR
+    a.b(&[0xec]); // in al, dx
+    a.b(&[0xa8, 0x01]); // test al, 1
+    a.b(&[0x0f, 0x84]);
+    a.rel32("poll"); // jz poll
+    a.b(&[0x66, 0xba]).b(&layout::COM2_PORT.to_le_bytes()); // mov dx, DATA
+    a.b(&[0xec]); // in al, dx
+    a.b(&[0x00, 0xc8]); // add al, cl
+    a.b(&[0xee]); // out dx, al
+    a.b(&[0xff, 0xc1]); // inc ecx
+    a.b(&[0x89, 0x0c, 0x25]).b(&COUNTER.to_le_bytes()); // mov [COUNTER], ecx
+    a.b(&[0x83, 0xf9, 0x0a]); // cmp ecx, 10
+    a.jne("poll");
+    a.b(&[0x66, 0xba]).b(&layout::I8042_CMD_PORT.to_le_bytes());
+    a.b(&[0xb0, 0xfe, 0xee]); // mov al, 0xfe; out dx, al
+    a.label("spin").b(&[0xf3, 0x90]).jmp("spin");
+    elf(&a.finish())
+}
+
+/// A VM of the counting guest with fresh channel pipes: (vm, guest input, guest output).
+fn counting_vm(
+    dir: &Path,
+    restore_from: Option<(&Path, &str)>,
+) -> Result<(Vm, std::fs::File, std::sync::mpsc::Receiver<u8>), rvmm::vmm::Error> {
+    let (in_r, in_w) = nix::unistd::pipe().unwrap();
+    let (out_r, out_w) = nix::unistd::pipe().unwrap();
+    let mut cfg = config(dir, counting_echo_guest(), vec![]);
+    cfg.channel = Some(rvmm::vmm::Channel {
+        input: in_r,
+        output: out_w,
+    });
+    let vm = match restore_from {
+        None => Vm::new(cfg)?,
+        Some((snap, tag)) => Vm::restore(cfg, snap, tag)?,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::from(out_r);
+        let mut b = [0u8; 1];
+        while std::io::Read::read(&mut f, &mut b).unwrap_or(0) == 1 {
+            if tx.send(b[0]).is_err() {
+                return;
+            }
+        }
+    });
+    Ok((vm, std::fs::File::from(in_w), rx))
+}
+
+fn echo(input: &mut std::fs::File, output: &std::sync::mpsc::Receiver<u8>, n: usize) -> Vec<u8> {
+    std::io::Write::write_all(input, &vec![b'A'; n]).unwrap();
+    (0..n)
+        .map(|_| output.recv_timeout(Duration::from_secs(30)).unwrap())
+        .collect()
+}
+
+#[test]
+fn snapshot_restores_a_running_guest_in_a_new_vm() {
+    if !common::have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+
+    // Boot, echo five bytes, snapshot while the guest polls COM2, then throw the VM away.
+    let (vm, mut input, output) = counting_vm(dir.path(), None).unwrap();
+    let ctl = vm.controller();
+    let t = std::thread::spawn(move || vm.run());
+    assert_eq!(echo(&mut input, &output, 5), b"ABCDE");
+    let written = ctl.snapshot(&snap, "tiny").unwrap();
+    assert!(
+        written > 0 && written < 16 << 20,
+        "{written} bytes of memory written"
+    );
+    // The guest still runs after the snapshot.
+    assert_eq!(echo(&mut input, &output, 1), b"F");
+    ctl.stop();
+    assert_eq!(t.join().unwrap().unwrap(), VmExit::Stopped);
+    let memory = std::fs::read(snap.join("memory")).unwrap();
+    assert_eq!(memory.len(), 16 << 20);
+    assert_eq!(&memory[0x20_0000..0x20_0004], &5u32.to_le_bytes());
+
+    // A new VM from the snapshot goes on from the fifth byte (registers, memory, UART state),
+    // and its writes never reach the snapshot's memory file (MAP_PRIVATE).
+    let (vm, mut input, output) = counting_vm(dir.path(), Some((&snap, "tiny"))).unwrap();
+    let runner = std::thread::spawn(move || run_with_timeout(vm));
+    assert_eq!(echo(&mut input, &output, 5), b"FGHIJ");
+    assert_eq!(runner.join().unwrap().unwrap(), VmExit::Reset);
+    assert!(std::fs::read(snap.join("memory")).unwrap() == memory);
+
+    // Twice from the same snapshot: the same start.
+    let (vm, mut input, output) = counting_vm(dir.path(), Some((&snap, "tiny"))).unwrap();
+    let ctl = vm.controller();
+    let runner = std::thread::spawn(move || vm.run());
+    assert_eq!(echo(&mut input, &output, 1), b"F");
+    ctl.stop();
+    assert_eq!(runner.join().unwrap().unwrap(), VmExit::Stopped);
+
+    // Refusals: one clear line each, never a VM.
+    let refuse = |cfg_mem: Option<u32>, tag: &str| -> String {
+        let (in_r, _in_w) = nix::unistd::pipe().unwrap();
+        let (_out_r, out_w) = nix::unistd::pipe().unwrap();
+        let mut cfg = config(dir.path(), counting_echo_guest(), vec![]);
+        cfg.channel = Some(rvmm::vmm::Channel {
+            input: in_r,
+            output: out_w,
+        });
+        if let Some(m) = cfg_mem {
+            cfg.mem_mib = m;
+        }
+        match Vm::restore(cfg, &snap, tag) {
+            Ok(_) => panic!("restore accepted a mismatched snapshot"),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert!(refuse(None, "other").contains("another kernel"));
+    let e = refuse(Some(32), "tiny");
+    assert!(e.contains("16 MiB") && e.contains("32 MiB"), "{e}");
+    let state = std::fs::read(snap.join("snapshot.json")).unwrap();
+    std::fs::write(snap.join("snapshot.json"), &state[..state.len() / 2]).unwrap();
+    let e = refuse(None, "tiny");
+    assert!(e.contains("not an rvmm snapshot"), "{e}");
+    std::fs::write(snap.join("snapshot.json"), &state).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap.join("memory"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let e = refuse(None, "tiny");
+    assert!(e.contains("not 16 MiB"), "{e}");
+    // A VM that is not running cannot be snapshotted.
+    let (vm, _i, _o) = counting_vm(dir.path(), None).unwrap();
+    let e = vm.controller().snapshot(&dir.path().join("s2"), "tiny");
+    assert!(e.unwrap_err().to_string().contains("not running"));
 }

@@ -41,11 +41,11 @@ pub struct Args {
 pub fn parse_disk(s: &str) -> DiskConfig {
     match s.strip_suffix(":ro") {
         Some(p) => DiskConfig {
-            path: PathBuf::from(p),
+            path: Some(PathBuf::from(p)),
             read_only: true,
         },
         None => DiskConfig {
-            path: PathBuf::from(s.strip_suffix(":rw").unwrap_or(s)),
+            path: Some(PathBuf::from(s.strip_suffix(":rw").unwrap_or(s))),
             read_only: false,
         },
     }
@@ -118,9 +118,9 @@ mod tests {
     fn disk_flags() {
         let d = parse_disk("/a/b.img:ro");
         assert!(d.read_only);
-        assert_eq!(d.path, PathBuf::from("/a/b.img"));
+        assert_eq!(d.path, Some(PathBuf::from("/a/b.img")));
         let d = parse_disk("x.img");
         assert!(!d.read_only);
-        assert_eq!(parse_disk("x.img:rw").path, PathBuf::from("x.img"));
+        assert_eq!(parse_disk("x.img:rw").path, Some(PathBuf::from("x.img")));
     }
 }

@@ -25,6 +25,9 @@ impl SerialEvents for DrainSignal {
     }
 }
 
+/// The 16550's receive FIFO size (vm-superio's, which it does not export).
+const FIFO_SIZE: usize = 64;
+
 /// Where the guest's transmitted bytes go.
 pub type SerialOut = Box<dyn Write + Send>;
 
@@ -71,6 +74,21 @@ impl SerialDevice {
         Self {
             serial: Serial::with_events(irq, DrainSignal(drained), out),
         }
+    }
+
+    /// A UART with saved register state and FIFO contents (snapshot restore). A FIFO longer than
+    /// the UART's is cut to its size.
+    pub fn from_state(
+        state: &SerialState,
+        irq: IrqLine,
+        out: SerialOut,
+        drained: Arc<EventFd>,
+    ) -> Result<Self, String> {
+        let mut state = state.clone();
+        state.in_buffer.truncate(FIFO_SIZE);
+        let serial = Serial::from_state(&state, irq, DrainSignal(drained), out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Self { serial })
     }
 
     /// Free space in the receive FIFO.

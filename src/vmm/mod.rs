@@ -16,19 +16,26 @@ mod events;
 pub mod kvm;
 pub mod layout;
 pub mod mptable;
+pub mod snapshot;
 pub mod vcpu;
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, VcpuFd, VmFd};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -42,6 +49,7 @@ use crate::devices::virtio::VirtioDevice;
 use crate::devices::{lock, Bus, IrqLine, SharedDevice};
 
 pub use kvm::HostKind;
+use snapshot::{Layout, Raw, SerialSnap, Slot, Snapshot, TransportSnap, VcpuState};
 
 /// Kernel command-line additions a guest needs on kvm_pvm: the one list in
 /// guest-kernel/cmdline-kvm_pvm.txt, embedded in the binary (see `crate::kernel`).
@@ -108,7 +116,9 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodu
 
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
-    pub path: PathBuf,
+    /// The backing file; `None` is an empty slot (zero sectors) until
+    /// [`Controller::replace_disk`] points it at a file.
+    pub path: Option<PathBuf>,
     pub read_only: bool,
 }
 
@@ -191,6 +201,8 @@ pub enum Error {
     EventLoop(#[source] event_manager::Error),
     #[error("{0}")]
     Guest(String),
+    #[error("{0}")]
+    Snapshot(String),
 }
 
 fn ioctl_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -211,6 +223,56 @@ pub(crate) struct Shared {
     pub(crate) stopping: AtomicBool,
     reason: Mutex<Option<ExitReason>>,
     exit_evt: EventFd,
+    pub(crate) pause: Pause,
+    /// The running vCPU threads (empty before `run` and once it is stopping them).
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    /// KVM's MSR index list, for saving vCPUs.
+    pub(crate) msr_index: Vec<u32>,
+    /// Whether vCPU state includes XSAVE.
+    pub(crate) xsave: bool,
+}
+
+/// Parks vCPU threads for a snapshot: each one saves its own state and waits for the resume.
+#[derive(Default)]
+pub(crate) struct Pause {
+    flag: AtomicBool,
+    inner: Mutex<PauseInner>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct PauseInner {
+    requested: bool,
+    saved: Vec<(u8, Result<VcpuState, String>)>,
+}
+
+impl Pause {
+    pub(crate) fn requested(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Called by vCPU `id` outside KVM_RUN: hands over its state, then waits for the resume (or
+    /// the VM stopping).
+    pub(crate) fn park(
+        &self,
+        id: u8,
+        stopping: &AtomicBool,
+        save: impl FnOnce() -> Result<VcpuState, String>,
+    ) {
+        let st = save();
+        let mut g = lock(&self.inner);
+        if !g.requested || g.saved.iter().any(|(i, _)| *i == id) {
+            return;
+        }
+        g.saved.push((id, st));
+        self.cv.notify_all();
+        while g.requested && !stopping.load(Ordering::Acquire) {
+            g = match self.cv.wait_timeout(g, Duration::from_millis(20)) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
 }
 
 impl Shared {
@@ -236,9 +298,179 @@ impl StopHandle {
     }
 }
 
+/// Controls a running VM from another thread: stop it, snapshot it, swap a disk.
+#[derive(Clone)]
+pub struct Controller(Arc<Control>);
+
+struct Control {
+    shared: Arc<Shared>,
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    serials: [Arc<Mutex<SerialDevice>>; 2],
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    layout: Layout,
+    cmdline: String,
+}
+
+/// How long a snapshot waits for the vCPUs to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Controller {
+    pub fn stop(&self) {
+        self.0.shared.request_exit(ExitReason::Stopped);
+    }
+
+    /// The machine layout a snapshot of this VM records.
+    pub fn layout(&self) -> &Layout {
+        &self.0.layout
+    }
+
+    /// Pauses the VM, writes a snapshot into `dir` (created if missing), and resumes it. `tag` is
+    /// the caller's identity of the guest; a restore must present the same. Returns the bytes of
+    /// guest memory written (zero pages are holes).
+    pub fn snapshot(&self, dir: &Path, tag: &str) -> Result<u64, Error> {
+        let vcpus = self.pause_all().map_err(Error::Snapshot);
+        let result = vcpus.and_then(|vcpus| self.save_paused(dir, tag, vcpus));
+        self.resume();
+        result
+    }
+
+    fn save_paused(&self, dir: &Path, tag: &str, vcpus: Vec<VcpuState>) -> Result<u64, Error> {
+        let c = &self.0;
+        // Devices stay locked until memory is written: the event thread cannot touch a queue
+        // (or the guest memory behind it) in between.
+        let serials: Vec<_> = c.serials.iter().map(|s| lock(s)).collect();
+        let transports: Vec<_> = c.transports.iter().map(|t| lock(t)).collect();
+        let mut irqchips = Vec::new();
+        for chip_id in 0..3 {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            c.vm.get_irqchip(&mut chip)
+                .map_err(ioctl_err("KVM_GET_IRQCHIP"))?;
+            irqchips.push(Raw(chip));
+        }
+        let snap = Snapshot {
+            magic: snapshot::MAGIC.into(),
+            format: snapshot::FORMAT,
+            rvmm: snapshot::rvmm_version(),
+            tag: tag.into(),
+            layout: c.layout.clone(),
+            cmdline: c.cmdline.clone(),
+            vcpus,
+            irqchips,
+            pit: Raw(c.vm.get_pit2().map_err(ioctl_err("KVM_GET_PIT2"))?),
+            clock: Raw(c.vm.get_clock().map_err(ioctl_err("KVM_GET_CLOCK"))?),
+            serials: serials
+                .iter()
+                .map(|s| SerialSnap::from(s.state()))
+                .collect(),
+            transports: transports
+                .iter()
+                .map(|t| {
+                    let (state, queues) = t.save();
+                    TransportSnap {
+                        state,
+                        queues: queues.into_iter().map(Into::into).collect(),
+                    }
+                })
+                .collect(),
+        };
+        let io = |e: std::io::Error| Error::Snapshot(format!("writing the snapshot: {e}"));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let written =
+            snapshot::write_memory(&c.mem, &dir.join(snapshot::MEMORY_FILE)).map_err(io)?;
+        snap.write(dir).map_err(io)?;
+        Ok(written)
+    }
+
+    /// Parks every vCPU and collects their states.
+    fn pause_all(&self) -> Result<Vec<VcpuState>, String> {
+        let sh = &self.0.shared;
+        let n = usize::from(self.0.layout.vcpus);
+        {
+            let mut g = lock(&sh.pause.inner);
+            g.requested = true;
+            g.saved.clear();
+        }
+        sh.pause.flag.store(true, Ordering::Release);
+        let t0 = Instant::now();
+        loop {
+            {
+                let threads = lock(&sh.vcpu_threads);
+                if threads.len() != n {
+                    return Err("the VM is not running".into());
+                }
+                for &t in threads.iter() {
+                    // SAFETY: the thread is alive: `run` empties the list (under this lock)
+                    // before it joins any vCPU thread.
+                    unsafe { libc::pthread_kill(t, kick_signal()) };
+                }
+            }
+            let g = lock(&sh.pause.inner);
+            let (mut g, _) = match sh.pause.cv.wait_timeout(g, Duration::from_millis(2)) {
+                Ok(r) => r,
+                Err(p) => p.into_inner(),
+            };
+            if g.saved.len() == n {
+                let mut saved = std::mem::take(&mut g.saved);
+                saved.sort_by_key(|(id, _)| *id);
+                return saved.into_iter().map(|(_, s)| s).collect();
+            }
+            if sh.stopping.load(Ordering::Acquire) {
+                return Err("the VM is stopping".into());
+            }
+            if t0.elapsed() > PAUSE_TIMEOUT {
+                return Err(format!("the vCPUs did not pause within {PAUSE_TIMEOUT:?}"));
+            }
+        }
+    }
+
+    fn resume(&self) {
+        let p = &self.0.shared.pause;
+        let mut g = lock(&p.inner);
+        g.requested = false;
+        g.saved.clear();
+        p.flag.store(false, Ordering::Release);
+        p.cv.notify_all();
+    }
+
+    /// Points disk `index` (in `VmConfig::disks` order) at `path` and tells the guest its new
+    /// capacity (a configuration-change interrupt).
+    pub fn replace_disk(&self, index: usize, path: &Path) -> Result<(), Error> {
+        let Some(t) = self.0.transports.get(index) else {
+            return Err(Error::Snapshot(format!("there is no disk {index}")));
+        };
+        let read_only = match self.0.layout.devices.get(index) {
+            Some(Slot::Block { read_only }) => *read_only,
+            _ => return Err(Error::Snapshot(format!("device {index} is not a disk"))),
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| block::Error::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let size = file
+            .metadata()
+            .map_err(|source| block::Error::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        if !lock(t).replace_disk(file, size) {
+            return Err(Error::Snapshot(format!("device {index} is not a disk")));
+        }
+        Ok(())
+    }
+}
+
 /// A created, not yet running VM.
 pub struct Vm {
-    _vm: VmFd,
+    vm: Arc<VmFd>,
     vcpus: Vec<VcpuFd>,
     mem: GuestMemoryMmap,
     pio: Bus,
@@ -247,6 +479,7 @@ pub struct Vm {
     events: events::Handler,
     kind: HostKind,
     cmdline: String,
+    control: Controller,
 }
 
 /// How long `run` waits for vCPU threads to stop.
@@ -259,10 +492,43 @@ fn kick_signal() -> i32 {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// A snapshot being restored: its state and its memory file.
+struct Restore {
+    snap: Snapshot,
+    memory: File,
+}
+
 impl Vm {
     /// Validates the configuration, creates the VM, loads the kernel and sets up every device and
     /// vCPU. Nothing runs yet. On error nothing is left behind (everything is owned and dropped).
     pub fn new(cfg: VmConfig) -> Result<Vm, Error> {
+        Self::build(cfg, None)
+    }
+
+    /// Creates a VM from the snapshot in `dir` instead of booting: guest memory is the snapshot's
+    /// memory file mapped copy-on-write, and vCPUs, interrupt controllers, clock and devices are
+    /// put back as they were. `cfg` provides this run's backends (disks, taps, channel, console)
+    /// and must have the snapshot's layout; its kernel, initrd and command line are not used.
+    /// `tag` must be the one the snapshot was taken with. Any mismatch or damage is one clear
+    /// error ([`Error::Snapshot`]).
+    pub fn restore(cfg: VmConfig, dir: &Path, tag: &str) -> Result<Vm, Error> {
+        let layout = layout_of(&cfg, kvm::host_kind());
+        let snap = Snapshot::load(dir, tag, &layout).map_err(Error::Snapshot)?;
+        let path = dir.join(snapshot::MEMORY_FILE);
+        let memory = File::open(&path)
+            .map_err(|e| Error::Snapshot(format!("cannot open {}: {e}", path.display())))?;
+        let len = memory.metadata().map(|m| m.len()).unwrap_or(0);
+        if len != u64::from(cfg.mem_mib) << 20 {
+            return Err(Error::Snapshot(format!(
+                "{} is {len} bytes, not {} MiB",
+                path.display(),
+                cfg.mem_mib
+            )));
+        }
+        Self::build(cfg, Some(Restore { snap, memory }))
+    }
+
+    fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         if cfg.mem_mib < layout::MIN_MEM_MIB {
             return Err(Error::MemoryTooSmall(cfg.mem_mib));
         }
@@ -276,12 +542,26 @@ impl Vm {
         if ndev > layout::MAX_VIRTIO_DEVICES as usize {
             return Err(Error::TooManyDevices(ndev));
         }
-        boot::check_elf(&cfg.kernel)?;
+        let kind = kvm::host_kind();
+        let vm_layout = layout_of(&cfg, kind);
+        if restore.is_none() {
+            boot::check_elf(&cfg.kernel)?;
+        }
         let disks = cfg
             .disks
             .iter()
             .enumerate()
-            .map(|(i, d)| Block::open(&d.path, d.read_only, &format!("rvmm-vd{}", disk_letter(i))))
+            .map(|(i, d)| {
+                let id = format!("rvmm-vd{}", disk_letter(i));
+                match &d.path {
+                    Some(p) => Block::open(p, d.read_only, &id),
+                    // An empty slot: no sectors until `Controller::replace_disk`.
+                    None => Block::open(Path::new("/dev/null"), true, &id).map(|mut b| {
+                        b.set_read_only(d.read_only);
+                        b
+                    }),
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let nets = cfg
             .net
@@ -294,15 +574,16 @@ impl Vm {
                 Ok(Net::new(tap, n.mac))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        if let Some(p) = &cfg.initrd {
-            std::fs::metadata(p).map_err(|source| boot::Error::Initrd {
-                path: p.clone(),
-                source,
-            })?;
+        if restore.is_none() {
+            if let Some(p) = &cfg.initrd {
+                std::fs::metadata(p).map_err(|source| boot::Error::Initrd {
+                    path: p.clone(),
+                    source,
+                })?;
+            }
         }
 
         let kvm = kvm::open()?;
-        let kind = kvm::host_kind();
         let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(layout::KVM_TSS_START as usize)
             .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
@@ -314,13 +595,17 @@ impl Vm {
         };
         vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
 
-        // Guest RAM, split around the MMIO gap.
+        // Guest RAM, split around the MMIO gap: anonymous for a boot, the snapshot's memory file
+        // mapped copy-on-write for a restore.
         let bytes = u64::from(cfg.mem_mib) << 20;
         let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(bytes)
             .into_iter()
             .map(|(a, l)| (GuestAddress(a), l as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(Error::Memory)?;
+        let mem = match &restore {
+            None => GuestMemoryMmap::from_ranges(&ranges).map_err(Error::Memory)?,
+            Some(r) => file_memory(&ranges, &r.memory)?,
+        };
         for (slot, r) in mem.iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -336,10 +621,18 @@ impl Vm {
         }
 
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let msr_index = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
             reason: Mutex::new(None),
             exit_evt,
+            pause: Pause::default(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            msr_index,
+            xsave: kvm.check_extension(Cap::Xsave),
         });
 
         let irq = |gsi: u32| -> Result<IrqLine, Error> {
@@ -347,6 +640,12 @@ impl Vm {
             vm.register_irqfd(&evt, gsi)
                 .map_err(ioctl_err("KVM_IRQFD"))?;
             Ok(IrqLine { gsi, evt })
+        };
+        let saved = restore.as_ref().map(|r| &r.snap);
+        let serial = |i: usize, irq: IrqLine, out, drained| match saved {
+            None => Ok(SerialDevice::new(irq, out, drained)),
+            Some(s) => SerialDevice::from_state(&(&s.serials[i]).into(), irq, out, drained)
+                .map_err(Error::Snapshot),
         };
 
         // Port I/O: COM1, COM2, i8042.
@@ -364,11 +663,12 @@ impl Vm {
             Console::Null => Box::new(std::io::sink()),
         };
         let drained1 = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
-        let com1 = Arc::new(Mutex::new(SerialDevice::new(
+        let com1 = Arc::new(Mutex::new(serial(
+            0,
             irq(layout::COM1_IRQ)?,
             console_out,
             drained1.clone(),
-        )));
+        )?));
         pio.insert(
             u64::from(layout::COM1_PORT),
             u64::from(layout::SERIAL_PORT_SIZE),
@@ -376,18 +676,19 @@ impl Vm {
         )
         .map_err(Error::Device)?;
         if matches!(cfg.console, Console::Stdio) {
-            handler.add_input(events::InputSource::Stdin, com1, drained1);
+            handler.add_input(events::InputSource::Stdin, com1.clone(), drained1);
         }
         let (chan_in, chan_out): (Option<OwnedFd>, Box<dyn Write + Send>) = match cfg.channel {
             Some(c) => (Some(c.input), Box::new(File::from(c.output))),
             None => (None, Box::new(std::io::sink())),
         };
         let drained2 = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
-        let com2 = Arc::new(Mutex::new(SerialDevice::new(
+        let com2 = Arc::new(Mutex::new(serial(
+            1,
             irq(layout::COM2_IRQ)?,
             chan_out,
             drained2.clone(),
-        )));
+        )?));
         pio.insert(
             u64::from(layout::COM2_PORT),
             u64::from(layout::SERIAL_PORT_SIZE),
@@ -395,7 +696,7 @@ impl Vm {
         )
         .map_err(Error::Device)?;
         if let Some(fd) = chan_in {
-            handler.add_input(events::InputSource::Owned(fd), com2, drained2);
+            handler.add_input(events::InputSource::Owned(fd), com2.clone(), drained2);
         }
         let s = shared.clone();
         let kbd: SharedDevice = Arc::new(Mutex::new(I8042::new(Box::new(move || {
@@ -421,12 +722,21 @@ impl Vm {
                 let fd = n.tap_fd();
                 (Box::new(n) as Box<dyn VirtioDevice>, Some(fd))
             }));
+        let mut transports = Vec::new();
         for (i, (dev, backend_fd)) in devices.enumerate() {
             let idx = i as u32;
             let addr = layout::virtio_mmio_addr(idx);
             let gsi = layout::virtio_irq(idx);
-            let t =
-                MmioTransport::new(dev, mem.clone(), Arc::new(irq(gsi)?)).map_err(Error::Queue)?;
+            let irq = Arc::new(irq(gsi)?);
+            let t = match saved {
+                None => MmioTransport::new(dev, mem.clone(), irq).map_err(Error::Queue)?,
+                Some(s) => {
+                    let ts = s.transports[i].clone();
+                    let queues = ts.queues.into_iter().map(Into::into).collect();
+                    MmioTransport::restore(dev, mem.clone(), irq, ts.state, queues)
+                        .map_err(Error::Snapshot)?
+                }
+            };
             let nq = t.num_queues();
             let t = Arc::new(Mutex::new(t));
             for q in 0..nq {
@@ -442,8 +752,9 @@ impl Vm {
             if let Some(fd) = backend_fd {
                 handler.add_backend(fd, t.clone());
             }
-            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, t)
+            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, t.clone())
                 .map_err(Error::Device)?;
+            transports.push(t);
             cmdline.push_str(&format!(
                 " virtio_mmio.device={}K@{:#x}:{}",
                 layout::VIRTIO_MMIO_SIZE / 1024,
@@ -452,27 +763,67 @@ impl Vm {
             ));
         }
 
-        let entry = boot::load(
-            &mem,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            &cmdline,
-            cfg.vcpus,
-        )?;
         let cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
-        for id in 0..cfg.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
-            vcpu::configure(&fd, id, cfg.vcpus, &cpuid, entry, &mem, kind)?;
-            vcpus.push(fd);
+        match &restore {
+            None => {
+                let entry = boot::load(
+                    &mem,
+                    &cfg.kernel,
+                    cfg.initrd.as_deref(),
+                    &cmdline,
+                    cfg.vcpus,
+                )?;
+                for id in 0..cfg.vcpus {
+                    let fd = vm
+                        .create_vcpu(u64::from(id))
+                        .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+                    vcpu::configure(&fd, id, cfg.vcpus, &cpuid, entry, &mem, kind)?;
+                    vcpus.push(fd);
+                }
+            }
+            Some(r) => {
+                cmdline = r.snap.cmdline.clone();
+                for (i, chip) in r.snap.irqchips.iter().enumerate() {
+                    if chip.0.chip_id as usize != i {
+                        return Err(Error::Snapshot(
+                            "the saved irqchips are out of order".into(),
+                        ));
+                    }
+                    vm.set_irqchip(&chip.0)
+                        .map_err(ioctl_err("KVM_SET_IRQCHIP"))?;
+                }
+                vm.set_pit2(&r.snap.pit.0)
+                    .map_err(ioctl_err("KVM_SET_PIT2"))?;
+                for (id, st) in (0..cfg.vcpus).zip(&r.snap.vcpus) {
+                    let fd = vm
+                        .create_vcpu(u64::from(id))
+                        .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+                    vcpu::restore_state(&fd, id, cfg.vcpus, &cpuid, kind, st)?;
+                    vcpus.push(fd);
+                }
+                // The guest's clock goes on from where it was saved (not from the host's
+                // realtime clock): no jump, no timer firing early.
+                let mut clock = r.snap.clock.0;
+                clock.flags = 0;
+                vm.set_clock(&clock).map_err(ioctl_err("KVM_SET_CLOCK"))?;
+            }
         }
         log::debug!("kernel command line: {cmdline}");
+        let vm = Arc::new(vm);
+        let control = Controller(Arc::new(Control {
+            shared: shared.clone(),
+            vm: vm.clone(),
+            mem: mem.clone(),
+            serials: [com1, com2],
+            transports,
+            layout: vm_layout,
+            cmdline: cmdline.clone(),
+        }));
         Ok(Vm {
-            _vm: vm,
+            vm,
             vcpus,
             mem,
             pio,
@@ -481,7 +832,13 @@ impl Vm {
             events: handler,
             kind,
             cmdline,
+            control,
         })
+    }
+
+    /// A handle to stop, snapshot or re-point a disk of this VM once it runs.
+    pub fn controller(&self) -> Controller {
+        self.control.clone()
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -512,13 +869,14 @@ impl Vm {
             }
         });
         let Vm {
-            _vm,
+            vm,
             vcpus,
             mem,
             pio,
             mmio,
             shared,
             events,
+            control,
             ..
         } = self;
         let mut threads = Vec::new();
@@ -531,7 +889,11 @@ impl Vm {
                     vcpu::run_loop(fd, id as u8, &pio, &mmio, &sh);
                 });
             match t {
-                Ok(t) => threads.push(t),
+                Ok(t) => {
+                    use std::os::unix::thread::JoinHandleExt;
+                    lock(&shared.vcpu_threads).push(t.as_pthread_t());
+                    threads.push(t)
+                }
                 Err(e) => {
                     shared
                         .request_exit(ExitReason::Error(format!("cannot start vCPU thread: {e}")));
@@ -543,6 +905,9 @@ impl Vm {
         if loop_result.is_err() {
             shared.request_exit(ExitReason::Error("event loop failed".into()));
         }
+        // No snapshot may kick a thread that is being joined.
+        lock(&shared.vcpu_threads).clear();
+        control.resume();
         // Kick every vCPU out of KVM_RUN until all threads are done. A vCPU blocked in a device
         // (e.g. writing to a console pipe nobody reads) is left behind after a grace period rather
         // than hanging the caller.
@@ -561,6 +926,8 @@ impl Vm {
             }
         }
         drop(mem);
+        drop(control);
+        drop(vm);
         loop_result.map_err(Error::EventLoop)?;
         let reason = lock(&shared.reason).clone();
         match reason {
@@ -570,6 +937,48 @@ impl Vm {
             Some(ExitReason::Error(e)) => Err(Error::Guest(e)),
         }
     }
+}
+
+/// The layout a snapshot of a VM built from `cfg` records.
+fn layout_of(cfg: &VmConfig, kind: HostKind) -> Layout {
+    Layout {
+        vcpus: cfg.vcpus,
+        mem_mib: cfg.mem_mib,
+        devices: cfg
+            .disks
+            .iter()
+            .map(|d| Slot::Block {
+                read_only: d.read_only,
+            })
+            .chain(cfg.net.iter().map(|_| Slot::Net))
+            .collect(),
+        channel: cfg.channel.is_some(),
+        host: kind.name().into(),
+    }
+}
+
+/// Guest memory backed by `file` (regions back to back), private and copy-on-write.
+fn file_memory(ranges: &[(GuestAddress, usize)], file: &File) -> Result<GuestMemoryMmap, Error> {
+    let mut regions = Vec::new();
+    let mut off = 0u64;
+    for &(addr, len) in ranges {
+        let fd = file
+            .try_clone()
+            .map_err(|e| Error::Snapshot(format!("memory file: {e}")))?;
+        let region = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(fd, off))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| Error::Snapshot(format!("cannot map the memory file: {e}")))?;
+        regions.push(
+            GuestRegionMmap::new(region, addr)
+                .ok_or_else(|| Error::Snapshot("memory region out of range".into()))?,
+        );
+        off += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| Error::Snapshot(format!("guest memory from the snapshot: {e}")))
 }
 
 fn disk_letter(i: usize) -> char {

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs,
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -12,6 +12,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::boot::{self, BootEntry, EntryMode};
 use super::kvm::HostKind;
+use super::snapshot::Raw;
+pub use super::snapshot::VcpuState;
 use super::{layout, ExitReason, Shared};
 use crate::devices::Bus;
 
@@ -33,33 +35,106 @@ fn setup_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Setup { what, source }
 }
 
-/// Register state of one vCPU (plain data, for snapshots).
-#[derive(Clone)]
-pub struct VcpuState {
-    pub regs: kvm_regs,
-    pub sregs: kvm_sregs,
-    pub fpu: kvm_fpu,
-    pub lapic: kvm_lapic_state,
+/// Reads everything KVM keeps about a vCPU. `msr_index` is KVM's MSR index list: the MSRs it
+/// refuses to read are left out.
+pub fn save_state(fd: &VcpuFd, msr_index: &[u32], xsave: bool) -> Result<VcpuState, Error> {
+    let mut msrs = Vec::new();
+    let mut i = 0;
+    while i < msr_index.len() {
+        let entries: Vec<kvm_msr_entry> = msr_index[i..]
+            .iter()
+            .take(256)
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut m = Msrs::from_entries(&entries).map_err(|_| Error::Cpuid)?;
+        let n = fd.get_msrs(&mut m).map_err(setup_err("KVM_GET_MSRS"))?;
+        msrs.extend(m.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+        // KVM stops at the first MSR it cannot read: skip it.
+        i += if n < entries.len() { n + 1 } else { n };
+    }
+    Ok(VcpuState {
+        regs: Raw(fd.get_regs().map_err(setup_err("KVM_GET_REGS"))?),
+        sregs: Raw(fd.get_sregs().map_err(setup_err("KVM_GET_SREGS"))?),
+        fpu: Raw(fd.get_fpu().map_err(setup_err("KVM_GET_FPU"))?),
+        xsave: if xsave {
+            Some(Raw(fd.get_xsave().map_err(setup_err("KVM_GET_XSAVE"))?))
+        } else {
+            None
+        },
+        xcrs: if xsave {
+            Some(Raw(fd.get_xcrs().map_err(setup_err("KVM_GET_XCRS"))?))
+        } else {
+            None
+        },
+        lapic: Raw(fd.get_lapic().map_err(setup_err("KVM_GET_LAPIC"))?),
+        mp_state: Raw(fd.get_mp_state().map_err(setup_err("KVM_GET_MP_STATE"))?),
+        events: Raw(fd
+            .get_vcpu_events()
+            .map_err(setup_err("KVM_GET_VCPU_EVENTS"))?),
+        debugregs: Raw(fd
+            .get_debug_regs()
+            .map_err(setup_err("KVM_GET_DEBUGREGS"))?),
+        msrs,
+    })
 }
 
-impl VcpuState {
-    pub fn save(fd: &VcpuFd) -> Result<Self, Error> {
-        Ok(Self {
-            regs: fd.get_regs().map_err(setup_err("KVM_GET_REGS"))?,
-            sregs: fd.get_sregs().map_err(setup_err("KVM_GET_SREGS"))?,
-            fpu: fd.get_fpu().map_err(setup_err("KVM_GET_FPU"))?,
-            lapic: fd.get_lapic().map_err(setup_err("KVM_GET_LAPIC"))?,
+/// Puts a saved state back, in the order KVM needs: CPUID first, the LAPIC before the MSRs
+/// (TSC deadline), pending events last.
+pub fn restore_state(
+    fd: &VcpuFd,
+    id: u8,
+    count: u8,
+    cpuid: &CpuId,
+    kind: HostKind,
+    st: &VcpuState,
+) -> Result<(), Error> {
+    let mut cpuid = cpuid.clone();
+    filter_cpuid(&mut cpuid, id, count, kind);
+    fd.set_cpuid2(&cpuid).map_err(setup_err("KVM_SET_CPUID2"))?;
+    fd.set_mp_state(st.mp_state.0)
+        .map_err(setup_err("KVM_SET_MP_STATE"))?;
+    fd.set_sregs(&st.sregs.0)
+        .map_err(setup_err("KVM_SET_SREGS"))?;
+    fd.set_regs(&st.regs.0).map_err(setup_err("KVM_SET_REGS"))?;
+    match &st.xsave {
+        // SAFETY: a kvm_xsave read back from KVM_GET_XSAVE of the same layout; the legacy
+        // 4 KiB buffer is what KVM_SET_XSAVE reads.
+        Some(x) => unsafe { fd.set_xsave(&x.0) }.map_err(setup_err("KVM_SET_XSAVE"))?,
+        None => fd.set_fpu(&st.fpu.0).map_err(setup_err("KVM_SET_FPU"))?,
+    }
+    if let Some(x) = &st.xcrs {
+        fd.set_xcrs(&x.0).map_err(setup_err("KVM_SET_XCRS"))?;
+    }
+    fd.set_debug_regs(&st.debugregs.0)
+        .map_err(setup_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&st.lapic.0)
+        .map_err(setup_err("KVM_SET_LAPIC"))?;
+    let entries: Vec<kvm_msr_entry> = st
+        .msrs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
         })
+        .collect();
+    let mut i = 0;
+    while i < entries.len() {
+        let chunk = &entries[i..(i + 256).min(entries.len())];
+        let m = Msrs::from_entries(chunk).map_err(|_| Error::Cpuid)?;
+        let n = fd.set_msrs(&m).map_err(setup_err("KVM_SET_MSRS"))?;
+        if n < chunk.len() {
+            log::debug!("vcpu {id}: KVM refused MSR {:#x}", chunk[n].index);
+            i += n + 1;
+        } else {
+            i += n;
+        }
     }
-
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), Error> {
-        fd.set_sregs(&self.sregs)
-            .map_err(setup_err("KVM_SET_SREGS"))?;
-        fd.set_regs(&self.regs).map_err(setup_err("KVM_SET_REGS"))?;
-        fd.set_fpu(&self.fpu).map_err(setup_err("KVM_SET_FPU"))?;
-        fd.set_lapic(&self.lapic)
-            .map_err(setup_err("KVM_SET_LAPIC"))
-    }
+    fd.set_vcpu_events(&st.events.0)
+        .map_err(setup_err("KVM_SET_VCPU_EVENTS"))
 }
 
 /// Filters KVM's supported CPUID for vCPU `id` of `count`.
@@ -262,6 +337,12 @@ pub(crate) fn run_loop(mut fd: VcpuFd, id: u8, pio: &Bus, mmio: &Bus, shared: &A
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return;
+        }
+        if shared.pause.requested() {
+            shared.pause.park(id, &shared.stopping, || {
+                save_state(&fd, &shared.msr_index, shared.xsave).map_err(|e| format!("{e:#}"))
+            });
+            continue;
         }
         let reason = match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {

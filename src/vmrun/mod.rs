@@ -209,7 +209,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         vcpus,
         mem_mib,
         disks: vec![DiskConfig {
-            path: disk,
+            path: Some(disk),
             read_only: true,
         }],
         console: Console::File(dir.join("console.log")),

@@ -116,6 +116,12 @@ impl Block {
         }
     }
 
+    /// Makes the disk read-only (or not) for the driver; a disk opened read-only stays so for
+    /// writes whatever this says, since its file cannot be written.
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
+    }
+
     pub fn capacity_sectors(&self) -> u64 {
         self.size / SECTOR_SIZE
     }
@@ -246,6 +252,12 @@ impl VirtioDevice for Block {
     fn features(&self) -> u64 {
         let ro = if self.read_only { F_RO } else { 0 };
         F_FLUSH | F_EVENT_IDX | ro
+    }
+
+    fn replace_disk(&mut self, file: File, size: u64) -> bool {
+        self.file = file;
+        self.size = size / SECTOR_SIZE * SECTOR_SIZE;
+        true
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -397,6 +409,29 @@ mod tests {
             0x3000,
         );
         assert_eq!(st, S_UNSUPP);
+    }
+
+    #[test]
+    fn an_empty_slot_takes_a_disk_later() {
+        let m = mem();
+        let mut b = Block::open(Path::new("/dev/null"), true, "rvmm-vda").unwrap();
+        assert_eq!(b.capacity_sectors(), 0);
+        hdr(&m, 0x1000, T_IN, 0);
+        let chain = [
+            desc(0x1000, 16, F_NEXT),
+            desc(0x2000, 512, F_NEXT | F_WRITE),
+            desc(0x3000, 1, F_WRITE),
+        ];
+        assert_eq!(run(&mut b, &m, &chain, 0x3000).1, S_IOERR);
+        let (f, _) = disk(true);
+        assert!(b.replace_disk(File::open(f.path()).unwrap(), 8 * 512 + 100));
+        assert_eq!(b.capacity_sectors(), 8);
+        let mut cfg = [0u8; 8];
+        b.read_config(0, &mut cfg);
+        assert_eq!(u64::from_le_bytes(cfg), 8);
+        hdr(&m, 0x1000, T_IN, 7);
+        assert_eq!(run(&mut b, &m, &chain, 0x3000).1, S_OK);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 7);
     }
 
     #[test]

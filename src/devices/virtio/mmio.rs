@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{status, Mem, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::devices::{BusDevice, IrqLine};
@@ -50,9 +50,11 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
 /// Interrupt status bit: a used buffer was added.
 pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the device configuration changed.
+pub const INT_CONFIG: u32 = 2;
 
 /// Transport register state (plain data, for snapshots).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TransportState {
     pub device_features_sel: u32,
     pub driver_features_sel: u32,
@@ -95,6 +97,74 @@ impl MmioTransport {
 
     pub fn state(&self) -> &TransportState {
         &self.state
+    }
+
+    /// The saved form of the transport and its queues (for snapshots; the device's own state is
+    /// its backend, which a restore provides anew).
+    pub fn save(&self) -> (TransportState, Vec<QueueState>) {
+        (
+            self.state.clone(),
+            self.queues.iter().map(|q| q.state()).collect(),
+        )
+    }
+
+    /// Wraps `device` with saved transport and queue state. The queues must match the device's
+    /// and, if the device was active, lie in guest memory; the device is activated again with the
+    /// features the driver had accepted.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: Mem,
+        irq: Arc<IrqLine>,
+        state: TransportState,
+        queues: Vec<QueueState>,
+    ) -> Result<Self, String> {
+        let sizes = device.queue_max_sizes();
+        if queues.len() != sizes.len()
+            || queues.iter().zip(sizes).any(|(q, &max)| q.max_size != max)
+        {
+            return Err("virtio queue layout differs from the device's".into());
+        }
+        let queues = queues
+            .into_iter()
+            .map(Queue::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("virtio queue state: {e}"))?;
+        if state.activated
+            && !queues
+                .iter()
+                .filter(|q| q.ready())
+                .all(|q| q.is_valid(&mem))
+        {
+            return Err("a saved virtio queue lies outside guest memory".into());
+        }
+        let mut t = Self {
+            device,
+            mem,
+            queues,
+            irq,
+            state,
+        };
+        if t.state.activated {
+            t.device.activate(t.state.acked_features);
+        }
+        Ok(t)
+    }
+
+    /// Tells the driver the device configuration changed (e.g. a disk's capacity).
+    pub fn config_changed(&mut self) {
+        self.state.config_generation = self.state.config_generation.wrapping_add(1);
+        self.state.interrupt_status |= INT_CONFIG;
+        self.irq.trigger();
+    }
+
+    /// Replaces a disk device's backing file and announces the new capacity to the driver.
+    /// Returns false for a device that has no disk.
+    pub fn replace_disk(&mut self, file: std::fs::File, size: u64) -> bool {
+        if !self.device.replace_disk(file, size) {
+            return false;
+        }
+        self.config_changed();
+        true
     }
 
     pub fn num_queues(&self) -> usize {
@@ -441,5 +511,61 @@ mod tests {
         let mut c = [0u8; 3];
         t.read(reg::CONFIG + 1, &mut c);
         assert_eq!(c, [7, 7, 7]);
+    }
+
+    #[test]
+    fn saved_state_restores_and_bad_state_is_refused() {
+        let mut t = transport();
+        w(&mut t, reg::STATUS, 3);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, reg::DRIVER_FEATURES, 1);
+        w(&mut t, reg::STATUS, 0xb);
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(t.state().activated);
+        let (state, queues) = t.save();
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = || {
+            Arc::new(IrqLine {
+                gsi: 5,
+                evt: EventFd::new(0).unwrap(),
+            })
+        };
+        let dev = || {
+            Box::new(Dummy {
+                processed: 0,
+                sizes: [16],
+            })
+        };
+        let mut back =
+            MmioTransport::restore(dev(), mem.clone(), irq(), state.clone(), queues.clone())
+                .unwrap();
+        assert_eq!(back.state(), t.state());
+        assert_eq!(r(&mut back, reg::STATUS), 0xf);
+        // Queues outside the (smaller) memory of the restoring VM are refused.
+        let small = Mem::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        assert!(
+            MmioTransport::restore(dev(), small, irq(), state.clone(), queues.clone()).is_err()
+        );
+        // So is a queue layout the device does not have.
+        let mut q2 = queues.clone();
+        q2.push(q2[0]);
+        assert!(MmioTransport::restore(dev(), mem, irq(), state, q2).is_err());
+    }
+
+    #[test]
+    fn config_change_bumps_the_generation_and_interrupts() {
+        let mut t = transport();
+        let g = r(&mut t, reg::CONFIG_GENERATION);
+        t.config_changed();
+        assert_eq!(r(&mut t, reg::CONFIG_GENERATION), g + 1);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS) & INT_CONFIG, INT_CONFIG);
+        assert_eq!(t.irq.evt.read().unwrap(), 1);
+        w(&mut t, reg::INTERRUPT_ACK, INT_CONFIG);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+        // The dummy has no disk: nothing to replace, no interrupt.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(!t.replace_disk(f, 512));
+        assert_eq!(r(&mut t, reg::CONFIG_GENERATION), g + 1);
     }
 }

@@ -49,6 +49,11 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &Mem) -> bool;
     /// Called on a device reset (status 0).
     fn reset(&mut self) {}
+    /// Replaces a disk's backing file with `file` of `size` bytes (the transport then announces
+    /// the change). Devices without a disk return false.
+    fn replace_disk(&mut self, _file: std::fs::File, _size: u64) -> bool {
+        false
+    }
     /// The device's backend (e.g. a tap) became ready; returns the queue it used, if any.
     fn backend_event(&mut self, _queues: &mut [Queue], _mem: &Mem) -> Option<usize> {
         None

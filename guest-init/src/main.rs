@@ -1,20 +1,24 @@
 //! rvmm-init: PID 1 inside an rvmm microVM. Built static (`-C target-feature=+crt-static`) and
-//! delivered in an initramfs with the run's `RunSpec` at /rvmm/spec.json.
+//! delivered as /init of an initramfs that holds nothing else.
 //!
 //! 1. mounts /dev, /proc, /sys of the initramfs; opens the channel (/dev/ttyS1, raw);
-//! 2. mounts the image disk (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay: the
+//! 2. sends READY and waits for the host's `Start` (SPEC frames): the `RunSpec`, fresh entropy,
+//!    the host's clock and the MAC. A warm start restores a snapshot taken right here, so
+//!    nothing before this point may be specific to one run; the image disk's slot is empty until
+//!    the host attaches the run's disk;
+//! 3. mixes in the entropy, steps the clock, waits for the disk, then mounts the image disk (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay: the
 //!    per-run writable layer, so the cached image disk is never written;
-//! 3. inside it: /proc, /sys (ro), a minimal /dev, /dev/pts, /dev/shm, /dev/mqueue, /etc/hosts,
+//! 4. inside it: /proc, /sys (ro), a minimal /dev, /dev/pts, /dev/shm, /dev/mqueue, /etc/hosts,
 //!    /etc/hostname, /etc/resolv.conf; loopback and eth0; hostname; then moves it to / (switch_root);
-//! 4. runs the workload as its child with the spec's user, env and cwd, stdout/stderr on pipes
+//! 5. runs the workload as its child with the spec's user, env and cwd, stdout/stderr on pipes
 //!    (or a pty with -t), relays them as channel frames, stdin and signals the other way;
-//! 5. reaps every orphan; when the workload exits, sends its status and powers off.
+//! 6. reaps every orphan; when the workload exits, sends its status and powers off.
 //!
 //! Failures before the workload starts are reported as a FAILED frame (125, or 126/127 for
 //! exec) so the host prints one clear line.
 
 use rvmm_proto::frame;
-use rvmm_proto::RunSpec;
+use rvmm_proto::Start;
 
 mod sys;
 
@@ -25,6 +29,13 @@ const NEWROOT: &str = "/newroot";
 
 /// Guest uptime when PID 1 started, for the STARTED frame (the kernel's share of a cold start).
 pub static INIT_UPTIME_MS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// Guest uptime when the `Start` arrived.
+pub static SPEC_UPTIME_MS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The largest `Start` accepted.
+const MAX_START: usize = 16 << 20;
+/// How long the image disk may take to appear after the `Start`.
+const DISK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn main() {
     INIT_UPTIME_MS.store(sys::uptime_ms(), std::sync::atomic::Ordering::Relaxed);
@@ -85,11 +96,43 @@ fn early() -> Result<libc::c_int, String> {
 
 type Fail = (u8, String);
 
+/// Sends READY, then reads SPEC frames up to SPEC_END.
+fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
+    ch.send(frame::READY, &[]);
+    let mut dec = frame::Decoder::default();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some((kind, payload)) = dec.next_frame().map_err(|e| (125, e))? {
+            match kind {
+                frame::SPEC if raw.len() + payload.len() <= MAX_START => raw.extend(payload),
+                frame::SPEC => return Err((125, "the run spec is too large".into())),
+                frame::SPEC_END => {
+                    SPEC_UPTIME_MS.store(sys::uptime_ms(), std::sync::atomic::Ordering::Relaxed);
+                    return serde_json::from_slice(&raw)
+                        .map_err(|e| (125, format!("parsing the run spec: {e}")));
+                }
+                _ => {}
+            }
+        }
+        // SAFETY: reading into a stack buffer we own.
+        let n = unsafe { libc::read(ch.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            dec.feed(&buf[..n as usize]);
+        } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return Err((125, "the channel closed before the run spec arrived".into()));
+        }
+    }
+}
+
 fn run(ch: &mut Channel) -> Result<i32, Fail> {
-    let raw = std::fs::read("/rvmm/spec.json")
-        .map_err(|e| (125, format!("reading the run spec: {e}")))?;
-    let spec: RunSpec =
-        serde_json::from_slice(&raw).map_err(|e| (125, format!("parsing the run spec: {e}")))?;
+    let start = wait_start(ch)?;
+    // Before anything else: this guest's own randomness and time.
+    sys::add_entropy(&start.entropy).map_err(|e| (125, format!("seeding the RNG: {e}")))?;
+    sys::set_realtime(start.realtime.0, start.realtime.1)
+        .map_err(|e| (125, format!("setting the clock: {e}")))?;
+    let spec = start.spec;
+    sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(|e| (125, e))?;
 
     // The image disk under a tmpfs overlay.
     mkdir_p("/image");
@@ -219,6 +262,9 @@ fn run(ch: &mut Channel) -> Result<i32, Fail> {
 
     sys::set_hostname(&spec.hostname).map_err(|e| (125, e))?;
     sys::loopback_up();
+    if let Some(mac) = start.mac {
+        sys::set_mac(mac).map_err(|e| (125, e))?;
+    }
     if let (Some(a), Some(gw)) = (&spec.network.address, &spec.network.gateway) {
         sys::configure_eth0(a, gw).map_err(|e| (125, format!("configuring eth0: {e}")))?;
     }

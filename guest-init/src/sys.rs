@@ -350,3 +350,100 @@ pub fn install_seccomp(program: &[(u16, u8, u8, u32)]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Mixes `bytes` into the kernel's RNG, credited as entropy, and forces the CRNG to reseed, so
+/// guests restored from one snapshot stop sharing their random state.
+pub fn add_entropy(bytes: &[u8]) -> Result<(), String> {
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(bytes);
+    info.resize(info.len().next_multiple_of(4), 0);
+    // SAFETY: NUL-terminated path; the ioctls read a rand_pool_info of the size it declares.
+    unsafe {
+        let fd = libc::open(c("/dev/urandom").as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(format!("/dev/urandom: {}", err()));
+        }
+        let r = if libc::ioctl(fd, RNDADDENTROPY, info.as_ptr()) != 0 {
+            Err(format!("RNDADDENTROPY: {}", err()))
+        } else if libc::ioctl(fd, RNDRESEEDCRNG) != 0 {
+            Err(format!("RNDRESEEDCRNG: {}", err()))
+        } else {
+            Ok(())
+        };
+        libc::close(fd);
+        r
+    }
+}
+
+/// Steps CLOCK_REALTIME to the host's time.
+pub fn set_realtime(secs: i64, nsecs: u32) -> Result<(), String> {
+    let ts = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: i64::from(nsecs.min(999_999_999)),
+    };
+    // SAFETY: clock_settime reads a timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(format!("clock_settime: {}", err()));
+    }
+    Ok(())
+}
+
+/// Sets eth0's MAC (the link must be down).
+pub fn set_mac(mac: [u8; 6]) -> Result<(), String> {
+    let s = socket();
+    let mut ifr = ifreq("eth0");
+    // SAFETY: a hardware-address ioctl with a filled ifreq; the union member is plain data.
+    let r = unsafe {
+        ifr.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (d, b) in ifr.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *d = b as libc::c_char;
+        }
+        libc::ioctl(s, libc::SIOCSIFHWADDR, &ifr)
+    };
+    let e = err();
+    // SAFETY: closing our socket.
+    unsafe { libc::close(s) };
+    if r != 0 {
+        return Err(format!("eth0 MAC: {e}"));
+    }
+    Ok(())
+}
+
+/// Waits until the host has attached the image disk (the virtio-blk slot starts empty and gets
+/// its capacity with a configuration-change interrupt), then drops any cached block of the empty
+/// device.
+pub fn wait_for_disk(name: &str, timeout: std::time::Duration) -> Result<(), String> {
+    let size = format!("/sys/block/{name}/size");
+    let t0 = std::time::Instant::now();
+    loop {
+        let sectors: u64 = std::fs::read_to_string(&size)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if sectors > 0 {
+            break;
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!("the image disk /dev/{name} did not appear"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    // SAFETY: NUL-terminated path; BLKFLSBUF takes no argument.
+    unsafe {
+        let fd = libc::open(
+            c(&format!("/dev/{name}")).as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            libc::ioctl(fd, BLKFLSBUF, 0);
+            libc::close(fd);
+        }
+    }
+    Ok(())
+}

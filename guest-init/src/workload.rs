@@ -135,6 +135,11 @@ pub fn run(spec: &RunSpec, ch: &mut Channel) -> Result<i32, Fail> {
         .to_le_bytes()
         .to_vec();
     started.extend_from_slice(&crate::sys::uptime_ms().to_le_bytes());
+    started.extend_from_slice(
+        &crate::SPEC_UPTIME_MS
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .to_le_bytes(),
+    );
     ch.send(frame::STARTED, &started);
     relay(
         ch,

@@ -104,6 +104,20 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// What the host hands rvmm-init in `SPEC` frames: the run, and what makes this guest unique
+/// even when many are restored from one snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Start {
+    pub spec: RunSpec,
+    /// Random bytes from the host, mixed into the guest's RNG (which is then reseeded) before
+    /// anything of the workload runs.
+    pub entropy: Vec<u8>,
+    /// The host's CLOCK_REALTIME: seconds and nanoseconds. The guest steps its clock to it.
+    pub realtime: (i64, u32),
+    /// The MAC for eth0 (set before the link comes up), when the VM has a network device.
+    pub mac: Option<[u8; 6]>,
+}
+
 /// The host ↔ guest channel (COM2, a raw byte stream): frames of `[kind u8][len u32 LE][payload]`.
 /// See docs/vm-channel.md.
 pub mod frame {
@@ -114,10 +128,16 @@ pub mod frame {
     /// Guest → host: the workload's exit status, i32 LE (Docker numbering: 128+n for signal n).
     pub const EXIT: u8 = 3;
     /// Guest → host: the workload started. Payload (may be empty): guest uptime in ms, u32 LE, when
-    /// PID 1 started, then when the workload was exec'd.
+    /// PID 1 started, when the workload was exec'd, and (optional) when the `Start` arrived.
     pub const STARTED: u8 = 4;
     /// Guest → host: the workload could not start: u8 status (125/126/127) then a UTF-8 message.
     pub const FAILED: u8 = 5;
+    /// Guest → host: PID 1 is up and waits for its `Start` (empty). A snapshot is taken here.
+    pub const READY: u8 = 6;
+    /// Host → guest: a piece of the JSON `Start`; pieces are concatenated until `SPEC_END`.
+    pub const SPEC: u8 = 7;
+    /// Host → guest: the `Start` is complete (empty).
+    pub const SPEC_END: u8 = 8;
     /// Host → guest: stdin bytes.
     pub const STDIN: u8 = 10;
     /// Host → guest: stdin reached EOF (empty).
@@ -133,6 +153,15 @@ pub mod frame {
     /// The little-endian 32-bit word at byte `at` of a payload, if the payload is that long.
     pub fn le32_at(payload: &[u8], at: usize) -> Option<[u8; 4]> {
         payload.get(at..at.checked_add(4)?)?.try_into().ok()
+    }
+
+    /// Encodes `payload` as frames of `kind` of at most [`MAX_PAYLOAD`] bytes each.
+    pub fn encode_chunked(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(payload.len() + 5 * (1 + payload.len() / MAX_PAYLOAD));
+        for c in payload.chunks(MAX_PAYLOAD) {
+            v.extend(encode(kind, c));
+        }
+        v
     }
 
     /// Encodes one frame.
@@ -179,6 +208,23 @@ pub mod frame {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn chunked_frames_reassemble() {
+            let big: Vec<u8> = (0..MAX_PAYLOAD * 2 + 7).map(|i| i as u8).collect();
+            let mut d = Decoder::default();
+            d.feed(&encode_chunked(SPEC, &big));
+            let mut got = Vec::new();
+            let mut n = 0;
+            while let Some((k, p)) = d.next_frame().expect("frame") {
+                assert_eq!(k, SPEC);
+                assert!(p.len() <= MAX_PAYLOAD);
+                got.extend(p);
+                n += 1;
+            }
+            assert_eq!((got, n), (big, 3));
+            assert!(encode_chunked(SPEC, &[]).is_empty());
+        }
 
         #[test]
         fn le32_words() {

@@ -11,6 +11,14 @@ pub struct Args {}
 pub fn exec(_args: Args, global: &Global) -> anyhow::Result<u8> {
     let runs = state::gc(&global.root);
     println!("cleaned up after {runs} dead run(s)");
+    let snaps = rvmm::vmrun::snapshots::Snapshots::new(&global.root)
+        .gc(rvmm::vmrun::current_tag().as_deref());
+    if !snaps.is_empty() {
+        println!(
+            "removed {} unusable snapshot(s) or leftovers of interrupted saves",
+            snaps.len()
+        );
+    }
     if global.root.join("index.json").exists() || global.root.join("blobs").exists() {
         let store = Store::open(&global.root)?;
         if !store.gc()? {

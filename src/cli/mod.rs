@@ -13,6 +13,7 @@ mod load;
 mod ps;
 mod pull;
 mod run;
+mod snapshot;
 mod vm;
 
 /// Exit status when rvmm itself fails (as Docker uses 125).
@@ -57,6 +58,9 @@ pub enum Command {
     Rm(ps::RmArgs),
     /// Remove what dead runs left behind (mounts, cgroups, taps, veths, rules, run dirs).
     Gc(gc::Args),
+    /// Warm-start snapshots of VM isolation (ls, rm, gc, prewarm).
+    #[command(subcommand)]
+    Snapshot(snapshot::Command),
     /// Boot a kernel and disks directly with rvmm's VMM (low level).
     Vm(vm::Args),
     /// Build or locate the guest kernel.
@@ -77,6 +81,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Pull(a) => pull::exec(a, &global),
         Command::Load(a) => load::exec(a, &global),
         Command::Images(a) => images::list(a, &global),
+        Command::Snapshot(c) => snapshot::exec(c, &global),
         Command::Rmi(a) => images::rmi(a, &global),
         Command::Image(c) => images::image(c, &global),
         Command::Ps(a) => ps::exec(a, &global),

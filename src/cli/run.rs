@@ -87,6 +87,11 @@ pub struct Args {
     /// No pull progress output.
     #[arg(short, long)]
     pub quiet: bool,
+    /// With --isolation=vm: boot the guest kernel instead of restoring the warm snapshot (and
+    /// take none). Without it, a VM starts from a snapshot of a booted guest when one matches,
+    /// and the first boot of a kind saves one.
+    #[arg(long)]
+    pub cold: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// The image: NAME[:TAG], NAME@DIGEST, an image ID, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
@@ -150,6 +155,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .unwrap_or_else(|| format!("rvmm-{}", &id[..8])),
         remove: args.rm,
         image: resolved.reference.clone(),
+        cold: args.cold,
     };
     // A run owns host resources (taps, mounts, cgroups): a closed stdout must not kill rvmm before it
     // releases them. Writes then fail with EPIPE and the workload's output is dropped.

@@ -34,6 +34,8 @@ pub struct RunOptions {
     /// `--rm`: remove the container's writable layer when it exits (else `rvmm rm` does).
     pub remove: bool,
     pub image: String,
+    /// VM isolation: boot the kernel instead of restoring a snapshot, and take none (`--cold`).
+    pub cold: bool,
 }
 
 /// A new run ID: 64 hex digits from the kernel's random pool.

@@ -184,6 +184,17 @@ pub fn gc_host() -> usize {
     n
 }
 
+/// Is run `id` registered on this host with a live rvmm?
+pub fn run_is_live(id: &str) -> bool {
+    if id.is_empty() || id.contains('/') {
+        return false;
+    }
+    std::fs::read(registry_dir().join(id))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<RunState>(&b).ok())
+        .is_some_and(|s| s.alive())
+}
+
 /// Every run recorded under `root`.
 pub fn list(root: &Path) -> anyhow::Result<Vec<RunState>> {
     let mut out = Vec::new();

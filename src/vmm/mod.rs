@@ -95,6 +95,11 @@ pub enum TapSource {
 }
 
 impl VmConfig {
+    /// The machine layout a snapshot of this VM records (and a restore must match).
+    pub fn layout(&self) -> Layout {
+        layout_of(self, kvm::host_kind())
+    }
+
     /// One vCPU, 128 MiB, console on stdio, no disks, `console=ttyS0`.
     pub fn new(kernel: PathBuf) -> Self {
         Self {

@@ -161,12 +161,14 @@ impl std::fmt::Display for Layout {
             .collect();
         write!(
             f,
-            "{} vCPU, {} MiB, devices [{}]{}, {}",
+            "{} vCPU, {} MiB, {}",
             self.vcpus,
             self.mem_mib,
-            devs.join(" "),
-            if self.channel { ", channel" } else { "" },
-            self.host
+            if devs.is_empty() {
+                "no devices".to_string()
+            } else {
+                devs.join("+")
+            }
         )
     }
 }
@@ -325,10 +327,18 @@ impl Snapshot {
             return Err("snapshot taken for another kernel or guest init".into());
         }
         if &snap.layout != layout {
-            return Err(format!(
-                "snapshot taken for {} (this VM is {layout})",
-                snap.layout
-            ));
+            let (a, b) = (&snap.layout, layout);
+            let (was, is) = if a.host != b.host {
+                (a.host.clone(), b.host.clone())
+            } else if a.channel != b.channel {
+                (
+                    format!("channel {}", a.channel),
+                    format!("channel {}", b.channel),
+                )
+            } else {
+                (a.to_string(), b.to_string())
+            };
+            return Err(format!("snapshot taken for {was} (this VM is {is})"));
         }
         if snap.vcpus.len() != usize::from(layout.vcpus)
             || snap.irqchips.len() != 3

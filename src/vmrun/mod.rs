@@ -1,15 +1,21 @@
 //! VM isolation: the image's root disk, guest-init delivery (initramfs), the host-guest channel,
 //! running a RunSpec in a microVM with the same flags, output and exit status as a container.
 //!
-//! The guest gets: the kernel from guest-kernel/, an initramfs holding rvmm-init as /init and the
-//! RunSpec as /rvmm/spec.json, the image's erofs disk read-only as /dev/vda, COM1 for kernel
-//! messages (to the run dir's console.log, never mixed with output), COM2 as the channel
-//! (docs/vm-channel.md), and with `--network bridge` a virtio-net device on a TAP in `rvmm0`.
+//! The guest gets: the kernel from guest-kernel/, an initramfs holding rvmm-init as /init, the
+//! image's erofs disk read-only as /dev/vda, COM1 for kernel messages (to the run dir's
+//! console.log, never mixed with output), COM2 as the channel (docs/vm-channel.md), and with
+//! `--network bridge` a virtio-net device on a TAP in `rvmm0`.
+//!
+//! Warm starts (docs/snapshots.md): rvmm-init says READY before anything run-specific exists, and
+//! the first cold boot of a machine kind saves a snapshot there. Later runs restore it instead of
+//! booting; every run, cold or warm, then attaches its image disk to the empty disk slot and
+//! sends the `Start` (spec, entropy, clock, MAC) over the channel.
 
 mod cpio;
 
 use std::io::{Read, Write};
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +28,8 @@ use crate::container::{pipe, Cleanup, RunOptions};
 use crate::image::ResolvedImage;
 use crate::runspec::{NetworkMode, RunSpec};
 use crate::vmm::{Channel, Console, DiskConfig, NetConfig, TapSource, Vm, VmConfig, VmExit};
+
+pub mod snapshots;
 
 /// Guest RAM when `--memory` is not given.
 pub const DEFAULT_MEM_MIB: u32 = 256;
@@ -59,6 +67,193 @@ fn guest_cmdline() -> String {
     c
 }
 
+/// What `prewarm` made.
+pub struct Prewarmed {
+    pub key: String,
+    /// Bytes of guest memory written (zero pages are holes).
+    pub memory_bytes: u64,
+    /// Launch to saved.
+    pub took: Duration,
+    /// The snapshot existed already; nothing was booted.
+    pub existed: bool,
+}
+
+/// How long a prewarm boot may take to reach READY.
+const PREWARM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Boots a guest to READY and saves the warm-start snapshot that `rvmm run --isolation=vm` with
+/// the same `--cpus`, `--memory` and network mode will restore (`rvmm snapshot prewarm`). With
+/// `network`, the VM gets a private tap (not on the bridge, gone when rvmm exits).
+pub fn prewarm(
+    root: &Path,
+    cpus: Option<f64>,
+    memory_bytes: Option<u64>,
+    network: bool,
+) -> anyhow::Result<Prewarmed> {
+    let t0 = Instant::now();
+    let kernel = crate::kernel::cached_vmlinux().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let init = guest_init_path()?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context("warm starts need /dev/kvm (read-write)")?;
+    let id = crate::container::new_id();
+    let snaps = snapshots::Snapshots::new(root);
+    std::fs::create_dir_all(snaps.dir())
+        .with_context(|| format!("creating {}", snaps.dir().display()))?;
+    // Boot files under a name `rvmm snapshot gc` removes if this process dies.
+    let work = tempfile::Builder::new()
+        .prefix(".tmp-prewarm-")
+        .tempdir_in(snaps.dir())?;
+    let machine = Machine {
+        kernel,
+        init,
+        vcpus: cpus.map(|c| c.ceil().clamp(1.0, 32.0) as u8).unwrap_or(1),
+        mem_mib: memory_bytes
+            .map(|b| (b >> 20).max(64) as u32)
+            .unwrap_or(DEFAULT_MEM_MIB),
+        taps: if network {
+            vec![format!("rvp{}", &id[..11])]
+        } else {
+            Vec::new()
+        },
+        mac: [0x02, 0, 0, 0, 0, 1],
+        console: work.path().join("console.log"),
+    };
+    let (tag, key) = machine.identity()?;
+    if snaps.find(&key).is_some() {
+        return Ok(Prewarmed {
+            key,
+            memory_bytes: 0,
+            took: t0.elapsed(),
+            existed: true,
+        });
+    }
+    let (cfg, _to_guest, from_guest) = machine.config(Some(machine.initrd(work.path())?))?;
+    let vm = Vm::new(cfg).context("creating the microVM")?;
+    let ctl = vm.controller();
+    let vm_thread = std::thread::spawn(move || vm.run());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut from_guest = std::fs::File::from(from_guest);
+    std::thread::spawn(move || {
+        let mut dec = frame::Decoder::default();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from_guest.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            dec.feed(&buf[..n]);
+            while let Ok(Some((kind, _))) = dec.next_frame() {
+                if kind == frame::READY {
+                    let _ = tx.send(());
+                    return;
+                }
+            }
+        }
+    });
+    let saved = match rx.recv_timeout(PREWARM_TIMEOUT) {
+        Ok(()) => snaps.save(&key, &id, |d| ctl.snapshot(d, &tag)),
+        Err(_) => Err(anyhow::anyhow!(
+            "the guest did not get ready within {PREWARM_TIMEOUT:?} (kernel log: {})",
+            machine.console.display()
+        )),
+    };
+    ctl.stop();
+    let _ = vm_thread.join();
+    let memory_bytes = saved?;
+    Ok(Prewarmed {
+        key,
+        memory_bytes,
+        took: t0.elapsed(),
+        existed: false,
+    })
+}
+
+/// The guest identity `rvmm run --isolation=vm` would use now (None when the kernel or
+/// rvmm-init is missing): snapshots with another one can never be restored.
+pub fn current_tag() -> Option<String> {
+    let kernel = crate::kernel::cached_vmlinux().ok()?;
+    let init = guest_init_path().ok()?;
+    Some(snapshots::tag(&kernel, &init, &guest_cmdline()))
+}
+
+/// The machine a VM run gets, cold or warm.
+struct Machine {
+    kernel: PathBuf,
+    init: PathBuf,
+    vcpus: u8,
+    mem_mib: u32,
+    taps: Vec<String>,
+    mac: [u8; 6],
+    console: PathBuf,
+}
+
+impl Machine {
+    /// The VM configuration, with fresh channel pipes each time (a failed restore consumed the
+    /// last ones): (config, host end to the guest, host end from the guest). The disk slot starts
+    /// empty: the run's disk is attached right before the `Start`.
+    fn config(&self, initrd: Option<PathBuf>) -> anyhow::Result<(VmConfig, OwnedFd, OwnedFd)> {
+        let (to_guest_r, to_guest_w) = pipe()?;
+        let (from_guest_r, from_guest_w) = pipe()?;
+        let cfg = VmConfig {
+            kernel: self.kernel.clone(),
+            initrd,
+            cmdline: guest_cmdline(),
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            disks: vec![DiskConfig {
+                path: None,
+                read_only: true,
+            }],
+            console: Console::File(self.console.clone()),
+            channel: Some(Channel {
+                input: to_guest_r,
+                output: from_guest_w,
+            }),
+            net: self
+                .taps
+                .iter()
+                .map(|t| NetConfig {
+                    tap: TapSource::Name(t.clone()),
+                    mac: self.mac,
+                })
+                .collect(),
+        };
+        Ok((cfg, to_guest_w, from_guest_r))
+    }
+
+    /// The snapshot tag and key of this machine.
+    fn identity(&self) -> anyhow::Result<(String, String)> {
+        let (cfg, _, _) = self.config(None)?;
+        let tag = snapshots::tag(&self.kernel, &self.init, &cfg.cmdline);
+        let key = snapshots::key(&tag, &cfg.layout());
+        Ok((tag, key))
+    }
+
+    /// Writes the initramfs (rvmm-init as /init, nothing run-specific) into `dir`.
+    fn initrd(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        let initrd = dir.join("initrd.cpio");
+        let init_bytes = std::fs::read(&self.init)
+            .with_context(|| format!("reading {}", self.init.display()))?;
+        let mut w = cpio::Writer::new(std::io::BufWriter::new(std::fs::File::create(&initrd)?));
+        for d in ["dev", "proc", "sys"] {
+            w.dir(d)?;
+        }
+        w.file("init", 0o755, &init_bytes)?;
+        w.finish()?;
+        Ok(initrd)
+    }
+}
+
+/// N bytes from the kernel's CSPRNG.
+fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    let mut f = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
+    f.read_exact(&mut b).context("reading /dev/urandom")?;
+    Ok(b)
+}
+
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static STOPS: AtomicI32 = AtomicI32::new(0);
 
@@ -73,8 +268,9 @@ extern "C" fn on_signal(sig: libc::c_int) {
 #[derive(Default)]
 struct GuestReport {
     exit: Option<i32>,
-    /// Guest uptime (ms) when PID 1 started and when the workload started.
-    guest_times: Option<(u32, u32)>,
+    /// Guest uptime (ms) when PID 1 started, when the workload started, and when the `Start`
+    /// arrived.
+    guest_times: Option<(u32, u32, u32)>,
     /// The workload could not start: status (125/126/127) and message.
     failure: Option<(u8, String)>,
 }
@@ -95,7 +291,7 @@ impl GuestReport {
             frame::STARTED => {
                 let at = |i| frame::le32_at(payload, i).map(u32::from_le_bytes);
                 if let (Some(init), Some(exec)) = (at(0), at(4)) {
-                    self.guest_times = Some((init, exec));
+                    self.guest_times = Some((init, exec, at(8).unwrap_or(0)));
                 }
                 return true;
             }
@@ -176,20 +372,6 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         bail!("-p needs --network bridge");
     }
 
-    // The initramfs: rvmm-init and the spec.
-    let initrd = dir.join("initrd.cpio");
-    {
-        let init_bytes =
-            std::fs::read(&init).with_context(|| format!("reading {}", init.display()))?;
-        let mut w = cpio::Writer::new(std::io::BufWriter::new(std::fs::File::create(&initrd)?));
-        for d in ["dev", "proc", "sys", "rvmm"] {
-            w.dir(d)?;
-        }
-        w.file("init", 0o755, &init_bytes)?;
-        w.file("rvmm/spec.json", 0o600, &serde_json::to_vec(&spec)?)?;
-        w.finish()?;
-    }
-
     let mem_mib = spec
         .limits
         .memory_bytes
@@ -200,28 +382,67 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         .cpus
         .map(|c| c.ceil().clamp(1.0, 32.0) as u8)
         .unwrap_or(1);
-    let (to_guest_r, to_guest_w) = pipe()?;
-    let (from_guest_r, from_guest_w) = pipe()?;
-    let cfg = VmConfig {
+    let mac = net.first().map(|n| n.mac);
+    let machine = Machine {
         kernel,
-        initrd: Some(initrd),
-        cmdline: guest_cmdline(),
+        init,
         vcpus,
         mem_mib,
-        disks: vec![DiskConfig {
-            path: Some(disk),
-            read_only: true,
-        }],
-        console: Console::File(dir.join("console.log")),
-        channel: Some(Channel {
-            input: to_guest_r,
-            output: from_guest_w,
-        }),
-        net,
+        taps: net
+            .into_iter()
+            .filter_map(|n| match n.tap {
+                TapSource::Name(t) => Some(t),
+                TapSource::Fd(_) => None,
+            })
+            .collect(),
+        mac: mac.unwrap_or_default(),
+        console: dir.join("console.log"),
     };
-    let vm = Vm::new(cfg).context("creating the microVM")?;
+    let snaps = snapshots::Snapshots::new(&opts.root);
+    let (tag, key) = machine.identity()?;
+    let mut warm = None;
+    if !opts.cold {
+        if let Some(sdir) = snaps.find(&key) {
+            let (cfg, tg, fg) = machine.config(None)?;
+            match Vm::restore(cfg, &sdir, &tag) {
+                Ok(vm) => warm = Some((vm, tg, fg)),
+                Err(e) => {
+                    eprintln!("rvmm: not using snapshot {key} ({e}); booting the kernel instead");
+                    snaps.remove(&key);
+                }
+            }
+        }
+    }
+    let is_warm = warm.is_some();
+    let (vm, to_guest_w, from_guest_r) = match warm {
+        Some(w) => w,
+        None => {
+            let (cfg, tg, fg) = machine.config(Some(machine.initrd(&dir)?))?;
+            (Vm::new(cfg).context("creating the microVM")?, tg, fg)
+        }
+    };
+    // Take a snapshot at READY: a cold boot of a kind that has none yet, unless --cold.
+    let mut snapshot_at_ready = !opts.cold && !is_warm && snaps.find(&key).is_none();
+    let ctl = vm.controller();
     let stop = vm.stop_handle();
     let t_setup = t0.elapsed();
+    // The `Start`: what makes this run this run. Sent once the guest is READY (a restored guest
+    // is past READY already).
+    let start = rvmm_proto::Start {
+        spec: spec.clone(),
+        entropy: random_bytes::<64>()?.to_vec(),
+        realtime: {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (d.as_secs() as i64, d.subsec_nanos())
+        },
+        mac,
+    };
+    let mut start_frames = frame::encode_chunked(frame::SPEC, &serde_json::to_vec(&start)?);
+    start_frames.extend(frame::encode(frame::SPEC_END, &[]));
+    let mut start_frames = Some(start_frames);
+    let mut t_snapshot = None;
     let vm_thread = std::thread::spawn(move || vm.run());
     crate::container::install_handler(on_signal, crate::container::RELAYED_SIGNALS);
     let _raw = if spec.tty {
@@ -239,6 +460,22 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     };
 
     let mut to_guest = std::fs::File::from(to_guest_w);
+    // Attaches the disk and sends the `Start` (on a thread: a guest that stops reading must not
+    // block this one).
+    let send_start = |frames: Vec<u8>, to_guest: &std::fs::File| -> anyhow::Result<()> {
+        ctl.replace_disk(0, &disk)
+            .context("attaching the image disk")?;
+        let mut tg = to_guest.try_clone()?;
+        std::thread::spawn(move || {
+            let _ = tg.write_all(&frames);
+        });
+        Ok(())
+    };
+    if is_warm {
+        if let Some(f) = start_frames.take() {
+            send_start(f, &to_guest)?;
+        }
+    }
     // stdin → guest, once the guest listens: bytes sent before rvmm-init has put its end of the
     // channel in raw mode would be echoed back by the tty layer and corrupt the stream.
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
@@ -323,6 +560,25 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             }
         }
         match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok((frame::READY, _))) => {
+                if snapshot_at_ready {
+                    snapshot_at_ready = false;
+                    let t = Instant::now();
+                    match snaps.save(&key, &opts.id, |d| ctl.snapshot(d, &tag)) {
+                        Ok(bytes) => {
+                            log::info!("snapshot {key} saved: {bytes} bytes of memory");
+                            t_snapshot = Some(t.elapsed());
+                        }
+                        Err(e) => log::warn!("cannot save a snapshot for warm starts: {e:#}"),
+                    }
+                }
+                if let Some(f) = start_frames.take() {
+                    if let Err(e) = send_start(f, &to_guest) {
+                        eprintln!("rvmm: {e:#}");
+                        stop.stop();
+                    }
+                }
+            }
             Ok(Ok((kind, payload))) => {
                 if report.apply(kind, &payload) {
                     started_at = Some(t0.elapsed());
@@ -378,11 +634,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         total
     );
     if std::env::var_os("RVMM_TIMINGS").is_some() {
-        let (init, exec) = report.guest_times.unwrap_or((0, 0));
+        let (init, exec, spec_at) = report.guest_times.unwrap_or((0, 0, 0));
         eprintln!(
-            "rvmm-timings disk_ms={} setup_ms={} guest_init_uptime_ms={init} guest_exec_uptime_ms={exec} started_ms={} exit_ms={}",
+            "rvmm-timings warm={} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_ms={}",
+            u8::from(is_warm),
             t_disk.as_millis(),
             t_setup.as_millis(),
+            t_snapshot.map(|d| d.as_millis() as i64).unwrap_or(-1),
             started_at.map(|d| d.as_millis() as i64).unwrap_or(-1),
             total.as_millis()
         );

@@ -1,0 +1,279 @@
+//! The warm-start snapshots of `rvmm run --isolation=vm`: where they live, how they are named, and
+//! what `rvmm snapshot ls|rm|gc` sees.
+//!
+//! `ROOT/snapshots/KEY/` holds one snapshot (`snapshot.json` and `memory`, see
+//! `crate::vmm::snapshot`). KEY is a hash of the guest's identity (the *tag*: kernel, rvmm-init,
+//! kernel command line, rvmm binary) and the machine layout (vCPUs, memory, devices), so a run only
+//! ever finds a snapshot it can use; `Vm::restore` checks both again. A snapshot is written under
+//! `.tmp-RUNID` and renamed into place, so a reader never sees half of one and two runs racing
+//! to save the same KEY keep the first.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+
+use crate::vmm::snapshot::{self, Layout};
+
+/// The snapshots directory of a store root.
+pub struct Snapshots {
+    dir: PathBuf,
+}
+
+/// One snapshot, as `rvmm snapshot ls` shows it.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub key: String,
+    pub path: PathBuf,
+    /// None when `snapshot.json` cannot be read: the snapshot is damaged.
+    pub layout: Option<Layout>,
+    pub rvmm: Option<String>,
+    pub tag: Option<String>,
+    /// Bytes allocated on disk (the memory file is sparse).
+    pub disk_bytes: u64,
+    pub created: std::time::SystemTime,
+}
+
+impl Snapshots {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            dir: root.join("snapshots"),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory of snapshot `key`, if it is complete.
+    pub fn find(&self, key: &str) -> Option<PathBuf> {
+        let d = self.dir.join(key);
+        (d.join(snapshot::STATE_FILE).is_file() && d.join(snapshot::MEMORY_FILE).is_file())
+            .then_some(d)
+    }
+
+    /// Deletes snapshot `key`; true if there was one.
+    pub fn remove(&self, key: &str) -> bool {
+        let d = self.dir.join(key);
+        d.exists() && std::fs::remove_dir_all(&d).is_ok()
+    }
+
+    /// Saves snapshot `key` by calling `take` with a private directory, then moving it into
+    /// place (unless another run got there first). Returns what `take` returned.
+    pub fn save(
+        &self,
+        key: &str,
+        run_id: &str,
+        take: impl FnOnce(&Path) -> Result<u64, crate::vmm::Error>,
+    ) -> anyhow::Result<u64> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let tmp = self.dir.join(format!(".tmp-{run_id}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let bytes = match take(&tmp) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e.into());
+            }
+        };
+        if std::fs::rename(&tmp, self.dir.join(key)).is_err() {
+            // Another run saved this key meanwhile: keep theirs.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Ok(bytes)
+    }
+
+    /// Every snapshot, damaged ones included (not the temporary directories of saves in
+    /// progress).
+    pub fn list(&self) -> Vec<Info> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<Info> = rd
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| e.path().is_dir())
+            .map(|e| info(&e.path()))
+            .collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Removes damaged snapshots, snapshots this rvmm cannot use (another rvmm version, or a
+    /// tag other than `current_tag` when given), and leftovers of saves whose run is gone.
+    /// Returns the keys removed.
+    pub fn gc(&self, current_tag: Option<&str>) -> Vec<String> {
+        let mut removed = Vec::new();
+        for s in self.list() {
+            let stale = s.layout.is_none()
+                || s.rvmm.as_deref() != Some(snapshot::rvmm_version().as_str())
+                || current_tag.is_some_and(|t| s.tag.as_deref() != Some(t));
+            if stale && std::fs::remove_dir_all(&s.path).is_ok() {
+                removed.push(s.key);
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(run) = name.strip_prefix(".tmp-") else {
+                    continue;
+                };
+                // A save in progress belongs to a live run of the host-wide registry.
+                if !crate::container::state::run_is_live(run)
+                    && std::fs::remove_dir_all(e.path()).is_ok()
+                {
+                    removed.push(name);
+                }
+            }
+        }
+        removed
+    }
+}
+
+fn info(path: &Path) -> Info {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        rvmm: String,
+        tag: String,
+        layout: Layout,
+    }
+    let head: Option<Head> = std::fs::read(path.join(snapshot::STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let disk_bytes = [snapshot::STATE_FILE, snapshot::MEMORY_FILE]
+        .iter()
+        .filter_map(|f| std::fs::metadata(path.join(f)).ok())
+        .map(|m| m.blocks() * 512)
+        .sum();
+    let created = std::fs::metadata(path.join(snapshot::STATE_FILE))
+        .and_then(|m| m.modified())
+        .unwrap_or(std::time::UNIX_EPOCH);
+    let key = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let memory_ok = path.join(snapshot::MEMORY_FILE).is_file();
+    let (layout, rvmm, tag) = match head {
+        Some(h) if memory_ok => (Some(h.layout), Some(h.rvmm), Some(h.tag)),
+        _ => (None, None, None),
+    };
+    Info {
+        key,
+        path: path.to_owned(),
+        layout,
+        rvmm,
+        tag,
+        disk_bytes,
+        created,
+    }
+}
+
+/// A file's identity without reading it: path, size, change time and inode. A rebuilt kernel or
+/// rvmm-init gets a new one.
+fn file_id(p: &Path) -> String {
+    let canon = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    match std::fs::metadata(&canon) {
+        Ok(m) => format!(
+            "{} {} {}.{} {}",
+            canon.display(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ino()
+        ),
+        Err(_) => format!("{} missing", canon.display()),
+    }
+}
+
+/// The guest's identity: a snapshot is only restored into the same kernel, rvmm-init, kernel
+/// command line and rvmm binary that took it.
+pub fn tag(kernel: &Path, init: &Path, cmdline: &str) -> String {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let s = format!(
+        "kernel {}\ninit {}\ncmdline {}\nrvmm {} {}\n",
+        file_id(kernel),
+        file_id(init),
+        cmdline,
+        snapshot::rvmm_version(),
+        file_id(&exe)
+    );
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// The snapshot key for a guest identity and a machine layout.
+pub fn key(tag: &str, layout: &Layout) -> String {
+    let s = format!(
+        "{tag}\n{}",
+        serde_json::to_string(layout).unwrap_or_default()
+    );
+    hex::encode(&Sha256::digest(s.as_bytes())[..8])
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::vmm::snapshot::Slot;
+
+    fn layout(mem: u32) -> Layout {
+        Layout {
+            vcpus: 1,
+            mem_mib: mem,
+            devices: vec![Slot::Block { read_only: true }, Slot::Net],
+            channel: true,
+            host: "h".into(),
+        }
+    }
+
+    #[test]
+    fn keys_differ_by_identity_and_layout() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("vmlinux");
+        let i = d.path().join("init");
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
+        let t1 = tag(&k, &i, "console=ttyS0");
+        assert_eq!(t1, tag(&k, &i, "console=ttyS0"));
+        assert_ne!(t1, tag(&k, &i, "console=ttyS1"));
+        std::fs::write(&i, b"i2").unwrap();
+        assert_ne!(t1, tag(&k, &i, "console=ttyS0"));
+        assert_ne!(key(&t1, &layout(256)), key(&t1, &layout(512)));
+        assert_eq!(key(&t1, &layout(256)).len(), 16);
+    }
+
+    #[test]
+    fn save_find_list_gc() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Snapshots::new(d.path());
+        assert!(s.find("k1").is_none());
+        // A failing save leaves nothing.
+        assert!(s
+            .save("k1", "run1", |_| Err(crate::vmm::Error::Snapshot(
+                "no".into()
+            )))
+            .is_err());
+        assert!(s.list().is_empty());
+        // A damaged one is listed and collected.
+        let n = s
+            .save("k1", "run1", |p| {
+                std::fs::create_dir_all(p).unwrap();
+                std::fs::write(p.join(snapshot::STATE_FILE), b"{").unwrap();
+                std::fs::write(p.join(snapshot::MEMORY_FILE), b"").unwrap();
+                Ok(7)
+            })
+            .unwrap();
+        assert_eq!(n, 7);
+        assert!(s.find("k1").is_some());
+        let l = s.list();
+        assert_eq!(l.len(), 1);
+        assert!(l[0].layout.is_none());
+        // Leftovers of a dead run's save are collected too.
+        std::fs::create_dir_all(s.dir().join(".tmp-deadbeef")).unwrap();
+        let mut gone = s.gc(None);
+        gone.sort();
+        assert_eq!(gone, vec![".tmp-deadbeef".to_string(), "k1".to_string()]);
+        assert!(s.list().is_empty() && s.find("k1").is_none());
+    }
+}

@@ -1,9 +1,12 @@
 //! VM isolation, for real: `rvmm run --isolation=vm` boots the guest kernel with rvmm-init and runs the
-//! busybox test image. Boots are slow on kvm_pvm (tens of seconds), so each test packs many checks into
-//! one boot, and there are eight boots in all:
+//! busybox test image. Boots are slow on kvm_pvm (tens of seconds): the tests share one snapshot
+//! directory, so only the first run of each machine kind (with and without a network device), the
+//! `--cold` parity run and the damaged-snapshot test boot; every other VM starts warm. Each test packs
+//! many checks into its runs:
 //!
 //! 1. parity: one script (identity, cwd, env, hostname, a missing file, stdout and stderr, stdin,
-//!    `exit 42`) under the same flags gives the same stdout, stderr and status in both isolations;
+//!    `exit 42`) under the same flags gives the same stdout, stderr and status in both isolations,
+//!    warm and `--cold`;
 //! 2. a command that does not exist: 127 and the same message in both isolations;
 //! 3. `-t` and privileges: a terminal, the capability sets, no_new_privs, the seccomp filter;
 //! 4. lifecycle: `rvmm ps` lists the VM, SIGTERM reaches the workload's trap and its status comes back;
@@ -12,7 +15,12 @@
 //! 7. `kill -9` of rvmm with a tap attached: `rvmm gc` removes the tap, lease and run;
 //! 8. network and a hostile workload: httpd in the VM answers on a `-p` port from the host while the
 //!    workload floods its stdout and a TCP connection to the host; the VMM keeps serving, the run ends
-//!    with the workload's status and leaves no tap, lease or run directory behind.
+//!    with the workload's status and leaves no tap, lease or run directory behind;
+//! 9. two VMs restored at once from one snapshot differ in MAC, IP and random bytes, have the host's
+//!    time, and another image runs from the same snapshot;
+//! 10. a snapshot of another rvmm is refused with one line, the run boots, and saves a good one.
+
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -20,7 +28,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::run::{rvmm, Out, RunEnv};
@@ -43,7 +51,12 @@ fn setup() -> Option<RunEnv> {
         common::require(common::Cap::Kernel, false, &format!("{e:#}"));
         return None;
     }
-    Some(RunEnv::new(&SERIAL, &["busybox"]))
+    // One snapshot directory for every store of this test binary: the first boot of each machine
+    // kind saves a snapshot, and the other runs start warm from it.
+    static SNAPSHOTS: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let snaps = SNAPSHOTS.get_or_init(|| tempfile::tempdir().expect("tempdir"));
+    std::env::set_var("RVMM_SNAPSHOTS", snaps.path());
+    Some(RunEnv::new(&SERIAL, &["busybox", "multi"]))
 }
 
 fn run(env: &RunEnv, isolation: &str, flags: &[&str], args: &[&str], stdin: Option<&str>) -> Out {
@@ -83,11 +96,20 @@ fn parity_with_container_isolation() {
     assert!(c.stdout.contains("uid=1000(app)"), "{}", c.stdout);
     assert!(c.stdout.contains("GREETING=hello world"), "{}", c.stdout);
     assert!(c.stdout.contains("stdin: from the host"), "{}", c.stdout);
+    // Warm (restored from the snapshot; the first VM run of the binary saves it) and cold.
     let v = run(&env, "vm", &flags, &args, Some("from the host\n"));
     assert_eq!(
         (v.code, v.stdout.as_str(), v.stderr.as_str()),
         (c.code, c.stdout.as_str(), c.stderr.as_str()),
         "vm (left) and container (right) differ"
+    );
+    let mut cold = flags.to_vec();
+    cold.push("--cold");
+    let v = run(&env, "vm", &cold, &args, Some("from the host\n"));
+    assert_eq!(
+        (v.code, v.stdout.as_str(), v.stderr.as_str()),
+        (c.code, c.stdout.as_str(), c.stderr.as_str()),
+        "vm --cold (left) and container (right) differ"
     );
 }
 
@@ -395,4 +417,139 @@ fn published_port_and_hostile_workload() {
         "guest flooded {} bytes of TCP while serving",
         flooded.load(Ordering::Relaxed)
     );
+}
+
+/// `rvmm snapshot prewarm` with these flags, checked.
+fn prewarm(env: &RunEnv, flags: &[&str]) -> String {
+    let mut a = vec!["snapshot", "prewarm"];
+    a.extend_from_slice(flags);
+    let o = rvmm(env.store.path(), &a, None);
+    assert_eq!(o.code, 0, "prewarm: {}", o.stderr);
+    o.stdout
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn timings_warm(stderr: &str) -> bool {
+    stderr.contains("rvmm-timings warm=1")
+}
+
+/// Two VMs restored at once from one snapshot are two different machines: their own MAC, IP,
+/// random bytes, and the host's time; and the snapshot, taken before any image disk existed,
+/// serves another image just as well.
+#[test]
+fn warm_guests_are_unique_and_one_snapshot_serves_every_image() {
+    let Some(env) = setup() else { return };
+    prewarm(&env, &[]);
+    let script = "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; \
+                  od -An -tx1 -N16 /dev/urandom; date +%s";
+    let spawn = || {
+        Command::new(common::rvmm_bin())
+            .arg("--root")
+            .arg(env.store.path())
+            .env("RVMM_TIMINGS", "1")
+            .args(["run", "--rm", "--isolation=vm", BB, "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("rvmm")
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (
+        a.wait_with_output().expect("rvmm"),
+        b.wait_with_output().expect("rvmm"),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut seen = Vec::new();
+    for o in [&a, &b] {
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{out} {err}");
+        assert!(timings_warm(&err), "not a warm start: {err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        let ip = lines[1]
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        assert!(ip.starts_with("10.77."), "{out}");
+        let t: i64 = lines[3].trim().parse().unwrap();
+        assert!((now - t).abs() < 120, "guest clock {t}, host {now}");
+        seen.push((lines[0].to_string(), ip, lines[2].to_string()));
+    }
+    assert_ne!(seen[0].0, seen[1].0, "same MAC");
+    assert_ne!(seen[0].1, seen[1].1, "same IP");
+    assert_ne!(seen[0].2, seen[1].2, "same random bytes");
+
+    // Another image from the same snapshot: its own files, not the first image's.
+    let o = rvmm(
+        env.store.path(),
+        &[
+            "run",
+            "--rm",
+            "--isolation=vm",
+            "localhost/multi",
+            "sh",
+            "-c",
+            "echo image=$RVMM_IMAGE; cat /data/dir/z",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "image=multi\nz\n");
+}
+
+/// A snapshot this rvmm cannot use is refused with one line, the run boots instead and
+/// succeeds, and its boot saves a good snapshot for the next run.
+#[test]
+fn a_damaged_snapshot_is_replaced_by_a_boot() {
+    let Some(env) = setup() else { return };
+    let key = prewarm(&env, &["--network=none"]);
+    let dir = Path::new(&std::env::var_os("RVMM_SNAPSHOTS").unwrap()).join(&key);
+    let state = dir.join("snapshot.json");
+    let json = std::fs::read_to_string(&state).unwrap();
+    let from = json.find("\"rvmm\":\"").unwrap() + 8;
+    std::fs::write(
+        &state,
+        format!("{}0.0.0-other{}", &json[..from], &json[from..]),
+    )
+    .unwrap();
+    let o = run(&env, "vm", &["--network=none"], &["echo", "booted"], None);
+    assert_eq!((o.code, o.stdout.as_str()), (0, "booted\n"), "{}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{}", o.stderr);
+    assert!(
+        lines[0].starts_with(&format!(
+            "rvmm: not using snapshot {key} (snapshot taken by rvmm 0.0.0-other"
+        )) && lines[0].ends_with("booting the kernel instead"),
+        "{}",
+        lines[0]
+    );
+    // The boot saved a snapshot again, and the next run starts from it.
+    let ls = rvmm(env.store.path(), &["snapshot", "ls"], None);
+    assert!(
+        ls.stdout
+            .lines()
+            .any(|l| l.starts_with(&key) && l.ends_with("usable")),
+        "{}",
+        ls.stdout
+    );
+    let mut c = Command::new(common::rvmm_bin());
+    let o = c
+        .arg("--root")
+        .arg(env.store.path())
+        .env("RVMM_TIMINGS", "1")
+        .args(["run", "--rm", "--network=none", BB, "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert!(timings_warm(&String::from_utf8_lossy(&o.stderr)));
 }

@@ -77,7 +77,10 @@ impl Workload {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contender {
     RvmmContainer,
+    /// `rvmm run --isolation=vm`: restored from the warm-start snapshot.
     RvmmVm,
+    /// `rvmm run --isolation=vm --cold`: a kernel boot.
+    RvmmVmCold,
     Crun,
     Runc,
     /// `rvmm vm`: our VMM booting the bench kernel + disk directly.
@@ -92,6 +95,7 @@ impl Contender {
         match self {
             Contender::RvmmContainer => "rvmm container",
             Contender::RvmmVm => "rvmm vm",
+            Contender::RvmmVmCold => "rvmm vm --cold",
             Contender::Crun => "crun",
             Contender::Runc => "runc",
             Contender::RvmmVmDirect => "rvmm vm (direct boot)",
@@ -154,6 +158,29 @@ impl Env {
                 }
             }
         }
+        // Warm VM runs restore the snapshot a boot saves: take it up front, so no recorded
+        // run pays for it.
+        let vm_scenarios = [
+            Scenario::Startup,
+            Scenario::Memory,
+            Scenario::Density,
+            Scenario::Io,
+            Scenario::Warm,
+        ];
+        if opts.scenarios.iter().any(|s| vm_scenarios.contains(s)) {
+            rec.progress("preparing the warm-start snapshot (one boot)");
+            let t = Instant::now();
+            match prewarm(opts) {
+                Ok(()) => rec.value(
+                    Scenario::Warm,
+                    "rvmm vm",
+                    "prewarm: boot and save the snapshot (once)",
+                    "ms",
+                    t.elapsed().as_secs_f64() * 1e3,
+                ),
+                Err(e) => rec.failure(Scenario::Warm, "rvmm vm", "prewarm", e),
+            }
+        }
         if opts.scenarios.contains(&Scenario::Boot) {
             rec.progress("preparing the boot disk");
             match make_boot_files(opts, env.work.path()) {
@@ -180,7 +207,7 @@ impl Env {
                 b.cmdline.clone()
             }
         };
-        let rvmm_run = |iso: &str| {
+        let rvmm_run = |iso: &str, cold: bool| {
             let mut cmd = Command::new(&opts.rvmm);
             cmd.arg("--root").arg(&opts.root).args([
                 "run",
@@ -192,12 +219,16 @@ impl Env {
             if iso == "vm" {
                 cmd.arg("--memory").arg(format!("{}m", opts.vm_memory_mib));
             }
+            if cold {
+                cmd.arg("--cold");
+            }
             cmd.arg(&opts.image).args(w.argv());
             cmd
         };
         match c {
-            Contender::RvmmContainer => Ok(rvmm_run("container")),
-            Contender::RvmmVm => Ok(rvmm_run("vm")),
+            Contender::RvmmContainer => Ok(rvmm_run("container", false)),
+            Contender::RvmmVm => Ok(rvmm_run("vm", false)),
+            Contender::RvmmVmCold => Ok(rvmm_run("vm", true)),
             Contender::Crun | Contender::Runc => {
                 let bin = if c == Contender::Crun {
                     opts.peers.crun.as_ref()
@@ -604,6 +635,7 @@ pub fn startup(opts: &Options, env: &Env, rec: &mut Recorder) {
         Contender::Crun,
         Contender::Runc,
         Contender::RvmmVm,
+        Contender::RvmmVmCold,
     ];
     timed_rounds(
         opts,
@@ -699,11 +731,12 @@ impl Instance {
     fn start(env: &Env, opts: &Options, c: Contender) -> Result<Instance, String> {
         let mut cmd = env.command(opts, c, Workload::Ready)?;
         // A booting kernel prints plenty; VMM peers wait for the bench's own marker.
-        let marker: &'static [u8] = if c.boots_a_kernel() && c != Contender::RvmmVm {
-            BOOT_MARKER
-        } else {
-            READY
-        };
+        let marker: &'static [u8] =
+            if c.boots_a_kernel() && !matches!(c, Contender::RvmmVm | Contender::RvmmVmCold) {
+                BOOT_MARKER
+            } else {
+                READY
+            };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
@@ -1033,6 +1066,185 @@ fn vm_memory(opts: &Options, env: &Env, rec: &mut Recorder, c: Contender) {
     let total: u64 = tree.iter().filter_map(|&p| measure::pss_kib(p)).sum();
     record_vm_split(rec, c, opts, &tree, total);
     rec.value(s, c.name(), "total PSS", "MiB", total as f64 / 1024.0);
+}
+
+/// `rvmm snapshot prewarm` for the machine the bench's VM runs use.
+fn prewarm(opts: &Options) -> Result<(), String> {
+    let out = Command::new(&opts.rvmm)
+        .arg("--root")
+        .arg(&opts.root)
+        .args(["snapshot", "prewarm", "--network", "none", "--memory"])
+        .arg(format!("{}m", opts.vm_memory_mib))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// One `rvmm run --isolation=vm IMAGE true` with `RVMM_TIMINGS=1`: its `key=value` timings.
+fn vm_timings(opts: &Options, cold: bool) -> Result<Vec<(String, f64)>, String> {
+    let mut cmd = Command::new(&opts.rvmm);
+    cmd.arg("--root")
+        .arg(&opts.root)
+        .env("RVMM_TIMINGS", "1")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--isolation=vm",
+            "--memory",
+        ])
+        .arg(format!("{}m", opts.vm_memory_mib));
+    if cold {
+        cmd.arg("--cold");
+    }
+    let out = cmd
+        .arg(&opts.image)
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(err.trim().to_string());
+    }
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("rvmm-timings "))
+        .ok_or("no timings line")?;
+    Ok(line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect())
+}
+
+/// Warm starts: where a restored start goes, and the host memory of VMs restored from one
+/// snapshot (their clean pages are the snapshot file's page cache, shared).
+pub fn warm(opts: &Options, env: &Env, rec: &mut Recorder) {
+    let s = Scenario::Warm;
+    let runs = opts.vm_runs.max(3);
+    for i in 0..runs {
+        rec.progress(&format!("warm: rvmm vm true {}/{runs}", i + 1));
+        match vm_timings(opts, false) {
+            Ok(t) => {
+                let get = |k: &str| t.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+                if get("warm") != Some(1.0) {
+                    rec.failure(s, "rvmm vm", "restore", "the run did not start warm".into());
+                    break;
+                }
+                for (k, metric) in [
+                    ("setup_ms", "restore: launch to VM ready to run"),
+                    ("started_ms", "launch to workload started"),
+                    ("exit_ms", "true: launch to exit"),
+                ] {
+                    if let Some(v) = get(k) {
+                        rec.value(s, "rvmm vm", metric, "ms", v);
+                    }
+                }
+                if let (Some(spec), Some(exec)) =
+                    (get("guest_spec_uptime_ms"), get("guest_exec_uptime_ms"))
+                {
+                    rec.value(
+                        s,
+                        "rvmm vm",
+                        "in the guest: spec to exec",
+                        "ms",
+                        exec - spec,
+                    );
+                }
+            }
+            Err(e) => {
+                rec.failure(s, "rvmm vm", "restore", e);
+                break;
+            }
+        }
+    }
+    match opts.peers.firecracker.as_ref() {
+        None => rec.failure(s, "firecracker", "restore", "not found on PATH".into()),
+        Some(_) => rec.failure(
+            s,
+            "firecracker",
+            "restore",
+            "found, but the bench does not script Firecracker snapshots yet".into(),
+        ),
+    }
+
+    // Memory: one restored idle VM, then N.
+    let n = opts.density.clamp(2, 4);
+    let min = u64::from(opts.vm_memory_mib) * 1024 / 2;
+    let snapshot_of = |insts: &[Instance]| -> (u64, u64) {
+        let mut pss = 0;
+        let mut dirty = 0;
+        for i in insts {
+            for p in measure::process_tree(i.pid()) {
+                pss += measure::pss_kib(p).unwrap_or(0);
+                dirty += measure::guest_ram_private_dirty_kib(p, min).unwrap_or(0);
+            }
+        }
+        (pss, dirty)
+    };
+    let mut insts: Vec<Instance> = Vec::new();
+    let mut one = None;
+    for k in 0..n {
+        rec.progress(&format!("warm: idle restored VM {}/{n}", k + 1));
+        let inst = match Instance::start(env, opts, Contender::RvmmVm) {
+            Ok(i) => i,
+            Err(e) => {
+                rec.failure(s, "rvmm vm", "restored idle VMs", e);
+                return;
+            }
+        };
+        if inst.ready.recv_timeout(opts.vm_timeout).is_err() {
+            rec.failure(s, "rvmm vm", "restored idle VMs", "not ready".into());
+            return;
+        }
+        insts.push(inst);
+        std::thread::sleep(Duration::from_millis(500));
+        if k == 0 {
+            one = Some(snapshot_of(&insts));
+        }
+    }
+    let (pss1, dirty1) = one.unwrap_or_default();
+    let (pssn, dirtyn) = snapshot_of(&insts);
+    let mib = |k: u64| k as f64 / 1024.0;
+    rec.value(
+        s,
+        "rvmm vm",
+        "one restored idle VM: host memory (PSS)",
+        "MiB",
+        mib(pss1),
+    );
+    rec.value(
+        s,
+        "rvmm vm",
+        "one restored idle VM: guest pages dirtied",
+        "MiB",
+        mib(dirty1),
+    );
+    let extra = (pssn.saturating_sub(pss1)) as f64 / (n - 1) as f64 / 1024.0;
+    rec.value(
+        s,
+        "rvmm vm",
+        &format!("each additional VM of {n} (PSS)"),
+        "MiB",
+        extra,
+    );
+    rec.value(
+        s,
+        "rvmm vm",
+        &format!("its budget: pages dirtied + 3 MiB (mean of {n})"),
+        "MiB",
+        mib(dirtyn) / n as f64 + 3.0,
+    );
 }
 
 #[cfg(test)]

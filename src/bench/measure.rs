@@ -176,6 +176,17 @@ pub fn guest_ram_rss_kib(pid: u32, min_size_kib: u64) -> Option<u64> {
 }
 
 fn guest_ram_rss_from_smaps(text: &str, min_size_kib: u64) -> u64 {
+    big_mapping_field(text, min_size_kib, "Rss:")
+}
+
+/// Private_Dirty (KiB) of the guest RAM mapping(s) of a VMM process (as in
+/// [`guest_ram_rss_kib`]): the guest pages written since a restore copied them from the snapshot.
+pub fn guest_ram_private_dirty_kib(pid: u32, min_size_kib: u64) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(big_mapping_field(&text, min_size_kib, "Private_Dirty:"))
+}
+
+fn big_mapping_field(text: &str, min_size_kib: u64, key: &str) -> u64 {
     let mut total = 0;
     let mut in_big = false;
     for line in text.lines() {
@@ -185,8 +196,8 @@ fn guest_ram_rss_from_smaps(text: &str, min_size_kib: u64) -> u64 {
                 .next()
                 .and_then(|s| s.parse::<u64>().ok())
                 .is_some_and(|s| s >= min_size_kib);
-        } else if in_big && line.starts_with("Rss:") {
-            total += field_kib(line, "Rss:").unwrap_or(0);
+        } else if in_big && line.starts_with(key) {
+            total += field_kib(line, key).unwrap_or(0);
         }
     }
     total

@@ -69,11 +69,14 @@ pub enum Scenario {
     Io,
     /// Direct kernel boots: rvmm vm vs QEMU microvm vs Firecracker/Cloud Hypervisor on the same kernel and disk.
     Boot,
+    /// Warm VM starts: the restore, and memory of VMs restored from one snapshot.
+    Warm,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Startup,
+        Scenario::Warm,
         Scenario::Cold,
         Scenario::Memory,
         Scenario::Density,
@@ -89,6 +92,7 @@ impl Scenario {
             Scenario::Density => "density",
             Scenario::Io => "io",
             Scenario::Boot => "boot",
+            Scenario::Warm => "warm",
         }
     }
 
@@ -249,6 +253,7 @@ pub fn run(opts: &Options) -> Result<PathBuf, Error> {
             Scenario::Density => contenders::density(opts, &env, &mut rec),
             Scenario::Io => contenders::io(opts, &env, &mut rec),
             Scenario::Boot => contenders::boot(opts, &mut env, &mut rec),
+            Scenario::Warm => contenders::warm(opts, &env, &mut rec),
         }
     }
     if rec.tty {

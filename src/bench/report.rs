@@ -56,7 +56,7 @@ pub fn write(
             }
             Scenario::Memory => memory_chart(dir, &rs).map_err(|e| chart_err(dir, s, e))?,
             Scenario::Density => density_chart(dir, &rs).map_err(|e| chart_err(dir, s, e))?,
-            Scenario::Io => None,
+            Scenario::Io | Scenario::Warm => None,
         };
         if let Some(name) = chart {
             let _ = writeln!(md, "![{}]({name})\n", title(s));
@@ -103,6 +103,7 @@ fn title(s: Scenario) -> &'static str {
         Scenario::Density => "Density",
         Scenario::Io => "Sequential I/O on the root filesystem",
         Scenario::Boot => "Direct kernel boot: VMMs on the same kernel and disk",
+        Scenario::Warm => "Warm VM starts (restored from a snapshot)",
     }
 }
 
@@ -114,6 +115,7 @@ fn explain(s: Scenario) -> &'static str {
         Scenario::Density => "N instances started at once; time until each printed `ready`, and host memory (sum of PSS) as they come up.",
         Scenario::Io => "`dd` of 32 MiB to (with fsync) and back from the root filesystem inside the workload, timed with its own /proc/uptime (10 ms resolution). VM: the writable layer is a tmpfs in guest RAM over the image disk; container: overlayfs upper dir on the host disk.",
         Scenario::Boot => "Each VMM boots the same guest kernel and ext4 root disk whose init prints a marker and resets: launch to marker and launch to exit.",
+        Scenario::Warm => "`rvmm run --isolation=vm IMAGE true` restored from the snapshot `rvmm snapshot prewarm` saved (taken once, before the other scenarios): the restore (launch until the VM is set up), launch to workload start and to exit, and the guest's own time from receiving its spec to the exec. Then idle VMs restored from the one snapshot: the first one's host memory, and what each additional one adds against its budget (guest pages it dirtied + 3 MiB).",
     }
 }
 

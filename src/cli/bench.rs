@@ -10,7 +10,7 @@ use super::Global;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Scenarios to run, comma-separated: startup, cold, memory, density, io, boot. Default: all.
+    /// Scenarios to run, comma-separated: startup, warm, cold, memory, density, io, boot. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
     /// A short run for a quick look: fewer repetitions, one cold VM boot, no VM density.

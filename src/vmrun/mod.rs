@@ -47,11 +47,35 @@ pub fn guest_init_path() -> anyhow::Result<PathBuf> {
         dir.join("../x86_64-unknown-linux-gnu/release/rvmm-init"),
         dir.join("../../x86_64-unknown-linux-gnu/release/rvmm-init"),
     ];
+    // A plain `cargo build` of the workspace leaves a dynamically linked rvmm-init next to rvmm:
+    // it cannot run in the guest (no loader there), so only static builds count.
     candidates
         .iter()
-        .find(|p| p.is_file())
+        .find(|p| p.is_file() && is_static_elf(p))
         .cloned()
         .context("rvmm-init (the guest's PID 1) is not built: run scripts/setup.sh, or RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p rvmm-guest-init --target x86_64-unknown-linux-gnu")
+}
+
+/// An ELF64 executable without a program interpreter (PT_INTERP).
+fn is_static_elf(p: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(p) else {
+        return false;
+    };
+    let mut h = [0u8; 64];
+    if f.read_exact_at(&mut h, 0).is_err() || &h[..4] != b"\x7fELF" || h[4] != 2 {
+        return false;
+    }
+    let phoff = u64::from_le_bytes(h[0x20..0x28].try_into().unwrap_or_default());
+    let phentsize = u64::from(u16::from_le_bytes([h[0x36], h[0x37]]));
+    let phnum = u64::from(u16::from_le_bytes([h[0x38], h[0x39]]));
+    if phentsize < 4 || phnum > 256 {
+        return false;
+    }
+    (0..phnum).all(|i| {
+        let mut t = [0u8; 4];
+        f.read_exact_at(&mut t, phoff + i * phentsize).is_ok() && u32::from_le_bytes(t) != 3
+    })
 }
 
 /// The guest kernel's command line: quiet console, reset on reboot and panic, no PCI or modules,
@@ -152,15 +176,34 @@ pub fn prewarm(
             }
         }
     });
-    let saved = match rx.recv_timeout(PREWARM_TIMEOUT) {
-        Ok(()) => snaps.save(&key, &id, |d| ctl.snapshot(d, &tag)),
-        Err(_) => Err(anyhow::anyhow!(
-            "the guest did not get ready within {PREWARM_TIMEOUT:?} (kernel log: {})",
-            machine.console.display()
-        )),
+    let ready = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(()) => break Ok(()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                if !vm_thread.is_finished() && t0.elapsed() < PREWARM_TIMEOUT =>
+            {
+                continue
+            }
+            Err(_) => {
+                break Err(anyhow::anyhow!(
+                    "the guest did not get ready ({}; kernel log: {})",
+                    if vm_thread.is_finished() {
+                        "the VM stopped".to_string()
+                    } else {
+                        format!("waited {PREWARM_TIMEOUT:?}")
+                    },
+                    machine.console.display()
+                ))
+            }
+        }
     };
+    let saved = ready.and_then(|()| snaps.save(&key, &id, |d| ctl.snapshot(d, &tag)));
     ctl.stop();
     let _ = vm_thread.join();
+    if saved.is_err() {
+        // Keep the kernel log the error points at (`rvmm snapshot gc` removes it).
+        let _ = work.keep();
+    }
     let memory_bytes = saved?;
     Ok(Prewarmed {
         key,

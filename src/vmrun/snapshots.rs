@@ -36,10 +36,14 @@ pub struct Info {
 }
 
 impl Snapshots {
+    /// `ROOT/snapshots`, or `RVMM_SNAPSHOTS` when set (e.g. to share snapshots between stores,
+    /// or to keep them on a fast disk).
     pub fn new(root: &Path) -> Self {
-        Self {
-            dir: root.join("snapshots"),
-        }
+        let dir = std::env::var_os("RVMM_SNAPSHOTS")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("snapshots"));
+        Self { dir }
     }
 
     pub fn dir(&self) -> &Path {

@@ -51,6 +51,8 @@ fn main() {
             sys::power_off();
         }
     };
+    sys::trace_init();
+    sys::trace("pid1 up");
     let mut ch = Channel { fd: chan };
     let status = match run(&mut ch) {
         Ok(code) => code,
@@ -61,6 +63,7 @@ fn main() {
             code as i32
         }
     };
+    sys::trace("workload done");
     ch.send(frame::EXIT, &status.to_le_bytes());
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
@@ -127,18 +130,22 @@ fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
 
 fn run(ch: &mut Channel) -> Result<i32, Fail> {
     let start = wait_start(ch)?;
+    sys::trace("start received");
     // Before anything else: this guest's own randomness and time.
     sys::add_entropy(&start.entropy).map_err(|e| (125, format!("seeding the RNG: {e}")))?;
     sys::set_realtime(start.realtime.0, start.realtime.1)
         .map_err(|e| (125, format!("setting the clock: {e}")))?;
+    sys::trace("entropy and clock");
     let spec = start.spec;
     sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(|e| (125, e))?;
+    sys::trace("disk attached");
 
     // The image disk under a tmpfs overlay.
     mkdir_p("/image");
     mount("/dev/vda", "/image", "erofs", libc::MS_RDONLY, "")
         .or_else(|_| mount("/dev/vda", "/image", "ext4", libc::MS_RDONLY, "noload"))
         .map_err(|e| (125, format!("mounting the image disk: {}", e.1)))?;
+    sys::trace("image mounted");
     mkdir_p("/rw");
     mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755").map_err(|e| (125, e.1))?;
     mkdir_p("/rw/upper");
@@ -258,7 +265,9 @@ fn run(ch: &mut Channel) -> Result<i32, Fail> {
         }
         Ok(())
     };
+    sys::trace("overlay and /etc");
     setup().map_err(|(_, m)| (125u8, m))?;
+    sys::trace("/proc /sys /dev");
 
     sys::set_hostname(&spec.hostname).map_err(|e| (125, e))?;
     sys::loopback_up();
@@ -269,6 +278,7 @@ fn run(ch: &mut Channel) -> Result<i32, Fail> {
         sys::configure_eth0(a, gw).map_err(|e| (125, format!("configuring eth0: {e}")))?;
     }
 
+    sys::trace("hostname and network");
     // switch_root: the overlay becomes /.
     // SAFETY: chdir/mount/chroot with NUL-terminated paths.
     unsafe {
@@ -287,6 +297,7 @@ fn run(ch: &mut Channel) -> Result<i32, Fail> {
         check(libc::chdir(c("/").as_ptr()), "chdir /")?;
     }
 
+    sys::trace("switched root");
     workload::run(&spec, ch)
 }
 

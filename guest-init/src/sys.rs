@@ -447,3 +447,37 @@ pub fn wait_for_disk(name: &str, timeout: std::time::Duration) -> Result<(), Str
     }
     Ok(())
 }
+
+static TRACE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// With `rvmm.trace` on the kernel command line, [`trace`] writes timestamped steps to the
+/// console (the run directory's console.log): where a start spends its time.
+pub fn trace_init() {
+    let on = std::fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|w| w == "rvmm.trace"))
+        .unwrap_or(false);
+    if on {
+        // SAFETY: NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                c("/dev/ttyS0").as_ptr(),
+                libc::O_WRONLY | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+        };
+        TRACE_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One trace line: guest monotonic time in µs, then `what` (nothing without `rvmm.trace`).
+pub fn trace(what: &str) {
+    let fd = TRACE_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: clock_gettime fills a timespec we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let us = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+    write_all(fd, format!("rvmm-init {us} {what}\r\n").as_bytes());
+}

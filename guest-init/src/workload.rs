@@ -86,6 +86,7 @@ pub fn run(spec: &RunSpec, ch: &mut Channel) -> Result<i32, Fail> {
         None
     };
 
+    crate::sys::trace("fork");
     // SAFETY: fork in a single-threaded process.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -140,6 +141,7 @@ pub fn run(spec: &RunSpec, ch: &mut Channel) -> Result<i32, Fail> {
             .load(std::sync::atomic::Ordering::Relaxed)
             .to_le_bytes(),
     );
+    crate::sys::trace("workload exec'd");
     ch.send(frame::STARTED, &started);
     relay(
         ch,
@@ -239,11 +241,13 @@ fn child(
         Ok(p) => p,
         Err((code, msg)) => fail(code, msg),
     };
+    crate::sys::trace("child: user, caps, cwd, resolved");
     if spec.security.enforce && !spec.security.seccomp.is_empty() {
         if let Err(e) = crate::sys::install_seccomp(&spec.security.seccomp) {
             fail(125, e);
         }
     }
+    crate::sys::trace("child: seccomp installed");
     let mut a: Vec<*const libc::c_char> = argv.iter().map(|x| x.as_ptr()).collect();
     a.push(std::ptr::null());
     let mut e: Vec<*const libc::c_char> = env.iter().map(|x| x.as_ptr()).collect();

@@ -716,3 +716,37 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     cleanup.state.finish(code, opts.remove);
     Ok(code.clamp(0, 255) as u8)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_static_elves_count_as_rvmm_init() {
+        let d = tempfile::tempdir().unwrap();
+        // A minimal ELF64 header with one PT_LOAD program header: static.
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        elf[64..68].copy_from_slice(&1u32.to_le_bytes());
+        let p = d.path().join("static");
+        std::fs::write(&p, &elf).unwrap();
+        assert!(is_static_elf(&p));
+        // The same with a PT_INTERP: dynamic.
+        elf[64..68].copy_from_slice(&3u32.to_le_bytes());
+        std::fs::write(&p, &elf).unwrap();
+        assert!(!is_static_elf(&p));
+        // Not an ELF, or cut short.
+        std::fs::write(&p, b"#!/bin/sh\n").unwrap();
+        assert!(!is_static_elf(&p));
+        elf[64..68].copy_from_slice(&1u32.to_le_bytes());
+        std::fs::write(&p, &elf[..66]).unwrap();
+        assert!(!is_static_elf(&p));
+        // This test binary is dynamically linked.
+        assert!(!is_static_elf(&std::env::current_exe().unwrap()));
+    }
+}

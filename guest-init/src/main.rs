@@ -53,8 +53,12 @@ fn main() {
     };
     sys::trace_init();
     sys::trace("pid1 up");
+    // The privileges every run of this host gets, read before READY (so a snapshot has them).
+    let boot_security: Option<rvmm_proto::Security> = std::fs::read("/rvmm/security.json")
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let mut ch = Channel { fd: chan };
-    let status = match run(&mut ch) {
+    let status = match run(&mut ch, boot_security) {
         Ok(code) => code,
         Err((code, msg)) => {
             let mut p = vec![code];
@@ -128,7 +132,7 @@ fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
     }
 }
 
-fn run(ch: &mut Channel) -> Result<i32, Fail> {
+fn run(ch: &mut Channel, boot_security: Option<rvmm_proto::Security>) -> Result<i32, Fail> {
     let start = wait_start(ch)?;
     sys::trace("start received");
     // Before anything else: this guest's own randomness and time.
@@ -136,7 +140,13 @@ fn run(ch: &mut Channel) -> Result<i32, Fail> {
     sys::set_realtime(start.realtime.0, start.realtime.1)
         .map_err(|e| (125, format!("setting the clock: {e}")))?;
     sys::trace("entropy and clock");
-    let spec = start.spec;
+    let mut spec = start.spec;
+    if start.boot_security {
+        spec.security = boot_security.ok_or((
+            125,
+            "the initramfs carries no /rvmm/security.json".to_string(),
+        ))?;
+    }
     sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(|e| (125, e))?;
     sys::trace("disk attached");
 

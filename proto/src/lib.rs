@@ -116,6 +116,11 @@ pub struct Start {
     pub realtime: (i64, u32),
     /// The MAC for eth0 (set before the link comes up), when the VM has a network device.
     pub mac: Option<[u8; 6]>,
+    /// `spec.security` is left empty: apply the `Security` the initramfs carried at boot
+    /// (`/rvmm/security.json`). It is the same for every run of a host, and ~20 KB less to send
+    /// over the channel.
+    #[serde(default)]
+    pub boot_security: bool,
 }
 
 /// The host ↔ guest channel (COM2, a raw byte stream): frames of `[kind u8][len u32 LE][payload]`.

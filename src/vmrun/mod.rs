@@ -133,6 +133,7 @@ pub fn prewarm(
     let machine = Machine {
         kernel,
         init,
+        security: serde_json::to_vec(&crate::container::security::for_guest()?)?,
         vcpus: cpus.map(|c| c.ceil().clamp(1.0, 32.0) as u8).unwrap_or(1),
         mem_mib: memory_bytes
             .map(|b| (b >> 20).max(64) as u32)
@@ -218,13 +219,16 @@ pub fn prewarm(
 pub fn current_tag() -> Option<String> {
     let kernel = crate::kernel::cached_vmlinux().ok()?;
     let init = guest_init_path().ok()?;
-    Some(snapshots::tag(&kernel, &init, &guest_cmdline()))
+    let security = serde_json::to_vec(&crate::container::security::for_guest().ok()?).ok()?;
+    Some(snapshots::tag(&kernel, &init, &guest_cmdline(), &security))
 }
 
 /// The machine a VM run gets, cold or warm.
 struct Machine {
     kernel: PathBuf,
     init: PathBuf,
+    /// The workload privileges every run of this host gets (JSON), carried by the initramfs.
+    security: Vec<u8>,
     vcpus: u8,
     mem_mib: u32,
     taps: Vec<String>,
@@ -269,7 +273,7 @@ impl Machine {
     /// The snapshot tag and key of this machine.
     fn identity(&self) -> anyhow::Result<(String, String)> {
         let (cfg, _, _) = self.config(None)?;
-        let tag = snapshots::tag(&self.kernel, &self.init, &cfg.cmdline);
+        let tag = snapshots::tag(&self.kernel, &self.init, &cfg.cmdline, &self.security);
         let key = snapshots::key(&tag, &cfg.layout());
         Ok((tag, key))
     }
@@ -284,6 +288,8 @@ impl Machine {
             w.dir(d)?;
         }
         w.file("init", 0o755, &init_bytes)?;
+        w.dir("rvmm")?;
+        w.file("rvmm/security.json", 0o600, &self.security)?;
         w.finish()?;
         Ok(initrd)
     }
@@ -426,9 +432,11 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         .map(|c| c.ceil().clamp(1.0, 32.0) as u8)
         .unwrap_or(1);
     let mac = net.first().map(|n| n.mac);
+    let boot_security = serde_json::to_vec(&spec.security)?;
     let machine = Machine {
         kernel,
         init,
+        security: boot_security,
         vcpus,
         mem_mib,
         taps: net
@@ -471,8 +479,12 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let t_setup = t0.elapsed();
     // The `Start`: what makes this run this run. Sent once the guest is READY (a restored guest
     // is past READY already).
+    // The privileges travel in the initramfs (and so in the snapshot), not over the channel.
+    let mut start_spec = spec.clone();
+    start_spec.security = Default::default();
     let start = rvmm_proto::Start {
-        spec: spec.clone(),
+        spec: start_spec,
+        boot_security: true,
         entropy: random_bytes::<64>()?.to_vec(),
         realtime: {
             let d = std::time::SystemTime::now()
@@ -484,6 +496,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     };
     let mut start_frames = frame::encode_chunked(frame::SPEC, &serde_json::to_vec(&start)?);
     start_frames.extend(frame::encode(frame::SPEC_END, &[]));
+    let start_bytes = start_frames.len();
     let mut start_frames = Some(start_frames);
     let mut t_snapshot = None;
     let vm_thread = std::thread::spawn(move || vm.run());
@@ -679,7 +692,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     if std::env::var_os("RVMM_TIMINGS").is_some() {
         let (init, exec, spec_at) = report.guest_times.unwrap_or((0, 0, 0));
         eprintln!(
-            "rvmm-timings warm={} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_ms={}",
+            "rvmm-timings warm={} start_bytes={start_bytes} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_ms={}",
             u8::from(is_warm),
             t_disk.as_millis(),
             t_setup.as_millis(),

@@ -192,14 +192,15 @@ fn file_id(p: &Path) -> String {
 }
 
 /// The guest's identity: a snapshot is only restored into the same kernel, rvmm-init, kernel
-/// command line and rvmm binary that took it.
-pub fn tag(kernel: &Path, init: &Path, cmdline: &str) -> String {
+/// command line, boot-time workload privileges and rvmm binary that took it.
+pub fn tag(kernel: &Path, init: &Path, cmdline: &str, security: &[u8]) -> String {
     let exe = std::env::current_exe().unwrap_or_default();
     let s = format!(
-        "kernel {}\ninit {}\ncmdline {}\nrvmm {} {}\n",
+        "kernel {}\ninit {}\ncmdline {}\nsecurity {}\nrvmm {} {}\n",
         file_id(kernel),
         file_id(init),
         cmdline,
+        hex::encode(Sha256::digest(security)),
         snapshot::rvmm_version(),
         file_id(&exe)
     );
@@ -238,11 +239,12 @@ mod tests {
         let i = d.path().join("init");
         std::fs::write(&k, b"k").unwrap();
         std::fs::write(&i, b"i").unwrap();
-        let t1 = tag(&k, &i, "console=ttyS0");
-        assert_eq!(t1, tag(&k, &i, "console=ttyS0"));
-        assert_ne!(t1, tag(&k, &i, "console=ttyS1"));
+        let t1 = tag(&k, &i, "console=ttyS0", b"{}");
+        assert_eq!(t1, tag(&k, &i, "console=ttyS0", b"{}"));
+        assert_ne!(t1, tag(&k, &i, "console=ttyS1", b"{}"));
+        assert_ne!(t1, tag(&k, &i, "console=ttyS0", b"{\"enforce\":true}"));
         std::fs::write(&i, b"i2").unwrap();
-        assert_ne!(t1, tag(&k, &i, "console=ttyS0"));
+        assert_ne!(t1, tag(&k, &i, "console=ttyS0", b"{}"));
         assert_ne!(key(&t1, &layout(256)), key(&t1, &layout(512)));
         assert_eq!(key(&t1, &layout(256)).len(), 16);
     }

@@ -57,8 +57,11 @@ fn main() {
     let boot_security: Option<rvmm_proto::Security> = std::fs::read("/rvmm/security.json")
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
+    // The workload-to-be, with its seccomp filter installed before READY.
+    let zygote = boot_security.as_ref().and_then(workload::zygote);
+    sys::trace("zygote forked");
     let mut ch = Channel { fd: chan };
-    let status = match run(&mut ch, boot_security) {
+    let status = match run(&mut ch, boot_security, zygote) {
         Ok(code) => code,
         Err((code, msg)) => {
             let mut p = vec![code];
@@ -132,7 +135,11 @@ fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
     }
 }
 
-fn run(ch: &mut Channel, boot_security: Option<rvmm_proto::Security>) -> Result<i32, Fail> {
+fn run(
+    ch: &mut Channel,
+    boot_security: Option<rvmm_proto::Security>,
+    zygote: Option<workload::Zygote>,
+) -> Result<i32, Fail> {
     let start = wait_start(ch)?;
     sys::trace("start received");
     // Before anything else: this guest's own randomness and time.
@@ -308,7 +315,9 @@ fn run(ch: &mut Channel, boot_security: Option<rvmm_proto::Security>) -> Result<
     }
 
     sys::trace("switched root");
-    workload::run(&spec, ch)
+    // The zygote's filter is the boot-time one: only a run with those privileges may use it.
+    let zygote = if start.boot_security { zygote } else { None };
+    workload::run(&spec, ch, zygote)
 }
 
 mod workload;

@@ -11,8 +11,7 @@ pub struct Args {}
 pub fn exec(_args: Args, global: &Global) -> anyhow::Result<u8> {
     let runs = state::gc(&global.root);
     println!("cleaned up after {runs} dead run(s)");
-    let snaps = rvmm::vmrun::snapshots::Snapshots::new(&global.root)
-        .gc(rvmm::vmrun::current_tag().as_deref());
+    let snaps = rvmm::vmrun::snapshots::Snapshots::new(&global.root).gc();
     if !snaps.is_empty() {
         println!(
             "removed {} unusable snapshot(s) or leftovers of interrupted saves",

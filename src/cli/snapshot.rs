@@ -10,8 +10,8 @@ pub enum Command {
     Ls,
     /// Delete snapshots by key (or all of them).
     Rm(RmArgs),
-    /// Delete snapshots that can no longer be restored (another kernel, rvmm-init or rvmm;
-    /// damaged) and leftovers of interrupted saves.
+    /// Delete snapshots that can no longer be restored (damaged, another format, or their
+    /// kernel, rvmm-init or rvmm binary changed since) and leftovers of interrupted saves.
     Gc,
     /// Boot a guest once and save the snapshot `rvmm run --isolation=vm` with the same flags
     /// restores (a run without one takes it on its first boot anyway).
@@ -59,8 +59,10 @@ pub fn exec(cmd: Command, global: &Global) -> anyhow::Result<u8> {
                     "damaged"
                 } else if s.rvmm.as_deref() != Some(rvmm::vmm::snapshot::rvmm_version().as_str()) {
                     "other rvmm"
+                } else if !s.inputs_unchanged {
+                    "stale (its kernel, init or rvmm changed)"
                 } else if current.is_some() && s.tag != current {
-                    "stale (other kernel, init or rvmm build)"
+                    "another build's"
                 } else {
                     "usable"
                 };
@@ -95,7 +97,7 @@ pub fn exec(cmd: Command, global: &Global) -> anyhow::Result<u8> {
             Ok(code)
         }
         Command::Gc => {
-            let removed = snaps.gc(rvmm::vmrun::current_tag().as_deref());
+            let removed = snaps.gc();
             for k in &removed {
                 println!("{k}");
             }

@@ -146,7 +146,7 @@ pub fn prewarm(
         mac: [0x02, 0, 0, 0, 0, 1],
         console: work.path().join("console.log"),
     };
-    let (tag, key) = machine.identity()?;
+    let (identity, tag, key) = machine.identity()?;
     if snaps.find(&key).is_some() {
         return Ok(Prewarmed {
             key,
@@ -198,7 +198,10 @@ pub fn prewarm(
             }
         }
     };
-    let saved = ready.and_then(|()| snaps.save(&key, &id, |d| ctl.snapshot(d, &tag)));
+    let saved = ready.and_then(|()| snaps.save(&key, &id, &identity, |d| ctl.snapshot(d, &tag)));
+    if saved.is_ok() {
+        snaps.gc();
+    }
     ctl.stop();
     let _ = vm_thread.join();
     if saved.is_err() {
@@ -270,12 +273,13 @@ impl Machine {
         Ok((cfg, to_guest_w, from_guest_r))
     }
 
-    /// The snapshot tag and key of this machine.
-    fn identity(&self) -> anyhow::Result<(String, String)> {
+    /// The snapshot identity (text), tag and key of this machine.
+    fn identity(&self) -> anyhow::Result<(String, String, String)> {
         let (cfg, _, _) = self.config(None)?;
-        let tag = snapshots::tag(&self.kernel, &self.init, &cfg.cmdline, &self.security);
+        let identity = snapshots::identity(&self.kernel, &self.init, &cfg.cmdline, &self.security);
+        let tag = snapshots::hash(&identity);
         let key = snapshots::key(&tag, &cfg.layout());
-        Ok((tag, key))
+        Ok((identity, tag, key))
     }
 
     /// Writes the initramfs (rvmm-init as /init, nothing run-specific) into `dir`.
@@ -450,7 +454,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         console: dir.join("console.log"),
     };
     let snaps = snapshots::Snapshots::new(&opts.root);
-    let (tag, key) = machine.identity()?;
+    let (identity, tag, key) = machine.identity()?;
     let mut warm = None;
     if !opts.cold {
         if let Some(sdir) = snaps.find(&key) {
@@ -620,10 +624,14 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 if snapshot_at_ready {
                     snapshot_at_ready = false;
                     let t = Instant::now();
-                    match snaps.save(&key, &opts.id, |d| ctl.snapshot(d, &tag)) {
+                    match snaps.save(&key, &opts.id, &identity, |d| ctl.snapshot(d, &tag)) {
                         Ok(bytes) => {
                             log::info!("snapshot {key} saved: {bytes} bytes of memory");
                             t_snapshot = Some(t.elapsed());
+                            // Snapshots of a kernel, init or rvmm that has since been replaced.
+                            for k in snaps.gc() {
+                                log::info!("removed unusable snapshot {k}");
+                            }
                         }
                         Err(e) => log::warn!("cannot save a snapshot for warm starts: {e:#}"),
                     }

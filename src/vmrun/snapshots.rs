@@ -6,7 +6,10 @@
 //! kernel command line, rvmm binary) and the machine layout (vCPUs, memory, devices), so a run only
 //! ever finds a snapshot it can use; `Vm::restore` checks both again. A snapshot is written under
 //! `.tmp-RUNID` and renamed into place, so a reader never sees half of one and two runs racing
-//! to save the same KEY keep the first.
+//! to save the same KEY keep the first. Next to it, `identity.txt` keeps what the tag was made
+//! of: a snapshot whose kernel, rvmm-init or rvmm binary has since changed on disk can never be
+//! restored again, and `gc` (run after every save) removes it. Snapshots of other builds that
+//! still exist (say, a debug and a release rvmm) are left alone.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,8 @@ pub struct Info {
     pub tag: Option<String>,
     /// Bytes allocated on disk (the memory file is sparse).
     pub disk_bytes: u64,
+    /// The kernel, rvmm-init and rvmm binary it was made with are still there, unchanged.
+    pub inputs_unchanged: bool,
     pub created: std::time::SystemTime,
 }
 
@@ -69,17 +74,21 @@ impl Snapshots {
         &self,
         key: &str,
         run_id: &str,
+        identity: &str,
         take: impl FnOnce(&Path) -> Result<u64, crate::vmm::Error>,
     ) -> anyhow::Result<u64> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
         let tmp = self.dir.join(format!(".tmp-{run_id}"));
         let _ = std::fs::remove_dir_all(&tmp);
-        let bytes = match take(&tmp) {
+        let bytes = match take(&tmp).map_err(anyhow::Error::from).and_then(|b| {
+            std::fs::write(tmp.join(IDENTITY_FILE), identity)?;
+            Ok(b)
+        }) {
             Ok(b) => b,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e.into());
+                return Err(e);
             }
         };
         if std::fs::rename(&tmp, self.dir.join(key)).is_err() {
@@ -105,15 +114,15 @@ impl Snapshots {
         v
     }
 
-    /// Removes damaged snapshots, snapshots this rvmm cannot use (another rvmm version, or a
-    /// tag other than `current_tag` when given), and leftovers of saves whose run is gone.
-    /// Returns the keys removed.
-    pub fn gc(&self, current_tag: Option<&str>) -> Vec<String> {
+    /// Removes snapshots no rvmm can restore any more (damaged, another format, or made by a
+    /// kernel, rvmm-init or rvmm binary that has changed on disk since), and leftovers of saves
+    /// whose run is gone. Returns the keys removed.
+    pub fn gc(&self) -> Vec<String> {
         let mut removed = Vec::new();
         for s in self.list() {
             let stale = s.layout.is_none()
                 || s.rvmm.as_deref() != Some(snapshot::rvmm_version().as_str())
-                || current_tag.is_some_and(|t| s.tag.as_deref() != Some(t));
+                || !s.inputs_unchanged;
             if stale && std::fs::remove_dir_all(&s.path).is_ok() {
                 removed.push(s.key);
             }
@@ -163,6 +172,8 @@ fn info(path: &Path) -> Info {
         Some(h) if memory_ok => (Some(h.layout), Some(h.rvmm), Some(h.tag)),
         _ => (None, None, None),
     };
+    let inputs_unchanged = std::fs::read_to_string(path.join(IDENTITY_FILE))
+        .is_ok_and(|id| inputs_unchanged(&id) && tag.as_deref() == Some(&*hash(&id)));
     Info {
         key,
         path: path.to_owned(),
@@ -171,6 +182,7 @@ fn info(path: &Path) -> Info {
         tag,
         disk_bytes,
         created,
+        inputs_unchanged,
     }
 }
 
@@ -191,20 +203,48 @@ fn file_id(p: &Path) -> String {
     }
 }
 
-/// The guest's identity: a snapshot is only restored into the same kernel, rvmm-init, kernel
-/// command line, boot-time workload privileges and rvmm binary that took it.
-pub fn tag(kernel: &Path, init: &Path, cmdline: &str, security: &[u8]) -> String {
+/// What a snapshot's `identity.txt` is called.
+pub const IDENTITY_FILE: &str = "identity.txt";
+
+/// The guest's identity, as text: a snapshot is only restored into the same kernel, rvmm-init,
+/// kernel command line, boot-time workload privileges and rvmm binary that took it.
+pub fn identity(kernel: &Path, init: &Path, cmdline: &str, security: &[u8]) -> String {
     let exe = std::env::current_exe().unwrap_or_default();
-    let s = format!(
-        "kernel {}\ninit {}\ncmdline {}\nsecurity {}\nrvmm {} {}\n",
+    format!(
+        "kernel {}\ninit {}\ncmdline {}\nsecurity {}\nformat {}\nrvmm {}\n",
         file_id(kernel),
         file_id(init),
         cmdline,
         hex::encode(Sha256::digest(security)),
         snapshot::rvmm_version(),
         file_id(&exe)
-    );
-    hex::encode(Sha256::digest(s.as_bytes()))
+    )
+}
+
+/// The tag of an identity.
+pub fn hash(identity: &str) -> String {
+    hex::encode(Sha256::digest(identity.as_bytes()))
+}
+
+/// [`identity`], hashed.
+pub fn tag(kernel: &Path, init: &Path, cmdline: &str, security: &[u8]) -> String {
+    hash(&identity(kernel, init, cmdline, security))
+}
+
+/// Are the files an identity names still the same files?
+fn inputs_unchanged(identity: &str) -> bool {
+    identity.lines().all(|l| {
+        let Some((what, id)) = l.split_once(' ') else {
+            return true;
+        };
+        if !matches!(what, "kernel" | "init" | "rvmm") {
+            return true;
+        }
+        // "PATH SIZE MTIME INODE" (the path may hold spaces).
+        let mut parts = id.rsplitn(4, ' ');
+        let (_, _, _, path) = (parts.next(), parts.next(), parts.next(), parts.next());
+        path.is_some_and(|p| file_id(Path::new(p)) == id)
+    })
 }
 
 /// The snapshot key for a guest identity and a machine layout.
@@ -250,20 +290,35 @@ mod tests {
     }
 
     #[test]
+    fn an_identity_goes_stale_when_its_files_change() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("a kernel with spaces");
+        let i = d.path().join("init");
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
+        let id = identity(&k, &i, "console=ttyS0", b"{}");
+        assert!(inputs_unchanged(&id));
+        std::fs::write(&i, b"a rebuilt init").unwrap();
+        assert!(!inputs_unchanged(&id));
+        std::fs::remove_file(&i).unwrap();
+        assert!(!inputs_unchanged(&id));
+    }
+
+    #[test]
     fn save_find_list_gc() {
         let d = tempfile::tempdir().unwrap();
         let s = Snapshots::new(d.path());
         assert!(s.find("k1").is_none());
         // A failing save leaves nothing.
         assert!(s
-            .save("k1", "run1", |_| Err(crate::vmm::Error::Snapshot(
+            .save("k1", "run1", "id", |_| Err(crate::vmm::Error::Snapshot(
                 "no".into()
             )))
             .is_err());
         assert!(s.list().is_empty());
         // A damaged one is listed and collected.
         let n = s
-            .save("k1", "run1", |p| {
+            .save("k1", "run1", "id", |p| {
                 std::fs::create_dir_all(p).unwrap();
                 std::fs::write(p.join(snapshot::STATE_FILE), b"{").unwrap();
                 std::fs::write(p.join(snapshot::MEMORY_FILE), b"").unwrap();
@@ -277,7 +332,7 @@ mod tests {
         assert!(l[0].layout.is_none());
         // Leftovers of a dead run's save are collected too.
         std::fs::create_dir_all(s.dir().join(".tmp-deadbeef")).unwrap();
-        let mut gone = s.gc(None);
+        let mut gone = s.gc();
         gone.sort();
         assert_eq!(gone, vec![".tmp-deadbeef".to_string(), "k1".to_string()]);
         assert!(s.list().is_empty() && s.find("k1").is_none());

@@ -508,11 +508,12 @@ fn warm_guests_are_unique_and_one_snapshot_serves_every_image() {
 }
 
 /// A snapshot this rvmm cannot use is refused with one line, the run boots instead and
-/// succeeds, and its boot saves a good snapshot for the next run.
+/// succeeds, and its boot saves a good snapshot for the next run. Two vCPUs: SMP guests
+/// snapshot and restore too.
 #[test]
 fn a_damaged_snapshot_is_replaced_by_a_boot() {
     let Some(env) = setup() else { return };
-    let key = prewarm(&env, &["--network=none"]);
+    let key = prewarm(&env, &["--network=none", "--cpus", "2"]);
     let dir = Path::new(&std::env::var_os("RVMM_SNAPSHOTS").unwrap()).join(&key);
     let state = dir.join("snapshot.json");
     let json = std::fs::read_to_string(&state).unwrap();
@@ -522,7 +523,13 @@ fn a_damaged_snapshot_is_replaced_by_a_boot() {
         format!("{}0.0.0-other{}", &json[..from], &json[from..]),
     )
     .unwrap();
-    let o = run(&env, "vm", &["--network=none"], &["echo", "booted"], None);
+    let o = run(
+        &env,
+        "vm",
+        &["--network=none", "--cpus", "2"],
+        &["echo", "booted"],
+        None,
+    );
     assert_eq!((o.code, o.stdout.as_str()), (0, "booted\n"), "{}", o.stderr);
     let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(lines.len(), 1, "{}", o.stderr);
@@ -547,9 +554,11 @@ fn a_damaged_snapshot_is_replaced_by_a_boot() {
         .arg("--root")
         .arg(env.store.path())
         .env("RVMM_TIMINGS", "1")
-        .args(["run", "--rm", "--network=none", BB, "true"])
+        .args(["run", "--rm", "--network=none", "--cpus", "2", BB])
+        .args(["cat", "/sys/devices/system/cpu/online"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "0-1\n");
     assert!(timings_warm(&String::from_utf8_lossy(&o.stderr)));
 }

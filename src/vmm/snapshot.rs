@@ -126,6 +126,10 @@ pub struct VcpuState {
     pub debugregs: Raw<kvm_debugregs>,
     /// (index, value) of every MSR KVM lists and lets us read.
     pub msrs: Vec<(u32, u64)>,
+    /// The guest's TSC frequency, when KVM reports it: a restore on a host with another TSC
+    /// frequency sets it back (TSC scaling), so guest time does not drift.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
 }
 
 /// A device slot on the virtio-mmio bus, in bus order.

@@ -78,6 +78,7 @@ pub fn save_state(fd: &VcpuFd, msr_index: &[u32], xsave: bool) -> Result<VcpuSta
             .get_debug_regs()
             .map_err(setup_err("KVM_GET_DEBUGREGS"))?),
         msrs,
+        tsc_khz: fd.get_tsc_khz().ok().filter(|&k| k > 0),
     })
 }
 
@@ -94,6 +95,13 @@ pub fn restore_state(
     let mut cpuid = cpuid.clone();
     filter_cpuid(&mut cpuid, id, count, kind);
     fd.set_cpuid2(&cpuid).map_err(setup_err("KVM_SET_CPUID2"))?;
+    if let Some(khz) = st.tsc_khz {
+        if fd.get_tsc_khz().ok() != Some(khz) {
+            if let Err(e) = fd.set_tsc_khz(khz) {
+                log::warn!("vcpu {id}: cannot set the saved TSC frequency {khz} kHz: {e}");
+            }
+        }
+    }
     fd.set_mp_state(st.mp_state.0)
         .map_err(setup_err("KVM_SET_MP_STATE"))?;
     fd.set_sregs(&st.sregs.0)

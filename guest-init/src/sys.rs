@@ -482,6 +482,17 @@ pub fn trace(what: &str) {
     write_all(fd, format!("rvmm-init {us} {what}\r\n").as_bytes());
 }
 
+/// A msghdr for one buffer and a control buffer.
+fn msghdr(iov: &mut libc::iovec, control: &mut [u64], control_len: usize) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control_len;
+    msg
+}
+
 /// Sends `data` and `fds` (SCM_RIGHTS) as one message on a SOCK_SEQPACKET socket.
 pub fn send_with_fds(sock: libc::c_int, data: &[u8], fds: &[libc::c_int]) -> Result<(), String> {
     let fd_bytes = std::mem::size_of_val(fds);
@@ -492,14 +503,10 @@ pub fn send_with_fds(sock: libc::c_int, data: &[u8], fds: &[libc::c_int]) -> Res
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
-    // SAFETY: msghdr is plain data; every pointer in it refers to a live local buffer, and the
-    // control message is written inside `cbuf` as CMSG_FIRSTHDR lays it out.
+    let msg = msghdr(&mut iov, &mut cbuf, space);
+    // SAFETY: every pointer in `msg` refers to a live local buffer, and the control message is
+    // written inside `cbuf` as CMSG_FIRSTHDR lays it out.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space;
         let cm = libc::CMSG_FIRSTHDR(&msg);
         (*cm).cmsg_level = libc::SOL_SOCKET;
         (*cm).cmsg_type = libc::SCM_RIGHTS;
@@ -523,13 +530,9 @@ pub fn recv_with_fds(sock: libc::c_int, buf: &mut [u8]) -> Option<(usize, Vec<li
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
+    let mut msg = msghdr(&mut iov, &mut cbuf, space);
     // SAFETY: as in send_with_fds; the kernel fills `cbuf` and the walk stays inside it.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space;
         let n = loop {
             let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
             if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {

@@ -38,30 +38,27 @@ pub const MEMORY_FILE: &str = "memory";
 /// # Safety
 /// Implement only for `repr(C)` types made of integers and arrays or unions of them.
 pub unsafe trait Pod: Default {}
-// SAFETY: all of these are bindgen `repr(C)` structs of integers, arrays and integer unions.
-unsafe impl Pod for kvm_regs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_sregs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_fpu {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_xsave {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_xcrs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_lapic_state {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_mp_state {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_vcpu_events {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_debugregs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_irqchip {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_pit_state2 {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_clock_data {}
+
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: a bindgen `repr(C)` struct of integers, arrays and integer unions.
+        unsafe impl Pod for $t {}
+    )*};
+}
+pod!(
+    kvm_regs,
+    kvm_sregs,
+    kvm_fpu,
+    kvm_xsave,
+    kvm_xcrs,
+    kvm_lapic_state,
+    kvm_mp_state,
+    kvm_vcpu_events,
+    kvm_debugregs,
+    kvm_irqchip,
+    kvm_pit_state2,
+    kvm_clock_data
+);
 
 /// A KVM structure, serialized as base64 of its bytes.
 #[derive(Default)]

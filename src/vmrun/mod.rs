@@ -91,6 +91,20 @@ fn guest_cmdline() -> String {
     c
 }
 
+/// The guest kernel and rvmm-init, and a usable /dev/kvm: what any VM of ours needs.
+fn vm_prerequisites() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let kernel = crate::kernel::cached_vmlinux().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let init = guest_init_path()?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context(
+            "VM isolation needs /dev/kvm (read-write); use --isolation=container to run without it",
+        )?;
+    Ok((kernel, init))
+}
+
 /// What `prewarm` made.
 pub struct Prewarmed {
     pub key: String,
@@ -115,13 +129,7 @@ pub fn prewarm(
     network: bool,
 ) -> anyhow::Result<Prewarmed> {
     let t0 = Instant::now();
-    let kernel = crate::kernel::cached_vmlinux().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let init = guest_init_path()?;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .context("warm starts need /dev/kvm (read-write)")?;
+    let (kernel, init) = vm_prerequisites()?;
     let id = crate::container::new_id();
     let snaps = snapshots::Snapshots::new(root);
     std::fs::create_dir_all(snaps.dir())
@@ -369,15 +377,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         bail!("-v is not supported with --isolation=vm yet");
     }
     let t0 = Instant::now();
-    let kernel = crate::kernel::cached_vmlinux().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let init = guest_init_path()?;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .context(
-            "VM isolation needs /dev/kvm (read-write); use --isolation=container to run without it",
-        )?;
+    let (kernel, init) = vm_prerequisites()?;
     state::gc(&opts.root);
     if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
         bail!("the name {:?} is already in use", opts.name);

@@ -503,6 +503,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let start_bytes = start_frames.len();
     let mut start_frames = Some(start_frames);
     let mut t_snapshot = None;
+    let mut t_exit_frame = None;
     let vm_thread = std::thread::spawn(move || vm.run());
     crate::container::install_handler(on_signal, crate::container::RELAYED_SIGNALS);
     let _raw = if spec.tty {
@@ -676,14 +677,11 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             }
         }
         if report.exit.is_some() {
-            // The guest powers off right after; don't wait on a stuck one.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !vm_thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if !vm_thread.is_finished() {
-                stop.stop();
-            }
+            // EXIT is the guest's last frame: all output came before it, and nothing in the
+            // guest outlives the run (the image disk is read-only, the writable layer is guest
+            // RAM). Stop the VM now rather than wait for the guest's own sync and power-off.
+            t_exit_frame = Some(t0.elapsed());
+            stop.stop();
             break;
         }
     }
@@ -700,12 +698,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     if std::env::var_os("RVMM_TIMINGS").is_some() {
         let (init, exec, spec_at) = report.guest_times.unwrap_or((0, 0, 0));
         eprintln!(
-            "rvmm-timings warm={} start_bytes={start_bytes} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_ms={}",
+            "rvmm-timings warm={} start_bytes={start_bytes} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_frame_ms={} exit_ms={}",
             u8::from(is_warm),
             t_disk.as_millis(),
             t_setup.as_millis(),
             t_snapshot.map(|d| d.as_millis() as i64).unwrap_or(-1),
             started_at.map(|d| d.as_millis() as i64).unwrap_or(-1),
+            t_exit_frame.map(|d| d.as_millis() as i64).unwrap_or(-1),
             total.as_millis()
         );
     }

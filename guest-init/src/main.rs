@@ -57,11 +57,20 @@ fn main() {
     let boot_security: Option<rvmm_proto::Security> = std::fs::read("/rvmm/security.json")
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
+    // /proc, /sys and /dev for the workload, made now so a snapshot has them made.
+    let staged = match system_mounts(STAGE) {
+        Ok(()) => true,
+        Err((_, e)) => {
+            eprintln!("rvmm-init: preparing /proc, /sys and /dev early: {e}");
+            false
+        }
+    };
+    sys::trace("system mounts staged");
     // The workload-to-be, with its seccomp filter installed before READY.
     let zygote = boot_security.as_ref().and_then(workload::zygote);
     sys::trace("zygote forked");
     let mut ch = Channel { fd: chan };
-    let status = match run(&mut ch, boot_security, zygote) {
+    let status = match run(&mut ch, boot_security, zygote, staged) {
         Ok(code) => code,
         Err((code, msg)) => {
             let mut p = vec![code];
@@ -106,6 +115,73 @@ fn early() -> Result<libc::c_int, String> {
 
 type Fail = (u8, String);
 
+/// Where rvmm-init prepares /proc, /sys and /dev before READY, to move them into the workload's
+/// root at the run.
+const STAGE: &str = "/stage";
+
+/// /proc, /sys (read-only) and a minimal /dev (nodes, pts, shm, mqueue, the usual links) under
+/// `base`: the workload's root, or the staging directory before READY.
+fn system_mounts(base: &str) -> Result<(), Fail> {
+    let r = |p: &str| format!("{base}{p}");
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mkdir_p(&r("/proc"));
+    mount("proc", &r("/proc"), "proc", nodev, "")?;
+    mkdir_p(&r("/sys"));
+    mount("sysfs", &r("/sys"), "sysfs", nodev | libc::MS_RDONLY, "")?;
+    mkdir_p(&r("/dev"));
+    mount(
+        "tmpfs",
+        &r("/dev"),
+        "tmpfs",
+        libc::MS_NOSUID,
+        "mode=755,size=65536k",
+    )?;
+    for (name, major, minor, mode) in [
+        ("null", 1, 3, 0o666),
+        ("zero", 1, 5, 0o666),
+        ("full", 1, 7, 0o666),
+        ("random", 1, 8, 0o666),
+        ("urandom", 1, 9, 0o666),
+        ("tty", 5, 0, 0o666),
+    ] {
+        sys::mknod(
+            &r(&format!("/dev/{name}")),
+            libc::S_IFCHR | mode,
+            major,
+            minor,
+        )?;
+    }
+    mkdir_p(&r("/dev/pts"));
+    mount(
+        "devpts",
+        &r("/dev/pts"),
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+    )?;
+    mkdir_p(&r("/dev/shm"));
+    mount(
+        "shm",
+        &r("/dev/shm"),
+        "tmpfs",
+        nodev,
+        "mode=1777,size=65536k",
+    )?;
+    mkdir_p(&r("/dev/mqueue"));
+    mount("mqueue", &r("/dev/mqueue"), "mqueue", nodev, "")?;
+    for (target, link) in [
+        ("pts/ptmx", "/dev/ptmx"),
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
+        // SAFETY: NUL-terminated strings.
+        unsafe { libc::symlink(c(target).as_ptr(), c(&r(link)).as_ptr()) };
+    }
+    Ok(())
+}
+
 /// Sends READY, then reads SPEC frames up to SPEC_END.
 fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
     ch.send(frame::READY, &[]);
@@ -139,6 +215,7 @@ fn run(
     ch: &mut Channel,
     boot_security: Option<rvmm_proto::Security>,
     zygote: Option<workload::Zygote>,
+    staged: bool,
 ) -> Result<i32, Fail> {
     let start = wait_start(ch)?;
     sys::trace("start received");
@@ -209,62 +286,15 @@ fn run(
     }
 
     let r = |p: &str| format!("{NEWROOT}{p}");
-    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let setup = || -> Result<(), Fail> {
-        mkdir_p(&r("/proc"));
-        mount("proc", &r("/proc"), "proc", nodev, "")?;
-        mkdir_p(&r("/sys"));
-        mount("sysfs", &r("/sys"), "sysfs", nodev | libc::MS_RDONLY, "")?;
-        mkdir_p(&r("/dev"));
-        mount(
-            "tmpfs",
-            &r("/dev"),
-            "tmpfs",
-            libc::MS_NOSUID,
-            "mode=755,size=65536k",
-        )?;
-        for (name, major, minor, mode) in [
-            ("null", 1, 3, 0o666),
-            ("zero", 1, 5, 0o666),
-            ("full", 1, 7, 0o666),
-            ("random", 1, 8, 0o666),
-            ("urandom", 1, 9, 0o666),
-            ("tty", 5, 0, 0o666),
-        ] {
-            sys::mknod(
-                &r(&format!("/dev/{name}")),
-                libc::S_IFCHR | mode,
-                major,
-                minor,
-            )?;
-        }
-        mkdir_p(&r("/dev/pts"));
-        mount(
-            "devpts",
-            &r("/dev/pts"),
-            "devpts",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            "newinstance,ptmxmode=0666,mode=0620,gid=5",
-        )?;
-        mkdir_p(&r("/dev/shm"));
-        mount(
-            "shm",
-            &r("/dev/shm"),
-            "tmpfs",
-            nodev,
-            "mode=1777,size=65536k",
-        )?;
-        mkdir_p(&r("/dev/mqueue"));
-        mount("mqueue", &r("/dev/mqueue"), "mqueue", nodev, "")?;
-        for (target, link) in [
-            ("pts/ptmx", "/dev/ptmx"),
-            ("/proc/self/fd", "/dev/fd"),
-            ("/proc/self/fd/0", "/dev/stdin"),
-            ("/proc/self/fd/1", "/dev/stdout"),
-            ("/proc/self/fd/2", "/dev/stderr"),
-        ] {
-            // SAFETY: NUL-terminated strings.
-            unsafe { libc::symlink(c(target).as_ptr(), c(&r(link)).as_ptr()) };
+        if staged {
+            // Prepared before READY: one move each (the /dev tree moves with its submounts).
+            for d in ["/proc", "/sys", "/dev"] {
+                mkdir_p(&r(d));
+                mount(&format!("{STAGE}{d}"), &r(d), "", libc::MS_MOVE, "")?;
+            }
+        } else {
+            system_mounts(NEWROOT)?;
         }
         for (name, _) in &files {
             let t = r(&format!("/etc/{name}"));

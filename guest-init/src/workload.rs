@@ -49,8 +49,8 @@ fn resolve(argv0: &str, env: &[String]) -> Result<CString, (u8, String)> {
     }
 }
 
-/// A process forked before READY that has already installed the boot-time seccomp filter, and
-/// waits to become the workload. Installing the filter is the costliest step of starting a
+/// A process forked before READY that has already dropped its bounding set and installed the
+/// boot-time seccomp filter, and waits to become the workload. Installing the filter is the costliest step of starting a
 /// workload on kvm_pvm (about 1.4 s), and this way a snapshot holds it done.
 pub struct Zygote {
     pid: libc::pid_t,
@@ -105,7 +105,10 @@ pub fn zygote(security: &Security) -> Option<Zygote> {
     if pid == 0 {
         // SAFETY: closing the parent's end in the child.
         unsafe { libc::close(sv[0]) };
-        if crate::sys::install_seccomp(&security.seccomp).is_err() {
+        // The bounding set and the filter are the same for every run of the host.
+        if crate::sys::drop_bounding(security.caps).is_err()
+            || crate::sys::install_seccomp(&security.seccomp).is_err()
+        {
             // The parent sees the socket close and forks the workload itself.
             // SAFETY: leaving the child.
             unsafe { libc::_exit(125) };
@@ -359,7 +362,7 @@ fn child(
     out: [libc::c_int; 2],
     err: [libc::c_int; 2],
     input: Option<[libc::c_int; 2]>,
-    seccomp_installed: bool,
+    prepared: bool,
 ) -> ! {
     let fail = |code: u8, msg: String| -> ! {
         let mut b = vec![code];
@@ -395,7 +398,7 @@ fn child(
             }
         }
         let sec = &spec.security;
-        if sec.enforce {
+        if sec.enforce && !prepared {
             if let Err(e) = crate::sys::drop_bounding(sec.caps) {
                 fail(125, e);
             }
@@ -440,7 +443,7 @@ fn child(
         Err((code, msg)) => fail(code, msg),
     };
     crate::sys::trace("child: user, caps, cwd, resolved");
-    if spec.security.enforce && !spec.security.seccomp.is_empty() && !seccomp_installed {
+    if spec.security.enforce && !spec.security.seccomp.is_empty() && !prepared {
         if let Err(e) = crate::sys::install_seccomp(&spec.security.seccomp) {
             fail(125, e);
         }

@@ -561,4 +561,13 @@ fn a_damaged_snapshot_is_replaced_by_a_boot() {
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "0-1\n");
     assert!(timings_warm(&String::from_utf8_lossy(&o.stderr)));
+
+    // `rvmm snapshot rm`: the key goes; an unknown key is one line and status 1.
+    let o = rvmm(env.store.path(), &["snapshot", "rm", &key], None);
+    assert_eq!((o.code, o.stdout.trim()), (0, key.as_str()), "{}", o.stderr);
+    let ls = rvmm(env.store.path(), &["snapshot", "ls"], None);
+    assert!(!ls.stdout.contains(&key), "{}", ls.stdout);
+    let o = rvmm(env.store.path(), &["snapshot", "rm", &key], None);
+    assert_eq!(o.code, 1);
+    assert_eq!(o.stderr.trim(), format!("rvmm: no snapshot {key}"));
 }

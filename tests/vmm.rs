@@ -1022,10 +1022,12 @@ fn counting_echo_guest() -> Vec<u8> {
 fn counting_vm(
     dir: &Path,
     restore_from: Option<(&Path, &str)>,
+    mem_mib: u32,
 ) -> Result<(Vm, std::fs::File, std::sync::mpsc::Receiver<u8>), rvmm::vmm::Error> {
     let (in_r, in_w) = nix::unistd::pipe().unwrap();
     let (out_r, out_w) = nix::unistd::pipe().unwrap();
     let mut cfg = config(dir, counting_echo_guest(), vec![]);
+    cfg.mem_mib = mem_mib;
     cfg.channel = Some(rvmm::vmm::Channel {
         input: in_r,
         output: out_w,
@@ -1063,7 +1065,7 @@ fn snapshot_restores_a_running_guest_in_a_new_vm() {
     let snap = dir.path().join("snap");
 
     // Boot, echo five bytes, snapshot while the guest polls COM2, then throw the VM away.
-    let (vm, mut input, output) = counting_vm(dir.path(), None).unwrap();
+    let (vm, mut input, output) = counting_vm(dir.path(), None, 16).unwrap();
     let ctl = vm.controller();
     let t = std::thread::spawn(move || vm.run());
     assert_eq!(echo(&mut input, &output, 5), b"ABCDE");
@@ -1082,14 +1084,14 @@ fn snapshot_restores_a_running_guest_in_a_new_vm() {
 
     // A new VM from the snapshot goes on from the fifth byte (registers, memory, UART state),
     // and its writes never reach the snapshot's memory file (MAP_PRIVATE).
-    let (vm, mut input, output) = counting_vm(dir.path(), Some((&snap, "tiny"))).unwrap();
+    let (vm, mut input, output) = counting_vm(dir.path(), Some((&snap, "tiny")), 16).unwrap();
     let runner = std::thread::spawn(move || run_with_timeout(vm));
     assert_eq!(echo(&mut input, &output, 5), b"FGHIJ");
     assert_eq!(runner.join().unwrap().unwrap(), VmExit::Reset);
     assert!(std::fs::read(snap.join("memory")).unwrap() == memory);
 
     // Twice from the same snapshot: the same start.
-    let (vm, mut input, output) = counting_vm(dir.path(), Some((&snap, "tiny"))).unwrap();
+    let (vm, mut input, output) = counting_vm(dir.path(), Some((&snap, "tiny")), 16).unwrap();
     let ctl = vm.controller();
     let runner = std::thread::spawn(move || vm.run());
     assert_eq!(echo(&mut input, &output, 1), b"F");
@@ -1097,28 +1099,18 @@ fn snapshot_restores_a_running_guest_in_a_new_vm() {
     assert_eq!(runner.join().unwrap().unwrap(), VmExit::Stopped);
 
     // Refusals: one clear line each, never a VM.
-    let refuse = |cfg_mem: Option<u32>, tag: &str| -> String {
-        let (in_r, _in_w) = nix::unistd::pipe().unwrap();
-        let (_out_r, out_w) = nix::unistd::pipe().unwrap();
-        let mut cfg = config(dir.path(), counting_echo_guest(), vec![]);
-        cfg.channel = Some(rvmm::vmm::Channel {
-            input: in_r,
-            output: out_w,
-        });
-        if let Some(m) = cfg_mem {
-            cfg.mem_mib = m;
-        }
-        match Vm::restore(cfg, &snap, tag) {
+    let refuse = |mem_mib: u32, tag: &str| -> String {
+        match counting_vm(dir.path(), Some((&snap, tag)), mem_mib) {
             Ok(_) => panic!("restore accepted a mismatched snapshot"),
             Err(e) => e.to_string(),
         }
     };
-    assert!(refuse(None, "other").contains("another kernel"));
-    let e = refuse(Some(32), "tiny");
+    assert!(refuse(16, "other").contains("another kernel"));
+    let e = refuse(32, "tiny");
     assert!(e.contains("16 MiB") && e.contains("32 MiB"), "{e}");
     let state = std::fs::read(snap.join("snapshot.json")).unwrap();
     std::fs::write(snap.join("snapshot.json"), &state[..state.len() / 2]).unwrap();
-    let e = refuse(None, "tiny");
+    let e = refuse(16, "tiny");
     assert!(e.contains("not an rvmm snapshot"), "{e}");
     std::fs::write(snap.join("snapshot.json"), &state).unwrap();
     std::fs::OpenOptions::new()
@@ -1127,10 +1119,10 @@ fn snapshot_restores_a_running_guest_in_a_new_vm() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let e = refuse(None, "tiny");
+    let e = refuse(16, "tiny");
     assert!(e.contains("not 16 MiB"), "{e}");
     // A VM that is not running cannot be snapshotted.
-    let (vm, _i, _o) = counting_vm(dir.path(), None).unwrap();
+    let (vm, _i, _o) = counting_vm(dir.path(), None, 16).unwrap();
     let e = vm.controller().snapshot(&dir.path().join("s2"), "tiny");
     assert!(e.unwrap_err().to_string().contains("not running"));
 }

@@ -1,18 +1,24 @@
 //! rvmm-init: PID 1 inside an rvmm microVM. Built static (`-C target-feature=+crt-static`) and
-//! delivered as /init of an initramfs that holds nothing else.
+//! delivered as /init of an initramfs that also holds the host's workload privileges
+//! (/rvmm/security.json: the same for every run of a host).
 //!
 //! 1. mounts /dev, /proc, /sys of the initramfs; opens the channel (/dev/ttyS1, raw);
-//! 2. sends READY and waits for the host's `Start` (SPEC frames): the `RunSpec`, fresh entropy,
+//! 2. prepares what every run needs alike: the workload's /proc, /sys (ro) and minimal /dev
+//!    (nodes, pts, shm, mqueue) under /stage, and a *zygote*: the workload-to-be, forked with its
+//!    bounding set dropped and its seccomp filter installed;
+//! 3. sends READY and waits for the host's `Start` (SPEC frames): the `RunSpec`, fresh entropy,
 //!    the host's clock and the MAC. A warm start restores a snapshot taken right here, so
 //!    nothing before this point may be specific to one run; the image disk's slot is empty until
 //!    the host attaches the run's disk;
-//! 3. mixes in the entropy, steps the clock, waits for the disk, then mounts the image disk (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay: the
-//!    per-run writable layer, so the cached image disk is never written;
-//! 4. inside it: /proc, /sys (ro), a minimal /dev, /dev/pts, /dev/shm, /dev/mqueue, /etc/hosts,
-//!    /etc/hostname, /etc/resolv.conf; loopback and eth0; hostname; then moves it to / (switch_root);
-//! 5. runs the workload as its child with the spec's user, env and cwd, stdout/stderr on pipes
-//!    (or a pty with -t), relays them as channel frames, stdin and signals the other way;
-//! 6. reaps every orphan; when the workload exits, sends its status and powers off.
+//! 4. mixes in the entropy, steps the clock, waits for the disk, then mounts the image disk
+//!    (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay: the per-run writable layer, so
+//!    the cached image disk is never written;
+//! 5. moves the staged /proc, /sys and /dev into it, binds /etc/hosts, /etc/hostname and
+//!    /etc/resolv.conf; loopback and eth0; hostname; then moves it to / (switch_root);
+//! 6. hands the workload to the zygote (or forks it) with the spec's user, env and cwd,
+//!    stdout/stderr on pipes (or a pty with -t), relays them as channel frames, stdin and signals
+//!    the other way;
+//! 7. reaps every orphan; when the workload exits, sends its status and powers off.
 //!
 //! Failures before the workload starts are reported as a FAILED frame (125, or 126/127 for
 //! exec) so the host prints one clear line.

@@ -325,11 +325,6 @@ impl Controller {
         self.0.shared.request_exit(ExitReason::Stopped);
     }
 
-    /// The machine layout a snapshot of this VM records.
-    pub fn layout(&self) -> &Layout {
-        &self.0.layout
-    }
-
     /// Pauses the VM, writes a snapshot into `dir` (created if missing), and resumes it. `tag` is
     /// the caller's identity of the guest; a restore must present the same. Returns the bytes of
     /// guest memory written (zero pages are holes).
@@ -451,21 +446,7 @@ impl Controller {
             Some(Slot::Block { read_only }) => *read_only,
             _ => return Err(Error::Snapshot(format!("device {index} is not a disk"))),
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| block::Error::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let size = file
-            .metadata()
-            .map_err(|source| block::Error::Open {
-                path: path.to_owned(),
-                source,
-            })?
-            .len();
+        let (file, size) = block::open_backing(path, read_only)?;
         if !lock(t).replace_disk(file, size) {
             return Err(Error::Snapshot(format!("device {index} is not a disk")));
         }

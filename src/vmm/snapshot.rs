@@ -359,7 +359,7 @@ impl Snapshot {
     }
 }
 
-/// The memory file's size for a VM of `mem_mib`.
+/// The memory file's size: every region of guest RAM.
 pub fn memory_file_len(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }

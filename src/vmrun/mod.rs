@@ -105,6 +105,17 @@ fn vm_prerequisites() -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((kernel, init))
 }
 
+/// vCPUs and guest MiB for `--cpus` and `--memory`: runs and `prewarm` size machines (and so
+/// snapshot keys) the same way.
+fn machine_size(cpus: Option<f64>, memory_bytes: Option<u64>) -> (u8, u32) {
+    (
+        cpus.map(|c| c.ceil().clamp(1.0, 32.0) as u8).unwrap_or(1),
+        memory_bytes
+            .map(|b| (b >> 20).max(64) as u32)
+            .unwrap_or(DEFAULT_MEM_MIB),
+    )
+}
+
 /// What `prewarm` made.
 pub struct Prewarmed {
     pub key: String,
@@ -130,6 +141,7 @@ pub fn prewarm(
 ) -> anyhow::Result<Prewarmed> {
     let t0 = Instant::now();
     let (kernel, init) = vm_prerequisites()?;
+    let (vcpus, mem_mib) = machine_size(cpus, memory_bytes);
     let id = crate::container::new_id();
     let snaps = snapshots::Snapshots::new(root);
     std::fs::create_dir_all(snaps.dir())
@@ -142,10 +154,8 @@ pub fn prewarm(
         kernel,
         init,
         security: serde_json::to_vec(&crate::container::security::for_guest()?)?,
-        vcpus: cpus.map(|c| c.ceil().clamp(1.0, 32.0) as u8).unwrap_or(1),
-        mem_mib: memory_bytes
-            .map(|b| (b >> 20).max(64) as u32)
-            .unwrap_or(DEFAULT_MEM_MIB),
+        vcpus,
+        mem_mib,
         taps: if network {
             vec![format!("rvp{}", &id[..11])]
         } else {
@@ -167,42 +177,27 @@ pub fn prewarm(
     let vm = Vm::new(cfg).context("creating the microVM")?;
     let ctl = vm.controller();
     let vm_thread = std::thread::spawn(move || vm.run());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut from_guest = std::fs::File::from(from_guest);
-    std::thread::spawn(move || {
-        let mut dec = frame::Decoder::default();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = from_guest.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            dec.feed(&buf[..n]);
-            while let Ok(Some((kind, _))) = dec.next_frame() {
-                if kind == frame::READY {
-                    let _ = tx.send(());
-                    return;
-                }
-            }
-        }
-    });
+    let rx = frame_reader(from_guest);
+    let not_ready = |why: &str| {
+        anyhow::anyhow!(
+            "the guest did not get ready ({why}; kernel log: {})",
+            machine.console.display()
+        )
+    };
     let ready = loop {
+        if vm_thread.is_finished() {
+            break Err(not_ready("the VM stopped"));
+        }
+        if t0.elapsed() >= PREWARM_TIMEOUT {
+            break Err(not_ready(&format!("waited {PREWARM_TIMEOUT:?}")));
+        }
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(()) => break Ok(()),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                if !vm_thread.is_finished() && t0.elapsed() < PREWARM_TIMEOUT =>
-            {
-                continue
-            }
-            Err(_) => {
-                break Err(anyhow::anyhow!(
-                    "the guest did not get ready ({}; kernel log: {})",
-                    if vm_thread.is_finished() {
-                        "the VM stopped".to_string()
-                    } else {
-                        format!("waited {PREWARM_TIMEOUT:?}")
-                    },
-                    machine.console.display()
-                ))
+            Ok(Ok((frame::READY, _))) => break Ok(()),
+            Ok(Ok(_)) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Ok(Err(e)) => break Err(anyhow::anyhow!("the guest's channel is corrupt: {e}")),
+            // The channel closes when the VM stops.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(not_ready("the VM stopped"))
             }
         }
     };
@@ -307,6 +302,40 @@ impl Machine {
     }
 }
 
+/// Reads the guest's channel on a thread of its own: every frame, in order, then an `Err` if
+/// the stream turns out corrupt. The receiver disconnects when the channel closes.
+fn frame_reader(from_guest: OwnedFd) -> std::sync::mpsc::Receiver<Result<(u8, Vec<u8>), String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut from_guest = std::fs::File::from(from_guest);
+    std::thread::spawn(move || {
+        let mut dec = frame::Decoder::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from_guest.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    dec.feed(&buf[..n]);
+                    loop {
+                        match dec.next_frame() {
+                            Ok(Some(f)) => {
+                                if tx.send(Ok(f)).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// N bytes from the kernel's CSPRNG.
 fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut b = [0u8; N];
@@ -398,7 +427,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let mut spec = spec.clone();
     // The same privileges a container gets, applied by guest-init inside the guest.
     spec.security = crate::container::security::for_guest()?;
-    let mut net = Vec::new();
+    let mut taps = Vec::new();
+    let mut mac = None;
     let mut publisher = None;
     if spec.network.mode == NetworkMode::Bridge {
         let (lease, p) = crate::net::attach_run(&mut spec.network, &opts.id)?;
@@ -413,29 +443,17 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         cleanup.state.save()?;
         // A locally administered MAC from the run ID.
         let id = hex::decode(opts.id.get(..10).unwrap_or_default()).unwrap_or_default();
-        let mut mac = [0x02, 0, 0, 0, 0, 0];
-        for (m, b) in mac[1..].iter_mut().zip(&id) {
+        let mut m = [0x02, 0, 0, 0, 0, 0];
+        for (m, b) in m[1..].iter_mut().zip(&id) {
             *m = *b;
         }
-        net.push(NetConfig {
-            tap: TapSource::Name(tap),
-            mac,
-        });
+        taps.push(tap);
+        mac = Some(m);
     } else if !spec.network.ports.is_empty() {
         bail!("-p needs --network bridge");
     }
 
-    let mem_mib = spec
-        .limits
-        .memory_bytes
-        .map(|b| (b >> 20).max(64) as u32)
-        .unwrap_or(DEFAULT_MEM_MIB);
-    let vcpus = spec
-        .limits
-        .cpus
-        .map(|c| c.ceil().clamp(1.0, 32.0) as u8)
-        .unwrap_or(1);
-    let mac = net.first().map(|n| n.mac);
+    let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
     let boot_security = serde_json::to_vec(&spec.security)?;
     let machine = Machine {
         kernel,
@@ -443,13 +461,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         security: boot_security,
         vcpus,
         mem_mib,
-        taps: net
-            .into_iter()
-            .filter_map(|n| match n.tap {
-                TapSource::Name(t) => Some(t),
-                TapSource::Fd(_) => None,
-            })
-            .collect(),
+        taps,
         mac: mac.unwrap_or_default(),
         console: dir.join("console.log"),
     };
@@ -567,34 +579,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     }
 
     // guest → host, on its own thread so the main one can watch signals.
-    let (tx, rx) = std::sync::mpsc::channel::<Result<(u8, Vec<u8>), String>>();
-    let mut from_guest = std::fs::File::from(from_guest_r);
-    std::thread::spawn(move || {
-        let mut dec = frame::Decoder::default();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match from_guest.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    dec.feed(&buf[..n]);
-                    loop {
-                        match dec.next_frame() {
-                            Ok(Some(f)) => {
-                                if tx.send(Ok(f)).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                let _ = tx.send(Err(e));
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    });
+    let rx = frame_reader(from_guest_r);
 
     let mut report = GuestReport::default();
     let mut started_at = None;

@@ -57,6 +57,31 @@ pub struct BlockStats {
     pub bad_chains: u64,
 }
 
+/// Opens a disk image file or block device (read-write unless `read_only`) and finds its size
+/// in bytes.
+pub fn open_backing(path: &Path, read_only: bool) -> Result<(File, u64), Error> {
+    let err = |source| Error::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    let size = if meta.is_file() {
+        meta.len()
+    } else {
+        use std::io::Seek;
+        if meta.is_dir() {
+            return Err(Error::NotAFile(path.to_owned()));
+        }
+        (&file).seek(std::io::SeekFrom::End(0)).map_err(err)?
+    };
+    Ok((file, size))
+}
+
 pub struct Block {
     file: File,
     read_only: bool,
@@ -71,32 +96,7 @@ pub struct Block {
 impl Block {
     /// Opens a raw disk image. `id` is what GET_ID answers (truncated to 20 bytes).
     pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Self, Error> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let meta = file.metadata().map_err(|source| Error::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let size = if meta.is_file() {
-            meta.len()
-        } else {
-            use std::io::Seek;
-            let mut f = &file;
-            if meta.is_dir() {
-                return Err(Error::NotAFile(path.to_owned()));
-            }
-            f.seek(std::io::SeekFrom::End(0))
-                .map_err(|source| Error::Open {
-                    path: path.to_owned(),
-                    source,
-                })?
-        };
+        let (file, size) = open_backing(path, read_only)?;
         Ok(Self::from_file(file, size, read_only, id))
     }
 

@@ -20,6 +20,14 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = 20;
 
+/// `seg_max` in the config space is valid. Without it Linux puts one segment in a request, so a
+/// 128 KiB readahead into scattered pages becomes 32 requests, each one a trip through the guest's
+/// block layer and the virtqueue (on kvm_pvm, where the guest kernel is emulated, that was ~20% of a
+/// warm start's guest time).
+pub const F_SEG_MAX: u64 = 1 << 2;
+/// Data segments per request: the ring minus the header and status descriptors (we offer no
+/// indirect descriptors, so a request's descriptors all sit in the ring), as QEMU does.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 pub const F_RO: u64 = 1 << 5;
 pub const F_FLUSH: u64 = 1 << 9;
 
@@ -251,7 +259,7 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let ro = if self.read_only { F_RO } else { 0 };
-        F_FLUSH | F_EVENT_IDX | ro
+        F_FLUSH | F_SEG_MAX | F_EVENT_IDX | ro
     }
 
     fn replace_disk(&mut self, file: File, size: u64) -> bool {
@@ -261,8 +269,10 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_blk_config: capacity (le64) is all we fill in.
-        let cfg = self.capacity_sectors().to_le_bytes();
+        // struct virtio_blk_config: capacity (le64), size_max (le32, not offered: 0), seg_max (le32).
+        let mut cfg = [0u8; 16];
+        cfg[..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        cfg[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = offset
                 .checked_add(i as u64)
@@ -409,6 +419,55 @@ mod tests {
             0x3000,
         );
         assert_eq!(st, S_UNSUPP);
+    }
+
+    #[test]
+    fn a_request_spans_many_segments() {
+        let m = mem();
+        let (f, mut b) = disk(false);
+        assert_ne!(b.features() & F_SEG_MAX, 0);
+        let mut seg_max = [0u8; 4];
+        b.read_config(12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), SEG_MAX);
+        let mut capacity = [0u8; 8];
+        b.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 8);
+        // Sectors 1..7 read into seven scattered 512-byte buffers, in one chain.
+        hdr(&m, 0x1000, T_IN, 1);
+        let mut chain = vec![desc(0x1000, 16, 0)];
+        for i in 0..7u64 {
+            chain.push(desc(0x8000 + i * 0x1000, 512, F_WRITE));
+        }
+        chain.push(desc(0x3000, 1, F_WRITE));
+        let (len, st) = run(&mut b, &m, &chain, 0x3000);
+        assert_eq!((len, st), (7 * 512 + 1, S_OK));
+        for i in 0..7u64 {
+            let mut got = [0u8; 512];
+            m.read_slice(&mut got, GuestAddress(0x8000 + i * 0x1000))
+                .unwrap();
+            assert!(got.iter().all(|&x| u64::from(x) == i + 1), "segment {i}");
+        }
+        // And written back from seven segments, each its own pattern.
+        hdr(&m, 0x1000, T_OUT, 1);
+        let mut chain = vec![desc(0x1000, 16, 0)];
+        for i in 0..7u64 {
+            m.write_slice(&[0x80 + i as u8; 512], GuestAddress(0x8000 + i * 0x1000))
+                .unwrap();
+            chain.push(desc(0x8000 + i * 0x1000, 512, 0));
+        }
+        chain.push(desc(0x3000, 1, F_WRITE));
+        let (_, st) = run(&mut b, &m, &chain, 0x3000);
+        assert_eq!(st, S_OK);
+        let on_disk = std::fs::read(f.path()).unwrap();
+        for i in 0..7usize {
+            let sector = &on_disk[(i + 1) * 512..(i + 2) * 512];
+            assert!(
+                sector.iter().all(|&x| x == 0x80 + i as u8),
+                "sector {}",
+                i + 1
+            );
+        }
+        assert!(on_disk[..512].iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -32,6 +32,10 @@ const INPUTS: &[(&str, &[u8])] = &[
         "patches/0004-rvmm-halt-and-poweroff-end-the-microvm.patch",
         include_bytes!("../guest-kernel/patches/0004-rvmm-halt-and-poweroff-end-the-microvm.patch"),
     ),
+    (
+        "patches/0005-rvmm-builtin-params-sysfs-group-once.patch",
+        include_bytes!("../guest-kernel/patches/0005-rvmm-builtin-params-sysfs-group-once.patch"),
+    ),
 ];
 
 /// What the VMM appends to the guest command line on kvm_pvm hosts (one line, shared with the tests and

@@ -66,6 +66,10 @@ fn check(console: &str, status: Option<std::process::ExitStatus>, elapsed: Durat
         "a program crashed:\n{console}"
     );
     assert!(
+        !console.contains("WARNING:"),
+        "the kernel warned while booting or running:\n{console}"
+    );
+    assert!(
         status.is_some(),
         "the guest did not end by itself (poweroff -f → halt → i8042 reset) within {elapsed:?}"
     );

@@ -130,6 +130,26 @@ pub struct Prewarmed {
 /// How long a prewarm boot may take to reach READY.
 const PREWARM_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How long `rvmm run` waits for the guest to start the workload: a booting guest (about 13 s on
+/// kvm_pvm, well under a second on hardware KVM, longer when many boot at once) and a restored one
+/// (about a second on kvm_pvm). A guest that says nothing for longer is stopped with one line
+/// rather than waited for forever. `RVMM_START_TIMEOUT` (seconds) overrides both.
+const START_TIMEOUT_COLD: Duration = Duration::from_secs(300);
+const START_TIMEOUT_WARM: Duration = Duration::from_secs(60);
+
+fn start_timeout(warm: bool) -> Duration {
+    std::env::var("RVMM_START_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(if warm {
+            START_TIMEOUT_WARM
+        } else {
+            START_TIMEOUT_COLD
+        })
+}
+
 /// Boots a guest to READY and saves the warm-start snapshot that `rvmm run --isolation=vm` with
 /// the same `--cpus`, `--memory` and network mode will restore (`rvmm snapshot prewarm`). With
 /// `network`, the VM gets a private tap (not on the bridge, gone when rvmm exits).
@@ -584,6 +604,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let mut report = GuestReport::default();
     let mut started_at = None;
     let mut killed: Option<i32> = None;
+    let start_deadline = start_timeout(is_warm);
+    let mut start_timed_out = false;
     loop {
         let sig = STOP_SIGNAL.swap(0, Ordering::SeqCst);
         if sig != 0 {
@@ -646,6 +668,15 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 stop.stop();
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if started_at.is_none()
+                    && report.failure.is_none()
+                    && killed.is_none()
+                    && !start_timed_out
+                    && t0.elapsed() > start_deadline
+                {
+                    start_timed_out = true;
+                    stop.stop();
+                }
                 if vm_thread.is_finished() {
                     // Drain what is left, then stop.
                     while let Ok(Ok((kind, payload))) = rx.recv_timeout(Duration::from_millis(20)) {
@@ -693,6 +724,24 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             total.as_millis()
         );
     }
+    // With --rm the run directory, console.log included, goes with the run.
+    let log = if opts.remove {
+        "without --rm the run keeps its kernel log".to_string()
+    } else {
+        format!("kernel log: {}", dir.join("console.log").display())
+    };
+    if start_timed_out && report.exit.is_none() {
+        cleanup.state.finish(125, opts.remove);
+        let how = if is_warm {
+            format!("restored from snapshot {key}; `--cold` boots instead")
+        } else {
+            "booting".to_string()
+        };
+        bail!(
+            "the microVM did not start the workload within {:?} ({how}; {log})",
+            start_deadline
+        );
+    }
     let code = match (report.failure, report.exit, killed) {
         (Some((125, msg)), _, _) => {
             cleanup.state.finish(125, opts.remove);
@@ -712,10 +761,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 Err(_) => "the VMM thread panicked".into(),
             };
             cleanup.state.finish(125, opts.remove);
-            bail!(
-                "the microVM stopped without reporting an exit status: {why} (kernel log: {})",
-                dir.join("console.log").display()
-            );
+            bail!("the microVM stopped without reporting an exit status: {why} ({log})");
         }
     };
     cleanup.state.finish(code, opts.remove);

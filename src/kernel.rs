@@ -44,9 +44,7 @@ const PVM_CMDLINE: &str = include_str!("../guest-kernel/cmdline-kvm_pvm.txt");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "no cached guest kernel at {0}; run `rvmm kernel build` (about 10 minutes on 2 cores)"
-    )]
+    #[error("no cached guest kernel at {0}; run `rvmm kernel build` (about 4 minutes on 2 cores)")]
     NotBuilt(PathBuf),
     #[error("cannot prepare the kernel build in {path}")]
     Prepare {

@@ -57,7 +57,7 @@ pub fn exec(_args: Args, global: &Global) -> anyhow::Result<u8> {
         Ok(k) => {
             let kind = kvm::host_kind();
             let hint = match kind {
-                kvm::HostKind::Pvm => "guests boot slowly here (~15 s; warm starts from a snapshot ~3 s); rvmm adds the kvm_pvm kernel command-line additions itself",
+                kvm::HostKind::Pvm => "guests boot slowly here (~12 s; warm starts from a snapshot ~1.5 s); rvmm adds the kvm_pvm kernel command-line additions itself",
                 kvm::HostKind::Hardware => "",
             };
             line(
@@ -114,7 +114,7 @@ pub fn exec(_args: Args, global: &Global) -> anyhow::Result<u8> {
             Level::Warn,
             "guest kernel",
             &format!("not built ({})", rvmm::kernel::vmlinux_path().display()),
-            "run `rvmm kernel build` (about 6-10 minutes on 2 cores)",
+            "run `rvmm kernel build` (about 4 minutes on 2 cores)",
         ),
     }
     for (tool, required, hint) in [

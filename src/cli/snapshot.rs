@@ -113,7 +113,7 @@ pub fn exec(cmd: Command, global: &Global) -> anyhow::Result<u8> {
             if !a.cpus.is_none_or(|c| c > 0.0 && c <= 1024.0) {
                 anyhow::bail!("--cpus must be a positive number");
             }
-            eprintln!("rvmm: booting a guest to snapshot (about 15 s on kvm_pvm hosts)");
+            eprintln!("rvmm: booting a guest to snapshot (about 12 s on kvm_pvm hosts)");
             let p = rvmm::vmrun::prewarm(
                 &global.root,
                 a.cpus,

@@ -347,6 +347,13 @@ pub(crate) fn run_loop(mut fd: VcpuFd, id: u8, pio: &Bus, mmio: &Bus, shared: &A
             return;
         }
         if shared.pause.requested() {
+            // An I/O or MMIO exit is complete only once KVM_RUN is entered again (RIP still points
+            // at an OUT; an IN's data is not in RAX yet). Entering with immediate_exit finishes it
+            // without running a guest instruction, so a snapshot neither repeats an OUT nor loses
+            // an IN. With nothing pending it returns EINTR at once.
+            fd.set_kvm_immediate_exit(1);
+            let _ = fd.run();
+            fd.set_kvm_immediate_exit(0);
             shared.pause.park(id, &shared.stopping, || {
                 save_state(&fd, &shared.msr_index, shared.xsave).map_err(|e| format!("{e:#}"))
             });

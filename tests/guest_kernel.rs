@@ -34,6 +34,7 @@ echo ext4-data > /root/f && sync && echo "T8 ext4: $(cat /root/f)"
 echo "T9 $(/bin/probe)"
 i=0; n=0; while [ $i -lt 6 ]; do n=$((n + $(seq 1 20 | grep 2 | wc -l))); i=$((i+1)); done; echo "T10 pipelines: $n $(seq 1 200 | sort -rn | head -n 1)"
 echo "T11 params: $(ls /sys/module/rcutree/parameters | wc -l) rcutree, $(ls /sys/module/kernel/parameters | wc -l) kernel"
+echo "T12 $(/bin/probe fpu)"
 echo "T-END"
 poweroff -f
 "#;
@@ -54,6 +55,7 @@ fn check(console: &str, status: Option<std::process::ExitStatus>, elapsed: Durat
         "T10 pipelines: 18 200",
         // Patch 0005 publishes built-in parameters once per module; the files are upstream's.
         "T11 params: 26 rcutree, ",
+        "T12 fpu bad=0",
         "T-END",
     ] {
         assert!(

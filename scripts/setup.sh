@@ -55,7 +55,7 @@ say='echo "hello from $(hostname), kernel $(uname -r), $(id -un) in $(pwd)"'
 
 echo "setup: running $sample as a container"
 "$rvmm" run --rm --isolation=container --network=none "$sample" sh -c "$say"
-echo "setup: running $sample in a microVM (the first VM boots, about 13 s on kvm_pvm hosts, and saves a snapshot that later runs start from)"
+echo "setup: running $sample in a microVM (the first VM boots, about 12 s on kvm_pvm hosts, and saves a snapshot that later runs start from)"
 "$rvmm" run --rm --isolation=vm --network=none "$sample" sh -c "$say"
 
 echo "setup: comparing startup and memory (rvmm bench --quick --scenario startup,memory; a few minutes here)"

@@ -66,8 +66,10 @@ pub fn set_caps(keep: &CapsHashSet) -> Result<(), caps::errors::CapsError> {
 /// The profile is an allow-list, that is a step function of the syscall number, so the program
 /// binary-searches the boundaries of the allowed runs: any call costs the arch check and about eight
 /// comparisons. (seccompiler's generic compiler tests the allowed numbers one after the other: two
-/// instructions per allowed number below the one called, 200–600 for everyday calls. The guest kernel
-/// has no BPF JIT, and on kvm_pvm its every instruction is emulated, so that chain cost ~1 ms a call.)
+/// instructions per allowed number below the one called, 1505 instructions in all.) Allowed calls
+/// skip the filter either way, through the kernel's per-syscall action cache; but the kernel fills
+/// that cache at install by running the filter for every syscall number, and denied calls run it
+/// each time. In the guest, whose kernel kvm_pvm emulates, the install fell from 1.73 s to 0.57 s.
 pub fn seccomp_program() -> BpfProgram {
     allow_list_program(ALLOWED, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32)
 }
@@ -494,6 +496,7 @@ mod tests {
         }
         assert_eq!(default_caps(true).len(), 14);
     }
+
     /// Runs a classic BPF program of the instructions the compiler emits (and JEQ/JA, which
     /// seccompiler's programs use) against `seccomp_data { nr, arch }`: (verdict, instructions run).
     fn run(prog: &[seccompiler::sock_filter], nr: u32, arch: u32) -> (u32, usize) {

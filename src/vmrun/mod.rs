@@ -132,8 +132,9 @@ const PREWARM_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How long `rvmm run` waits, once the VM runs, for the guest to start the workload: a booting
 /// guest (about 11 s on kvm_pvm, well under a second on hardware KVM, longer when many boot at
-/// once) and a restored one (about a second on kvm_pvm). A guest that says nothing for longer is stopped with one line
-/// rather than waited for forever. `RVMM_START_TIMEOUT` (seconds) overrides both.
+/// once) and a restored one (about a second on kvm_pvm). A guest that has not started it by then
+/// is stopped with one line rather than waited for forever. `RVMM_START_TIMEOUT` (seconds)
+/// overrides both.
 const START_TIMEOUT_COLD: Duration = Duration::from_secs(300);
 const START_TIMEOUT_WARM: Duration = Duration::from_secs(60);
 
@@ -629,6 +630,17 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 let _ = to_guest.write_all(&frame::encode(frame::SIGNAL, &sig.to_le_bytes()));
             }
         }
+        // Checked every round, not only when the channel is quiet: a guest that keeps sending
+        // frames without ever starting the workload is stopped too.
+        if started_at.is_none()
+            && report.failure.is_none()
+            && killed.is_none()
+            && !start_timed_out
+            && vm_started.elapsed() > start_deadline
+        {
+            start_timed_out = true;
+            stop.stop();
+        }
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(Ok((frame::READY, _))) => {
                 if snapshot_at_ready {
@@ -670,15 +682,6 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 stop.stop();
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if started_at.is_none()
-                    && report.failure.is_none()
-                    && killed.is_none()
-                    && !start_timed_out
-                    && vm_started.elapsed() > start_deadline
-                {
-                    start_timed_out = true;
-                    stop.stop();
-                }
                 if vm_thread.is_finished() {
                     // Drain what is left, then stop.
                     while let Ok(Ok((kind, payload))) = rx.recv_timeout(Duration::from_millis(20)) {

@@ -3,12 +3,15 @@
 //! The library holds everything; `src/main.rs` is a thin CLI over it. See docs/ARCHITECTURE.md.
 
 pub mod bench;
+pub mod cgroups;
 pub mod container;
 pub mod devices;
 pub mod image;
 pub mod kernel;
 pub mod net;
 pub mod paths;
+pub mod run;
 pub mod runspec;
+pub mod security;
+pub mod vm;
 pub mod vmm;
-pub mod vmrun;

@@ -175,8 +175,41 @@ pub fn build(
         },
         mounts: flags.mounts.clone(),
         stop_signal,
+        // Decided by the run core once the isolation and network are known.
         security: Default::default(),
+        rlimits: default_rlimits(),
+        etc: Default::default(),
     })
+}
+
+/// The most open files a workload gets (Docker's default soft and hard limit, and Linux's default
+/// fs.nr_open, which a guest kernel keeps).
+const MAX_NOFILE: u64 = 1 << 20;
+
+/// The resource limits a workload starts with: rvmm's own, as a container would inherit them,
+/// with open files raised to the hard limit (at most [`MAX_NOFILE`]). Both isolations set exactly
+/// these, so a VM's workload sees the same `ulimit -a` as a container's.
+pub fn default_rlimits() -> Vec<rvmm_proto::Rlimit> {
+    // RLIMIT_CPU (0) to RLIMIT_RTTIME (15), the resources Linux has had since 2.6.25.
+    (0..16u32)
+        .filter_map(|r| {
+            // SAFETY: getrlimit fills a plain struct.
+            let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+            // SAFETY: as above; an unknown resource fails and is skipped.
+            if unsafe { libc::getrlimit(r as _, &mut rl) } != 0 {
+                return None;
+            }
+            if r == libc::RLIMIT_NOFILE {
+                rl.rlim_max = rl.rlim_max.min(MAX_NOFILE);
+                rl.rlim_cur = rl.rlim_max;
+            }
+            Some(rvmm_proto::Rlimit {
+                resource: r,
+                soft: rl.rlim_cur,
+                hard: rl.rlim_max,
+            })
+        })
+        .collect()
 }
 
 /// `KEY=VALUE` as is; `KEY` alone takes rvmm's own value (and is dropped if unset... as Docker keeps it out).

@@ -47,7 +47,7 @@ fn setup() -> Option<RunEnv> {
     }
     common::guest::kernel()?;
     // Found the way rvmm finds it (RVMM_GUEST_INIT, or the workspace's static build).
-    if let Err(e) = rvmm::vmrun::guest_init_path() {
+    if let Err(e) = rvmm::vm::guest_init_path() {
         common::require(common::Cap::Kernel, false, &format!("{e:#}"));
         return None;
     }

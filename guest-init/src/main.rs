@@ -28,7 +28,7 @@ use rvmm_proto::Start;
 
 mod sys;
 
-use sys::{c, check, mkdir_p, mount};
+use rvmm_workload::{c, check, mkdir_p, mount, Failure};
 
 const CHANNEL: &str = "/dev/ttyS1";
 const NEWROOT: &str = "/newroot";
@@ -64,9 +64,9 @@ fn main() {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     // /proc, /sys and /dev for the workload, made now so a snapshot has them made.
-    let staged = match system_mounts(STAGE) {
+    let staged = match rvmm_workload::system_mounts(STAGE) {
         Ok(()) => true,
-        Err((_, e)) => {
+        Err(e) => {
             eprintln!("rvmm-init: preparing /proc, /sys and /dev early: {e}");
             false
         }
@@ -78,11 +78,11 @@ fn main() {
     let mut ch = Channel { fd: chan };
     let status = match run(&mut ch, boot_security, zygote, staged) {
         Ok(code) => code,
-        Err((code, msg)) => {
-            let mut p = vec![code];
-            p.extend_from_slice(msg.as_bytes());
+        Err(f) => {
+            let mut p = vec![f.status];
+            p.extend_from_slice(f.message.as_bytes());
             ch.send(frame::FAILED, &p);
-            code as i32
+            i32::from(f.status)
         }
     };
     sys::trace("workload done");
@@ -111,82 +111,19 @@ impl Channel {
 /// /dev, /proc, /sys of the initramfs, and the channel.
 fn early() -> Result<libc::c_int, String> {
     mkdir_p("/dev");
-    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755").map_err(|e| e.1)?;
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755").map_err(|e| e.message)?;
     mkdir_p("/proc");
-    mount("proc", "/proc", "proc", 0, "").map_err(|e| e.1)?;
+    mount("proc", "/proc", "proc", 0, "").map_err(|e| e.message)?;
     mkdir_p("/sys");
-    mount("sysfs", "/sys", "sysfs", 0, "").map_err(|e| e.1)?;
+    mount("sysfs", "/sys", "sysfs", 0, "").map_err(|e| e.message)?;
     sys::open_raw_tty(CHANNEL)
 }
 
-type Fail = (u8, String);
+type Fail = Failure;
 
 /// Where rvmm-init prepares /proc, /sys and /dev before READY, to move them into the workload's
 /// root at the run.
 const STAGE: &str = "/stage";
-
-/// /proc, /sys (read-only) and a minimal /dev (nodes, pts, shm, mqueue, the usual links) under
-/// `base`: the workload's root, or the staging directory before READY.
-fn system_mounts(base: &str) -> Result<(), Fail> {
-    let r = |p: &str| format!("{base}{p}");
-    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mkdir_p(&r("/proc"));
-    mount("proc", &r("/proc"), "proc", nodev, "")?;
-    mkdir_p(&r("/sys"));
-    mount("sysfs", &r("/sys"), "sysfs", nodev | libc::MS_RDONLY, "")?;
-    mkdir_p(&r("/dev"));
-    mount(
-        "tmpfs",
-        &r("/dev"),
-        "tmpfs",
-        libc::MS_NOSUID,
-        "mode=755,size=65536k",
-    )?;
-    for (name, major, minor, mode) in [
-        ("null", 1, 3, 0o666),
-        ("zero", 1, 5, 0o666),
-        ("full", 1, 7, 0o666),
-        ("random", 1, 8, 0o666),
-        ("urandom", 1, 9, 0o666),
-        ("tty", 5, 0, 0o666),
-    ] {
-        sys::mknod(
-            &r(&format!("/dev/{name}")),
-            libc::S_IFCHR | mode,
-            major,
-            minor,
-        )?;
-    }
-    mkdir_p(&r("/dev/pts"));
-    mount(
-        "devpts",
-        &r("/dev/pts"),
-        "devpts",
-        libc::MS_NOSUID | libc::MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620,gid=5",
-    )?;
-    mkdir_p(&r("/dev/shm"));
-    mount(
-        "shm",
-        &r("/dev/shm"),
-        "tmpfs",
-        nodev,
-        "mode=1777,size=65536k",
-    )?;
-    mkdir_p(&r("/dev/mqueue"));
-    mount("mqueue", &r("/dev/mqueue"), "mqueue", nodev, "")?;
-    for (target, link) in [
-        ("pts/ptmx", "/dev/ptmx"),
-        ("/proc/self/fd", "/dev/fd"),
-        ("/proc/self/fd/0", "/dev/stdin"),
-        ("/proc/self/fd/1", "/dev/stdout"),
-        ("/proc/self/fd/2", "/dev/stderr"),
-    ] {
-        // SAFETY: NUL-terminated strings.
-        unsafe { libc::symlink(c(target).as_ptr(), c(&r(link)).as_ptr()) };
-    }
-    Ok(())
-}
 
 /// Sends READY, then reads SPEC frames up to SPEC_END.
 fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
@@ -195,14 +132,14 @@ fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        while let Some((kind, payload)) = dec.next_frame().map_err(|e| (125, e))? {
+        while let Some((kind, payload)) = dec.next_frame().map_err(Failure::setup)? {
             match kind {
                 frame::SPEC if raw.len() + payload.len() <= MAX_START => raw.extend(payload),
-                frame::SPEC => return Err((125, "the run spec is too large".into())),
+                frame::SPEC => return Err(Failure::setup("the run spec is too large")),
                 frame::SPEC_END => {
                     SPEC_UPTIME_MS.store(sys::uptime_ms(), std::sync::atomic::Ordering::Relaxed);
                     return serde_json::from_slice(&raw)
-                        .map_err(|e| (125, format!("parsing the run spec: {e}")));
+                        .map_err(|e| Failure::setup(format!("parsing the run spec: {e}")));
                 }
                 _ => {}
             }
@@ -212,7 +149,9 @@ fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
         if n > 0 {
             dec.feed(&buf[..n as usize]);
         } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return Err((125, "the channel closed before the run spec arrived".into()));
+            return Err(Failure::setup(
+                "the channel closed before the run spec arrived",
+            ));
         }
     }
 }
@@ -226,28 +165,27 @@ fn run(
     let start = wait_start(ch)?;
     sys::trace("start received");
     // Before anything else: this guest's own randomness and time.
-    sys::add_entropy(&start.entropy).map_err(|e| (125, format!("seeding the RNG: {e}")))?;
+    sys::add_entropy(&start.entropy)
+        .map_err(|e| Failure::setup(format!("seeding the RNG: {e}")))?;
     sys::set_realtime(start.realtime.0, start.realtime.1)
-        .map_err(|e| (125, format!("setting the clock: {e}")))?;
+        .map_err(|e| Failure::setup(format!("setting the clock: {e}")))?;
     sys::trace("entropy and clock");
     let mut spec = start.spec;
     if start.boot_security {
-        spec.security = boot_security.ok_or((
-            125,
-            "the initramfs carries no /rvmm/security.json".to_string(),
-        ))?;
+        spec.security = boot_security
+            .ok_or_else(|| Failure::setup("the initramfs carries no /rvmm/security.json"))?;
     }
-    sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(|e| (125, e))?;
+    sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(Failure::setup)?;
     sys::trace("disk attached");
 
     // The image disk under a tmpfs overlay.
     mkdir_p("/image");
     mount("/dev/vda", "/image", "erofs", libc::MS_RDONLY, "")
         .or_else(|_| mount("/dev/vda", "/image", "ext4", libc::MS_RDONLY, "noload"))
-        .map_err(|e| (125, format!("mounting the image disk: {}", e.1)))?;
+        .map_err(|e| Failure::setup(format!("mounting the image disk: {e}")))?;
     sys::trace("image mounted");
     mkdir_p("/rw");
-    mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755").map_err(|e| (125, e.1))?;
+    mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755")?;
     mkdir_p("/rw/upper");
     mkdir_p("/rw/work");
     mkdir_p("/rw/etc");
@@ -259,36 +197,12 @@ fn run(
         0,
         "lowerdir=/image,upperdir=/rw/upper,workdir=/rw/work",
     )
-    .map_err(|e| (125, format!("mounting the root overlay: {}", e.1)))?;
+    .map_err(|e| Failure::setup(format!("mounting the root overlay: {e}")))?;
 
-    // /etc files.
-    let addr = spec
-        .network
-        .address
-        .as_deref()
-        .and_then(|a| a.split('/').next())
-        .unwrap_or("127.0.1.1");
-    let files = [
-        ("hostname", format!("{}\n", spec.hostname)),
-        (
-            "hosts",
-            format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{}\n",
-                spec.hostname
-            ),
-        ),
-        (
-            "resolv.conf",
-            spec.network
-                .dns
-                .iter()
-                .map(|d| format!("nameserver {d}\n"))
-                .collect::<String>(),
-        ),
-    ];
-    for (name, body) in &files {
+    // /etc files, as the host wrote them into the spec.
+    for (name, body) in spec.etc.entries() {
         std::fs::write(format!("/rw/etc/{name}"), body)
-            .map_err(|e| (125, format!("writing /etc/{name}: {e}")))?;
+            .map_err(|e| Failure::setup(format!("writing /etc/{name}: {e}")))?;
     }
 
     let r = |p: &str| format!("{NEWROOT}{p}");
@@ -300,11 +214,11 @@ fn run(
                 mount(&format!("{STAGE}{d}"), &r(d), "", libc::MS_MOVE, "")?;
             }
         } else {
-            system_mounts(NEWROOT)?;
+            rvmm_workload::system_mounts(NEWROOT)?;
         }
-        for (name, _) in &files {
+        for (name, _) in spec.etc.entries() {
             let t = r(&format!("/etc/{name}"));
-            sys::touch(&t);
+            rvmm_workload::touch(&t);
             mount(&format!("/rw/etc/{name}"), &t, "", libc::MS_BIND, "")?;
         }
         if spec.read_only {
@@ -319,23 +233,25 @@ fn run(
         Ok(())
     };
     sys::trace("overlay and /etc");
-    setup().map_err(|(_, m)| (125u8, m))?;
+    setup()?;
     sys::trace("/proc /sys /dev");
 
-    sys::set_hostname(&spec.hostname).map_err(|e| (125, e))?;
-    sys::loopback_up();
+    sys::set_hostname(&spec.hostname).map_err(Failure::setup)?;
+    rvmm_workload::loopback_up();
     if let Some(mac) = start.mac {
-        sys::set_mac(mac).map_err(|e| (125, e))?;
+        sys::set_mac(mac).map_err(Failure::setup)?;
     }
     if let (Some(a), Some(gw)) = (&spec.network.address, &spec.network.gateway) {
-        sys::configure_eth0(a, gw).map_err(|e| (125, format!("configuring eth0: {e}")))?;
+        sys::configure_eth0(a, gw).map_err(|e| Failure::setup(format!("configuring eth0: {e}")))?;
     }
 
     sys::trace("hostname and network");
     // switch_root: the overlay becomes /.
     // SAFETY: chdir/mount/chroot with NUL-terminated paths.
     unsafe {
-        check(libc::chdir(c(NEWROOT).as_ptr()), "chdir to the new root")?;
+        check(libc::chdir(c(NEWROOT).as_ptr()), || {
+            "chdir to the new root".into()
+        })?;
         check(
             libc::mount(
                 c(".").as_ptr(),
@@ -344,10 +260,10 @@ fn run(
                 libc::MS_MOVE,
                 std::ptr::null(),
             ),
-            "moving the new root to /",
+            || "moving the new root to /".into(),
         )?;
-        check(libc::chroot(c(".").as_ptr()), "chroot")?;
-        check(libc::chdir(c("/").as_ptr()), "chdir /")?;
+        check(libc::chroot(c(".").as_ptr()), || "chroot".into())?;
+        check(libc::chdir(c("/").as_ptr()), || "chdir /".into())?;
     }
 
     sys::trace("switched root");

@@ -1,103 +1,9 @@
 //! Thin syscall helpers for PID 1.
 
-use std::ffi::CString;
-
-pub fn c(s: &str) -> CString {
-    CString::new(s).unwrap_or_default()
-}
+pub use rvmm_workload::{c, write_all};
 
 fn err() -> String {
     std::io::Error::last_os_error().to_string()
-}
-
-pub fn check(r: libc::c_int, what: &str) -> Result<(), (u8, String)> {
-    if r < 0 {
-        return Err((125, format!("{what}: {}", err())));
-    }
-    Ok(())
-}
-
-pub fn mount(
-    src: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> Result<(), (u8, String)> {
-    let (s, t, f, d) = (c(src), c(target), c(fstype), c(data));
-    // SAFETY: NUL-terminated strings (or null for empty) valid across the call.
-    let r = unsafe {
-        libc::mount(
-            if src.is_empty() {
-                std::ptr::null()
-            } else {
-                s.as_ptr()
-            },
-            t.as_ptr(),
-            if fstype.is_empty() {
-                std::ptr::null()
-            } else {
-                f.as_ptr()
-            },
-            flags,
-            if data.is_empty() {
-                std::ptr::null()
-            } else {
-                d.as_ptr().cast()
-            },
-        )
-    };
-    check(r, &format!("mounting {target}"))
-}
-
-pub fn mkdir_p(path: &str) {
-    let mut cur = String::new();
-    for comp in path.split('/').filter(|c| !c.is_empty()) {
-        cur.push('/');
-        cur.push_str(comp);
-        // SAFETY: NUL-terminated path.
-        unsafe { libc::mkdir(c(&cur).as_ptr(), 0o755) };
-    }
-}
-
-pub fn touch(path: &str) {
-    if let Some(i) = path.rfind('/') {
-        mkdir_p(&path[..i]);
-    }
-    // SAFETY: NUL-terminated path; the fd is closed at once.
-    unsafe {
-        let fd = libc::open(
-            c(path).as_ptr(),
-            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-            0o644,
-        );
-        if fd >= 0 {
-            libc::close(fd);
-        }
-    }
-}
-
-pub fn mknod(path: &str, mode: libc::mode_t, major: u32, minor: u32) -> Result<(), (u8, String)> {
-    // SAFETY: NUL-terminated path.
-    let r = unsafe { libc::mknod(c(path).as_ptr(), mode, libc::makedev(major, minor)) };
-    check(r, &format!("mknod {path}"))?;
-    // SAFETY: as above; the umask must not narrow the device's mode.
-    unsafe { libc::chmod(c(path).as_ptr(), mode & 0o7777) };
-    Ok(())
-}
-
-pub fn write_all(fd: libc::c_int, mut buf: &[u8]) {
-    while !buf.is_empty() {
-        // SAFETY: writing from a valid slice.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return;
-        }
-        buf = &buf[n as usize..];
-    }
 }
 
 /// Opens a serial port in raw mode (8-bit clean, no echo, no line discipline).
@@ -179,13 +85,6 @@ fn socket() -> libc::c_int {
     unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) }
 }
 
-pub fn loopback_up() {
-    let s = socket();
-    let _ = set_up(s, "lo");
-    // SAFETY: closing our socket.
-    unsafe { libc::close(s) };
-}
-
 fn parse_ip(s: &str) -> Option<[u8; 4]> {
     let v: Vec<u8> = s
         .split('.')
@@ -245,110 +144,6 @@ pub fn uptime_ms() -> u32 {
     // SAFETY: as above.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
-}
-
-/// Shrinks the bounding set to `caps` (bit n = capability n) and clears the ambient set. Call
-/// before changing user: it needs CAP_SETPCAP.
-pub fn drop_bounding(caps: u64) -> Result<(), String> {
-    for cap in 0..64u64 {
-        if caps & (1 << cap) == 0 {
-            // SAFETY: prctl with integer arguments.
-            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-            // EINVAL: a capability this kernel does not know, nothing to drop.
-            if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-                return Err(format!(
-                    "dropping capability {cap}: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-        }
-    }
-    // SAFETY: prctl with integer arguments.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        )
-    };
-    Ok(())
-}
-
-/// Sets the effective and permitted sets to `caps` and clears the inheritable set (capset(2),
-/// version 3: two 32-bit words).
-pub fn set_caps(caps: u64) -> Result<(), String> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut h = Header {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-        pid: 0,
-    };
-    let lo = caps as u32;
-    let hi = (caps >> 32) as u32;
-    let d = [
-        Data {
-            effective: lo,
-            permitted: lo,
-            inheritable: 0,
-        },
-        Data {
-            effective: hi,
-            permitted: hi,
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: capset with a valid header and two data words, as version 3 requires.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) };
-    if r != 0 {
-        return Err(format!(
-            "setting capabilities: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
-
-/// Sets no_new_privs and installs the classic BPF `program` as a seccomp filter.
-pub fn install_seccomp(program: &[(u16, u8, u8, u32)]) -> Result<(), String> {
-    let filter: Vec<libc::sock_filter> = program
-        .iter()
-        .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
-        .collect();
-    let prog = libc::sock_fprog {
-        len: filter.len() as libc::c_ushort,
-        filter: filter.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: prctl with integer arguments, then seccomp(2) with a program that outlives the call.
-    unsafe {
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
-        }
-        if libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            0,
-            &prog as *const libc::sock_fprog,
-        ) != 0
-        {
-            return Err(format!(
-                "installing the seccomp filter: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Mixes `bytes` into the kernel's RNG, credited as entropy, and forces the CRNG to reseed, so

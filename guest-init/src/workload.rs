@@ -1,52 +1,18 @@
 //! Starting the workload and relaying it over the channel until it exits.
 
-use std::ffi::CString;
-
 use rvmm_proto::{frame, RunSpec, Security};
 
-use crate::sys::{c, mkdir_p, write_all};
+use crate::sys::{c, write_all};
 use crate::{Channel, Fail};
+use rvmm_workload::Failure;
 
 fn pipe() -> Result<[libc::c_int; 2], Fail> {
     let mut p = [0; 2];
     // SAFETY: p is a valid array of two ints.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err((125, format!("pipe: {}", std::io::Error::last_os_error())));
+        return Err(Failure::os("pipe"));
     }
     Ok(p)
-}
-
-fn cstrings(v: &[String]) -> Vec<CString> {
-    v.iter().map(|s| c(s)).collect()
-}
-
-/// PATH lookup as Docker does it: 127 when not found, 126 when found but not executable.
-fn resolve(argv0: &str, env: &[String]) -> Result<CString, (u8, String)> {
-    if argv0.contains('/') {
-        return Ok(c(argv0));
-    }
-    let path = env
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    let mut denied = None;
-    for d in path.split(':').filter(|d| !d.is_empty()) {
-        let cand = format!("{}/{argv0}", d.trim_end_matches('/'));
-        let meta = match std::fs::metadata(&cand) {
-            Ok(m) if !m.is_dir() => m,
-            _ => continue,
-        };
-        let _ = meta;
-        // SAFETY: NUL-terminated path.
-        if unsafe { libc::access(c(&cand).as_ptr(), libc::X_OK) } == 0 {
-            return Ok(c(&cand));
-        }
-        denied.get_or_insert(cand);
-    }
-    match denied {
-        Some(p) => Err((126, format!("{p}: permission denied"))),
-        None => Err((127, format!("{argv0}: executable file not found in $PATH"))),
-    }
 }
 
 /// A process forked before READY that has already dropped its bounding set and installed the
@@ -106,8 +72,8 @@ pub fn zygote(security: &Security) -> Option<Zygote> {
         // SAFETY: closing the parent's end in the child.
         unsafe { libc::close(sv[0]) };
         // The bounding set and the filter are the same for every run of the host.
-        if crate::sys::drop_bounding(security.caps).is_err()
-            || crate::sys::install_seccomp(&security.seccomp).is_err()
+        if rvmm_workload::privileges::drop_bounding(security.caps).is_err()
+            || rvmm_workload::privileges::install_seccomp(&security.seccomp).is_err()
         {
             // The parent sees the socket close and forks the workload itself.
             // SAFETY: leaving the child.
@@ -171,18 +137,7 @@ fn zygote_main(sock: libc::c_int) -> ! {
     // SAFETY: closing our copy of the root fd.
     unsafe { libc::close(root) };
     crate::sys::trace("zygote: in the root");
-    let argv = cstrings(&h.spec.argv);
-    let env = cstrings(&h.spec.env);
-    child(
-        &h.spec,
-        &argv,
-        &env,
-        err_fd,
-        [-1, out],
-        [-1, err],
-        input,
-        true,
-    )
+    child(&h.spec, err_fd, [-1, out], [-1, err], input, true)
 }
 
 /// Hands the workload to the zygote; its pid, or None (the zygote is gone) to fork instead.
@@ -231,10 +186,8 @@ fn handoff(
 
 pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i32, Fail> {
     if spec.argv.is_empty() {
-        return Err((125, "no command".into()));
+        return Err(Failure::setup("no command"));
     }
-    let argv = cstrings(&spec.argv);
-    let env = cstrings(&spec.env);
     let err_pipe = pipe()?;
     // Output: a pty with -t (one stream, as with Docker), else two pipes.
     let (mut master, slave) = (-1, -1);
@@ -252,9 +205,11 @@ pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i
             )
         } != 0
         {
-            return Err((125, format!("openpty: {}", std::io::Error::last_os_error())));
+            return Err(Failure::os("openpty"));
         }
         master = m;
+        // The terminal is the workload's /dev/console too, as in a container.
+        rvmm_workload::bind_console("", &format!("/proc/self/fd/{s}"))?;
         (([m, s]), [-1, -1])
     } else {
         (pipe()?, pipe()?)
@@ -286,19 +241,10 @@ pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i
             // SAFETY: fork in a single-threaded process.
             let pid = unsafe { libc::fork() };
             if pid < 0 {
-                return Err((125, format!("fork: {}", std::io::Error::last_os_error())));
+                return Err(Failure::os("fork"));
             }
             if pid == 0 {
-                child(
-                    spec,
-                    &argv,
-                    &env,
-                    err_pipe[1],
-                    out_pipe,
-                    err_out_pipe,
-                    in_pipe,
-                    false,
-                );
+                child(spec, err_pipe[1], out_pipe, err_out_pipe, in_pipe, false);
             }
             pid
         }
@@ -328,8 +274,10 @@ pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i
         let mut st = 0;
         // SAFETY: reaping our child.
         unsafe { libc::waitpid(pid, &mut st, 0) };
-        let code = msg[0];
-        return Err((code, String::from_utf8_lossy(&msg[1..]).into_owned()));
+        return Err(Failure {
+            status: msg[0],
+            message: String::from_utf8_lossy(&msg[1..]).into_owned(),
+        });
     }
     let mut started = crate::INIT_UPTIME_MS
         .load(std::sync::atomic::Ordering::Relaxed)
@@ -356,8 +304,6 @@ pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i
 #[allow(clippy::too_many_arguments)]
 fn child(
     spec: &RunSpec,
-    argv: &[CString],
-    env: &[CString],
     err_fd: libc::c_int,
     out: [libc::c_int; 2],
     err: [libc::c_int; 2],
@@ -397,81 +343,16 @@ fn child(
                 }
             }
         }
-        let sec = &spec.security;
-        if sec.enforce && !prepared {
-            if let Err(e) = crate::sys::drop_bounding(sec.caps) {
-                fail(125, e);
-            }
-        }
-        let u = &spec.user;
-        let mut groups: Vec<libc::gid_t> = vec![u.gid];
-        groups.extend(u.additional_gids.iter().copied());
-        mkdir_p(&spec.cwd);
-        if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-            || libc::setresgid(u.gid, u.gid, u.gid) != 0
-            || libc::setresuid(u.uid, u.uid, u.uid) != 0
-        {
-            fail(
-                125,
-                format!(
-                    "setting user {}:{}: {}",
-                    u.uid,
-                    u.gid,
-                    std::io::Error::last_os_error()
-                ),
-            );
-        }
-        if libc::chdir(c(&spec.cwd).as_ptr()) != 0 {
-            fail(
-                125,
-                format!(
-                    "cannot enter working directory {}: {}",
-                    spec.cwd,
-                    std::io::Error::last_os_error()
-                ),
-            );
-        }
-        libc::umask(0o022);
     }
-    if spec.security.enforce && spec.user.uid == 0 {
-        if let Err(e) = crate::sys::set_caps(spec.security.caps) {
-            fail(125, e);
-        }
-    }
-    let prog = match resolve(&spec.spec_argv0(), &spec.env) {
+    // The same steps as in a container (rvmm-workload): limits, bounding set, user, caps, cwd,
+    // PATH lookup, seccomp.
+    let prog = match rvmm_workload::privileges::become_workload(spec, prepared) {
         Ok(p) => p,
-        Err((code, msg)) => fail(code, msg),
+        Err(f) => fail(f.status, f.message),
     };
-    crate::sys::trace("child: user, caps, cwd, resolved");
-    if spec.security.enforce && !spec.security.seccomp.is_empty() && !prepared {
-        if let Err(e) = crate::sys::install_seccomp(&spec.security.seccomp) {
-            fail(125, e);
-        }
-    }
-    crate::sys::trace("child: seccomp installed");
-    let mut a: Vec<*const libc::c_char> = argv.iter().map(|x| x.as_ptr()).collect();
-    a.push(std::ptr::null());
-    let mut e: Vec<*const libc::c_char> = env.iter().map(|x| x.as_ptr()).collect();
-    e.push(std::ptr::null());
-    // SAFETY: NULL-terminated arrays of NUL-terminated strings.
-    unsafe { libc::execve(prog.as_ptr(), a.as_ptr(), e.as_ptr()) };
-    let er = std::io::Error::last_os_error();
-    let code = if er.raw_os_error() == Some(libc::ENOENT) {
-        127
-    } else {
-        126
-    };
-    fail(code, format!("{}: {er}", spec.argv[0]))
-}
-
-trait Argv0 {
-    fn spec_argv0(&self) -> String;
-}
-
-impl Argv0 for RunSpec {
-    fn spec_argv0(&self) -> String {
-        self.argv[0].clone()
-    }
+    crate::sys::trace("child: ready to exec");
+    let f = rvmm_workload::exec(&prog, &spec.argv, &spec.env);
+    fail(f.status, f.message)
 }
 
 /// Moves bytes until the workload is gone; returns its status (Docker numbering).

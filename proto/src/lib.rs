@@ -28,10 +28,122 @@ pub struct RunSpec {
     pub mounts: Vec<Mount>,
     /// Signal to stop the workload with (image StopSignal), as a number.
     pub stop_signal: i32,
-    /// Privileges of the workload. Filled by the host for VM isolation (guest-init applies it);
-    /// container isolation applies the same values itself.
+    /// Privileges of the workload, decided once on the host before the isolation is chosen; the
+    /// container child and rvmm-init apply exactly these.
     #[serde(default)]
     pub security: Security,
+    /// Resource limits the workload starts with (both isolations set exactly these).
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    /// The contents of the workload's /etc/hostname, /etc/hosts and /etc/resolv.conf, written
+    /// once on the host once the network is known.
+    #[serde(default)]
+    pub etc: EtcFiles,
+}
+
+/// One resource limit: `resource` is the RLIMIT_* number.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The files a runtime puts over the image's /etc (bind mounts: the image keeps its own).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcFiles {
+    pub hostname: String,
+    pub hosts: String,
+    pub resolv_conf: String,
+}
+
+impl EtcFiles {
+    /// (name under /etc, content).
+    pub fn entries(&self) -> [(&'static str, &str); 3] {
+        [
+            ("hostname", self.hostname.as_str()),
+            ("hosts", self.hosts.as_str()),
+            ("resolv.conf", self.resolv_conf.as_str()),
+        ]
+    }
+}
+
+/// What every workload's root holds, whichever isolation runs it: pure data, applied by the
+/// `rvmm-workload` crate in the container child and in rvmm-init alike.
+pub mod rootfs {
+    /// The PATH a workload gets when its image sets none (Docker's).
+    pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+    /// A character device in the workload's /dev.
+    pub struct Device {
+        pub name: &'static str,
+        pub major: u32,
+        pub minor: u32,
+        pub mode: u32,
+    }
+
+    const fn dev(name: &'static str, major: u32, minor: u32) -> Device {
+        Device {
+            name,
+            major,
+            minor,
+            mode: 0o666,
+        }
+    }
+
+    /// Docker's default device nodes.
+    pub const DEVICES: &[Device] = &[
+        dev("null", 1, 3),
+        dev("zero", 1, 5),
+        dev("full", 1, 7),
+        dev("random", 1, 8),
+        dev("urandom", 1, 9),
+        dev("tty", 5, 0),
+    ];
+
+    /// Symlinks in /dev: (target, link).
+    pub const DEV_LINKS: &[(&str, &str)] = &[
+        ("pts/ptmx", "/dev/ptmx"),
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+        ("/proc/kcore", "/dev/core"),
+    ];
+
+    /// Paths hidden from the workload (Docker's masked paths): an empty tmpfs over a directory,
+    /// /dev/null over a file.
+    pub const MASKED: &[&str] = &[
+        "/proc/asound",
+        "/proc/acpi",
+        "/proc/interrupts",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/latency_stats",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/proc/scsi",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
+    ];
+
+    /// Paths the workload sees read-only (Docker's read-only paths).
+    pub const READONLY: &[&str] = &[
+        "/proc/bus",
+        "/proc/fs",
+        "/proc/irq",
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+    ];
+
+    /// /etc/hosts for `hostname` at `addr` (127.0.1.1 without a network address).
+    pub fn hosts(hostname: &str, addr: Option<&str>) -> String {
+        format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{hostname}\n",
+            addr.unwrap_or("127.0.1.1")
+        )
+    }
 }
 
 /// Capabilities and seccomp, as a runtime applies them right before exec.

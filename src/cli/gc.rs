@@ -1,7 +1,7 @@
 //! `rvmm gc`.
 
-use rvmm::container::state;
 use rvmm::image::Store;
+use rvmm::run::state;
 
 use super::Global;
 
@@ -11,7 +11,7 @@ pub struct Args {}
 pub fn exec(_args: Args, global: &Global) -> anyhow::Result<u8> {
     let runs = state::gc(&global.root);
     println!("cleaned up after {runs} dead run(s)");
-    let snaps = rvmm::vmrun::snapshots::Snapshots::new(&global.root).gc();
+    let snaps = rvmm::vm::snapshots::Snapshots::new(&global.root).gc();
     if !snaps.is_empty() {
         println!(
             "removed {} unusable snapshot(s) or leftovers of interrupted saves",

@@ -1,6 +1,6 @@
 //! `rvmm ps` and `rvmm rm`.
 
-use rvmm::container::state;
+use rvmm::run::state;
 
 use super::Global;
 
@@ -33,10 +33,10 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         "NAMES".into(),
     ]];
     for r in shown {
-        let status = match (r.status.as_str(), r.exit_code) {
-            ("running", _) => format!("Up (pid {})", r.pid),
+        let status = match (r.status, r.exit_code) {
+            (state::Status::Running, _) => format!("Up (pid {})", r.pid),
             (_, Some(c)) => format!("Exited ({c})"),
-            (s, None) => s.to_string(),
+            (state::Status::Exited, None) => "exited".to_string(),
         };
         let mut cmd = r.command.clone();
         if cmd.chars().count() > 30 {
@@ -46,7 +46,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             short_id(&r.id).to_string(),
             r.image.clone(),
             format!("\"{cmd}\""),
-            r.isolation.clone(),
+            r.isolation.as_str().to_string(),
             status,
             r.name.clone(),
         ]);

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use rvmm::container::{self, RunOptions};
+use rvmm::container;
 use rvmm::image::{self, Store};
+use rvmm::run::RunOptions;
 use rvmm::runspec::{self, Limits, NetworkMode, RunFlags};
 
 use super::pull::RegistryArgs;
@@ -144,7 +145,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     }
     let store = Store::open(&global.root)?;
     let resolved = image::resolve(&store, &args.image, &args.registry.options(args.quiet))?;
-    let id = container::new_id();
+    let id = rvmm::run::new_id();
     let spec = runspec::build(&resolved.config, &resolved.layers, &flags, &id[..12])?;
     let opts = RunOptions {
         root: global.root.clone(),
@@ -163,6 +164,6 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     match args.isolation {
         Isolation::Container => container::run(&spec, &resolved, &opts),
-        Isolation::Vm => rvmm::vmrun::run(&spec, &resolved, &opts),
+        Isolation::Vm => rvmm::vm::run(&spec, &resolved, &opts),
     }
 }

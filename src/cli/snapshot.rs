@@ -1,6 +1,6 @@
 //! `rvmm snapshot`: the warm-start snapshots of VM isolation.
 
-use rvmm::vmrun::snapshots::Snapshots;
+use rvmm::vm::snapshots::Snapshots;
 
 use super::Global;
 
@@ -44,7 +44,7 @@ pub fn exec(cmd: Command, global: &Global) -> anyhow::Result<u8> {
     let snaps = Snapshots::new(&global.root);
     match cmd {
         Command::Ls => {
-            let current = rvmm::vmrun::current_tag();
+            let current = rvmm::vm::current_tag();
             println!(
                 "{:<16}  {:<28}  {:>9}  {:>8}  STATUS",
                 "KEY", "MACHINE", "SIZE", "CREATED"
@@ -114,7 +114,7 @@ pub fn exec(cmd: Command, global: &Global) -> anyhow::Result<u8> {
                 anyhow::bail!("--cpus must be a positive number");
             }
             eprintln!("rvmm: booting a guest to snapshot (about 12 s on kvm_pvm hosts)");
-            let p = rvmm::vmrun::prewarm(
+            let p = rvmm::vm::prewarm(
                 &global.root,
                 a.cpus,
                 memory,

@@ -7,46 +7,21 @@
 //! with it (PR_SET_PDEATHSIG); what is left on the host (cgroup dirs, veth, lease, run dir) is
 //! found by the next `rvmm run` or `rvmm gc` through the run's state file.
 
-pub mod cgroups;
 mod child;
-pub mod security;
-pub mod state;
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context};
 
+use crate::cgroups;
 use crate::image::ResolvedImage;
-use crate::runspec::{NetworkMode, RunSpec};
-use state::RunState;
-
-/// How a run is kept and named (not part of the workload's RunSpec).
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// The store root (`--root`): container dirs live in ROOT/containers/ID.
-    pub root: PathBuf,
-    pub id: String,
-    pub name: String,
-    /// `--rm`: remove the container's writable layer when it exits (else `rvmm rm` does).
-    pub remove: bool,
-    pub image: String,
-    /// VM isolation: boot the kernel instead of restoring a snapshot, and take none (`--cold`).
-    pub cold: bool,
-}
-
-/// A new run ID: 64 hex digits from the kernel's random pool.
-pub fn new_id() -> String {
-    let mut b = [0u8; 32];
-    let mut f = std::fs::File::open("/dev/urandom").ok();
-    if let Some(f) = f.as_mut() {
-        let _ = f.read_exact(&mut b);
-    }
-    hex::encode(b)
-}
+use crate::run::stdio::{pipe, winsize, RawMode};
+use crate::run::{Isolation, Prepared, RunOptions};
+use crate::runspec::RunSpec;
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
 static STOPS: AtomicI32 = AtomicI32::new(0);
@@ -67,58 +42,9 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-/// Signals rvmm relays to the workload (both isolations).
-pub(crate) const RELAYED_SIGNALS: &[libc::c_int] = &[
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
-
-/// Installs `handler` for `sigs`. The handler must only use async-signal-safe calls.
-pub(crate) fn install_handler(handler: extern "C" fn(libc::c_int), sigs: &[libc::c_int]) {
-    for &sig in sigs {
-        // SAFETY: installing a handler that only calls async-signal-safe functions (the caller's contract).
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
 fn install_forwarding() {
-    install_handler(forward, RELAYED_SIGNALS);
-    install_handler(forward, &[libc::SIGWINCH]);
-}
-
-/// A close-on-exec pipe: (read end, write end).
-pub(crate) fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2");
-    }
-    // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// What a run (either isolation) left on the host, removed on drop (every exit path, panics included).
-pub(crate) struct Cleanup {
-    pub(crate) state: RunState,
-    pub(crate) lease: Option<crate::net::Lease>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.state.release_host_resources();
-        if let Some(l) = &self.lease {
-            l.release();
-        }
-    }
+    crate::run::install_handler(forward, crate::run::RELAYED_SIGNALS);
+    crate::run::install_handler(forward, &[libc::SIGWINCH]);
 }
 
 /// Runs the spec in a container; returns the workload's exit status (Docker's numbering).
@@ -126,63 +52,27 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     if !nix::unistd::geteuid().is_root() {
         bail!("container isolation needs root (rootless containers are not supported yet)");
     }
-    state::gc(&opts.root);
-    if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
-        bail!(
-            "the name {:?} is already in use by another container",
-            opts.name
-        );
-    }
-    let dir = state::container_dir(&opts.root, &opts.id);
+    let mut run = crate::run::prepare(spec, opts, Isolation::Container)?;
+    let dir = run.dir.clone();
     for d in ["upper", "work", "rootfs"] {
         std::fs::create_dir_all(dir.join(d))
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut cleanup = Cleanup {
-        state: RunState::new(opts, spec, "container", &dir),
-        lease: None,
-    };
-    cleanup.state.save()?;
-    let store = crate::image::Store::open(&opts.root)?;
-    let _layers_in_use = store.use_layers()?;
-
-    // Host side: cgroup, network, published ports.
     // The host's cgroup mounts, read once: where the run's cgroup goes, and what the container
     // mounts under /sys/fs/cgroup.
     let layout = cgroups::Layout::detect()?;
-    let cg = cgroups::create(&layout, &opts.id, &spec.limits)?;
-    cleanup.state.cgroup = Some(cg.clone());
-    cleanup.state.save()?;
-    let mut spec = spec.clone();
-    let mut publisher = None;
-    if spec.network.mode == NetworkMode::Bridge {
-        let (lease, p) = crate::net::attach_run(&mut spec.network, &opts.id)?;
-        cleanup.lease = Some(lease);
-        publisher = Some(p);
-    } else if !spec.network.ports.is_empty() {
-        bail!("-p needs --network bridge");
+    let cg = cgroups::create(&layout, &opts.id, &run.spec.limits)?;
+    run.cleanup.state.cgroup = Some(cg.clone());
+    run.cleanup.state.save()?;
+
+    // The /etc files the spec describes, bound into the container from the run directory.
+    for (name, body) in run.spec.etc.entries() {
+        std::fs::write(dir.join(name), body)
+            .with_context(|| format!("writing {}", dir.join(name).display()))?;
     }
 
-    // /etc files.
-    let addr = spec
-        .network
-        .address
-        .as_deref()
-        .and_then(|a| a.split('/').next())
-        .unwrap_or("127.0.1.1")
-        .to_string();
-    std::fs::write(dir.join("hostname"), format!("{}\n", spec.hostname))?;
-    std::fs::write(
-        dir.join("hosts"),
-        format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{}\n",
-            spec.hostname
-        ),
-    )?;
-    std::fs::write(dir.join("resolv.conf"), crate::net::host_resolv_conf())?;
-
     // The terminal.
-    let pty = if spec.tty {
+    let pty = if run.spec.tty {
         let p =
             nix::pty::openpty(winsize().as_ref(), None).context("allocating a pseudo-terminal")?;
         Some(p)
@@ -193,7 +83,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let plan = make_plan(
-        &spec,
+        &run.spec,
         image,
         &dir,
         layout,
@@ -227,15 +117,15 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         drop(p.slave);
         p.master
     });
-    cleanup.state.pid = pid;
-    let _ = cleanup.state.save();
+    run.cleanup.state.pid = pid;
+    let _ = run.cleanup.state.save();
 
     let started = (|| -> anyhow::Result<()> {
         cg.add(pid)?;
-        if let Some(l) = &cleanup.lease {
-            let veth = crate::net::attach_container(&opts.id, pid, l.addr)?;
-            cleanup.state.veth = Some(veth);
-            cleanup.state.save()?;
+        if let Some(addr) = run.address() {
+            let veth = crate::net::attach_container(&opts.id, pid, addr)?;
+            run.cleanup.state.veth = Some(veth);
+            run.cleanup.state.save()?;
         }
         let mut w = std::fs::File::from(sync_w);
         w.write_all(b"g").context("starting the container")?;
@@ -252,24 +142,18 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let mut msg = String::new();
     let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
     if !msg.is_empty() {
-        let status = wait(pid);
+        let _ = wait(pid);
         let (code, text) = msg.split_once('\t').unwrap_or(("125", msg.as_str()));
         let code: u8 = code.parse().unwrap_or(125);
-        if code == 125 {
-            bail!("starting the container: {text}");
-        }
-        eprintln!("rvmm: {text}");
-        let _ = status;
-        cleanup.state.finish(code as i32, opts.remove);
-        return Ok(code);
+        return not_started(run, code, text, opts.remove);
     }
 
     CHILD.store(pid, Ordering::SeqCst);
     install_forwarding();
-    if let (Some(p), Some(l)) = (publisher, &cleanup.lease) {
-        p.start(l.addr);
+    if let (Some(p), Some(addr)) = (run.publisher.take(), run.address()) {
+        p.start(addr);
     }
-    let relay = pty_master.map(|m| tty_relay(m, spec.stdin));
+    let relay = pty_master.map(|m| tty_relay(m, run.spec.stdin));
 
     let status = wait(pid);
     CHILD.store(0, Ordering::SeqCst);
@@ -283,21 +167,25 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     if matches!(status, Status::Signaled(libc::SIGKILL)) && cg.oom_killed() {
         eprintln!(
             "rvmm: the container was killed by the kernel's OOM killer: it ran out of memory (--memory {})",
-            spec.limits.memory_bytes.map(human).unwrap_or_else(|| "unlimited".into())
+            run.spec
+                .limits
+                .memory_bytes
+                .map(crate::run::human_bytes)
+                .unwrap_or_else(|| "unlimited".into())
         );
     }
-    cleanup.state.finish(code, opts.remove);
-    Ok(code.clamp(0, 255) as u8)
+    Ok(run.finish(code, opts.remove))
 }
 
-fn human(b: u64) -> String {
-    if b >= 1 << 30 && b % (1 << 30) == 0 {
-        format!("{}g", b >> 30)
-    } else if b >= 1 << 20 && b % (1 << 20) == 0 {
-        format!("{}m", b >> 20)
-    } else {
-        format!("{b}")
+/// The workload could not be started (status 125 setup, 126 cannot execute, 127 not found): a
+/// setup failure is an error; 126 and 127 are the workload's status, with the reason on stderr.
+pub(crate) fn not_started(run: Prepared, code: u8, text: &str, remove: bool) -> anyhow::Result<u8> {
+    if code == 125 {
+        run.fail(remove);
+        bail!("starting the container: {text}");
     }
+    eprintln!("rvmm: {text}");
+    Ok(run.finish(i32::from(code), remove))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -326,56 +214,12 @@ fn wait(pid: i32) -> Status {
     }
 }
 
-/// The size of the terminal on our stdout, if it is one.
-pub(crate) fn winsize() -> Option<nix::pty::Winsize> {
-    // SAFETY: TIOCGWINSZ fills a winsize struct.
-    unsafe {
-        let mut ws: libc::winsize = std::mem::zeroed();
-        (libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0).then_some(nix::pty::Winsize {
-            ws_row: ws.ws_row,
-            ws_col: ws.ws_col,
-            ws_xpixel: ws.ws_xpixel,
-            ws_ypixel: ws.ws_ypixel,
-        })
-    }
-}
-
-/// Terminal restored on drop.
-pub(crate) struct RawMode(Option<libc::termios>);
-
-impl RawMode {
-    /// Puts our stdin in raw mode when it is a terminal (a no-op otherwise).
-    pub(crate) fn stdin() -> RawMode {
-        // SAFETY: termios calls on fd 0 with a valid struct.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) == 0 {
-                let saved = t;
-                libc::cfmakeraw(&mut t);
-                libc::tcsetattr(0, libc::TCSANOW, &t);
-                RawMode(Some(saved))
-            } else {
-                RawMode(None)
-            }
-        }
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        if let Some(t) = &self.0 {
-            // SAFETY: restoring the saved attributes of our stdin.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
-        }
-    }
-}
-
 /// Copies the pty to stdout (until the workload closes it) and, with -i, stdin to the pty.
 fn tty_relay(master: OwnedFd, stdin: bool) -> (std::thread::JoinHandle<()>, RawMode) {
     let raw = if stdin {
         RawMode::stdin()
     } else {
-        RawMode(None)
+        RawMode::none()
     };
     let mut out = std::fs::File::from(master);
     if stdin {
@@ -435,61 +279,40 @@ fn make_plan(
             image.layers.len()
         );
     }
-    let path = spec
-        .env
+    // Strings the child passes to system calls must hold no NUL: refused here, in the parent.
+    for s in spec
+        .argv
         .iter()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or(crate::runspec::DEFAULT_PATH);
-    let mut groups: Vec<libc::gid_t> = vec![spec.user.gid];
-    groups.extend(spec.user.additional_gids.iter().copied());
-    groups.dedup();
+        .chain(&spec.env)
+        .chain([&spec.cwd, &spec.hostname])
+    {
+        cstr(s)?;
+    }
     Ok(child::Plan {
         rootfs: cstr(&dir.join("rootfs").display().to_string())?,
         overlay_opts: cstr(&opts)?,
-        hostname: cstr(&spec.hostname)?,
-        argv: spec
-            .argv
+        spec: spec.clone(),
+        etc_files: spec
+            .etc
+            .entries()
             .iter()
-            .map(|a| cstr(a))
-            .collect::<anyhow::Result<_>>()?,
-        env: spec
-            .env
-            .iter()
-            .map(|a| cstr(a))
-            .collect::<anyhow::Result<_>>()?,
-        path_dirs: path
-            .split(':')
-            .filter(|d| !d.is_empty())
-            .map(|d| d.as_bytes().to_vec())
-            .collect(),
-        cwd: cstr(&spec.cwd)?,
-        uid: spec.user.uid,
-        gid: spec.user.gid,
-        groups,
-        read_only: spec.read_only,
-        etc_files: ["hosts", "hostname", "resolv.conf"]
-            .iter()
-            .map(|f| {
+            .map(|(f, _)| {
                 Ok((
                     cstr(&dir.join(f).display().to_string())?,
-                    cstr(&format!("/etc/{f}"))?,
+                    format!("/etc/{f}"),
                 ))
             })
             .collect::<anyhow::Result<_>>()?,
         volumes: spec
             .mounts
             .iter()
-            .map(|m| Ok((cstr(&m.source)?, cstr(&m.destination)?, m.read_only)))
+            .map(|m| Ok((cstr(&m.source)?, m.destination.clone(), m.read_only)))
             .collect::<anyhow::Result<_>>()?,
-        // v1 hosts give the run a devices cgroup, which keeps MKNOD safe to grant.
-        caps: security::default_caps(layout.version() == cgroups::Version::V1),
-        seccomp: security::seccomp_program(),
         tty_slave,
         tty_path: tty_slave
             .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok())
             .map(|p| cstr(&p.display().to_string()))
             .transpose()?,
-        attach_stdin: spec.stdin,
         cgroup_mounts: layout.mounts,
         sync_fd,
         err_fd,

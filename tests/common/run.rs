@@ -86,7 +86,7 @@ impl HostState {
                 .filter(|l| l.starts_with("rvh") || l.starts_with("rvt"))
                 .collect(),
             leases: ls(Path::new("/run/rvmm/ipam")),
-            runs: ls(&root.join("containers")),
+            runs: ls(&root.join("runs")),
         }
     }
 }

@@ -6,11 +6,11 @@
 //! clone/clone3). Everything else (mount, unshare, setns, keyctl, add_key, bpf, perf_event_open,
 //! kexec, reboot, swapon, init_module, userfaultfd, …) fails with EPERM.
 
-use caps::{CapSet, Capability, CapsHashSet};
+use caps::{Capability, CapsHashSet};
 use seccompiler::BpfProgram;
 
 /// Docker's default capability set.
-pub fn default_caps(allow_mknod: bool) -> CapsHashSet {
+fn default_caps(allow_mknod: bool) -> CapsHashSet {
     use Capability::*;
     let mut s: CapsHashSet = [
         CAP_CHOWN,
@@ -33,32 +33,6 @@ pub fn default_caps(allow_mknod: bool) -> CapsHashSet {
         s.insert(CAP_MKNOD);
     }
     s
-}
-
-/// Shrinks the bounding set to `keep` (needs CAP_SETPCAP: call before changing user).
-pub fn drop_bounding(keep: &CapsHashSet) -> Result<(), caps::errors::CapsError> {
-    for c in caps::all() {
-        if !keep.contains(&c) {
-            match caps::drop(None, CapSet::Bounding, c) {
-                Ok(()) => {}
-                // Capabilities newer than the running kernel.
-                Err(_)
-                    if !caps::runtime::procfs_all_supported(None)
-                        .map(|s| s.contains(&c))
-                        .unwrap_or(true) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Sets the effective, permitted and inheritable sets (after the user change, for uid 0).
-pub fn set_caps(keep: &CapsHashSet) -> Result<(), caps::errors::CapsError> {
-    caps::clear(None, CapSet::Inheritable)?;
-    caps::set(None, CapSet::Effective, keep)?;
-    caps::set(None, CapSet::Permitted, keep)?;
-    Ok(())
 }
 
 /// Compiles Docker's default profile to BPF (in the parent, before cloning).
@@ -141,11 +115,6 @@ fn search_tree(bounds: &[u32], allowed_below: bool, deny: u32, out: &mut BpfProg
     out[node].jt = u8::try_from(lower).expect("seccomp search tree too wide for BPF jumps");
     let upper_allowed = allowed_below ^ (mid % 2 == 0);
     search_tree(&bounds[mid + 1..], upper_allowed, deny, out);
-}
-
-/// Installs the program (sets no_new_privs first).
-pub fn apply_seccomp(p: &BpfProgram) -> Result<(), seccompiler::Error> {
-    seccompiler::apply_filter(p)
 }
 
 use libc::*;
@@ -454,20 +423,22 @@ const ALLOWED: &[i64] = &[
     SYS_writev,
 ];
 
-/// Docker's defaults as a [`rvmm_proto::Security`] for a guest to apply (VM isolation).
-pub fn for_guest() -> anyhow::Result<rvmm_proto::Security> {
-    let caps = default_caps(true)
+/// Docker's defaults as the [`rvmm_proto::Security`] of a workload, which the container child and
+/// rvmm-init apply alike. `allow_mknod`: keep CAP_MKNOD (in a VM, or where a devices cgroup
+/// limits what a node may open).
+pub fn docker_default(allow_mknod: bool) -> rvmm_proto::Security {
+    let caps = default_caps(allow_mknod)
         .iter()
         .fold(0u64, |m, c| m | (1u64 << c.index()));
     let seccomp = seccomp_program()
         .iter()
         .map(|f| (f.code, f.jt, f.jf, f.k))
         .collect();
-    Ok(rvmm_proto::Security {
+    rvmm_proto::Security {
         enforce: true,
         caps,
         seccomp,
-    })
+    }
 }
 
 #[cfg(test)]

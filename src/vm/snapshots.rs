@@ -134,8 +134,7 @@ impl Snapshots {
                     continue;
                 };
                 // A save in progress belongs to a live run of the host-wide registry.
-                if !crate::container::state::run_is_live(run)
-                    && std::fs::remove_dir_all(e.path()).is_ok()
+                if !crate::run::state::run_is_live(run) && std::fs::remove_dir_all(e.path()).is_ok()
                 {
                     removed.push(name);
                 }

@@ -1,13 +1,41 @@
-//! Run state files (ROOT/containers/ID/state.json): what `rvmm ps` lists and what `rvmm gc`
-//! uses to remove what a dead run left behind. Shared by both isolations.
+//! Run state files (ROOT/runs/ID/state.json): what `rvmm ps` lists and what `rvmm gc` uses to
+//! remove what a dead run left behind. The same for both isolations.
+//!
+//! Stores written before the run core kept runs in ROOT/containers/ID: they are still listed,
+//! removed and collected from there, and new runs go to ROOT/runs.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::cgroups::Cgroup;
 use super::RunOptions;
+use crate::cgroups::Cgroup;
 use crate::runspec::RunSpec;
+
+/// Which isolation runs the workload.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    Container,
+    Vm,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Container => "container",
+            Isolation::Vm => "vm",
+        }
+    }
+}
+
+/// Where a run is in its life.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Running,
+    Exited,
+}
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct RunState {
@@ -15,15 +43,14 @@ pub struct RunState {
     pub name: String,
     pub image: String,
     pub command: String,
-    pub isolation: String,
+    pub isolation: Isolation,
     /// The rvmm process that owns the run, and its start time (to survive PID reuse).
     pub rvmm_pid: i32,
     pub rvmm_start: u64,
     /// The workload's first process (host PID), 0 before it exists.
     pub pid: i32,
     pub created: u64,
-    /// "running" or "exited".
-    pub status: String,
+    pub status: Status,
     pub exit_code: Option<i32>,
     pub cgroup: Option<Cgroup>,
     pub veth: Option<String>,
@@ -35,12 +62,28 @@ pub struct RunState {
     pub remove: bool,
 }
 
-pub fn containers_dir(root: &Path) -> PathBuf {
+/// Where runs live: ROOT/runs.
+pub fn runs_dir(root: &Path) -> PathBuf {
+    root.join("runs")
+}
+
+/// Where runs of stores written before the run core live (read, never written).
+fn legacy_runs_dir(root: &Path) -> PathBuf {
     root.join("containers")
 }
 
-pub fn container_dir(root: &Path, id: &str) -> PathBuf {
-    containers_dir(root).join(id)
+/// The directory of run `id`.
+pub fn run_dir(root: &Path, id: &str) -> PathBuf {
+    runs_dir(root).join(id)
+}
+
+/// Every run directory under `root`, new and legacy.
+fn run_dirs(root: &Path) -> Vec<PathBuf> {
+    [runs_dir(root), legacy_runs_dir(root)]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()))
+        .collect()
 }
 
 /// Start time of a live (not zombie) process in clock ticks since boot (field 22 of /proc/PID/stat).
@@ -62,19 +105,19 @@ fn now() -> u64 {
 }
 
 impl RunState {
-    pub fn new(opts: &RunOptions, spec: &RunSpec, isolation: &str, dir: &Path) -> RunState {
+    pub fn new(opts: &RunOptions, spec: &RunSpec, isolation: Isolation, dir: &Path) -> RunState {
         let me = std::process::id() as i32;
         RunState {
             id: opts.id.clone(),
             name: opts.name.clone(),
             image: opts.image.clone(),
             command: spec.argv.join(" "),
-            isolation: isolation.to_string(),
+            isolation,
             rvmm_pid: me,
             rvmm_start: start_time(me).unwrap_or(0),
             pid: 0,
             created: now(),
-            status: "running".into(),
+            status: Status::Running,
             exit_code: None,
             cgroup: None,
             veth: None,
@@ -88,7 +131,7 @@ impl RunState {
     /// resources of a run are found even when its `--root` is gone).
     pub fn save(&self) -> anyhow::Result<()> {
         let json = serde_json::to_vec_pretty(self)?;
-        if self.status == "running" {
+        if self.status == Status::Running {
             let reg = registry_dir();
             let _ = std::fs::create_dir_all(&reg);
             let tmp = reg.join(format!("{}.tmp", self.id));
@@ -104,7 +147,8 @@ impl RunState {
 
     /// Is the owning rvmm still alive?
     pub fn alive(&self) -> bool {
-        self.status == "running" && start_time(self.rvmm_pid).is_some_and(|t| t == self.rvmm_start)
+        self.status == Status::Running
+            && start_time(self.rvmm_pid).is_some_and(|t| t == self.rvmm_start)
     }
 
     /// Cgroup, network devices, address lease (idempotent).
@@ -119,7 +163,7 @@ impl RunState {
             crate::net::delete_link(&t);
         }
         crate::net::release_owned_by(&self.id);
-        if self.status == "running" {
+        if self.status == Status::Running {
             let _ = self.save();
         }
     }
@@ -129,7 +173,7 @@ impl RunState {
     pub fn finish(&mut self, code: i32, remove: bool) {
         self.release_host_resources();
         let _ = std::fs::remove_file(registry_dir().join(&self.id));
-        self.status = "exited".into();
+        self.status = Status::Exited;
         self.exit_code = Some(code);
         if remove {
             let _ = remove_dir(&self.dir);
@@ -176,7 +220,7 @@ pub fn gc_host() -> usize {
         }
         // Only what is outside the run's directory: its root's own gc marks the run exited.
         let orphan = !s.dir.join("state.json").exists();
-        s.status = "exited".into();
+        s.status = Status::Exited;
         s.release_host_resources();
         let _ = std::fs::remove_file(&path);
         n += usize::from(orphan);
@@ -198,11 +242,8 @@ pub fn run_is_live(id: &str) -> bool {
 /// Every run recorded under `root`.
 pub fn list(root: &Path) -> anyhow::Result<Vec<RunState>> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(containers_dir(root)) else {
-        return Ok(out);
-    };
-    for e in rd.flatten() {
-        if let Ok(b) = std::fs::read(e.path().join("state.json")) {
+    for d in run_dirs(root) {
+        if let Ok(b) = std::fs::read(d.join("state.json")) {
             if let Ok(s) = serde_json::from_slice::<RunState>(&b) {
                 out.push(s);
             }
@@ -216,16 +257,12 @@ pub fn list(root: &Path) -> anyhow::Result<Vec<RunState>> {
 /// their container dirs (kept, marked exited, when they were not `--rm`). Returns how many.
 pub fn gc(root: &Path) -> usize {
     let mut n = gc_host();
-    let Ok(rd) = std::fs::read_dir(containers_dir(root)) else {
-        return n;
-    };
-    for e in rd.flatten() {
-        let dir = e.path();
+    for dir in run_dirs(root) {
         let state = std::fs::read(dir.join("state.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<RunState>(&b).ok());
         match state {
-            Some(mut s) if s.status == "running" && !s.alive() => {
+            Some(mut s) if s.status == Status::Running && !s.alive() => {
                 s.finish(137, s.remove);
                 n += 1;
             }

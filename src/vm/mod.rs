@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rvmm_proto::frame;
 
-use crate::container::state::{self, RunState};
-use crate::container::{pipe, Cleanup, RunOptions};
 use crate::image::ResolvedImage;
-use crate::runspec::{NetworkMode, RunSpec};
+use crate::run::stdio::{pipe, winsize, RawMode};
+use crate::run::{Isolation, RunOptions};
+use crate::runspec::RunSpec;
 use crate::vmm::{Channel, Console, DiskConfig, NetConfig, TapSource, Vm, VmConfig, VmExit};
 
 pub mod snapshots;
@@ -163,7 +163,7 @@ pub fn prewarm(
     let t0 = Instant::now();
     let (kernel, init) = vm_prerequisites()?;
     let (vcpus, mem_mib) = machine_size(cpus, memory_bytes);
-    let id = crate::container::new_id();
+    let id = crate::run::new_id();
     let snaps = snapshots::Snapshots::new(root);
     std::fs::create_dir_all(snaps.dir())
         .with_context(|| format!("creating {}", snaps.dir().display()))?;
@@ -174,7 +174,7 @@ pub fn prewarm(
     let machine = Machine {
         kernel,
         init,
-        security: serde_json::to_vec(&crate::container::security::for_guest()?)?,
+        security: serde_json::to_vec(&crate::security::docker_default(true))?,
         vcpus,
         mem_mib,
         taps: if network {
@@ -246,7 +246,7 @@ pub fn prewarm(
 pub fn current_tag() -> Option<String> {
     let kernel = crate::kernel::cached_vmlinux().ok()?;
     let init = guest_init_path().ok()?;
-    let security = serde_json::to_vec(&crate::container::security::for_guest().ok()?).ok()?;
+    let security = serde_json::to_vec(&crate::security::docker_default(true)).ok()?;
     Some(snapshots::tag(&kernel, &init, &guest_cmdline(), &security))
 }
 
@@ -428,40 +428,17 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     }
     let t0 = Instant::now();
     let (kernel, init) = vm_prerequisites()?;
-    state::gc(&opts.root);
-    if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
-        bail!("the name {:?} is already in use", opts.name);
-    }
-    let store = crate::image::Store::open(&opts.root)?;
-    let _layers_in_use = store.use_layers()?;
+    let mut run = crate::run::prepare(spec, opts, Isolation::Vm)?;
+    let dir = run.dir.clone();
     let disk = crate::image::disk::image_disk(&opts.root, image)?;
     let t_disk = t0.elapsed();
 
-    let dir = state::container_dir(&opts.root, &opts.id);
-    std::fs::create_dir_all(&dir)?;
-    let mut cleanup = Cleanup {
-        state: RunState::new(opts, spec, "vm", &dir),
-        lease: None,
-    };
-    cleanup.state.save()?;
-
-    let mut spec = spec.clone();
-    // The same privileges a container gets, applied by guest-init inside the guest.
-    spec.security = crate::container::security::for_guest()?;
     let mut taps = Vec::new();
     let mut mac = None;
-    let mut publisher = None;
-    if spec.network.mode == NetworkMode::Bridge {
-        let (lease, p) = crate::net::attach_run(&mut spec.network, &opts.id)?;
-        cleanup.lease = Some(lease);
-        publisher = Some(p);
-        spec.network.dns = crate::net::host_resolv_conf()
-            .lines()
-            .filter_map(|l| l.strip_prefix("nameserver").map(|a| a.trim().to_string()))
-            .collect();
+    if run.address().is_some() {
         let tap = crate::net::create_tap(&opts.id)?;
-        cleanup.state.taps.push(tap.clone());
-        cleanup.state.save()?;
+        run.cleanup.state.taps.push(tap.clone());
+        run.cleanup.state.save()?;
         // A locally administered MAC from the run ID.
         let id = hex::decode(opts.id.get(..10).unwrap_or_default()).unwrap_or_default();
         let mut m = [0x02, 0, 0, 0, 0, 0];
@@ -470,9 +447,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         }
         taps.push(tap);
         mac = Some(m);
-    } else if !spec.network.ports.is_empty() {
-        bail!("-p needs --network bridge");
     }
+    let spec = run.spec.clone();
+    let mut publisher = run.publisher.take();
 
     let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
     let boot_security = serde_json::to_vec(&spec.security)?;
@@ -540,15 +517,15 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let vm_thread = std::thread::spawn(move || vm.run());
     // The start watchdog counts from here: building the image disk is not the guest's time.
     let vm_started = Instant::now();
-    crate::container::install_handler(on_signal, crate::container::RELAYED_SIGNALS);
+    crate::run::install_handler(on_signal, crate::run::RELAYED_SIGNALS);
     let _raw = if spec.tty {
-        crate::container::install_handler(on_signal, &[libc::SIGWINCH]);
-        spec.stdin.then(crate::container::RawMode::stdin)
+        crate::run::install_handler(on_signal, &[libc::SIGWINCH]);
+        spec.stdin.then(RawMode::stdin)
     } else {
         None
     };
     let send_winsize = |to_guest: &mut std::fs::File| {
-        if let Some(ws) = crate::container::winsize() {
+        if let Some(ws) = winsize() {
             let mut p = ws.ws_row.to_le_bytes().to_vec();
             p.extend_from_slice(&ws.ws_col.to_le_bytes());
             let _ = to_guest.write_all(&frame::encode(frame::WINSIZE, &p));
@@ -672,8 +649,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                     if spec.tty {
                         send_winsize(&mut to_guest);
                     }
-                    if let (Some(p), Some(l)) = (publisher.take(), &cleanup.lease) {
-                        p.start(l.addr);
+                    if let (Some(p), Some(addr)) = (publisher.take(), run.address()) {
+                        p.start(addr);
                     }
                 }
             }
@@ -736,7 +713,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         format!("kernel log: {}", dir.join("console.log").display())
     };
     if start_timed_out && report.exit.is_none() {
-        cleanup.state.finish(125, opts.remove);
+        run.fail(opts.remove);
         let how = if is_warm {
             format!("restored from snapshot {key}; `--cold` boots instead")
         } else {
@@ -749,7 +726,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     }
     let code = match (report.failure, report.exit, killed) {
         (Some((125, msg)), _, _) => {
-            cleanup.state.finish(125, opts.remove);
+            run.fail(opts.remove);
             bail!("starting the workload in the VM: {msg}");
         }
         (Some((code, msg)), _, _) => {
@@ -765,12 +742,11 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 Ok(Err(e)) => format!("{:#}", anyhow::Error::from(e)),
                 Err(_) => "the VMM thread panicked".into(),
             };
-            cleanup.state.finish(125, opts.remove);
+            run.fail(opts.remove);
             bail!("the microVM stopped without reporting an exit status: {why} ({log})");
         }
     };
-    cleanup.state.finish(code, opts.remove);
-    Ok(code.clamp(0, 255) as u8)
+    Ok(run.finish(code, opts.remove))
 }
 
 #[cfg(test)]

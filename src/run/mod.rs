@@ -1,0 +1,203 @@
+//! The run core: what a run is and does whichever isolation runs it, written once.
+//!
+//! `rvmm run` resolves the image and builds the [`RunSpec`](crate::runspec::RunSpec), then
+//! [`prepare`] does the prologue (gc of dead runs, the name check, the run directory and state,
+//! the cleanup guard, the layer lock, the network lease and published ports, and the last parts
+//! of the spec: privileges, DNS, /etc contents). The isolation (`container::run` or `vm::run`)
+//! takes the [`Prepared`] run and returns the workload's status through [`Prepared::finish`].
+//! Neither isolation imports the other: what they share lives here, in `security`, `cgroups`
+//! and `net`, and (inside the workload's root) in the `rvmm-workload` crate.
+
+pub mod state;
+pub mod stdio;
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use crate::runspec::{NetworkMode, RunSpec};
+pub use state::{Isolation, RunState, Status};
+
+/// How a run is kept and named (not part of the workload's RunSpec).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The store root (`--root`): runs live in ROOT/runs/ID.
+    pub root: PathBuf,
+    pub id: String,
+    pub name: String,
+    /// `--rm`: remove the run's directory (writable layer, logs) when it exits (else `rvmm rm`
+    /// does).
+    pub remove: bool,
+    pub image: String,
+    /// VM isolation: boot the kernel instead of restoring a snapshot, and take none (`--cold`).
+    pub cold: bool,
+}
+
+/// A new run ID: 64 hex digits from the kernel's random pool.
+pub fn new_id() -> String {
+    let mut b = [0u8; 32];
+    let mut f = std::fs::File::open("/dev/urandom").ok();
+    if let Some(f) = f.as_mut() {
+        let _ = f.read_exact(&mut b);
+    }
+    hex::encode(b)
+}
+
+/// What a run (either isolation) left on the host, removed on drop (every exit path, panics
+/// included).
+pub struct Cleanup {
+    pub state: RunState,
+    pub lease: Option<crate::net::Lease>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.state.release_host_resources();
+        if let Some(l) = &self.lease {
+            l.release();
+        }
+    }
+}
+
+/// A run after the shared prologue, ready for its isolation.
+pub struct Prepared {
+    /// The run's directory (ROOT/runs/ID).
+    pub dir: PathBuf,
+    /// The spec with everything the run decided filled in: address, gateway, DNS, privileges,
+    /// /etc contents. Both isolations consume exactly this.
+    pub spec: RunSpec,
+    pub cleanup: Cleanup,
+    /// The published ports, bound on the host; the isolation starts forwarding them to the
+    /// workload's address once the workload runs.
+    pub publisher: Option<crate::net::Publisher>,
+    /// Keeps the image layers from being pruned while the run uses them.
+    _layers: crate::image::store::Lock,
+}
+
+impl Prepared {
+    /// The workload ended with `code` (Docker numbering): the state records it, the host
+    /// resources go, and with `--rm` so does the run's directory. Returns the process status.
+    pub fn finish(mut self, code: i32, remove: bool) -> u8 {
+        self.cleanup.state.finish(code, remove);
+        code.clamp(0, 255) as u8
+    }
+
+    /// The workload never started: the run is recorded as exited with 125.
+    pub fn fail(mut self, remove: bool) {
+        self.cleanup.state.finish(125, remove);
+    }
+
+    /// The address the run got on the bridge, if any.
+    pub fn address(&self) -> Option<std::net::Ipv4Addr> {
+        self.cleanup.lease.as_ref().map(|l| l.addr)
+    }
+}
+
+/// The prologue of every run: frees what dead runs left, checks the name, creates the run's
+/// directory and state, locks the image layers, takes an address and binds the published ports
+/// (bridge network), and fills in what the spec still lacks, the same for both isolations.
+pub fn prepare(
+    spec: &RunSpec,
+    opts: &RunOptions,
+    isolation: Isolation,
+) -> anyhow::Result<Prepared> {
+    state::gc(&opts.root);
+    if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
+        bail!("the name {:?} is already in use by another run", opts.name);
+    }
+    if spec.network.mode != NetworkMode::Bridge && !spec.network.ports.is_empty() {
+        bail!("-p needs --network bridge");
+    }
+    let store = crate::image::Store::open(&opts.root)?;
+    let layers = store.use_layers()?;
+    let dir = state::run_dir(&opts.root, &opts.id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cleanup = Cleanup {
+        state: RunState::new(opts, spec, isolation, &dir),
+        lease: None,
+    };
+    cleanup.state.save()?;
+
+    let mut spec = spec.clone();
+    let mut publisher = None;
+    if spec.network.mode == NetworkMode::Bridge {
+        let (lease, p) = crate::net::attach_run(&mut spec.network, &opts.id)?;
+        cleanup.lease = Some(lease);
+        publisher = Some(p);
+    }
+    complete_spec(&mut spec, isolation)?;
+    Ok(Prepared {
+        dir,
+        spec,
+        cleanup,
+        publisher,
+        _layers: layers,
+    })
+}
+
+/// What the spec gets once the run's network is known, decided here once for both isolations:
+/// the workload's privileges (Docker's defaults), its DNS servers, and its /etc/hostname,
+/// /etc/hosts and /etc/resolv.conf.
+fn complete_spec(spec: &mut RunSpec, isolation: Isolation) -> anyhow::Result<()> {
+    // MKNOD is safe to grant where something still stands between a device node and the host:
+    // the guest kernel, or the devices cgroup of a v1 host.
+    let allow_mknod = match isolation {
+        Isolation::Vm => true,
+        Isolation::Container => {
+            crate::cgroups::Layout::detect()?.version() == crate::cgroups::Version::V1
+        }
+    };
+    spec.security = crate::security::docker_default(allow_mknod);
+    let resolv = crate::net::host_resolv_conf();
+    spec.network.dns = resolv
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver").map(|a| a.trim().to_string()))
+        .collect();
+    let addr = spec
+        .network
+        .address
+        .as_deref()
+        .and_then(|a| a.split('/').next());
+    spec.etc = rvmm_proto::EtcFiles {
+        hostname: format!("{}\n", spec.hostname),
+        hosts: rvmm_proto::rootfs::hosts(&spec.hostname, addr),
+        resolv_conf: resolv,
+    };
+    Ok(())
+}
+
+/// Signals rvmm relays to the workload (both isolations).
+pub const RELAYED_SIGNALS: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Installs `handler` for `sigs`. The handler must only use async-signal-safe calls.
+pub fn install_handler(handler: extern "C" fn(libc::c_int), sigs: &[libc::c_int]) {
+    for &sig in sigs {
+        // SAFETY: installing a handler that only calls async-signal-safe functions (the caller's
+        // contract).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Human-readable byte counts as `--memory` takes them (for messages).
+pub fn human_bytes(b: u64) -> String {
+    if b >= 1 << 30 && b % (1 << 30) == 0 {
+        format!("{}g", b >> 30)
+    } else if b >= 1 << 20 && b % (1 << 20) == 0 {
+        format!("{}m", b >> 20)
+    } else {
+        format!("{b}")
+    }
+}

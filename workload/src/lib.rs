@@ -1,0 +1,287 @@
+//! What a workload needs inside its root before exec, written once for both isolations: the
+//! container child (`rvmm`'s `container::child`, after pivot_root) and rvmm-init in the guest
+//! (after switch_root) call the same functions, so the workload sees the same /proc, /sys, /dev,
+//! masked paths, identity, privileges and PATH lookup wherever it runs.
+//!
+//! The data (which devices, which masked paths, the /etc file contents) is in
+//! [`rvmm_proto::rootfs`]; this crate applies it with plain system calls. It runs in a freshly
+//! cloned child and in a static PID 1, so it keeps to libc and never panics on input.
+
+pub mod fs;
+pub mod privileges;
+
+use std::ffi::CString;
+use std::fmt;
+
+pub use fs::{bind, c, mkdir_p, mount, touch};
+use rvmm_proto::rootfs;
+
+/// Why the workload could not be started, with Docker's status for it: 125 (the runtime failed),
+/// 126 (the program cannot be executed) or 127 (the program was not found).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub status: u8,
+    pub message: String,
+}
+
+impl Failure {
+    /// A runtime failure (status 125).
+    pub fn setup(message: impl Into<String>) -> Failure {
+        Failure {
+            status: 125,
+            message: message.into(),
+        }
+    }
+
+    /// `what: the last OS error`, status 125.
+    pub fn os(what: impl fmt::Display) -> Failure {
+        Failure::setup(format!("{what}: {}", std::io::Error::last_os_error()))
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// `r < 0` becomes a setup failure naming `what` and the OS error.
+pub fn check(r: libc::c_int, what: impl FnOnce() -> String) -> Result<(), Failure> {
+    if r < 0 {
+        return Err(Failure::os(what()));
+    }
+    Ok(())
+}
+
+/// /proc, /sys (read-only), a minimal /dev (device nodes, pts, shm, mqueue, the usual links), and
+/// the masked and read-only paths, under `base` ("" for the current root). The container child
+/// calls it in its new root; rvmm-init calls it on a staging directory before READY and moves the
+/// three trees into the workload's root at the run (the masks move with them).
+pub fn system_mounts(base: &str) -> Result<(), Failure> {
+    let r = |p: &str| format!("{base}{p}");
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mkdir_p(&r("/proc"));
+    mount("proc", &r("/proc"), "proc", nodev, "")?;
+    mkdir_p(&r("/sys"));
+    mount("sysfs", &r("/sys"), "sysfs", nodev | libc::MS_RDONLY, "")?;
+    mkdir_p(&r("/dev"));
+    mount(
+        "tmpfs",
+        &r("/dev"),
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_STRICTATIME,
+        "mode=755,size=65536k",
+    )?;
+    for d in rootfs::DEVICES {
+        fs::mknod(
+            &r(&format!("/dev/{}", d.name)),
+            libc::S_IFCHR | d.mode,
+            d.major,
+            d.minor,
+        )?;
+    }
+    mkdir_p(&r("/dev/pts"));
+    mount(
+        "devpts",
+        &r("/dev/pts"),
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+    )?;
+    mkdir_p(&r("/dev/shm"));
+    mount(
+        "shm",
+        &r("/dev/shm"),
+        "tmpfs",
+        nodev,
+        "mode=1777,size=65536k",
+    )?;
+    mkdir_p(&r("/dev/mqueue"));
+    mount("mqueue", &r("/dev/mqueue"), "mqueue", nodev, "")?;
+    for (target, link) in rootfs::DEV_LINKS {
+        // SAFETY: NUL-terminated strings.
+        unsafe { libc::symlink(c(target).as_ptr(), c(&r(link)).as_ptr()) };
+    }
+    mask_paths(base)
+}
+
+/// Docker's masked paths (an empty read-only tmpfs over a directory, /dev/null over a file) and
+/// read-only paths (a read-only bind of themselves), where they exist under `base`.
+fn mask_paths(base: &str) -> Result<(), Failure> {
+    let null = format!("{base}/dev/null");
+    for m in rootfs::MASKED {
+        let t = format!("{base}{m}");
+        let Some(dir) = fs::is_dir_nofollow(&t) else {
+            continue;
+        };
+        if dir {
+            mount("tmpfs", &t, "tmpfs", libc::MS_RDONLY, "")?;
+        } else {
+            mount(&null, &t, "", libc::MS_BIND, "")?;
+        }
+    }
+    for p in rootfs::READONLY {
+        let t = format!("{base}{p}");
+        if fs::is_dir_nofollow(&t).is_none() {
+            continue;
+        }
+        mount(&t, &t, "", libc::MS_BIND | libc::MS_REC, "")?;
+        mount(
+            "",
+            &t,
+            "",
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+            "",
+        )?;
+    }
+    Ok(())
+}
+
+/// With `-t`: the workload's terminal also as /dev/console (as runc does). `tty` is a path that
+/// opens the pty's slave in this mount namespace.
+pub fn bind_console(base: &str, tty: &str) -> Result<(), Failure> {
+    let t = format!("{base}/dev/console");
+    touch(&t);
+    bind(tty, &t, false)
+}
+
+/// `ip link set lo up`, without ip.
+pub fn loopback_up() {
+    // SAFETY: an ifreq filled with the interface name, used with the flag ioctls on a socket we
+    // close.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return;
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) == 0 {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr);
+        }
+        libc::close(s);
+    }
+}
+
+/// Docker's PATH lookup: argv[0] with a '/' is used as is; otherwise the first executable
+/// regular file in the workload's PATH (or the default PATH). Not found anywhere → 127; found but
+/// not executable → 126.
+pub fn resolve(argv0: &str, env: &[String]) -> Result<CString, Failure> {
+    if argv0.contains('/') {
+        return Ok(c(argv0));
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(rootfs::DEFAULT_PATH);
+    let mut denied = None;
+    for d in path.split(':').filter(|d| !d.is_empty()) {
+        let cand = format!("{}/{argv0}", d.trim_end_matches('/'));
+        match std::fs::metadata(&cand) {
+            Ok(m) if !m.is_dir() => {}
+            _ => continue,
+        }
+        let cp = c(&cand);
+        // SAFETY: NUL-terminated path.
+        if unsafe { libc::access(cp.as_ptr(), libc::X_OK) } == 0 {
+            return Ok(cp);
+        }
+        denied.get_or_insert(cand);
+    }
+    Err(match denied {
+        Some(p) => Failure {
+            status: 126,
+            message: format!("{p}: permission denied"),
+        },
+        None => Failure {
+            status: 127,
+            message: format!("{argv0}: executable file not found in $PATH"),
+        },
+    })
+}
+
+/// Replaces this process with `prog`; returns only on failure (126, or 127 for ENOENT).
+pub fn exec(prog: &CString, argv: &[String], env: &[String]) -> Failure {
+    let argv_c: Vec<CString> = argv.iter().map(|a| c(a)).collect();
+    let env_c: Vec<CString> = env.iter().map(|a| c(a)).collect();
+    let mut a: Vec<*const libc::c_char> = argv_c.iter().map(|x| x.as_ptr()).collect();
+    a.push(std::ptr::null());
+    let mut e: Vec<*const libc::c_char> = env_c.iter().map(|x| x.as_ptr()).collect();
+    e.push(std::ptr::null());
+    // SAFETY: NULL-terminated arrays of NUL-terminated strings that outlive the call.
+    unsafe { libc::execve(prog.as_ptr(), a.as_ptr(), e.as_ptr()) };
+    let er = std::io::Error::last_os_error();
+    Failure {
+        status: if er.raw_os_error() == Some(libc::ENOENT) {
+            127
+        } else {
+            126
+        },
+        message: format!(
+            "{}: {er}",
+            argv.first().map(String::as_str).unwrap_or_default()
+        ),
+    }
+}
+
+/// Writes `buf` to `fd` whole (retrying on EINTR and short writes); gives up on other errors.
+pub fn write_all(fd: libc::c_int, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        // SAFETY: writing from a valid slice.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return;
+        }
+        buf = &buf[n as usize..];
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn path_lookup_follows_docker() {
+        let d = std::env::temp_dir().join(format!("rvmm-workload-{}", std::process::id()));
+        let (a, b) = (d.join("a"), d.join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("prog"), b"").unwrap();
+        std::fs::set_permissions(a.join("prog"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(b.join("prog"), b"").unwrap();
+        std::fs::set_permissions(b.join("prog"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(a.join("dir")).unwrap();
+        let env = vec![format!("PATH={}:{}", a.display(), b.display())];
+        // The first executable one wins over a non-executable one earlier in PATH.
+        let p = resolve("prog", &env).unwrap();
+        assert_eq!(p.to_str().unwrap(), b.join("prog").to_str().unwrap());
+        // Only a non-executable one: 126 (root passes access(X_OK) only with an x bit).
+        let env_a = vec![format!("PATH={}", a.display())];
+        assert_eq!(resolve("prog", &env_a).unwrap_err().status, 126);
+        // Directories do not count; nothing found: 127.
+        assert_eq!(resolve("dir", &env_a).unwrap_err().status, 127);
+        assert_eq!(resolve("nope", &env).unwrap_err().status, 127);
+        // A name with a slash is taken as is.
+        assert_eq!(resolve("./x", &env).unwrap().to_str().unwrap(), "./x");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn exec_failures_map_to_docker_statuses() {
+        let f = exec(&c("/nonexistent/prog"), &["prog".into()], &[]);
+        assert_eq!(f.status, 127);
+        let f = exec(&c("/"), &["slash".into()], &[]);
+        assert_eq!(f.status, 126);
+        assert!(f.message.starts_with("slash: "));
+    }
+}

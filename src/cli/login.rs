@@ -126,7 +126,10 @@ fn prompt_password() -> anyhow::Result<String> {
 pub fn logout(args: LogoutArgs) -> anyhow::Result<u8> {
     let registry = auth::normalize_registry(args.registry.as_deref())?;
     if auth::remove(&registry)? {
-        println!("Removing login credentials for {}", auth::config_key(&registry));
+        println!(
+            "Removing login credentials for {}",
+            auth::config_key(&registry)
+        );
     } else {
         eprintln!("Not logged in to {}", auth::config_key(&registry));
     }

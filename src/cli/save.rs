@@ -25,7 +25,9 @@ pub struct Args {
 pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     let format: Format = args.format.parse()?;
     if args.output.is_none() && std::io::stdout().is_terminal() {
-        anyhow::bail!("refusing to write an image archive to a terminal: use -o FILE or redirect stdout");
+        anyhow::bail!(
+            "refusing to write an image archive to a terminal: use -o FILE or redirect stdout"
+        );
     }
     let store = Store::open(&global.root)?;
     let images = export::select(&store, &args.images)?;

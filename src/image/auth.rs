@@ -54,10 +54,7 @@ pub enum Error {
         status: u16,
     },
     #[error("{registry}: unsupported authentication challenge {challenge:?}")]
-    Challenge {
-        registry: String,
-        challenge: String,
-    },
+    Challenge { registry: String, challenge: String },
     #[error("{registry}: the token service sent no token")]
     NoToken { registry: String },
     #[error("{registry}: cannot reach {url}")]
@@ -233,9 +230,7 @@ pub fn store(registry: &str, user: &str, password: &str) -> Result<PathBuf, Erro
         what,
     };
     let root = cfg.as_object_mut().ok_or_else(|| not_object("the file"))?;
-    let auths = root
-        .entry("auths")
-        .or_insert_with(|| serde_json::json!({}));
+    let auths = root.entry("auths").or_insert_with(|| serde_json::json!({}));
     let auths = auths
         .as_object_mut()
         .ok_or_else(|| not_object("\"auths\""))?;

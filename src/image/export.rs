@@ -134,10 +134,13 @@ pub fn save_file(
     path: &Path,
 ) -> Result<(), Error> {
     let out = Output::create(path)?;
-    let w = write_to(store, images, format, io::BufWriter::with_capacity(1 << 16, out))?;
-    let out = w
-        .into_inner()
-        .map_err(|e| Error::Write(e.into_error()))?;
+    let w = write_to(
+        store,
+        images,
+        format,
+        io::BufWriter::with_capacity(1 << 16, out),
+    )?;
+    let out = w.into_inner().map_err(|e| Error::Write(e.into_error()))?;
     out.commit()
 }
 
@@ -580,11 +583,7 @@ fn oci_archive<W: Write>(
         let mbytes = oci_manifest(store, &plan)?;
         let mdigest = format!("sha256:{}", hex::encode(Sha256::digest(&mbytes)));
         if written.insert(mdigest.clone()) {
-            append_bytes(
-                tar,
-                &format!("blobs/sha256/{}", hex_of(&mdigest)),
-                &mbytes,
-            )?;
+            append_bytes(tar, &format!("blobs/sha256/{}", hex_of(&mdigest)), &mbytes)?;
         }
         let mut desc = serde_json::json!({
             "mediaType": spec::OCI_MANIFEST,
@@ -614,7 +613,11 @@ mod tests {
 
     #[test]
     fn familiar_names() {
-        let f = |s: &str| Reference::parse(s).map(|r| familiar(&r)).unwrap_or_default();
+        let f = |s: &str| {
+            Reference::parse(s)
+                .map(|r| familiar(&r))
+                .unwrap_or_default()
+        };
         assert_eq!(f("busybox"), "busybox:latest");
         assert_eq!(f("docker.io/user/app:v1"), "user/app:v1");
         assert_eq!(f("127.0.0.1:5000/t/x:y"), "127.0.0.1:5000/t/x:y");

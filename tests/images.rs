@@ -919,6 +919,72 @@ fn save_and_tag_refuse_bad_input() {
         ],
         "digest reference",
     );
+    // stdout a terminal: refused, as docker does.
+    let tty = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, pty, sys; sys.exit(os.waitstatus_to_exitcode(pty.spawn(sys.argv[1:])))",
+        ])
+        .arg(common::rvmm_bin())
+        .args([
+            "--root",
+            root.to_str().expect("utf8"),
+            "save",
+            "localhost/multi",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("python3 pty");
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert_ne!(tty.status.code(), Some(0), "{shown}");
+    assert!(
+        shown.contains("refusing to write an image archive to a terminal"),
+        "{shown}"
+    );
+
+    // A save killed half way (blocked on a store blob that is a FIFO, after the archive's first
+    // entry) leaves nothing beside -o FILE.
+    {
+        let idx: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join("index.json")).expect("index"))
+                .expect("json");
+        let cfg = root
+            .join("blobs/sha256")
+            .join(&idx["images"][0]["id"].as_str().expect("id")[7..]);
+        let saved = std::fs::read(&cfg).expect("config");
+        std::fs::remove_file(&cfg).expect("rm");
+        nix::unistd::mkfifo(&cfg, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        let mut child = std::process::Command::new(common::rvmm_bin())
+            .args([
+                "--root",
+                root.to_str().expect("utf8"),
+                "save",
+                "--format",
+                "oci-archive",
+            ])
+            .args(["-o", f, "localhost/multi"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("rvmm save");
+        // Opening the FIFO for writing returns once rvmm has opened it to read.
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&cfg)
+            .expect("open fifo");
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        drop(w);
+        std::fs::remove_file(&cfg).expect("rm fifo");
+        std::fs::write(&cfg, saved).expect("restore config");
+        assert_eq!(
+            std::fs::read_dir(out.path()).expect("readdir").count(),
+            0,
+            "a killed save left a file"
+        );
+    }
+    rvmm_ok(root, &["save", "-o", f, "localhost/multi"]);
+    std::fs::remove_file(&file).expect("rm");
+
     // A store blob that went bad half way through the archive: the save fails and no file appears.
     let idx: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join("index.json")).expect("index"))

@@ -1183,3 +1183,108 @@ fn login_logout_and_pull() {
         );
     }
 }
+
+/// `rvmm login` against a registry that asks for a bearer token (as Docker Hub, GHCR and
+/// Harbor do): a small token service on 127.0.0.1 stands in for one, since Debian's
+/// docker-registry needs an external token server and certificates for that.
+#[test]
+fn login_with_a_token_service() {
+    if !tools() {
+        return;
+    }
+    use base64::Engine;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let good = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("bob:hunter2")
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&req).to_string();
+            let path = text
+                .lines()
+                .next()
+                .and_then(|l| l.split(' ').nth(1))
+                .unwrap_or("")
+                .to_string();
+            let authz = text
+                .lines()
+                .find_map(|l| {
+                    l.split_once(':')
+                        .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+                        .map(|(_, v)| v.trim().to_string())
+                })
+                .unwrap_or_default();
+            log.lock().expect("lock").push(path.clone());
+            let (status, extra, body) = if path == "/v2/" && authz == "Bearer tok-123" {
+                ("200 OK", String::new(), "{}".to_string())
+            } else if path == "/v2/" {
+                (
+                    "401 Unauthorized",
+                    format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test-registry\"\r\n"),
+                    "{}".to_string(),
+                )
+            } else if path.starts_with("/token?") && authz == good {
+                (
+                    "200 OK",
+                    String::new(),
+                    r#"{"token":"tok-123"}"#.to_string(),
+                )
+            } else {
+                ("401 Unauthorized", String::new(), "{}".to_string())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = c.write_all(head.as_bytes());
+            let _ = c.write_all(body.as_bytes());
+        }
+    });
+    let s = store();
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let h = format!("127.0.0.1:{port}");
+    let (code, _, err) = rvmm_cfg(
+        s.path(),
+        cfg.path(),
+        &["login", "-u", "bob", "--password-stdin", &h],
+        Some("wrong"),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("incorrect username or password"), "{err}");
+    assert!(!cfg.path().join("config.json").exists());
+    let (code, out, err) = rvmm_cfg(
+        s.path(),
+        cfg.path(),
+        &["login", "-u", "bob", "--password-stdin", &h],
+        Some("hunter2"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "Login Succeeded");
+    let paths = seen.lock().expect("lock").clone();
+    let token = paths
+        .iter()
+        .find(|p| p.starts_with("/token?"))
+        .expect("a token request");
+    assert!(token.contains("service=test-registry"), "{token}");
+    assert!(token.contains("account=bob"), "{token}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cfg.path().join("config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(
+        v["auths"][&h]["auth"],
+        base64::engine::general_purpose::STANDARD.encode("bob:hunter2")
+    );
+}

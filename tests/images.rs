@@ -209,6 +209,44 @@ fn registry_pulls_every_manifest_kind() {
         "application/vnd.docker.distribution.manifest.v2+json"
     );
 
+    // Saved as an OCI archive, the v2s2 manifest gets OCI media types over the same blobs, and
+    // the image loads back with its ID.
+    let archive = tempfile::tempdir().expect("tempdir");
+    let oci = archive.path().join("multi.tar");
+    let oci = oci.to_str().expect("utf8");
+    rvmm_ok(
+        root,
+        &["save", "--format", "oci-archive", "-o", oci, multi.trim()],
+    );
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", &format!("oci-archive:{oci}")])
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        raw["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let want: Vec<serde_json::Value> = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            let mut l = l.clone();
+            l["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+            l
+        })
+        .collect();
+    assert_eq!(raw["layers"], serde_json::Value::from(want));
+    let s2 = store();
+    let loaded = rvmm_ok(s2.path(), &["pull", "-q", &format!("oci-archive:{oci}")]);
+    assert_eq!(loaded, multi);
+
     // By digest, warm: nothing new is written.
     let before = tree(root);
     rvmm_ok(root, &["pull", "-q", &format!("{h}/t/busybox@{digest}")]);

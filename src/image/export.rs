@@ -342,39 +342,58 @@ fn open_blob(store: &Store, digest: &str) -> Result<File, Error> {
     })
 }
 
-/// A stored layer blob, decompressed (by its first bytes, as the store unpacks it).
-fn open_layer(store: &Store, digest: &str) -> Result<Box<dyn Read>, Error> {
-    let berr = |source| Error::Blob {
-        digest: digest.to_string(),
-        source,
-    };
+/// How a stored layer blob is compressed, by its first bytes (as the store unpacks it).
+fn sniff_blob(store: &Store, digest: &str) -> Result<Compression, Error> {
     let mut f = open_blob(store, digest)?;
     let mut head = [0u8; 4];
     let mut n = 0;
     while n < head.len() {
-        match f.read(&mut head[n..]).map_err(berr)? {
+        match f.read(&mut head[n..]).map_err(|source| Error::Blob {
+            digest: digest.to_string(),
+            source,
+        })? {
             0 => break,
             k => n += k,
         }
     }
+    Ok(Compression::sniff(&head[..n]))
+}
+
+/// A stored layer blob, decompressed.
+fn open_layer(store: &Store, digest: &str) -> Result<Box<dyn Read>, Error> {
+    let comp = sniff_blob(store, digest)?;
     let f = open_blob(store, digest)?;
-    Ok(match Compression::sniff(&head[..n]) {
+    Ok(match comp {
         Compression::None => Box::new(BufReader::with_capacity(1 << 16, f)),
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(BufReader::with_capacity(
             1 << 16,
             f,
         ))),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(f).map_err(berr)?),
+        Compression::Zstd => {
+            Box::new(
+                zstd::stream::read::Decoder::new(f).map_err(|source| Error::Blob {
+                    digest: digest.to_string(),
+                    source,
+                })?,
+            )
+        }
     })
 }
 
-/// The uncompressed size of a stored layer (one streaming pass, nothing kept).
+/// The uncompressed size of a stored layer: its length when it is not compressed, else one
+/// streaming pass through the decompressor (nothing kept).
 fn layer_size(store: &Store, digest: &str) -> Result<u64, Error> {
-    let mut r = open_layer(store, digest)?;
-    io::copy(&mut r, &mut io::sink()).map_err(|source| Error::Blob {
+    let berr = |source| Error::Blob {
         digest: digest.to_string(),
         source,
-    })
+    };
+    if sniff_blob(store, digest)? == Compression::None {
+        return Ok(std::fs::metadata(store.blob_path(digest))
+            .map_err(berr)?
+            .len());
+    }
+    let mut r = open_layer(store, digest)?;
+    io::copy(&mut r, &mut io::sink()).map_err(berr)
 }
 
 /// What to write for one image: which of its stored manifests, and its layers' diff_ids.

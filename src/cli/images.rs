@@ -1,4 +1,4 @@
-//! `rvmm images`, `rvmm rmi`, `rvmm image inspect`.
+//! `rvmm images`, `rvmm rmi`, `rvmm image inspect|ls|rm|tag|save|prune`.
 
 use rvmm::image::{store::short, Reference, Store};
 
@@ -32,6 +32,10 @@ pub enum ImageCommand {
     Ls(ListArgs),
     /// Remove images (same as `rvmm rmi`).
     Rm(RmiArgs),
+    /// Give an image another name (same as `rvmm tag`).
+    Tag(super::tag::Args),
+    /// Write images to an archive (same as `rvmm save`).
+    Save(super::save::Args),
     /// Remove blobs and layers no image uses.
     Prune,
 }
@@ -223,6 +227,8 @@ pub fn image(cmd: ImageCommand, global: &Global) -> anyhow::Result<u8> {
         }
         ImageCommand::Ls(a) => list(a, global),
         ImageCommand::Rm(a) => rmi(a, global),
+        ImageCommand::Tag(a) => super::tag::exec(a, global),
+        ImageCommand::Save(a) => super::save::exec(a, global),
         ImageCommand::Prune => {
             let store = Store::open(&global.root)?;
             if !store.gc()? {

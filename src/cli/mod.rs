@@ -10,10 +10,13 @@ mod gc;
 mod images;
 mod kernel;
 mod load;
+mod login;
 mod ps;
 mod pull;
 mod run;
+mod save;
 mod snapshot;
+mod tag;
 mod vm;
 
 /// Exit status when rvmm itself fails (as Docker uses 125).
@@ -49,7 +52,15 @@ pub enum Command {
     Images(images::ListArgs),
     /// Remove images from the store.
     Rmi(images::RmiArgs),
-    /// Image subcommands (inspect).
+    /// Give an image another name: SOURCE (name or ID) gets TARGET.
+    Tag(tag::Args),
+    /// Write images to a docker-archive or oci-archive (-o FILE, else stdout).
+    Save(save::Args),
+    /// Log in to a registry (credentials go to Docker's config.json, which pull uses).
+    Login(login::LoginArgs),
+    /// Log out of a registry (remove its credentials from Docker's config.json).
+    Logout(login::LogoutArgs),
+    /// Image subcommands (inspect, ls, rm, tag, save, prune).
     #[command(subcommand)]
     Image(images::ImageCommand),
     /// List running workloads (both isolations); -a includes exited ones.
@@ -81,6 +92,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Pull(a) => pull::exec(a, &global),
         Command::Load(a) => load::exec(a, &global),
         Command::Images(a) => images::list(a, &global),
+        Command::Tag(a) => tag::exec(a, &global),
+        Command::Save(a) => save::exec(a, &global),
+        Command::Login(a) => login::login(a),
+        Command::Logout(a) => login::logout(a),
         Command::Snapshot(c) => snapshot::exec(c, &global),
         Command::Rmi(a) => images::rmi(a, &global),
         Command::Image(c) => images::image(c, &global),

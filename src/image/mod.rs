@@ -34,7 +34,9 @@ pub struct ResolvedImage {
     pub layers: Vec<PathBuf>,
 }
 
+pub mod auth;
 pub mod disk;
+pub mod export;
 pub mod local;
 pub mod reference;
 pub mod registry;

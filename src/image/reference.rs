@@ -1,7 +1,8 @@
 //! Image references as Docker and Podman users write them, and the transports for local material.
 //!
 //! `busybox` → `docker.io/library/busybox:latest`; `host:port/repo:tag`; `repo@sha256:…`;
-//! `oci:/path/to/layout[:tag]`; `docker-archive:/path/file.tar[:name:tag]`; `oci-archive:/path/file.tar[:tag]`.
+//! `oci:/path/to/layout[:tag]`; `docker-archive:/path/file.tar[:name:tag]`; `oci-archive:/path/file.tar[:ref]`
+//! (archive paths end at the first ':', as in skopeo).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -58,7 +59,12 @@ impl Source {
             });
         }
         if let Some(rest) = input.strip_prefix("oci-archive:") {
-            let (path, tag) = split_path_suffix(rest);
+            // oci-archive:/path/file.tar[:ref] — as skopeo: the path ends at the first ':', so a
+            // ref may be a full name (`localhost/app:v1`, what `rvmm save` writes).
+            let (path, tag) = match rest.split_once(':') {
+                Some((p, t)) => (p, Some(t.to_string()).filter(|t| !t.is_empty())),
+                None => (rest, None),
+            };
             if path.is_empty() {
                 return Err(err("oci-archive: needs a tar file"));
             }
@@ -68,10 +74,10 @@ impl Source {
             });
         }
         if let Some(rest) = input.strip_prefix("docker-archive:") {
-            // docker-archive:/path/file.tar[:name:tag] — the path ends at the first ':' after the last '/'.
-            let slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
-            let (path, name) = match rest[slash..].find(':') {
-                Some(i) => (&rest[..slash + i], Some(rest[slash + i + 1..].to_string())),
+            // docker-archive:/path/file.tar[:name:tag] — as skopeo: the path ends at the first ':'
+            // (names may hold '/' and ':', `127.0.0.1:5000/app:v1`).
+            let (path, name) = match rest.split_once(':') {
+                Some((p, n)) => (p, Some(n.to_string())),
                 None => (rest, None),
             };
             if path.is_empty() {
@@ -384,6 +390,27 @@ mod tests {
             Some(Source::DockerArchive {
                 path: "/x/img.tar".into(),
                 name: Some("busybox:latest".into())
+            })
+        );
+        assert_eq!(
+            Source::parse("docker-archive:/x/img.tar:127.0.0.1:5000/a/b:v1").ok(),
+            Some(Source::DockerArchive {
+                path: "/x/img.tar".into(),
+                name: Some("127.0.0.1:5000/a/b:v1".into())
+            })
+        );
+        assert_eq!(
+            Source::parse("oci-archive:/x/img.tar:localhost/app:v1").ok(),
+            Some(Source::OciArchive {
+                path: "/x/img.tar".into(),
+                tag: Some("localhost/app:v1".into())
+            })
+        );
+        assert_eq!(
+            Source::parse("oci-archive:/x/img.tar").ok(),
+            Some(Source::OciArchive {
+                path: "/x/img.tar".into(),
+                tag: None
             })
         );
         assert_eq!(

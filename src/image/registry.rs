@@ -1,6 +1,5 @@
 //! Pulling over the OCI distribution API, with oci-client doing HTTP, token auth and redirects.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -82,7 +81,7 @@ fn explain(e: oci_client::errors::OciDistributionError, r: &Reference) -> anyhow
     match &e {
         E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => {
             anyhow::anyhow!(
-                "{}: authentication failed (use --creds USER:PASS or ~/.docker/config.json)",
+                "{}: authentication failed (use `rvmm login` or --creds USER:PASS)",
                 r.registry
             )
         }
@@ -97,7 +96,7 @@ fn explain(e: oci_client::errors::OciDistributionError, r: &Reference) -> anyhow
         }
         _ if msg.contains("UNAUTHORIZED") || msg.contains("401") => {
             anyhow::anyhow!(
-                "{}: authentication failed (use --creds USER:PASS or ~/.docker/config.json)",
+                "{}: authentication failed (use `rvmm login` or --creds USER:PASS)",
                 r.registry
             )
         }
@@ -164,7 +163,8 @@ impl Fetcher for RegistryFetcher {
     }
 }
 
-/// `--creds USER:PASS`, else `~/.docker/config.json` (`auths.<registry>.auth`), else anonymous.
+/// `--creds USER:PASS`, else Docker's config file (`$DOCKER_CONFIG/config.json`, default
+/// `~/.docker/config.json`, as `rvmm login` writes it), else anonymous.
 fn credentials(r: &Reference, opts: &PullOptions) -> anyhow::Result<RegistryAuth> {
     if let Some(c) = &opts.creds {
         let Some((u, p)) = c.split_once(':') else {
@@ -172,42 +172,8 @@ fn credentials(r: &Reference, opts: &PullOptions) -> anyhow::Result<RegistryAuth
         };
         return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
     }
-    let path = std::env::var_os("DOCKER_CONFIG")
-        .map(|d| PathBuf::from(d).join("config.json"))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")));
-    let Some(path) = path else {
-        return Ok(RegistryAuth::Anonymous);
-    };
-    let Ok(bytes) = std::fs::read(&path) else {
-        return Ok(RegistryAuth::Anonymous);
-    };
-    let cfg: serde_json::Value = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let keys: Vec<String> = if r.registry == super::reference::DOCKER_HUB {
-        vec![
-            "https://index.docker.io/v1/".into(),
-            "index.docker.io".into(),
-            "docker.io".into(),
-        ]
-    } else {
-        vec![
-            r.registry.clone(),
-            format!("https://{}", r.registry),
-            format!("http://{}", r.registry),
-        ]
-    };
-    for k in keys {
-        if let Some(auth) = cfg["auths"][&k]["auth"].as_str() {
-            use base64::Engine;
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(auth.trim())
-                .with_context(|| format!("{}: auth for {k} is not base64", path.display()))?;
-            let s = String::from_utf8(raw)
-                .with_context(|| format!("{}: auth for {k} is not UTF-8", path.display()))?;
-            if let Some((u, p)) = s.split_once(':') {
-                return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
-            }
-        }
-    }
-    Ok(RegistryAuth::Anonymous)
+    Ok(match super::auth::lookup(&r.registry)? {
+        Some((u, p)) => RegistryAuth::Basic(u, p),
+        None => RegistryAuth::Anonymous,
+    })
 }

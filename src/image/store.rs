@@ -307,6 +307,15 @@ impl Store {
                 size: l.size,
             });
             if self.layer_path(diff_id).is_dir() {
+                // Unpacked already (from another image's copy of the layer, maybe compressed
+                // differently): keep this image's own blob too, so `rvmm save` can write the
+                // image as it came.
+                if !self.has_blob(l) {
+                    let mut w = self.blob_writer(&l.digest, Some(l.size))?;
+                    w.progress = Some(progress.layer_start(i, l));
+                    src.blob(l, &mut w)?;
+                    self.commit_blob(w, txn)?;
+                }
                 progress.layer_done(i, l, "already present");
                 continue;
             }
@@ -553,6 +562,40 @@ impl Store {
             }
         }
         Ok(true)
+    }
+
+    /// `rvmm tag SOURCE TARGET`: gives the image `source` names (name, `name@digest` or ID prefix)
+    /// the extra name `target`, taking it from whichever image had it before (as Docker does).
+    pub fn tag(
+        &self,
+        source: &str,
+        target: &super::reference::Reference,
+    ) -> anyhow::Result<ImageRecord> {
+        if target.digest.is_some() {
+            bail!("refusing to create a tag with a digest reference: {target}");
+        }
+        let _lock = self.lock()?;
+        let Some(rec) = self.find(source)? else {
+            bail!("no such image: {source}");
+        };
+        let full = target.to_string();
+        let mut idx = self.load_index()?;
+        for img in &mut idx.images {
+            if img.id != rec.id {
+                img.names.retain(|n| n != &full);
+            }
+        }
+        let img = idx
+            .images
+            .iter_mut()
+            .find(|i| i.id == rec.id)
+            .with_context(|| format!("no such image: {source}"))?;
+        if !img.names.contains(&full) {
+            img.names.push(full);
+        }
+        let out = img.clone();
+        self.save_index(&idx)?;
+        Ok(out)
     }
 
     /// `rvmm gc` for the store: unreferenced blobs and layers, tmp leftovers.

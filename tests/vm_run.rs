@@ -112,6 +112,134 @@ fn parity_with_container_isolation() {
     );
 }
 
+/// What the workload sees, section by section: identity, cwd, environment, privileges, /dev,
+/// the masked paths, its mount points, /etc files and resource limits. Written for any POSIX sh
+/// (busybox, dash).
+const PROBE: &str = r###"
+sec() { echo "## $1"; }
+sec id; id
+sec pwd; pwd
+sec env; env | sort
+sec status; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status
+sec dev; for f in /dev/* /dev/pts /dev/shm /dev/mqueue; do stat -c '%A %U %G %t:%T %N' "$f"; done
+sec masked
+for p in /proc/asound /proc/acpi /proc/interrupts /proc/kcore /proc/keys /proc/latency_stats \
+         /proc/timer_list /proc/timer_stats /proc/sched_debug /proc/scsi /sys/firmware \
+         /sys/devices/virtual/powercap; do
+  if [ ! -e "$p" ]; then echo "$p absent"
+  elif [ -d "$p" ]; then if [ -z "$(ls -A "$p" 2>/dev/null)" ]; then echo "$p masked"; else echo "$p visible"; fi
+  elif [ "$(stat -c %t:%T "$p")" = "1:3" ]; then echo "$p masked"
+  else echo "$p visible"; fi
+done
+sec mounts; awk '{ i = 7; while ($i != "-") i++; print $5, $6, $(i+1) }' /proc/self/mountinfo | sort
+sec hosts; cat /etc/hosts
+sec resolv; cat /etc/resolv.conf
+sec hostname; cat /etc/hostname; hostname
+sec ulimit; ulimit -a
+"###;
+
+/// The probe's output as (section, lines), with what legitimately differs between the two
+/// isolations taken out: the host's cgroup filesystems, which only a container mounts under
+/// /sys/fs/cgroup, the filesystem type under the /etc files (a host file in a container, the
+/// guest's tmpfs in a VM), and masked paths that the other kernel does not have at all (the guest
+/// kernel has no ACPI or keyrings, for one).
+fn probe_sections(out: &str) -> Vec<(String, Vec<String>)> {
+    let mut v: Vec<(String, Vec<String>)> = Vec::new();
+    for l in out.lines() {
+        if let Some(name) = l.strip_prefix("## ") {
+            v.push((name.to_string(), Vec::new()));
+        } else if let Some((name, lines)) = v.last_mut() {
+            let l = match name.as_str() {
+                "mounts" if l.starts_with("/sys/fs/cgroup") => continue,
+                // Compared in their own section, where a path one kernel lacks is allowed.
+                "mounts" if rvmm_proto::rootfs::MASKED.contains(&l.split(' ').next().unwrap_or("")) => {
+                    continue
+                }
+                "mounts" if l.starts_with("/etc/") => {
+                    let mut f = l.split(' ');
+                    let (m, o) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+                    let rw = o.split(',').next().unwrap_or("");
+                    format!("{m} {rw}")
+                }
+                _ => l.to_string(),
+            };
+            lines.push(l);
+        }
+    }
+    v
+}
+
+/// Compares the probe in both isolations for one image and user.
+fn assert_probe_parity(env: &RunEnv, image: &str, user: &str) {
+    let flags = ["--rm", "--network=none", "--hostname", "probe", "-u", user];
+    let mut args = vec!["run", "--isolation=container"];
+    args.extend_from_slice(&flags);
+    args.extend_from_slice(&[image, "sh", "-c", PROBE]);
+    let c = rvmm(env.store.path(), &args, None);
+    assert_eq!(c.code, 0, "container probe of {image} as {user}: {}", c.stderr);
+    args[1] = "--isolation=vm";
+    let v = rvmm(env.store.path(), &args, None);
+    assert_eq!(v.code, 0, "vm probe of {image} as {user}: {}", v.stderr);
+    assert_eq!(v.stderr, c.stderr, "{image} as {user}: stderr");
+    let (cs, vs) = (probe_sections(&c.stdout), probe_sections(&v.stdout));
+    assert_eq!(
+        cs.iter().map(|s| &s.0).collect::<Vec<_>>(),
+        vs.iter().map(|s| &s.0).collect::<Vec<_>>(),
+        "{image} as {user}: sections\n{}\n{}",
+        c.stdout,
+        v.stdout
+    );
+    for ((name, cl), (_, vl)) in cs.iter().zip(&vs) {
+        if name == "masked" {
+            for (a, b) in cl.iter().zip(vl) {
+                assert!(
+                    !a.ends_with("visible") && !b.ends_with("visible"),
+                    "{image} as {user}: a masked path is visible: container {a:?}, vm {b:?}"
+                );
+                if !a.ends_with("absent") && !b.ends_with("absent") {
+                    assert_eq!(a, b, "{image} as {user}: masked paths");
+                }
+            }
+            continue;
+        }
+        assert_eq!(
+            vl, cl,
+            "{image} as {user}: section {name} differs: vm (left), container (right)"
+        );
+    }
+    // The probe saw what it should, not just the same thing twice.
+    let c = &c.stdout;
+    assert!(c.contains("/proc/interrupts masked"), "{c}");
+    assert!(c.contains("/proc/sys ro,"), "{c}");
+    assert!(c.contains("'/dev/core' -> '/proc/kcore'"), "{c}");
+    assert!(c.contains("\tprobe\n"), "{c}");
+    assert!(c.contains("NoNewPrivs:\t1"), "{c}");
+}
+
+/// The parity probe: the busybox image and a Debian userland, as root and as a non-root user.
+#[test]
+fn the_workload_sees_the_same_in_both_isolations() {
+    let Some(env) = setup() else { return };
+    if !common::have_tools(&["debootstrap"]) {
+        return;
+    }
+    let debian = common::images::debian_image();
+    let o = rvmm(
+        env.store.path(),
+        &["pull", "-q", &format!("oci:{}", debian.display())],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for (image, user) in [
+        (BB, "app"),
+        (BB, "root"),
+        ("localhost/debian", "app"),
+        ("localhost/debian", "0"),
+    ] {
+        assert_probe_parity(&env, image, user);
+    }
+}
+
 /// A terminal and the privileges: the workload sees a tty on stdout, the same capability sets,
 /// no_new_privs and seccomp filter, and a syscall outside Docker's profile fails with EPERM.
 #[test]

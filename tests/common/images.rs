@@ -29,6 +29,30 @@ pub fn test_images() -> PathBuf {
     out
 }
 
+/// The Debian minbase test image (scripts/make-debian-image.sh): an OCI layout at the returned
+/// path, tag latest, built once per version of the script (cached under target/).
+pub fn debian_image() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("scripts/make-debian-image.sh");
+    let body = std::fs::read(&script).expect("read make-debian-image.sh");
+    let hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        body.hash(&mut h);
+        h.finish()
+    };
+    let out = root.join(format!("target/test-images/debian-{hash:016x}"));
+    if !out.join(".done").exists() {
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg(&out)
+            .status()
+            .expect("run make-debian-image.sh");
+        assert!(st.success(), "make-debian-image.sh failed");
+    }
+    out.join("debian")
+}
+
 /// A fresh store directory for one test.
 pub fn store() -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -10,7 +10,7 @@ PKGS=(
   # guest kernel build
   linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils make gcc libc6-dev
   # images, root disks, peers and test fixtures
-  busybox-static umoci skopeo docker-registry apache2-utils e2fsprogs erofs-utils
+  busybox-static umoci skopeo docker-registry apache2-utils e2fsprogs erofs-utils debootstrap
   crun runc qemu-system-x86
   # networking
   iptables iproute2

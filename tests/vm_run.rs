@@ -152,7 +152,9 @@ fn probe_sections(out: &str) -> Vec<(String, Vec<String>)> {
             let l = match name.as_str() {
                 "mounts" if l.starts_with("/sys/fs/cgroup") => continue,
                 // Compared in their own section, where a path one kernel lacks is allowed.
-                "mounts" if rvmm_proto::rootfs::MASKED.contains(&l.split(' ').next().unwrap_or("")) => {
+                "mounts"
+                    if rvmm_proto::rootfs::MASKED.contains(&l.split(' ').next().unwrap_or("")) =>
+                {
                     continue
                 }
                 "mounts" if l.starts_with("/etc/") => {
@@ -176,7 +178,11 @@ fn assert_probe_parity(env: &RunEnv, image: &str, user: &str) {
     args.extend_from_slice(&flags);
     args.extend_from_slice(&[image, "sh", "-c", PROBE]);
     let c = rvmm(env.store.path(), &args, None);
-    assert_eq!(c.code, 0, "container probe of {image} as {user}: {}", c.stderr);
+    assert_eq!(
+        c.code, 0,
+        "container probe of {image} as {user}: {}",
+        c.stderr
+    );
     args[1] = "--isolation=vm";
     let v = rvmm(env.store.path(), &args, None);
     assert_eq!(v.code, 0, "vm probe of {image} as {user}: {}", v.stderr);

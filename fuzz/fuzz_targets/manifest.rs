@@ -74,7 +74,7 @@ fn round_trip(doc: &Document, declared: Option<&str>) {
     .expect("serialize");
     let again = spec::parse_document(&bytes, declared).unwrap_or_else(|e| {
         panic!(
-            "re-serialized document is refused: {e}\n{}",
+            "re-serialized document is refused: {e} ({e:?})\n{}",
             String::from_utf8_lossy(&bytes)
         )
     });
@@ -118,7 +118,7 @@ fn check_config(c: &ImageConfigFile) {
     let bytes = serde_json::to_vec(c).expect("serialize");
     let again = ImageConfigFile::parse(&bytes).unwrap_or_else(|e| {
         panic!(
-            "re-serialized config is refused: {e}\n{}",
+            "re-serialized config is refused: {e} ({e:?})\n{}",
             String::from_utf8_lossy(&bytes)
         )
     });

@@ -667,7 +667,7 @@ pub fn cold(opts: &Options, env: &Env, rec: &mut Recorder) {
         let image = store
             .find(&opts.image)?
             .ok_or_else(|| anyhow::anyhow!("{} is not in the store", opts.image))?;
-        store.export_layout(&image, &layout, "latest")
+        Ok(store.export_layout(&image, &layout, "latest")?)
     })();
     if let Err(e) = exported {
         for name in ["rvmm container", "rvmm vm"] {

@@ -274,7 +274,7 @@ fn image_rootfs(root: &std::path::Path, image: &str, dest: &std::path::Path) -> 
             ..Default::default()
         };
         let resolved = crate::image::resolve(&store, image, &opts)?;
-        crate::image::disk::export_rootfs(&resolved, dest)
+        Ok(crate::image::disk::export_rootfs(&resolved, dest)?)
     };
     export().map_err(|e| format!("{e:#}"))
 }

@@ -194,7 +194,8 @@ pub fn rmi(args: RmiArgs, global: &Global) -> anyhow::Result<u8> {
                 }
             }
             Err(e) => {
-                eprintln!("rvmm: {e:#}");
+                // Through anyhow so `{:#}` prints the causes too (a store::Error alone would not).
+                eprintln!("rvmm: {:#}", anyhow::Error::from(e));
                 failed = true;
             }
         }

@@ -9,24 +9,73 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context};
-
 use super::ResolvedImage;
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating {}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("moving the VM disk into place at {}", path.display())]
+    Install {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mkfs.erofs is missing (apt install erofs-utils, or run scripts/setup.sh)")]
+    NoMkfsErofs,
+    #[error("building the VM disk for {reference}")]
+    Build {
+        reference: String,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("exporting the root filesystem of {reference}")]
+    Export {
+        reference: String,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("running unshare (util-linux)")]
+    Unshare(#[source] std::io::Error),
+    /// The merged-view script failed; its stderr.
+    #[error("{0}")]
+    Script(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
 /// The cached disk of an image, building it when missing. Safe against concurrent callers.
-pub fn image_disk(root: &Path, image: &ResolvedImage) -> anyhow::Result<PathBuf> {
+pub fn image_disk(root: &Path, image: &ResolvedImage) -> Result<PathBuf> {
     let dir = root.join("disks");
-    fs::create_dir_all(&dir)?;
+    fs::create_dir_all(&dir).map_err(|source| Error::CreateDir {
+        path: dir.clone(),
+        source,
+    })?;
     let id = image.config_digest.trim_start_matches("sha256:");
     let path = dir.join(format!("{id}.erofs"));
     if path.exists() {
         return Ok(path);
     }
+    let lock_path = dir.join(format!("{id}.lock"));
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join(format!("{id}.lock")))?;
+        .open(&lock_path)
+        .map_err(|source| Error::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
     // SAFETY: flock on an fd we own.
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
     if path.exists() {
@@ -38,34 +87,47 @@ pub fn image_disk(root: &Path, image: &ResolvedImage) -> anyhow::Result<PathBuf>
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    fs::rename(&tmp, &path)?;
-    let _ = fs::remove_file(dir.join(format!("{id}.lock")));
+    fs::rename(&tmp, &path).map_err(|source| Error::Install {
+        path: path.clone(),
+        source,
+    })?;
+    let _ = fs::remove_file(&lock_path);
     Ok(path)
 }
 
-fn build(image: &ResolvedImage, out: &Path) -> anyhow::Result<()> {
+fn build(image: &ResolvedImage, out: &Path) -> Result<()> {
     if which("mkfs.erofs").is_none() {
-        bail!("mkfs.erofs is missing (apt install erofs-utils, or run scripts/setup.sh)");
+        return Err(Error::NoMkfsErofs);
     }
     with_merged_view(
         image,
         &format!("mkfs.erofs --quiet '{}' \"$m\"", out.display()),
     )
-    .with_context(|| format!("building the VM disk for {}", image.reference))
+    .map_err(|e| Error::Build {
+        reference: image.reference.clone(),
+        source: Box::new(e),
+    })
 }
 
 /// Copies the image's merged root filesystem into `dest` (created; ownership, modes and xattrs
 /// kept): the rootfs of a crun/runc bundle, for example.
-pub fn export_rootfs(image: &ResolvedImage, dest: &Path) -> anyhow::Result<()> {
-    fs::create_dir_all(dest)?;
-    with_merged_view(image, &format!("cp -a \"$m/.\" '{}'", dest.display()))
-        .with_context(|| format!("exporting the root filesystem of {}", image.reference))
+pub fn export_rootfs(image: &ResolvedImage, dest: &Path) -> Result<()> {
+    fs::create_dir_all(dest).map_err(|source| Error::CreateDir {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    with_merged_view(image, &format!("cp -a \"$m/.\" '{}'", dest.display())).map_err(|e| {
+        Error::Export {
+            reference: image.reference.clone(),
+            source: Box::new(e),
+        }
+    })
 }
 
 /// Runs the shell command `cmd` with `$m` naming the image's merged view: the single layer
 /// itself, or a read-only overlayfs of all layers (whiteouts applied by overlayfs) mounted in a
 /// private mount namespace that disappears with the command.
-fn with_merged_view(image: &ResolvedImage, cmd: &str) -> anyhow::Result<()> {
+fn with_merged_view(image: &ResolvedImage, cmd: &str) -> Result<()> {
     let lowers: Vec<String> = image
         .layers
         .iter()
@@ -84,9 +146,11 @@ fn with_merged_view(image: &ResolvedImage, cmd: &str) -> anyhow::Result<()> {
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
         .stdin(Stdio::null())
         .output()
-        .context("running unshare (util-linux)")?;
+        .map_err(Error::Unshare)?;
     if !o.status.success() {
-        bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
+        return Err(Error::Script(
+            String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        ));
     }
     Ok(())
 }

@@ -34,7 +34,7 @@ pub enum Error {
     #[error("unknown archive format {0:?} (use docker-archive or oci-archive)")]
     UnknownFormat(String),
     #[error("reading the image store")]
-    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Store(#[source] super::store::Error),
     #[error("reading blob {digest} from the store")]
     Blob {
         digest: String,
@@ -53,10 +53,6 @@ pub enum Error {
     },
     #[error("writing the archive")]
     Write(#[source] io::Error),
-}
-
-fn store_err(e: anyhow::Error) -> Error {
-    Error::Store(e.into())
 }
 
 /// The two archive formats, named as podman names them.
@@ -91,7 +87,7 @@ pub fn select(store: &Store, images: &[String]) -> Result<Vec<Selected>, Error> 
         .map(|arg| {
             let record = store
                 .find(arg)
-                .map_err(store_err)?
+                .map_err(Error::Store)?
                 .ok_or_else(|| Error::NoSuchImage(arg.clone()))?;
             let name = Reference::parse(arg)
                 .ok()
@@ -417,7 +413,7 @@ fn plan(store: &Store, s: &Selected) -> Result<Plan, Error> {
             .iter()
             .filter_map(|rd| rd.split_once('@').map(|(_, d)| d.to_string())),
     );
-    let diff_ids = store.config(rec).map_err(store_err)?.rootfs.diff_ids;
+    let diff_ids = store.config(rec).map_err(Error::Store)?.rootfs.diff_ids;
     let mut fallback = None;
     let mut seen = BTreeSet::new();
     for d in candidates {
@@ -501,7 +497,7 @@ fn docker_archive<W: Write>(
             None => entries.push((s, tag.into_iter().collect())),
         }
     }
-    let all = store.images().map_err(store_err)?;
+    let all = store.images().map_err(Error::Store)?;
     let mut written = BTreeSet::new();
     let mut manifest = Vec::new();
     for (s, tags) in &entries {
@@ -544,7 +540,7 @@ fn oci_manifest(store: &Store, plan: &Plan) -> Result<Vec<u8>, Error> {
     let docker = m.media_type.as_deref() == Some(spec::DOCKER_MANIFEST)
         || m.config.media_type == spec::DOCKER_CONFIG;
     if !docker {
-        return store.read_blob(&plan.manifest_digest).map_err(store_err);
+        return store.read_blob(&plan.manifest_digest).map_err(Error::Store);
     }
     let layer_type = |mt: &str| match mt {
         spec::DOCKER_LAYER_GZIP => spec::OCI_LAYER_GZIP.to_string(),

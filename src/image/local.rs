@@ -5,14 +5,120 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::reference::{valid_digest, Reference};
 use super::spec::{self, Compression, Descriptor, Document};
-use super::store::{BlobWriter, Fetcher};
+use super::store::{self, BlobWriter, FetchError, Fetcher};
 use super::unpack::{self, UnpackOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{} is not an OCI image layout (no oci-layout file)", dir.display())]
+    NotALayout {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("oci-layout is not valid JSON")]
+    LayoutJson(#[source] serde_json::Error),
+    #[error("unsupported OCI layout version {0}")]
+    LayoutVersion(String),
+    #[error("{}: index.json is missing", dir.display())]
+    NoIndex {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spec(#[from] spec::Error),
+    #[error("index.json is not an image index")]
+    IndexIsManifest,
+    #[error("{}: no image tagged {tag:?}", dir.display())]
+    NoSuchTag { dir: PathBuf, tag: String },
+    #[error(
+        "{} holds {count} images; name one with oci:{}:TAG (tags: {tags})",
+        dir.display(),
+        dir.display()
+    )]
+    WhichImage {
+        dir: PathBuf,
+        count: usize,
+        tags: String,
+    },
+    #[error("malformed digest {0:?}")]
+    MalformedDigest(String),
+    #[error("document of {0} bytes is too large")]
+    DocumentTooLarge(u64),
+    #[error("{}: blob {digest} is missing", dir.display())]
+    MissingBlob {
+        dir: PathBuf,
+        digest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("manifest {0} in the layout does not match its digest or size")]
+    ManifestMismatch(String),
+    /// Storing a blob failed (the store's message names the blob).
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("opening {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating a temporary directory for the archive")]
+    TempDir(#[source] std::io::Error),
+    #[error("{} is not a readable tar archive", path.display())]
+    NotATar {
+        path: PathBuf,
+        #[source]
+        source: unpack::Error,
+    },
+    #[error("not an image archive: neither a docker-archive (manifest.json) nor an OCI archive (oci-layout, index.json)")]
+    NotAnArchive,
+    #[error("docker-archive: manifest.json is missing")]
+    DockerNoManifest(#[source] std::io::Error),
+    #[error("docker-archive: manifest.json is malformed")]
+    DockerBadManifest(#[source] serde_json::Error),
+    #[error("docker-archive holds no images")]
+    DockerEmpty,
+    /// A path in manifest.json that would leave the archive.
+    #[error(transparent)]
+    DockerPath(#[from] unpack::Error),
+    #[error("docker-archive: bad path {0:?}")]
+    DockerBadPath(String),
+    #[error("docker-archive: {rel} is missing")]
+    DockerMissing {
+        rel: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("docker-archive: {0} is not a regular file")]
+    DockerNotFile(String),
+    #[error("docker-archive: reading {rel}")]
+    DockerRead {
+        rel: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("docker-archive: writing the synthesized manifest")]
+    DockerManifest(#[source] serde_json::Error),
+    #[error("docker-archive has no image index")]
+    DockerNoIndex,
+    #[error("docker-archive has no blob {0}")]
+    DockerNoBlob(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -23,48 +129,48 @@ pub struct Layout {
 }
 
 /// One image of a layout: its descriptor and its `ref.name`, if any.
-pub fn layout_entries(dir: &Path) -> anyhow::Result<Vec<Descriptor>> {
-    let layout = fs::read(dir.join("oci-layout")).with_context(|| {
-        format!(
-            "{} is not an OCI image layout (no oci-layout file)",
-            dir.display()
-        )
+pub fn layout_entries(dir: &Path) -> Result<Vec<Descriptor>> {
+    let layout = fs::read(dir.join("oci-layout")).map_err(|source| Error::NotALayout {
+        dir: dir.to_path_buf(),
+        source,
     })?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&layout).context("oci-layout is not valid JSON")?;
+    let v: serde_json::Value = serde_json::from_slice(&layout).map_err(Error::LayoutJson)?;
     if v["imageLayoutVersion"].as_str() != Some("1.0.0") {
-        bail!("unsupported OCI layout version {}", v["imageLayoutVersion"]);
+        return Err(Error::LayoutVersion(v["imageLayoutVersion"].to_string()));
     }
-    let idx = fs::read(dir.join("index.json"))
-        .with_context(|| format!("{}: index.json is missing", dir.display()))?;
+    let idx = fs::read(dir.join("index.json")).map_err(|source| Error::NoIndex {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     match spec::parse_document(&idx, Some(spec::OCI_INDEX))? {
         Document::Index(i) => Ok(i.manifests),
-        Document::Manifest(_) => bail!("index.json is not an image index"),
+        Document::Manifest(_) => Err(Error::IndexIsManifest),
     }
 }
 
 impl Layout {
-    pub fn open(dir: &Path, tag: Option<&str>) -> anyhow::Result<Layout> {
+    pub fn open(dir: &Path, tag: Option<&str>) -> Result<Layout> {
         let entries = layout_entries(dir)?;
         let name_of = |d: &Descriptor| d.annotations.get(REF_NAME).cloned();
         let chosen = match tag {
             Some(t) => entries
                 .iter()
                 .find(|d| name_of(d).is_some_and(|n| n == t || n.ends_with(&format!(":{t}"))))
-                .with_context(|| format!("{}: no image tagged {t:?}", dir.display()))?,
+                .ok_or_else(|| Error::NoSuchTag {
+                    dir: dir.to_path_buf(),
+                    tag: t.to_string(),
+                })?,
             None if entries.len() == 1 => &entries[0],
             None => entries
                 .iter()
                 .find(|d| name_of(d).as_deref() == Some("latest"))
-                .with_context(|| {
+                .ok_or_else(|| {
                     let names: Vec<_> = entries.iter().filter_map(name_of).collect();
-                    format!(
-                        "{} holds {} images; name one with oci:{}:TAG (tags: {})",
-                        dir.display(),
-                        entries.len(),
-                        dir.display(),
-                        names.join(", ")
-                    )
+                    Error::WhichImage {
+                        dir: dir.to_path_buf(),
+                        count: entries.len(),
+                        tags: names.join(", "),
+                    }
                 })?,
         }
         .clone();
@@ -79,20 +185,28 @@ impl Layout {
         self.chosen.annotations.get(REF_NAME).map(String::as_str)
     }
 
-    fn blob_path(&self, digest: &str) -> anyhow::Result<PathBuf> {
+    fn blob_path(&self, digest: &str) -> Result<PathBuf> {
         if !valid_digest(digest) {
-            bail!("malformed digest {digest:?}");
+            return Err(Error::MalformedDigest(digest.to_string()));
         }
         Ok(self.dir.join("blobs/sha256").join(&digest[7..]))
     }
 
-    fn read_doc(&self, d: &Descriptor) -> anyhow::Result<Vec<u8>> {
+    fn missing_blob(&self, digest: &str) -> impl FnOnce(std::io::Error) -> Error {
+        let (dir, digest) = (self.dir.clone(), digest.to_string());
+        move |source| Error::MissingBlob {
+            dir,
+            digest,
+            source,
+        }
+    }
+
+    fn read_doc(&self, d: &Descriptor) -> Result<Vec<u8>> {
         if d.size > spec::MAX_DOCUMENT {
-            bail!("document of {} bytes is too large", d.size);
+            return Err(Error::DocumentTooLarge(d.size));
         }
         let p = self.blob_path(&d.digest)?;
-        fs::read(&p)
-            .with_context(|| format!("{}: blob {} is missing", self.dir.display(), d.digest))
+        fs::read(&p).map_err(self.missing_blob(&d.digest))
     }
 }
 
@@ -101,28 +215,25 @@ impl Fetcher for Layout {
         format!("oci:{}", self.dir.display())
     }
 
-    fn root(&mut self) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+    fn root(&mut self) -> std::result::Result<(Vec<u8>, Option<String>), FetchError> {
         let d = self.chosen.clone();
         let b = self.read_doc(&d)?;
         let got = format!("sha256:{}", super::store::sha256_hex(&b));
         if got != d.digest || b.len() as u64 != d.size {
-            bail!(
-                "manifest {} in the layout does not match its digest or size",
-                d.digest
-            );
+            return Err(Error::ManifestMismatch(d.digest).into());
         }
         Ok((b, Some(d.media_type).filter(|m| !m.is_empty())))
     }
 
-    fn manifest(&mut self, d: &Descriptor) -> anyhow::Result<Vec<u8>> {
-        self.read_doc(d)
+    fn manifest(&mut self, d: &Descriptor) -> std::result::Result<Vec<u8>, FetchError> {
+        Ok(self.read_doc(d)?)
     }
 
-    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> anyhow::Result<()> {
+    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> std::result::Result<(), FetchError> {
         let p = self.blob_path(&d.digest)?;
-        let mut f = File::open(&p)
-            .with_context(|| format!("{}: blob {} is missing", self.dir.display(), d.digest))?;
-        w.copy_from(&mut f)
+        let mut f = File::open(&p).map_err(self.missing_blob(&d.digest))?;
+        w.copy_from(&mut f).map_err(Error::Store)?;
+        Ok(())
     }
 }
 
@@ -154,17 +265,28 @@ pub fn layout_name(dir: &Path, ref_name: Option<&str>) -> Option<String> {
 
 /// Extracts an archive (tar, optionally compressed) into a fresh temp dir, with the same
 /// confinement rules as layers.
-pub fn extract_archive(path: &Path) -> anyhow::Result<tempfile::TempDir> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+pub fn extract_archive(path: &Path) -> Result<tempfile::TempDir> {
+    let open = |source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let read = |source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = File::open(path).map_err(open)?;
     let mut head = [0u8; 4];
-    let n = (&f).read(&mut head)?;
-    let f = File::open(path)?;
+    let n = (&f).read(&mut head).map_err(read)?;
+    let f = File::open(path).map_err(open)?;
     let r: Box<dyn Read> = match Compression::sniff(&head[..n]) {
         Compression::None => Box::new(std::io::BufReader::new(f)),
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f))),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(f)?),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(f).map_err(read)?),
     };
-    let dir = tempfile::Builder::new().prefix("rvmm-archive-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("rvmm-archive-")
+        .tempdir()
+        .map_err(Error::TempDir)?;
     unpack::unpack(
         r,
         dir.path(),
@@ -173,7 +295,10 @@ pub fn extract_archive(path: &Path) -> anyhow::Result<tempfile::TempDir> {
             lowers: &[],
         },
     )
-    .with_context(|| format!("{} is not a readable tar archive", path.display()))?;
+    .map_err(|source| Error::NotATar {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(dir)
 }
 
@@ -183,7 +308,7 @@ pub enum ArchiveKind {
     Docker,
 }
 
-pub fn archive_kind(dir: &Path) -> anyhow::Result<ArchiveKind> {
+pub fn archive_kind(dir: &Path) -> Result<ArchiveKind> {
     if dir.join("oci-layout").exists() && dir.join("index.json").exists() {
         // `docker save` since 25 writes both; prefer its manifest.json for the names.
         if dir.join("manifest.json").exists() {
@@ -194,7 +319,7 @@ pub fn archive_kind(dir: &Path) -> anyhow::Result<ArchiveKind> {
     if dir.join("manifest.json").exists() {
         return Ok(ArchiveKind::Docker);
     }
-    bail!("not an image archive: neither a docker-archive (manifest.json) nor an OCI archive (oci-layout, index.json)")
+    Err(Error::NotAnArchive)
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -206,13 +331,12 @@ pub struct DockerArchiveEntry {
     pub layers: Vec<String>,
 }
 
-pub fn docker_entries(dir: &Path) -> anyhow::Result<Vec<DockerArchiveEntry>> {
-    let b =
-        fs::read(dir.join("manifest.json")).context("docker-archive: manifest.json is missing")?;
+pub fn docker_entries(dir: &Path) -> Result<Vec<DockerArchiveEntry>> {
+    let b = fs::read(dir.join("manifest.json")).map_err(Error::DockerNoManifest)?;
     let v: Vec<DockerArchiveEntry> =
-        serde_json::from_slice(&b).context("docker-archive: manifest.json is malformed")?;
+        serde_json::from_slice(&b).map_err(Error::DockerBadManifest)?;
     if v.is_empty() {
-        bail!("docker-archive holds no images");
+        return Err(Error::DockerEmpty);
     }
     Ok(v)
 }
@@ -225,27 +349,29 @@ pub struct DockerArchive {
 }
 
 impl DockerArchive {
-    pub fn new(
-        dir: &Path,
-        entry: &DockerArchiveEntry,
-        desc: String,
-    ) -> anyhow::Result<DockerArchive> {
+    pub fn new(dir: &Path, entry: &DockerArchiveEntry, desc: String) -> Result<DockerArchive> {
         let mut files = HashMap::new();
-        let mut describe = |rel: &str, media_type: Option<&str>| -> anyhow::Result<Descriptor> {
-            let clean = unpack::clean(rel.as_bytes())?
-                .with_context(|| format!("docker-archive: bad path {rel:?}"))?;
+        let mut describe = |rel: &str, media_type: Option<&str>| -> Result<Descriptor> {
+            let clean =
+                unpack::clean(rel.as_bytes())?.ok_or_else(|| Error::DockerBadPath(rel.into()))?;
             let p = dir.join(clean);
-            let meta = fs::symlink_metadata(&p)
-                .with_context(|| format!("docker-archive: {rel} is missing"))?;
+            let meta = fs::symlink_metadata(&p).map_err(|source| Error::DockerMissing {
+                rel: rel.to_string(),
+                source,
+            })?;
             if !meta.is_file() {
-                bail!("docker-archive: {rel} is not a regular file");
+                return Err(Error::DockerNotFile(rel.to_string()));
             }
-            let mut f = File::open(&p)?;
+            let read = |source| Error::DockerRead {
+                rel: rel.to_string(),
+                source,
+            };
+            let mut f = File::open(&p).map_err(read)?;
             let mut h = Sha256::new();
             let mut head = Vec::new();
             let mut buf = vec![0u8; 1 << 16];
             loop {
-                let n = f.read(&mut buf)?;
+                let n = f.read(&mut buf).map_err(read)?;
                 if n == 0 {
                     break;
                 }
@@ -272,7 +398,7 @@ impl DockerArchive {
             .layers
             .iter()
             .map(|l| describe(l, None))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let m = spec::Manifest {
             schema_version: 2,
             media_type: Some(spec::OCI_MANIFEST.to_string()),
@@ -281,7 +407,7 @@ impl DockerArchive {
         };
         Ok(DockerArchive {
             desc,
-            manifest: serde_json::to_vec(&m)?,
+            manifest: serde_json::to_vec(&m).map_err(Error::DockerManifest)?,
             files,
         })
     }
@@ -292,21 +418,25 @@ impl Fetcher for DockerArchive {
         self.desc.clone()
     }
 
-    fn root(&mut self) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+    fn root(&mut self) -> std::result::Result<(Vec<u8>, Option<String>), FetchError> {
         Ok((self.manifest.clone(), Some(spec::OCI_MANIFEST.to_string())))
     }
 
-    fn manifest(&mut self, _d: &Descriptor) -> anyhow::Result<Vec<u8>> {
-        bail!("docker-archive has no image index")
+    fn manifest(&mut self, _d: &Descriptor) -> std::result::Result<Vec<u8>, FetchError> {
+        Err(Error::DockerNoIndex.into())
     }
 
-    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> anyhow::Result<()> {
+    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> std::result::Result<(), FetchError> {
         let p = self
             .files
             .get(&d.digest)
-            .with_context(|| format!("docker-archive has no blob {}", d.digest))?;
-        let mut f = File::open(p)?;
-        w.copy_from(&mut f)
+            .ok_or_else(|| Error::DockerNoBlob(d.digest.clone()))?;
+        let mut f = File::open(p).map_err(|source| Error::Open {
+            path: p.clone(),
+            source,
+        })?;
+        w.copy_from(&mut f).map_err(Error::Store)?;
+        Ok(())
     }
 }
 

@@ -44,9 +44,45 @@ pub mod spec;
 pub mod store;
 pub mod unpack;
 
-use anyhow::Context;
 pub use reference::{Reference, Source};
 pub use store::{ImageRecord, Store};
+
+/// Why an image could not be pulled, imported, loaded or resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Reference(#[from] reference::ParseError),
+    /// Setting up the registry client failed (bad `--creds`, unreadable auth config, ...).
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    /// Reading a local layout or archive failed before the import began.
+    #[error(transparent)]
+    Local(#[from] local::Error),
+    #[error("pulling {reference}")]
+    Pull {
+        reference: String,
+        #[source]
+        source: store::Error,
+    },
+    /// `what` names the source with its transport (`oci:/path`, `docker-archive:/file`).
+    #[error("importing {what}")]
+    Import {
+        what: String,
+        #[source]
+        source: store::Error,
+    },
+    #[error("{} holds no image named {name}", path.display())]
+    NoImageNamed { path: PathBuf, name: String },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(
+        "layer {} of {image} is missing from the store (run `rvmm rmi` and pull again)",
+        layer.display()
+    )]
+    MissingLayer { layer: PathBuf, image: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// How to reach registries.
 #[derive(Debug, Clone, Default)]
@@ -68,11 +104,7 @@ fn progress(opts: &PullOptions) -> Box<dyn store::Progress> {
 }
 
 /// Pulls `reference` from its registry into the store.
-pub fn pull(
-    store: &Store,
-    reference: &Reference,
-    opts: &PullOptions,
-) -> anyhow::Result<ImageRecord> {
+pub fn pull(store: &Store, reference: &Reference, opts: &PullOptions) -> Result<ImageRecord> {
     let mut f = registry::RegistryFetcher::new(reference, opts)?;
     let names = if reference.tag.is_some() {
         let mut r = reference.clone();
@@ -83,12 +115,16 @@ pub fn pull(
     };
     store
         .import(&mut f, &names, progress(opts).as_ref())
-        .with_context(|| format!("pulling {reference}"))
+        .map_err(|source| Error::Pull {
+            reference: reference.to_string(),
+            source,
+        })
 }
 
 /// Imports the image `src` names (any transport) into the store.
-pub fn import(store: &Store, src: &Source, opts: &PullOptions) -> anyhow::Result<ImageRecord> {
+pub fn import(store: &Store, src: &Source, opts: &PullOptions) -> Result<ImageRecord> {
     let p = progress(opts);
+    let importing = |what: String| move |source| Error::Import { what, source };
     match src {
         Source::Registry(r) => pull(store, r, opts),
         Source::OciLayout { path, tag } => {
@@ -96,7 +132,7 @@ pub fn import(store: &Store, src: &Source, opts: &PullOptions) -> anyhow::Result
             let names: Vec<String> = local::layout_name(path, l.ref_name()).into_iter().collect();
             store
                 .import(&mut l, &names, p.as_ref())
-                .with_context(|| format!("importing oci:{}", path.display()))
+                .map_err(importing(format!("oci:{}", path.display())))
         }
         Source::OciArchive { path, tag } => {
             let dir = local::extract_archive(path)?;
@@ -108,7 +144,7 @@ pub fn import(store: &Store, src: &Source, opts: &PullOptions) -> anyhow::Result
                 .collect();
             store
                 .import(&mut l, &names, p.as_ref())
-                .with_context(|| format!("importing oci-archive:{}", path.display()))
+                .map_err(importing(format!("oci-archive:{}", path.display())))
         }
         Source::DockerArchive { path, name } => {
             let dir = local::extract_archive(path)?;
@@ -121,7 +157,10 @@ pub fn import(store: &Store, src: &Source, opts: &PullOptions) -> anyhow::Result
                     entries
                         .iter()
                         .find(|e| local::docker_names(e).contains(&want))
-                        .with_context(|| format!("{} holds no image named {n}", path.display()))?
+                        .ok_or_else(|| Error::NoImageNamed {
+                            path: path.clone(),
+                            name: n.clone(),
+                        })?
                 }
                 None => &entries[0],
             };
@@ -132,17 +171,13 @@ pub fn import(store: &Store, src: &Source, opts: &PullOptions) -> anyhow::Result
             )?;
             store
                 .import(&mut a, &local::docker_names(entry), p.as_ref())
-                .with_context(|| format!("importing docker-archive:{}", path.display()))
+                .map_err(importing(format!("docker-archive:{}", path.display())))
         }
     }
 }
 
 /// `rvmm load -i FILE`: every image in a docker-archive or OCI archive.
-pub fn load(
-    store: &Store,
-    path: &std::path::Path,
-    opts: &PullOptions,
-) -> anyhow::Result<Vec<ImageRecord>> {
+pub fn load(store: &Store, path: &std::path::Path, opts: &PullOptions) -> Result<Vec<ImageRecord>> {
     let dir = local::extract_archive(path)?;
     let p = progress(opts);
     let mut out = Vec::new();
@@ -188,7 +223,7 @@ fn archive_stem(path: &std::path::Path) -> std::path::PathBuf {
 
 /// Finds `image` in the store (name or ID), importing or pulling it when it is not there
 /// (local transports are always re-read: cheap when nothing changed). Unpacked layers included.
-pub fn resolve(store: &Store, image: &str, opts: &PullOptions) -> anyhow::Result<ResolvedImage> {
+pub fn resolve(store: &Store, image: &str, opts: &PullOptions) -> Result<ResolvedImage> {
     let is_transport = ["oci:", "oci-archive:", "docker-archive:", "docker://"]
         .iter()
         .any(|p| image.starts_with(p));
@@ -208,10 +243,10 @@ pub fn resolve(store: &Store, image: &str, opts: &PullOptions) -> anyhow::Result
         .collect::<Vec<_>>();
     for l in &layers {
         if !l.is_dir() {
-            anyhow::bail!(
-                "layer {} of {image} is missing from the store (run `rvmm rmi` and pull again)",
-                l.display()
-            );
+            return Err(Error::MissingLayer {
+                layer: l.clone(),
+                image: image.to_string(),
+            });
         }
     }
     Ok(ResolvedImage {

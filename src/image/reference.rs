@@ -18,6 +18,9 @@ pub struct ParseError {
     pub reason: &'static str,
 }
 
+/// This module's error (parsing is all it does).
+pub type Error = ParseError;
+
 /// A registry reference, normalized: `registry/repository[:tag][@digest]` with at least one of tag or digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reference {

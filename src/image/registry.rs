@@ -2,15 +2,47 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
 use super::reference::Reference;
 use super::spec::{Descriptor, MANIFEST_TYPES};
-use super::store::{sha256_hex, BlobWriter, Fetcher};
+use super::store::{self, sha256_hex, BlobWriter, FetchError, Fetcher};
 use super::PullOptions;
+
+/// Registry failures, each one line a user can act on (oci-client's error chains are flattened
+/// into `message`: they repeat themselves and may span lines).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reference {0} has neither tag nor digest")]
+    NoTagOrDigest(String),
+    #[error("--creds must be USER:PASSWORD")]
+    BadCreds,
+    #[error(transparent)]
+    Auth(#[from] super::auth::Error),
+    #[error("starting the HTTP runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("{registry}: authentication failed (use `rvmm login` or --creds USER:PASS)")]
+    Unauthorized { registry: String },
+    #[error("{reference}: no such image in the registry")]
+    NotFound { reference: String },
+    #[error("{registry}: {message}")]
+    Registry { registry: String, message: String },
+    #[error("manifest digest mismatch: asked for {asked}, the registry sent {got}")]
+    ManifestDigest { asked: String, got: String },
+    #[error("{registry}: download of {blob} broke off: {message}")]
+    BrokeOff {
+        registry: String,
+        blob: String,
+        message: String,
+    },
+    /// Storing a downloaded blob failed (the store's message names the blob).
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 pub struct RegistryFetcher {
     client: oci_client::Client,
@@ -21,7 +53,7 @@ pub struct RegistryFetcher {
 }
 
 impl RegistryFetcher {
-    pub fn new(reference: &Reference, opts: &PullOptions) -> anyhow::Result<RegistryFetcher> {
+    pub fn new(reference: &Reference, opts: &PullOptions) -> Result<RegistryFetcher> {
         let insecure = reference.is_loopback()
             || opts
                 .insecure_registries
@@ -49,13 +81,13 @@ impl RegistryFetcher {
                 reference.repository.clone(),
                 t.clone(),
             ),
-            (None, None) => bail!("reference {reference} has neither tag nor digest"),
+            (None, None) => return Err(Error::NoTagOrDigest(reference.to_string())),
         };
         let auth = credentials(reference, opts)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .context("starting the HTTP runtime")?;
+            .map_err(Error::Runtime)?;
         Ok(RegistryFetcher {
             client: oci_client::Client::new(config),
             reference: reference.clone(),
@@ -65,7 +97,7 @@ impl RegistryFetcher {
         })
     }
 
-    fn pull_manifest(&self, r: &oci_client::Reference) -> anyhow::Result<Vec<u8>> {
+    fn pull_manifest(&self, r: &oci_client::Reference) -> Result<Vec<u8>> {
         let (bytes, _digest) = self
             .rt
             .block_on(self.client.pull_manifest_raw(r, &self.auth, MANIFEST_TYPES))
@@ -75,32 +107,31 @@ impl RegistryFetcher {
 }
 
 /// Turns oci-client's errors into one line a user can act on.
-fn explain(e: oci_client::errors::OciDistributionError, r: &Reference) -> anyhow::Error {
+fn explain(e: oci_client::errors::OciDistributionError, r: &Reference) -> Error {
     use oci_client::errors::OciDistributionError as E;
     let msg = e.to_string();
+    let unauthorized = || Error::Unauthorized {
+        registry: r.registry.clone(),
+    };
+    let not_found = || Error::NotFound {
+        reference: r.to_string(),
+    };
     match &e {
-        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => {
-            anyhow::anyhow!(
-                "{}: authentication failed (use `rvmm login` or --creds USER:PASS)",
-                r.registry
-            )
-        }
-        E::ImageManifestNotFoundError(_) => anyhow::anyhow!("{r}: no such image in the registry"),
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => unauthorized(),
+        E::ImageManifestNotFoundError(_) => not_found(),
         _ if msg.contains("MANIFEST_UNKNOWN")
             || msg.contains("NAME_UNKNOWN")
             || msg.contains("manifest unknown")
             || msg.contains("name unknown")
             || msg.contains("404") =>
         {
-            anyhow::anyhow!("{r}: no such image in the registry")
+            not_found()
         }
-        _ if msg.contains("UNAUTHORIZED") || msg.contains("401") => {
-            anyhow::anyhow!(
-                "{}: authentication failed (use `rvmm login` or --creds USER:PASS)",
-                r.registry
-            )
-        }
-        _ => anyhow::anyhow!("{}: {}", r.registry, one_line(&e)),
+        _ if msg.contains("UNAUTHORIZED") || msg.contains("401") => unauthorized(),
+        _ => Error::Registry {
+            registry: r.registry.clone(),
+            message: one_line(&e),
+        },
     }
 }
 
@@ -123,23 +154,27 @@ impl Fetcher for RegistryFetcher {
         self.reference.to_string()
     }
 
-    fn root(&mut self) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+    fn root(&mut self) -> std::result::Result<(Vec<u8>, Option<String>), FetchError> {
         let bytes = self.pull_manifest(&self.oci_ref)?;
         if let Some(d) = &self.reference.digest {
             let got = format!("sha256:{}", sha256_hex(&bytes));
             if &got != d {
-                bail!("manifest digest mismatch: asked for {d}, the registry sent {got}");
+                return Err(Error::ManifestDigest {
+                    asked: d.clone(),
+                    got,
+                }
+                .into());
             }
         }
         Ok((bytes, None))
     }
 
-    fn manifest(&mut self, d: &Descriptor) -> anyhow::Result<Vec<u8>> {
+    fn manifest(&mut self, d: &Descriptor) -> std::result::Result<Vec<u8>, FetchError> {
         let r = self.oci_ref.clone_with_digest(d.digest.clone());
-        self.pull_manifest(&r)
+        Ok(self.pull_manifest(&r)?)
     }
 
-    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> anyhow::Result<()> {
+    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> std::result::Result<(), FetchError> {
         let reference = &self.reference;
         self.rt.block_on(async {
             let mut stream = self
@@ -148,27 +183,25 @@ impl Fetcher for RegistryFetcher {
                 .await
                 .map_err(|e| explain(e, reference))?;
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: download of {} broke off: {}",
-                        reference.registry,
-                        super::store::short(&d.digest),
-                        one_line(&e)
-                    )
+                let chunk = chunk.map_err(|e| Error::BrokeOff {
+                    registry: reference.registry.clone(),
+                    blob: super::store::short(&d.digest).to_string(),
+                    message: one_line(&e),
                 })?;
                 w.write_chunk(&chunk)?;
             }
-            Ok::<(), anyhow::Error>(())
-        })
+            Ok::<(), Error>(())
+        })?;
+        Ok(())
     }
 }
 
 /// `--creds USER:PASS`, else Docker's config file (`$DOCKER_CONFIG/config.json`, default
 /// `~/.docker/config.json`, as `rvmm login` writes it), else anonymous.
-fn credentials(r: &Reference, opts: &PullOptions) -> anyhow::Result<RegistryAuth> {
+fn credentials(r: &Reference, opts: &PullOptions) -> Result<RegistryAuth> {
     if let Some(c) = &opts.creds {
         let Some((u, p)) = c.split_once(':') else {
-            bail!("--creds must be USER:PASSWORD");
+            return Err(Error::BadCreds);
         };
         return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
     }

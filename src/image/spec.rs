@@ -18,6 +18,38 @@ pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json"
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("manifest is not valid JSON")]
+    NotJson(#[source] serde_json::Error),
+    #[error("unsupported manifest schemaVersion {0:?} (only schema 2 is supported)")]
+    SchemaVersion(Option<u32>),
+    #[error("unsupported manifest media type {0}")]
+    MediaType(String),
+    #[error("bad image index")]
+    BadIndex(#[source] serde_json::Error),
+    #[error("bad image manifest")]
+    BadManifest(#[source] serde_json::Error),
+    #[error("image config of {0} bytes is too large")]
+    ConfigTooLarge(u64),
+    #[error("unsupported layer media type {0:?}")]
+    LayerMediaType(String),
+    #[error("unsupported or malformed digest {0:?}")]
+    Digest(String),
+    #[error("bad image config")]
+    BadConfig(#[source] serde_json::Error),
+    #[error("image config rootfs type {0:?} is not \"layers\"")]
+    RootfsType(String),
+    #[error("image config has a malformed diff_id {0:?}")]
+    DiffId(String),
+    #[error("image is for {0}, not linux")]
+    Os(String),
+    #[error("image is for {0}, not amd64")]
+    Architecture(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
 /// Every manifest media type we understand, for the registry's Accept header.
 pub const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 
@@ -117,7 +149,7 @@ pub enum Document {
 }
 
 /// Parses a manifest or index, by the declared media type when there is one, by shape otherwise.
-pub fn parse_document(bytes: &[u8], declared: Option<&str>) -> anyhow::Result<Document> {
+pub fn parse_document(bytes: &[u8], declared: Option<&str>) -> Result<Document> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Probe {
@@ -126,51 +158,45 @@ pub fn parse_document(bytes: &[u8], declared: Option<&str>) -> anyhow::Result<Do
         manifests: Option<serde_json::Value>,
         config: Option<serde_json::Value>,
     }
-    let probe: Probe = serde_json::from_slice(bytes)
-        .map_err(|e| anyhow::anyhow!("manifest is not valid JSON: {e}"))?;
+    let probe: Probe = serde_json::from_slice(bytes).map_err(Error::NotJson)?;
     let mt = declared
         .filter(|m| !m.is_empty() && *m != "application/json")
         .map(str::to_string)
         .or(probe.media_type.clone());
     if probe.schema_version != Some(2) {
-        anyhow::bail!(
-            "unsupported manifest schemaVersion {:?} (only schema 2 is supported)",
-            probe.schema_version
-        );
+        return Err(Error::SchemaVersion(probe.schema_version));
     }
     let is_index = match mt.as_deref() {
         Some(OCI_INDEX | DOCKER_LIST) => true,
         Some(OCI_MANIFEST | DOCKER_MANIFEST) => false,
-        Some(other) => anyhow::bail!("unsupported manifest media type {other}"),
+        Some(other) => return Err(Error::MediaType(other.to_string())),
         None => probe.manifests.is_some() && probe.config.is_none(),
     };
     if is_index {
-        let idx: Index =
-            serde_json::from_slice(bytes).map_err(|e| anyhow::anyhow!("bad image index: {e}"))?;
+        let idx: Index = serde_json::from_slice(bytes).map_err(Error::BadIndex)?;
         for d in &idx.manifests {
             check_descriptor(d)?;
         }
         Ok(Document::Index(idx))
     } else {
-        let m: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| anyhow::anyhow!("bad image manifest: {e}"))?;
+        let m: Manifest = serde_json::from_slice(bytes).map_err(Error::BadManifest)?;
         check_descriptor(&m.config)?;
         if m.config.size > MAX_DOCUMENT {
-            anyhow::bail!("image config of {} bytes is too large", m.config.size);
+            return Err(Error::ConfigTooLarge(m.config.size));
         }
         for l in &m.layers {
             check_descriptor(l)?;
             if Compression::from_media_type(&l.media_type).is_none() {
-                anyhow::bail!("unsupported layer media type {:?}", l.media_type);
+                return Err(Error::LayerMediaType(l.media_type.clone()));
             }
         }
         Ok(Document::Manifest(m))
     }
 }
 
-fn check_descriptor(d: &Descriptor) -> anyhow::Result<()> {
+fn check_descriptor(d: &Descriptor) -> Result<()> {
     if !super::reference::valid_digest(&d.digest) {
-        anyhow::bail!("unsupported or malformed digest {:?}", d.digest);
+        return Err(Error::Digest(d.digest.clone()));
     }
     Ok(())
 }
@@ -229,25 +255,21 @@ pub struct RootFs {
 }
 
 impl ImageConfigFile {
-    pub fn parse(bytes: &[u8]) -> anyhow::Result<ImageConfigFile> {
-        let c: ImageConfigFile =
-            serde_json::from_slice(bytes).map_err(|e| anyhow::anyhow!("bad image config: {e}"))?;
+    pub fn parse(bytes: &[u8]) -> Result<ImageConfigFile> {
+        let c: ImageConfigFile = serde_json::from_slice(bytes).map_err(Error::BadConfig)?;
         if c.rootfs.kind != "layers" {
-            anyhow::bail!(
-                "image config rootfs type {:?} is not \"layers\"",
-                c.rootfs.kind
-            );
+            return Err(Error::RootfsType(c.rootfs.kind));
         }
         for d in &c.rootfs.diff_ids {
             if !super::reference::valid_digest(d) {
-                anyhow::bail!("image config has a malformed diff_id {d:?}");
+                return Err(Error::DiffId(d.clone()));
             }
         }
         if !c.os.is_empty() && c.os != "linux" {
-            anyhow::bail!("image is for {}, not linux", c.os);
+            return Err(Error::Os(c.os));
         }
         if !c.architecture.is_empty() && c.architecture != "amd64" {
-            anyhow::bail!("image is for {}, not amd64", c.architecture);
+            return Err(Error::Architecture(c.architecture));
         }
         Ok(c)
     }

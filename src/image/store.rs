@@ -15,12 +15,132 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::spec::{self, Compression, Descriptor, Document, ImageConfigFile, Manifest};
 use super::unpack::{self, UnpackOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating the image store at {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("locking the image store")]
+    Lock(#[source] io::Error),
+    #[error("locking the layers")]
+    LockLayers(#[source] io::Error),
+    #[error("blob {digest} is missing from the store")]
+    MissingBlob {
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the store's index.json")]
+    ReadIndex(#[source] io::Error),
+    #[error("the store's index.json is corrupt")]
+    CorruptIndex(#[source] serde_json::Error),
+    #[error("writing the store's index.json")]
+    WriteIndex(#[source] io::Error),
+    #[error("creating a temporary file in the image store")]
+    Temp(#[source] io::Error),
+    #[error("image ID prefix {0} is ambiguous")]
+    AmbiguousId(String),
+    #[error("no such image: {0}")]
+    NoSuchImage(String),
+    #[error("refusing to create a tag with a digest reference: {0}")]
+    TagWithDigest(String),
+    /// A source (registry, layout, archive) failed; its error says what and where.
+    #[error(transparent)]
+    Fetch(FetchError),
+    #[error(transparent)]
+    Spec(#[from] spec::Error),
+    #[error("{0} has no linux/amd64 image")]
+    NoPlatform(String),
+    #[error("manifest of {0} bytes is too large")]
+    ManifestTooLarge(u64),
+    #[error("nested image indexes are not supported")]
+    NestedIndex,
+    #[error("stored manifest of {0} is an index")]
+    StoredIndex(String),
+    #[error("manifest has {layers} layers but the config lists {diff_ids} diff_ids")]
+    LayerCount { layers: usize, diff_ids: usize },
+    #[error("{what} {digest} is {got} bytes, not the {want} its descriptor says")]
+    SizeMismatch {
+        what: &'static str,
+        digest: String,
+        got: u64,
+        want: u64,
+    },
+    #[error("{what} digest mismatch: expected {expected}, got {got}")]
+    DigestMismatch {
+        what: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error("blob {digest} is larger than the {size} bytes its descriptor says")]
+    BlobTooLarge { digest: String, size: u64 },
+    #[error("blob {digest} is truncated: got {got} of {want} bytes")]
+    BlobTruncated { digest: String, got: u64, want: u64 },
+    #[error("reading blob {digest}")]
+    ReadBlob {
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing blob {digest}")]
+    WriteBlob {
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("storing blob {digest}")]
+    StoreBlob {
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("unpacking layer {layer}")]
+    UnpackLayer {
+        layer: String,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error(transparent)]
+    Unpack(#[from] unpack::Error),
+    #[error("layer content digest {got} does not match the config's diff_id {diff_id}")]
+    DiffIdMismatch { got: String, diff_id: String },
+    #[error("storing the unpacked layer")]
+    StoreLayer(#[source] io::Error),
+    #[error("removing unused content under {}", path.display())]
+    Sweep {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a blob digest that is not sha256: {0}")]
+    NotSha256(String),
+    #[error("copying blob {digest}")]
+    CopyBlob {
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the image layout {}", path.display())]
+    WriteLayout {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a [`Fetcher`] fails with: its own module's error, boxed (the store only passes it on).
+pub type FetchError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One image in the index.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -78,11 +198,11 @@ pub trait Fetcher {
     /// A short description for messages (`127.0.0.1:5000/busybox:latest`, `oci:/path`).
     fn describe(&self) -> String;
     /// The top-level manifest or index: bytes, and the media type the source declared.
-    fn root(&mut self) -> anyhow::Result<(Vec<u8>, Option<String>)>;
+    fn root(&mut self) -> std::result::Result<(Vec<u8>, Option<String>), FetchError>;
     /// A manifest by digest (an index entry).
-    fn manifest(&mut self, d: &Descriptor) -> anyhow::Result<Vec<u8>>;
+    fn manifest(&mut self, d: &Descriptor) -> std::result::Result<Vec<u8>, FetchError>;
     /// Streams a blob into `w`, which verifies it.
-    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> anyhow::Result<()>;
+    fn blob(&mut self, d: &Descriptor, w: &mut BlobWriter) -> std::result::Result<(), FetchError>;
 }
 
 pub struct Store {
@@ -127,10 +247,12 @@ fn hex_of(digest: &str) -> &str {
 
 impl Store {
     /// Opens (creating as needed) the store at `root`.
-    pub fn open(root: &Path) -> anyhow::Result<Store> {
+    pub fn open(root: &Path) -> Result<Store> {
         for d in ["blobs/sha256", "layers", "tmp"] {
-            fs::create_dir_all(root.join(d))
-                .with_context(|| format!("creating the image store at {}", root.display()))?;
+            fs::create_dir_all(root.join(d)).map_err(|source| Error::Create {
+                path: root.to_path_buf(),
+                source,
+            })?;
         }
         Ok(Store {
             root: root.to_path_buf(),
@@ -142,13 +264,17 @@ impl Store {
     }
 
     /// The store-wide write lock (blocks until free).
-    pub fn lock(&self) -> anyhow::Result<Lock> {
-        flock(&self.root.join("lock"), libc::LOCK_EX)?.context("locking the image store")
+    pub fn lock(&self) -> Result<Lock> {
+        flock(&self.root.join("lock"), libc::LOCK_EX)
+            .and_then(|l| l.ok_or_else(|| io::ErrorKind::WouldBlock.into()))
+            .map_err(Error::Lock)
     }
 
     /// Held by a run for as long as it uses layer directories.
-    pub fn use_layers(&self) -> anyhow::Result<Lock> {
-        flock(&self.root.join("layers.lock"), libc::LOCK_SH)?.context("locking the layers")
+    pub fn use_layers(&self) -> Result<Lock> {
+        flock(&self.root.join("layers.lock"), libc::LOCK_SH)
+            .and_then(|l| l.ok_or_else(|| io::ErrorKind::WouldBlock.into()))
+            .map_err(Error::LockLayers)
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
@@ -163,36 +289,38 @@ impl Store {
         fs::metadata(self.blob_path(&d.digest)).is_ok_and(|m| m.len() == d.size)
     }
 
-    pub fn read_blob(&self, digest: &str) -> anyhow::Result<Vec<u8>> {
-        fs::read(self.blob_path(digest))
-            .with_context(|| format!("blob {digest} is missing from the store"))
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        fs::read(self.blob_path(digest)).map_err(|source| Error::MissingBlob {
+            digest: digest.to_string(),
+            source,
+        })
     }
 
     /// All images in the index.
-    pub fn images(&self) -> anyhow::Result<Vec<ImageRecord>> {
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
         Ok(self.load_index()?.images)
     }
 
-    fn load_index(&self) -> anyhow::Result<Index> {
+    fn load_index(&self) -> Result<Index> {
         match fs::read(self.root.join("index.json")) {
-            Ok(b) => serde_json::from_slice(&b).context("the store's index.json is corrupt"),
+            Ok(b) => serde_json::from_slice(&b).map_err(Error::CorruptIndex),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Index::default()),
-            Err(e) => Err(e).context("reading the store's index.json"),
+            Err(e) => Err(Error::ReadIndex(e)),
         }
     }
 
-    fn save_index(&self, idx: &Index) -> anyhow::Result<()> {
-        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
-        serde_json::to_writer_pretty(&mut tmp, idx)?;
-        tmp.as_file().sync_all()?;
+    fn save_index(&self, idx: &Index) -> Result<()> {
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(Error::Temp)?;
+        serde_json::to_writer_pretty(&mut tmp, idx).map_err(|e| Error::WriteIndex(e.into()))?;
+        tmp.as_file().sync_all().map_err(Error::WriteIndex)?;
         tmp.persist(self.root.join("index.json"))
-            .map_err(|e| e.error)
-            .context("writing the store's index.json")?;
+            .map_err(|e| Error::WriteIndex(e.error))?;
         Ok(())
     }
 
     /// Finds an image by full name, by `name@digest` (manifest digest), or by ID (prefix of at least 4 hex).
-    pub fn find(&self, name_or_id: &str) -> anyhow::Result<Option<ImageRecord>> {
+    pub fn find(&self, name_or_id: &str) -> Result<Option<ImageRecord>> {
         let images = self.images()?;
         let hexish = name_or_id.strip_prefix("sha256:").unwrap_or(name_or_id);
         if hexish.len() >= 4 && hexish.len() <= 64 && hexish.bytes().all(|b| b.is_ascii_hexdigit())
@@ -205,7 +333,7 @@ impl Store {
                 return Ok(Some(hits[0].clone()));
             }
             if hits.len() > 1 {
-                bail!("image ID prefix {name_or_id} is ambiguous");
+                return Err(Error::AmbiguousId(name_or_id.to_string()));
             }
         }
         if let Ok(r) = super::reference::Reference::parse(name_or_id) {
@@ -230,7 +358,7 @@ impl Store {
         src: &mut dyn Fetcher,
         names: &[String],
         progress: &dyn Progress,
-    ) -> anyhow::Result<ImageRecord> {
+    ) -> Result<ImageRecord> {
         let _lock = self.lock()?;
         self.clear_tmp();
         let mut txn = Txn {
@@ -248,8 +376,8 @@ impl Store {
         names: &[String],
         progress: &dyn Progress,
         txn: &mut Txn,
-    ) -> anyhow::Result<ImageRecord> {
-        let (bytes, declared) = src.root()?;
+    ) -> Result<ImageRecord> {
+        let (bytes, declared) = src.root().map_err(Error::Fetch)?;
         let (manifest, manifest_bytes) = match spec::parse_document(&bytes, declared.as_deref())? {
             Document::Manifest(m) => (m, bytes),
             Document::Index(idx) => {
@@ -259,12 +387,12 @@ impl Store {
                         (idx.manifests.len() == 1 && idx.manifests[0].platform.is_none())
                             .then(|| &idx.manifests[0])
                     })
-                    .with_context(|| format!("{} has no linux/amd64 image", src.describe()))?
+                    .ok_or_else(|| Error::NoPlatform(src.describe()))?
                     .clone();
                 if d.size > spec::MAX_DOCUMENT {
-                    bail!("manifest of {} bytes is too large", d.size);
+                    return Err(Error::ManifestTooLarge(d.size));
                 }
-                let b = src.manifest(&d)?;
+                let b = src.manifest(&d).map_err(Error::Fetch)?;
                 check_bytes(&b, &d.digest, Some(d.size), "manifest")?;
                 match spec::parse_document(
                     &b,
@@ -273,7 +401,7 @@ impl Store {
                         .map(|m| m.as_str()),
                 )? {
                     Document::Manifest(m) => (m, b),
-                    Document::Index(_) => bail!("nested image indexes are not supported"),
+                    Document::Index(_) => return Err(Error::NestedIndex),
                 }
             }
         };
@@ -284,18 +412,17 @@ impl Store {
         let config = manifest.config.clone();
         if !self.has_blob(&config) {
             let mut w = self.blob_writer(&config.digest, Some(config.size))?;
-            src.blob(&config, &mut w)?;
+            src.blob(&config, &mut w).map_err(Error::Fetch)?;
             self.commit_blob(w, txn)?;
         }
         let cfg_bytes = self.read_blob(&config.digest)?;
         check_bytes(&cfg_bytes, &config.digest, Some(config.size), "config")?;
         let cfg = ImageConfigFile::parse(&cfg_bytes)?;
         if cfg.rootfs.diff_ids.len() != manifest.layers.len() {
-            bail!(
-                "manifest has {} layers but the config lists {} diff_ids",
-                manifest.layers.len(),
-                cfg.rootfs.diff_ids.len()
-            );
+            return Err(Error::LayerCount {
+                layers: manifest.layers.len(),
+                diff_ids: cfg.rootfs.diff_ids.len(),
+            });
         }
 
         // Layers.
@@ -313,7 +440,7 @@ impl Store {
                 if !self.has_blob(l) {
                     let mut w = self.blob_writer(&l.digest, Some(l.size))?;
                     w.progress = Some(progress.layer_start(i, l));
-                    src.blob(l, &mut w)?;
+                    src.blob(l, &mut w).map_err(Error::Fetch)?;
                     self.commit_blob(w, txn)?;
                 }
                 progress.layer_done(i, l, "already present");
@@ -322,7 +449,7 @@ impl Store {
             if !self.has_blob(l) {
                 let mut w = self.blob_writer(&l.digest, Some(l.size))?;
                 w.progress = Some(progress.layer_start(i, l));
-                src.blob(l, &mut w)?;
+                src.blob(l, &mut w).map_err(Error::Fetch)?;
                 self.commit_blob(w, txn)?;
             }
             let comp = Compression::from_media_type(&l.media_type).unwrap_or(Compression::None);
@@ -332,7 +459,10 @@ impl Store {
                 .map(|d| self.layer_path(d))
                 .collect();
             self.unpack_layer(&l.digest, comp, diff_id, &lowers, txn)
-                .with_context(|| format!("unpacking layer {}", short(&l.digest)))?;
+                .map_err(|e| Error::UnpackLayer {
+                    layer: short(&l.digest).to_string(),
+                    source: Box::new(e),
+                })?;
             progress.layer_done(i, l, "unpacked");
         }
 
@@ -385,7 +515,7 @@ impl Store {
         Ok(record)
     }
 
-    fn put_bytes(&self, digest: &str, bytes: &[u8], txn: &mut Txn) -> anyhow::Result<()> {
+    fn put_bytes(&self, digest: &str, bytes: &[u8], txn: &mut Txn) -> Result<()> {
         if self.blob_path(digest).exists() {
             return Ok(());
         }
@@ -395,9 +525,9 @@ impl Store {
     }
 
     /// A writer that verifies size and digest as bytes arrive.
-    pub fn blob_writer(&self, digest: &str, size: Option<u64>) -> anyhow::Result<BlobWriter> {
+    pub fn blob_writer(&self, digest: &str, size: Option<u64>) -> Result<BlobWriter> {
         Ok(BlobWriter {
-            file: tempfile::NamedTempFile::new_in(self.root.join("tmp"))?,
+            file: tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(Error::Temp)?,
             hasher: Sha256::new(),
             written: 0,
             digest: digest.to_string(),
@@ -406,13 +536,15 @@ impl Store {
         })
     }
 
-    fn commit_blob(&self, w: BlobWriter, txn: &mut Txn) -> anyhow::Result<()> {
+    fn commit_blob(&self, w: BlobWriter, txn: &mut Txn) -> Result<()> {
         let dest = self.blob_path(&w.digest);
         let (file, digest) = w.finish()?;
-        file.as_file().sync_all()?;
-        file.persist(&dest)
-            .map_err(|e| e.error)
-            .with_context(|| format!("storing blob {digest}"))?;
+        let store_err = |source| Error::StoreBlob {
+            digest: digest.clone(),
+            source,
+        };
+        file.as_file().sync_all().map_err(store_err)?;
+        file.persist(&dest).map_err(|e| store_err(e.error))?;
         txn.created.push(dest);
         Ok(())
     }
@@ -424,23 +556,29 @@ impl Store {
         diff_id: &str,
         lowers: &[PathBuf],
         txn: &mut Txn,
-    ) -> anyhow::Result<()> {
-        let blob = File::open(self.blob_path(digest))?;
+    ) -> Result<()> {
+        let read_err = |source| Error::ReadBlob {
+            digest: digest.to_string(),
+            source,
+        };
+        let blob = File::open(self.blob_path(digest)).map_err(read_err)?;
         let mut head = [0u8; 4];
-        let n = (&blob).read(&mut head)?;
+        let n = (&blob).read(&mut head).map_err(read_err)?;
         let comp = match (comp, Compression::sniff(&head[..n])) {
             // Trust the bytes over a media type that says "uncompressed" (docker-archive, some layouts).
             (Compression::None, sniffed) => sniffed,
             (c, _) => c,
         };
-        let blob = File::open(self.blob_path(digest))?;
+        let blob = File::open(self.blob_path(digest)).map_err(read_err)?;
         let reader: Box<dyn Read> = match comp {
             Compression::None => Box::new(BufReader::with_capacity(1 << 16, blob)),
             Compression::Gzip => Box::new(flate2::read::GzDecoder::new(BufReader::with_capacity(
                 1 << 16,
                 blob,
             ))),
-            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob)?),
+            Compression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::new(blob).map_err(read_err)?)
+            }
         };
         let mut hashing = HashingReader {
             inner: reader,
@@ -448,7 +586,8 @@ impl Store {
         };
         let tmp = tempfile::Builder::new()
             .prefix("layer-")
-            .tempdir_in(self.root.join("tmp"))?;
+            .tempdir_in(self.root.join("tmp"))
+            .map_err(Error::Temp)?;
         let opts = UnpackOptions {
             lowers,
             ..UnpackOptions::for_current_user()
@@ -456,17 +595,21 @@ impl Store {
         unpack::unpack(&mut hashing, tmp.path(), opts)?;
         let got = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
         if got != diff_id {
-            bail!("layer content digest {got} does not match the config's diff_id {diff_id}");
+            return Err(Error::DiffIdMismatch {
+                got,
+                diff_id: diff_id.to_string(),
+            });
         }
         fs::set_permissions(
             tmp.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )?;
+        )
+        .map_err(Error::StoreLayer)?;
         let dest = self.layer_path(diff_id);
         let path = tmp.keep();
         if let Err(e) = fs::rename(&path, &dest) {
             let _ = fs::remove_dir_all(&path);
-            return Err(e).context("storing the unpacked layer");
+            return Err(Error::StoreLayer(e));
         }
         txn.created.push(dest);
         Ok(())
@@ -488,10 +631,10 @@ impl Store {
 
     /// Removes `name` (or the image with this ID, all its names). Returns the removed image's ID
     /// when the image itself went (it had no names left), and whether layers stayed for `rvmm gc`.
-    pub fn remove(&self, name_or_id: &str) -> anyhow::Result<RemoveOutcome> {
+    pub fn remove(&self, name_or_id: &str) -> Result<RemoveOutcome> {
         let _lock = self.lock()?;
         let Some(rec) = self.find(name_or_id)? else {
-            bail!("no such image: {name_or_id}");
+            return Err(Error::NoSuchImage(name_or_id.to_string()));
         };
         let mut idx = self.load_index()?;
         let by_name = rec.names.iter().any(|n| {
@@ -527,7 +670,7 @@ impl Store {
 
     /// Deletes blobs and layers no image references. Returns false when layers are in use by a run
     /// (they stay for a later sweep). Call with the store lock held.
-    fn sweep(&self, idx: &Index) -> anyhow::Result<bool> {
+    fn sweep(&self, idx: &Index) -> Result<bool> {
         let mut keep_blobs = BTreeSet::new();
         let mut keep_layers = BTreeSet::new();
         for img in &idx.images {
@@ -543,7 +686,12 @@ impl Store {
                 keep_layers.insert(hex_of(&l.diff_id).to_string());
             }
         }
-        for e in fs::read_dir(self.root.join("blobs/sha256"))?.flatten() {
+        let blobs = self.root.join("blobs/sha256");
+        let sweep_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Sweep { path, source }
+        };
+        for e in fs::read_dir(&blobs).map_err(sweep_err(&blobs))?.flatten() {
             if !keep_blobs.contains(e.file_name().to_string_lossy().as_ref()) {
                 // An index's blob (for an OCI layout manifest list) is kept only while referenced.
                 let _ = fs::remove_file(e.path());
@@ -552,13 +700,16 @@ impl Store {
         let Some(_layers) = flock(
             &self.root.join("layers.lock"),
             libc::LOCK_EX | libc::LOCK_NB,
-        )?
+        )
+        .map_err(Error::LockLayers)?
         else {
             return Ok(false);
         };
-        for e in fs::read_dir(self.root.join("layers"))?.flatten() {
+        let layers = self.root.join("layers");
+        for e in fs::read_dir(&layers).map_err(sweep_err(&layers))?.flatten() {
             if !keep_layers.contains(e.file_name().to_string_lossy().as_ref()) {
-                remove_tree(&e.path())?;
+                let p = e.path();
+                remove_tree(&p).map_err(sweep_err(&p))?;
             }
         }
         Ok(true)
@@ -566,17 +717,13 @@ impl Store {
 
     /// `rvmm tag SOURCE TARGET`: gives the image `source` names (name, `name@digest` or ID prefix)
     /// the extra name `target`, taking it from whichever image had it before (as Docker does).
-    pub fn tag(
-        &self,
-        source: &str,
-        target: &super::reference::Reference,
-    ) -> anyhow::Result<ImageRecord> {
+    pub fn tag(&self, source: &str, target: &super::reference::Reference) -> Result<ImageRecord> {
         if target.digest.is_some() {
-            bail!("refusing to create a tag with a digest reference: {target}");
+            return Err(Error::TagWithDigest(target.to_string()));
         }
         let _lock = self.lock()?;
         let Some(rec) = self.find(source)? else {
-            bail!("no such image: {source}");
+            return Err(Error::NoSuchImage(source.to_string()));
         };
         let full = target.to_string();
         let mut idx = self.load_index()?;
@@ -589,7 +736,7 @@ impl Store {
             .images
             .iter_mut()
             .find(|i| i.id == rec.id)
-            .with_context(|| format!("no such image: {source}"))?;
+            .ok_or_else(|| Error::NoSuchImage(source.to_string()))?;
         if !img.names.contains(&full) {
             img.names.push(full);
         }
@@ -599,7 +746,7 @@ impl Store {
     }
 
     /// `rvmm gc` for the store: unreferenced blobs and layers, tmp leftovers.
-    pub fn gc(&self) -> anyhow::Result<bool> {
+    pub fn gc(&self) -> Result<bool> {
         let _lock = self.lock()?;
         self.clear_tmp();
         let idx = self.load_index()?;
@@ -607,30 +754,37 @@ impl Store {
     }
 
     /// The parsed config of an image.
-    pub fn config(&self, rec: &ImageRecord) -> anyhow::Result<ImageConfigFile> {
-        ImageConfigFile::parse(&self.read_blob(&rec.id)?)
+    pub fn config(&self, rec: &ImageRecord) -> Result<ImageConfigFile> {
+        Ok(ImageConfigFile::parse(&self.read_blob(&rec.id)?)?)
     }
 
     /// Writes `rec` as an OCI image layout in `dir` (created), tagged `tag`: its manifest, config
     /// and layer blobs as stored (hard links when the filesystem allows, copies otherwise).
-    pub fn export_layout(&self, rec: &ImageRecord, dir: &Path, tag: &str) -> anyhow::Result<()> {
+    pub fn export_layout(&self, rec: &ImageRecord, dir: &Path, tag: &str) -> Result<()> {
         let manifest_bytes = self.read_blob(&rec.manifest_digest)?;
         let m = self.manifest(rec)?;
         let blobs = dir.join("blobs/sha256");
-        fs::create_dir_all(&blobs)?;
+        let layout_err = |source| Error::WriteLayout {
+            path: dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(&blobs).map_err(layout_err)?;
         let digests = std::iter::once(rec.manifest_digest.as_str())
             .chain(std::iter::once(m.config.digest.as_str()))
             .chain(m.layers.iter().map(|l| l.digest.as_str()));
         for d in digests {
             let hex = d
                 .strip_prefix("sha256:")
-                .context("a blob digest that is not sha256")?;
+                .ok_or_else(|| Error::NotSha256(d.to_string()))?;
             let (src, dst) = (self.blob_path(d), blobs.join(hex));
             if dst.exists() {
                 continue;
             }
             if fs::hard_link(&src, &dst).is_err() {
-                fs::copy(&src, &dst).with_context(|| format!("copying blob {d}"))?;
+                fs::copy(&src, &dst).map_err(|source| Error::CopyBlob {
+                    digest: d.to_string(),
+                    source,
+                })?;
             }
         }
         let media_type = m
@@ -646,16 +800,18 @@ impl Store {
                 "annotations": {"org.opencontainers.image.ref.name": tag},
             }],
         });
-        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-        fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .map_err(layout_err)?;
+        let index = serde_json::to_vec(&index).map_err(|e| layout_err(e.into()))?;
+        fs::write(dir.join("index.json"), index).map_err(layout_err)?;
         Ok(())
     }
 
     /// The manifest of an image.
-    pub fn manifest(&self, rec: &ImageRecord) -> anyhow::Result<Manifest> {
+    pub fn manifest(&self, rec: &ImageRecord) -> Result<Manifest> {
         match spec::parse_document(&self.read_blob(&rec.manifest_digest)?, None)? {
             Document::Manifest(m) => Ok(m),
-            Document::Index(_) => bail!("stored manifest of {} is an index", rec.id),
+            Document::Index(_) => Err(Error::StoredIndex(rec.id.clone())),
         }
     }
 }
@@ -719,20 +875,24 @@ pub fn short(digest: &str) -> &str {
     &h[..h.len().min(12)]
 }
 
-fn check_bytes(b: &[u8], digest: &str, size: Option<u64>, what: &str) -> anyhow::Result<()> {
+fn check_bytes(b: &[u8], digest: &str, size: Option<u64>, what: &'static str) -> Result<()> {
     if let Some(s) = size {
         if b.len() as u64 != s {
-            bail!(
-                "{what} {} is {} bytes, not the {} its descriptor says",
-                short(digest),
-                b.len(),
-                s
-            );
+            return Err(Error::SizeMismatch {
+                what,
+                digest: short(digest).to_string(),
+                got: b.len() as u64,
+                want: s,
+            });
         }
     }
     let got = format!("sha256:{}", sha256_hex(b));
     if got != digest {
-        bail!("{what} digest mismatch: expected {digest}, got {got}");
+        return Err(Error::DigestMismatch {
+            what,
+            expected: digest.to_string(),
+            got,
+        });
     }
     Ok(())
 }
@@ -748,19 +908,23 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    pub fn write_chunk(&mut self, chunk: &[u8]) -> anyhow::Result<()> {
+    pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<()> {
         self.written += chunk.len() as u64;
         if let Some(s) = self.size {
             if self.written > s {
-                bail!(
-                    "blob {} is larger than the {} bytes its descriptor says",
-                    short(&self.digest),
-                    s
-                );
+                return Err(Error::BlobTooLarge {
+                    digest: short(&self.digest).to_string(),
+                    size: s,
+                });
             }
         }
         self.hasher.update(chunk);
-        self.file.write_all(chunk)?;
+        self.file
+            .write_all(chunk)
+            .map_err(|source| Error::WriteBlob {
+                digest: self.digest.clone(),
+                source,
+            })?;
         if let Some(p) = &self.progress {
             p.set_position(self.written);
         }
@@ -768,10 +932,13 @@ impl BlobWriter {
     }
 
     /// Copies everything from `r`.
-    pub fn copy_from(&mut self, r: &mut dyn Read) -> anyhow::Result<()> {
+    pub fn copy_from(&mut self, r: &mut dyn Read) -> Result<()> {
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            let n = r.read(&mut buf)?;
+            let n = r.read(&mut buf).map_err(|source| Error::ReadBlob {
+                digest: self.digest.clone(),
+                source,
+            })?;
             if n == 0 {
                 return Ok(());
             }
@@ -779,23 +946,26 @@ impl BlobWriter {
         }
     }
 
-    fn finish(self) -> anyhow::Result<(tempfile::NamedTempFile, String)> {
+    fn finish(self) -> Result<(tempfile::NamedTempFile, String)> {
         if let Some(p) = &self.progress {
             p.finish_and_clear();
         }
         if let Some(s) = self.size {
             if self.written != s {
-                bail!(
-                    "blob {} is truncated: got {} of {} bytes",
-                    short(&self.digest),
-                    self.written,
-                    s
-                );
+                return Err(Error::BlobTruncated {
+                    digest: short(&self.digest).to_string(),
+                    got: self.written,
+                    want: s,
+                });
             }
         }
         let got = format!("sha256:{}", hex::encode(self.hasher.finalize()));
         if got != self.digest {
-            bail!("blob digest mismatch: expected {}, got {got}", self.digest);
+            return Err(Error::DigestMismatch {
+                what: "blob",
+                expected: self.digest,
+                got,
+            });
         }
         Ok((self.file, self.digest))
     }

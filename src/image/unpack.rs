@@ -18,7 +18,138 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+/// Why a layer could not be unpacked. Paths are relative to the layer root unless noted.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading layer tar")]
+    ReadTar(#[source] io::Error),
+    #[error("reading pax headers")]
+    PaxHeaders(#[source] io::Error),
+    #[error("tar entry name contains a NUL byte")]
+    NulInName,
+    #[error("tar entry {0:?} escapes the layer (\"..\")")]
+    Escapes(String),
+    #[error("tar entry {0:?} is a malformed whiteout")]
+    BadWhiteout(String),
+    #[error("tar entry would write through the symlink {}", .0.display())]
+    ThroughSymlink(PathBuf),
+    #[error("tar entry needs {} to be a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("marking {} opaque", path.display())]
+    Opaque {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating whiteout for {}", path.display())]
+    Whiteout {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("replacing {}", path.display())]
+    Replace {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("symlink {} has no target", .0.display())]
+    SymlinkNoTarget(PathBuf),
+    #[error("creating symlink {}", path.display())]
+    Symlink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("hardlink {} points at the layer root", .0.display())]
+    HardlinkToRoot(PathBuf),
+    #[error("hardlink {} points at a directory", .0.display())]
+    HardlinkToDir(PathBuf),
+    #[error("hardlink {} points at {}, which is in no layer", path.display(), target.display())]
+    HardlinkDangling { path: PathBuf, target: PathBuf },
+    #[error("hardlink {} points at a lower-layer entry that is not a regular file", .0.display())]
+    HardlinkNotFile(PathBuf),
+    #[error("hardlink target directory {} is not in this layer", path.display())]
+    HardlinkTargetDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("hardlink target {} is reached through a symlink or file", .0.display())]
+    HardlinkThroughSymlink(PathBuf),
+    #[error("creating hardlink {}", path.display())]
+    Hardlink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("copying hardlink target for {}", path.display())]
+    CopyHardlink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating device {}", path.display())]
+    Device {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating fifo {}", path.display())]
+    Fifo {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("chown {}", path.display())]
+    Chown {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("xattr {key} on {}", path.display())]
+    Xattr {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("chmod {}", path.display())]
+    Chmod {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `path` is absolute.
+    #[error("setting mtime of {}", path.display())]
+    Mtime {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `map_err` helper: the io error of an operation on `path` as the variant `f` builds.
+fn at<'a>(
+    f: fn(PathBuf, io::Error) -> Error,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| f(path.to_path_buf(), source)
+}
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -52,13 +183,13 @@ pub struct UnpackStats {
 
 /// Unpacks the (uncompressed) tar stream into `dest`, an existing empty directory, then reads the
 /// stream to its end (so a digest computed over it covers every byte).
-pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::Result<UnpackStats> {
+pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> Result<UnpackStats> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = UnpackStats::default();
     // Directories whose mode and mtime are set at the end: (path relative to dest, mode, mtime).
     let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
-    for entry in archive.entries().context("reading layer tar")? {
-        let mut entry = entry.context("reading layer tar")?;
+    for entry in archive.entries().map_err(Error::ReadTar)? {
+        let mut entry = entry.map_err(Error::ReadTar)?;
         stats.entries += 1;
         let raw = entry.path_bytes().into_owned();
         let Some(rel) = clean(&raw)? else {
@@ -74,27 +205,28 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
 
         if name == OPAQUE {
             if opts.privileged {
-                set_xattr(&parent, "trusted.overlay.opaque", b"y")
-                    .with_context(|| format!("marking {} opaque", parent_rel.display()))?;
+                set_xattr(&parent, "trusted.overlay.opaque", b"y").map_err(at(
+                    |path, source| Error::Opaque { path, source },
+                    parent_rel,
+                ))?;
             } else {
-                write_marker(&path)?;
+                write_marker(&path, &rel)?;
             }
             continue;
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == "." || hidden == ".." {
-                bail!(
-                    "tar entry {:?} is a malformed whiteout",
-                    String::from_utf8_lossy(&raw)
-                );
+                return Err(Error::BadWhiteout(
+                    String::from_utf8_lossy(&raw).into_owned(),
+                ));
             }
             if opts.privileged {
                 let target = parent.join(hidden);
-                remove_existing(&target)?;
+                remove_existing(&target, &parent_rel.join(hidden))?;
                 mknod(&target, libc::S_IFCHR, 0)
-                    .with_context(|| format!("creating whiteout for {}", rel.display()))?;
+                    .map_err(at(|path, source| Error::Whiteout { path, source }, &rel))?;
             } else {
-                write_marker(&path)?;
+                write_marker(&path, &rel)?;
             }
             continue;
         }
@@ -115,39 +247,38 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
                 match fs::symlink_metadata(&path) {
                     Ok(m) if m.is_dir() => {}
                     Ok(_) => {
-                        remove_existing(&path)?;
-                        fs::create_dir(&path)?;
+                        remove_existing(&path, &rel)?;
+                        fs::create_dir(&path).map_err(at(create, &rel))?;
                     }
-                    Err(_) => fs::create_dir(&path)
-                        .with_context(|| format!("creating {}", rel.display()))?,
+                    Err(_) => fs::create_dir(&path).map_err(at(create, &rel))?,
                 }
                 dirs.push((rel.clone(), mode, mtime));
             }
             T::Regular | T::Continuous | T::GNUSparse => {
-                remove_existing(&path)?;
+                remove_existing(&path, &rel)?;
                 let mut f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
-                    .with_context(|| format!("creating {}", rel.display()))?;
+                    .map_err(at(create, &rel))?;
                 stats.bytes += io::copy(&mut entry, &mut f)
-                    .with_context(|| format!("writing {}", rel.display()))?;
+                    .map_err(at(|path, source| Error::Write { path, source }, &rel))?;
             }
             T::Symlink => {
                 let target = link.clone().unwrap_or_default();
                 if target.is_empty() {
-                    bail!("symlink {} has no target", rel.display());
+                    return Err(Error::SymlinkNoTarget(rel));
                 }
-                remove_existing(&path)?;
+                remove_existing(&path, &rel)?;
                 std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
-                    .with_context(|| format!("creating symlink {}", rel.display()))?;
+                    .map_err(at(|path, source| Error::Symlink { path, source }, &rel))?;
             }
             T::Link => {
                 let target = link.clone().unwrap_or_default();
                 let Some(trel) = clean(&target)? else {
-                    bail!("hardlink {} points at the layer root", rel.display());
+                    return Err(Error::HardlinkToRoot(rel));
                 };
                 let tparent_rel = trel.parent().unwrap_or(Path::new(""));
                 let tname = trel.file_name().unwrap_or_default();
@@ -155,17 +286,20 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
                     .ok()
                     .map(|d| d.join(tname))
                     .filter(|p| fs::symlink_metadata(p).is_ok());
+                let hardlink = |path, source| Error::Hardlink { path, source };
                 if let Some(tpath) = here {
-                    if fs::symlink_metadata(&tpath)?.is_dir() {
-                        bail!("hardlink {} points at a directory", rel.display());
+                    if fs::symlink_metadata(&tpath)
+                        .map_err(at(hardlink, &rel))?
+                        .is_dir()
+                    {
+                        return Err(Error::HardlinkToDir(rel));
                     }
                     if tpath == path {
                         continue;
                     }
-                    remove_existing(&path)?;
+                    remove_existing(&path, &rel)?;
                     // link(2) does not follow a symlink target: the link is to the symlink itself.
-                    fs::hard_link(&tpath, &path)
-                        .with_context(|| format!("creating hardlink {}", rel.display()))?;
+                    fs::hard_link(&tpath, &path).map_err(at(hardlink, &rel))?;
                     continue; // shares the target's metadata
                 }
                 let lower = opts.lowers.iter().find_map(|l| {
@@ -174,21 +308,19 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
                     Some((p, m))
                 });
                 let Some((lpath, lmeta)) = lower else {
-                    bail!(
-                        "hardlink {} points at {}, which is in no layer",
-                        rel.display(),
-                        trel.display()
-                    );
+                    return Err(Error::HardlinkDangling {
+                        path: rel,
+                        target: trel,
+                    });
                 };
                 if !lmeta.is_file() {
-                    bail!(
-                        "hardlink {} points at a lower-layer entry that is not a regular file",
-                        rel.display()
-                    );
+                    return Err(Error::HardlinkNotFile(rel));
                 }
-                remove_existing(&path)?;
-                copy_file(&lpath, &path, &lmeta, opts.privileged)
-                    .with_context(|| format!("copying hardlink target for {}", rel.display()))?;
+                remove_existing(&path, &rel)?;
+                copy_file(&lpath, &path, &lmeta, opts.privileged).map_err(at(
+                    |path, source| Error::CopyHardlink { path, source },
+                    &rel,
+                ))?;
                 continue;
             }
             T::Char | T::Block => {
@@ -202,32 +334,36 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
                 } else {
                     libc::S_IFBLK
                 };
-                remove_existing(&path)?;
+                remove_existing(&path, &rel)?;
                 mknod(&path, fmt | mode, libc::makedev(major, minor))
-                    .with_context(|| format!("creating device {}", rel.display()))?;
+                    .map_err(at(|path, source| Error::Device { path, source }, &rel))?;
             }
             T::Fifo => {
-                remove_existing(&path)?;
+                remove_existing(&path, &rel)?;
                 mknod(&path, libc::S_IFIFO | mode, 0)
-                    .with_context(|| format!("creating fifo {}", rel.display()))?;
+                    .map_err(at(|path, source| Error::Fifo { path, source }, &rel))?;
             }
             _ => continue, // pax/GNU headers are folded in by the tar crate; other types carry nothing
         }
 
         let is_symlink = kind == T::Symlink;
         if opts.privileged {
-            lchown(&path, uid, gid).with_context(|| format!("chown {}", rel.display()))?;
+            lchown(&path, uid, gid)
+                .map_err(at(|path, source| Error::Chown { path, source }, &rel))?;
             for (k, v) in &xattrs {
-                set_xattr(&path, k, v)
-                    .with_context(|| format!("xattr {k} on {}", rel.display()))?;
+                set_xattr(&path, k, v).map_err(|source| Error::Xattr {
+                    key: k.clone(),
+                    path: rel.clone(),
+                    source,
+                })?;
             }
         }
         if !is_symlink && kind != T::Directory {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                .with_context(|| format!("chmod {}", rel.display()))?;
+                .map_err(at(chmod, &rel))?;
         }
         if kind != T::Directory {
-            set_mtime(&path, mtime)?;
+            set_mtime(&path, mtime).map_err(at(mtime_err, &path))?;
         }
     }
     // Directory modes and mtimes last (a read-only directory still takes its children; creating
@@ -239,27 +375,36 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> anyhow::R
         let Ok(d) = existing_dir(dest, &rel) else {
             continue;
         };
-        fs::set_permissions(&d, fs::Permissions::from_mode(mode))?;
-        set_mtime(&d, mtime)?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(mode)).map_err(at(chmod, &rel))?;
+        set_mtime(&d, mtime).map_err(at(mtime_err, &d))?;
     }
     let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).context("reading layer tar")?;
+    io::copy(&mut rest, &mut io::sink()).map_err(Error::ReadTar)?;
     Ok(stats)
 }
 
+fn create(path: PathBuf, source: io::Error) -> Error {
+    Error::Create { path, source }
+}
+
+fn chmod(path: PathBuf, source: io::Error) -> Error {
+    Error::Chmod { path, source }
+}
+
+fn mtime_err(path: PathBuf, source: io::Error) -> Error {
+    Error::Mtime { path, source }
+}
+
 /// Normalizes a tar path: relative, no `.`; `..` is an error. `None` for the root itself.
-pub fn clean(raw: &[u8]) -> anyhow::Result<Option<PathBuf>> {
+pub fn clean(raw: &[u8]) -> Result<Option<PathBuf>> {
     if raw.contains(&0) {
-        bail!("tar entry name contains a NUL byte");
+        return Err(Error::NulInName);
     }
     let mut out = PathBuf::new();
     for comp in raw.split(|&b| b == b'/') {
         match comp {
             b"" | b"." => {}
-            b".." => bail!(
-                "tar entry {:?} escapes the layer (\"..\")",
-                String::from_utf8_lossy(raw)
-            ),
+            b".." => return Err(Error::Escapes(String::from_utf8_lossy(raw).into_owned())),
             c => out.push(OsStr::from_bytes(c)),
         }
     }
@@ -268,50 +413,45 @@ pub fn clean(raw: &[u8]) -> anyhow::Result<Option<PathBuf>> {
 
 /// Makes every component of `rel` under `root` a real directory (creating missing ones, 0755),
 /// refusing symlinks and non-directories. Returns the absolute path.
-fn ensure_dirs(root: &Path, rel: &Path) -> anyhow::Result<PathBuf> {
+fn ensure_dirs(root: &Path, rel: &Path) -> Result<PathBuf> {
     let mut cur = root.to_path_buf();
     for comp in rel.components() {
         cur.push(comp);
         match fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => bail!(
-                "tar entry would write through the symlink {}",
-                rel.display()
-            ),
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => bail!("tar entry needs {} to be a directory", rel.display()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&cur)?;
-                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))?;
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Error::ThroughSymlink(rel.to_path_buf()))
             }
-            Err(e) => return Err(e.into()),
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(Error::NotADirectory(rel.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&cur).map_err(at(create, rel))?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))
+                    .map_err(at(create, rel))?;
+            }
+            Err(e) => return Err(create(rel.to_path_buf(), e)),
         }
     }
     Ok(cur)
 }
 
 /// Like [`ensure_dirs`] but creates nothing: `rel` must already be real directories.
-fn existing_dir(root: &Path, rel: &Path) -> anyhow::Result<PathBuf> {
+fn existing_dir(root: &Path, rel: &Path) -> Result<PathBuf> {
     let mut cur = root.to_path_buf();
     for comp in rel.components() {
         cur.push(comp);
-        let m = fs::symlink_metadata(&cur).with_context(|| {
-            format!(
-                "hardlink target directory {} is not in this layer",
-                rel.display()
-            )
-        })?;
+        let m = fs::symlink_metadata(&cur).map_err(at(
+            |path, source| Error::HardlinkTargetDir { path, source },
+            rel,
+        ))?;
         if !m.is_dir() || m.file_type().is_symlink() {
-            bail!(
-                "hardlink target {} is reached through a symlink or file",
-                rel.display()
-            );
+            return Err(Error::HardlinkThroughSymlink(rel.to_path_buf()));
         }
     }
     Ok(cur)
 }
 
 /// Copies a regular file without following symlinks at either end, keeping mode, owner and mtime.
-fn copy_file(src: &Path, dst: &Path, meta: &fs::Metadata, privileged: bool) -> anyhow::Result<()> {
+fn copy_file(src: &Path, dst: &Path, meta: &fs::Metadata, privileged: bool) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mut from = OpenOptions::new()
         .read(true)
@@ -331,18 +471,20 @@ fn copy_file(src: &Path, dst: &Path, meta: &fs::Metadata, privileged: bool) -> a
     set_mtime(dst, meta.mtime())
 }
 
-fn remove_existing(path: &Path) -> anyhow::Result<()> {
+/// Removes whatever is at `path` (`rel` in the layer) so an entry can take its place.
+fn remove_existing(path: &Path, rel: &Path) -> Result<()> {
+    let replace = |path, source| Error::Replace { path, source };
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path)?,
-        Ok(_) => fs::remove_file(path)?,
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(at(replace, rel))?,
+        Ok(_) => fs::remove_file(path).map_err(at(replace, rel))?,
         Err(_) => {}
     }
     Ok(())
 }
 
-fn write_marker(path: &Path) -> anyhow::Result<()> {
-    remove_existing(path)?;
-    fs::write(path, b"")?;
+fn write_marker(path: &Path, rel: &Path) -> Result<()> {
+    remove_existing(path, rel)?;
+    fs::write(path, b"").map_err(at(create, rel))?;
     Ok(())
 }
 
@@ -382,7 +524,7 @@ fn set_xattr(path: &Path, key: &str, value: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn set_mtime(path: &Path, mtime: i64) -> anyhow::Result<()> {
+fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
     let c = cpath(path)?;
     let ts = [
         libc::timespec {
@@ -404,19 +546,18 @@ fn set_mtime(path: &Path, mtime: i64) -> anyhow::Result<()> {
         )
     };
     if r != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("setting mtime of {}", path.display()));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
 
 /// The xattrs a layer may carry and we are willing to set: `user.*` and `security.capability`.
 /// `trusted.*` (overlayfs metadata among them) is never taken from a tar.
-fn read_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+fn read_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
-    if let Some(exts) = entry.pax_extensions().context("reading pax headers")? {
+    if let Some(exts) = entry.pax_extensions().map_err(Error::PaxHeaders)? {
         for ext in exts {
-            let ext = ext.context("reading pax headers")?;
+            let ext = ext.map_err(Error::PaxHeaders)?;
             let Ok(key) = ext.key() else { continue };
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
                 if name.starts_with("user.") || name == "security.capability" {
@@ -459,7 +600,7 @@ mod tests {
         h
     }
 
-    fn unpack_bytes(bytes: &[u8]) -> (tempfile::TempDir, anyhow::Result<UnpackStats>) {
+    fn unpack_bytes(bytes: &[u8]) -> (tempfile::TempDir, Result<UnpackStats>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let r = unpack(
             bytes,

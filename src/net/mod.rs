@@ -2,15 +2,69 @@
 //! veth pairs for containers, and published ports (a userspace TCP/UDP proxy on the host, as
 //! docker-proxy does, so 127.0.0.1:PORT works without route_localnet tricks).
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context};
-
 use crate::runspec::{PortMapping, Protocol};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("running {program:?}")]
+    Spawn {
+        program: OsString,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{program:?} {args:?} failed: {stderr}")]
+    CommandFailed {
+        program: OsString,
+        args: Vec<OsString>,
+        stderr: String,
+    },
+    #[error("running ip (iproute2)")]
+    IpSpawn(#[source] io::Error),
+    #[error("ip: {0}")]
+    IpFailed(String),
+    #[error("creating {}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating the rvmm0 bridge")]
+    Bridge(#[source] Box<Error>),
+    #[error("adding the NAT rules")]
+    Nat(#[source] Box<Error>),
+    #[error("leasing an address")]
+    Lease(#[source] io::Error),
+    #[error("no free address left in {SUBNET}")]
+    NoFreeAddress,
+    #[error("creating the veth pair")]
+    Veth(#[source] Box<Error>),
+    #[error("configuring the container's eth0")]
+    ContainerEth0(#[source] Box<Error>),
+    #[error("creating the VM's tap")]
+    Tap(#[source] Box<Error>),
+    #[error("publishing port {port}/{protocol}: it is already in use")]
+    PortInUse {
+        port: u16,
+        protocol: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 pub const BRIDGE: &str = "rvmm0";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
@@ -22,23 +76,25 @@ fn ipam_dir() -> PathBuf {
 }
 
 /// Runs a command, turning failure into one line with its stderr.
-pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+        .map_err(|source| Error::Spawn {
+            program: cmd.get_program().to_owned(),
+            source,
+        })?;
     if !out.status.success() {
-        bail!(
-            "{:?} {:?} failed: {}",
-            cmd.get_program(),
-            cmd.get_args().collect::<Vec<_>>(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(Error::CommandFailed {
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(|a| a.to_owned()).collect(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
 
-fn ip_batch(netns_pid: Option<i32>, batch: &str) -> anyhow::Result<()> {
+fn ip_batch(netns_pid: Option<i32>, batch: &str) -> Result<()> {
     let mut cmd = match netns_pid {
         Some(pid) => {
             let mut c = Command::new("nsenter");
@@ -51,30 +107,42 @@ fn ip_batch(netns_pid: Option<i32>, batch: &str) -> anyhow::Result<()> {
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("running ip (iproute2)")?;
-    child
+    let mut child = cmd.spawn().map_err(Error::IpSpawn)?;
+    let mut stdin = child
         .stdin
         .take()
-        .context("ip stdin")?
-        .write_all(batch.as_bytes())?;
-    let out = child.wait_with_output()?;
+        .ok_or_else(|| Error::IpSpawn(io::Error::other("ip has no stdin pipe")))?;
+    stdin.write_all(batch.as_bytes()).map_err(Error::IpSpawn)?;
+    drop(stdin);
+    let out = child.wait_with_output().map_err(Error::IpSpawn)?;
     if !out.status.success() {
-        bail!("ip: {}", String::from_utf8_lossy(&out.stderr).trim());
+        return Err(Error::IpFailed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     Ok(())
 }
 
 /// Creates the bridge with its address and the NAT rule, once (idempotent, under a lock).
-pub fn ensure_bridge() -> anyhow::Result<()> {
+pub fn ensure_bridge() -> Result<()> {
     if std::path::Path::new(&format!("/sys/class/net/{BRIDGE}")).exists() {
         return Ok(());
     }
-    fs::create_dir_all(crate::paths::run_dir())?;
+    let dir = crate::paths::run_dir();
+    fs::create_dir_all(&dir).map_err(|source| Error::StateDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let lock_path = dir.join("net.lock");
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(crate::paths::run_dir().join("net.lock"))?;
+        .open(&lock_path)
+        .map_err(|source| Error::Lock {
+            path: lock_path,
+            source,
+        })?;
     // SAFETY: flock on an open fd.
     unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
     if !std::path::Path::new(&format!("/sys/class/net/{BRIDGE}")).exists() {
@@ -82,7 +150,7 @@ pub fn ensure_bridge() -> anyhow::Result<()> {
             None,
             &format!("link add {BRIDGE} type bridge\naddr add {GATEWAY}/{PREFIX} dev {BRIDGE}\nlink set {BRIDGE} up\n"),
         )
-        .context("creating the rvmm0 bridge")?;
+        .map_err(|e| Error::Bridge(Box::new(e)))?;
     }
     let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
     let rules: [&[&str]; 3] = [
@@ -114,7 +182,7 @@ pub fn ensure_bridge() -> anyhow::Result<()> {
             .unwrap_or(false);
         if !exists {
             run(Command::new("iptables").args(table).arg("-A").args(rest))
-                .context("adding the NAT rules")?;
+                .map_err(|e| Error::Nat(Box::new(e)))?;
         }
     }
     Ok(())
@@ -128,9 +196,12 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn allocate(owner: &str) -> anyhow::Result<Lease> {
+    pub fn allocate(owner: &str) -> Result<Lease> {
         let dir = ipam_dir();
-        fs::create_dir_all(&dir)?;
+        fs::create_dir_all(&dir).map_err(|source| Error::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
         for n in 2u32..65534 {
             let addr = Ipv4Addr::from(u32::from(GATEWAY) - 1 + n);
             let path = dir.join(addr.to_string());
@@ -140,14 +211,14 @@ impl Lease {
                 .open(&path)
             {
                 Ok(mut f) => {
-                    f.write_all(owner.as_bytes())?;
+                    f.write_all(owner.as_bytes()).map_err(Error::Lease)?;
                     return Ok(Lease { addr, path });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).context("leasing an address"),
+                Err(e) => return Err(Error::Lease(e)),
             }
         }
-        bail!("no free address left in {SUBNET}")
+        Err(Error::NoFreeAddress)
     }
 
     pub fn release(&self) {
@@ -158,7 +229,7 @@ impl Lease {
 /// Bridge networking for run `id`: the bridge exists, an address is leased and written into
 /// `net` (address, gateway), and the `-p` ports are bound (forwarding starts later, with
 /// [`Publisher::start`]). On error nothing stays leased.
-pub fn attach_run(net: &mut rvmm_proto::Network, id: &str) -> anyhow::Result<(Lease, Publisher)> {
+pub fn attach_run(net: &mut rvmm_proto::Network, id: &str) -> Result<(Lease, Publisher)> {
     ensure_bridge()?;
     let lease = Lease::allocate(id)?;
     net.address = Some(format!("{}/{}", lease.addr, PREFIX));
@@ -190,21 +261,21 @@ pub fn veth_name(id: &str) -> String {
 
 /// Creates the veth pair, puts its peer as eth0 into the netns of `pid` with `addr`, and
 /// attaches the host side to the bridge.
-pub fn attach_container(id: &str, pid: i32, addr: Ipv4Addr) -> anyhow::Result<String> {
+pub fn attach_container(id: &str, pid: i32, addr: Ipv4Addr) -> Result<String> {
     let host = veth_name(id);
     let peer = format!("rvc{}", &id[..id.len().min(11)]);
     ip_batch(
         None,
         &format!("link add {host} type veth peer name {peer} netns {pid}\nlink set {host} master {BRIDGE} up\n"),
     )
-    .context("creating the veth pair")?;
+    .map_err(|e| Error::Veth(Box::new(e)))?;
     ip_batch(
         Some(pid),
         &format!(
             "link set {peer} name eth0\naddr add {addr}/{PREFIX} dev eth0\nlink set eth0 up\nroute add default via {GATEWAY}\n"
         ),
     )
-    .context("configuring the container's eth0")?;
+    .map_err(|e| Error::ContainerEth0(Box::new(e)))?;
     Ok(host)
 }
 
@@ -237,24 +308,27 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn bind(ports: &[PortMapping]) -> anyhow::Result<Publisher> {
+    pub fn bind(ports: &[PortMapping]) -> Result<Publisher> {
         let mut p = Publisher {
             tcp: vec![],
             udp: vec![],
         };
         for m in ports {
             let addr = SocketAddr::from(([0, 0, 0, 0], m.host_port));
+            let in_use = |protocol| {
+                move |source| Error::PortInUse {
+                    port: m.host_port,
+                    protocol,
+                    source,
+                }
+            };
             match m.protocol {
                 Protocol::Tcp => p.tcp.push((
-                    TcpListener::bind(addr).with_context(|| {
-                        format!("publishing port {}/tcp: it is already in use", m.host_port)
-                    })?,
+                    TcpListener::bind(addr).map_err(in_use("tcp"))?,
                     m.container_port,
                 )),
                 Protocol::Udp => p.udp.push((
-                    UdpSocket::bind(addr).with_context(|| {
-                        format!("publishing port {}/udp: it is already in use", m.host_port)
-                    })?,
+                    UdpSocket::bind(addr).map_err(in_use("udp"))?,
                     m.container_port,
                 )),
             }
@@ -321,12 +395,12 @@ fn splice_streams(a: TcpStream, b: TcpStream) {
 }
 
 /// Creates a persistent TAP for a VM run, attached to the bridge and up.
-pub fn create_tap(id: &str) -> anyhow::Result<String> {
+pub fn create_tap(id: &str) -> Result<String> {
     let name = format!("rvt{}", &id[..id.len().min(11)]);
     ip_batch(
         None,
         &format!("tuntap add dev {name} mode tap\nlink set {name} master {BRIDGE} up\n"),
     )
-    .context("creating the VM's tap")?;
+    .map_err(|e| Error::Tap(Box::new(e)))?;
     Ok(name)
 }

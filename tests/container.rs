@@ -468,3 +468,161 @@ fn without_rm_the_run_is_kept_until_rvmm_rm() {
         .stdout
         .contains("keeper"));
 }
+
+/// A workload that outlives the command: `run -d` prints the ID once it runs, `ps` and `inspect`
+/// show it, `logs` splits stdout and stderr, `stop` sends the stop signal (the workload's trap
+/// runs), `wait` prints the status; `kill` ends another with 137; `rm -f` removes a running one;
+/// a detached run that cannot start fails like an attached one (127, the same line, no ID).
+#[test]
+fn detached_runs_logs_stop_kill_wait_inspect() {
+    let Some(env) = setup() else { return };
+    let root = env.store.path();
+    let script = "echo out; echo err >&2; trap 'echo term; exit 3' TERM; while :; do sleep 1; done";
+    let o = rvmm(
+        root,
+        &[
+            "run",
+            "-d",
+            "--isolation=container",
+            "--network=none",
+            "--name",
+            "bg",
+            BB,
+            "sh",
+            "-c",
+            script,
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let id = o.stdout.trim().to_string();
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id:?}"
+    );
+    let ps = rvmm(root, &["ps"], None);
+    assert!(
+        ps.stdout.contains("bg") && ps.stdout.contains("Up "),
+        "{}",
+        ps.stdout
+    );
+    // The workload wrote its lines right away; the log has them, stream by stream.
+    let mut logs = rvmm(root, &["logs", "bg"], None);
+    for _ in 0..100 {
+        if logs.stdout.contains("out") && logs.stderr.contains("err") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        logs = rvmm(root, &["logs", "bg"], None);
+    }
+    assert_eq!(
+        (logs.stdout.as_str(), logs.stderr.as_str()),
+        ("out\n", "err\n")
+    );
+    let t = rvmm(root, &["logs", "-t", "--tail", "2", &id[..12]], None);
+    assert!(
+        t.stdout.ends_with("Z out\n") && t.stderr.ends_with("Z err\n"),
+        "{:?}",
+        t.stderr
+    );
+    let i = rvmm(root, &["inspect", "bg"], None);
+    assert_eq!(i.code, 0, "{}", i.stderr);
+    let v: serde_json::Value = serde_json::from_str(&i.stdout).unwrap();
+    assert_eq!(v[0]["Id"], id.as_str());
+    assert_eq!(v[0]["Isolation"], "container");
+    assert_eq!(v[0]["State"]["Running"], true);
+    assert_eq!(v[0]["Config"]["argv"][0], "sh");
+    assert!(v[0]["State"]["StartedAt"].as_str().unwrap().ends_with('Z'));
+
+    let s = rvmm(root, &["stop", "-t", "20", "bg"], None);
+    assert_eq!((s.code, s.stdout.as_str()), (0, "bg\n"), "{}", s.stderr);
+    let w = rvmm(root, &["wait", "bg"], None);
+    assert_eq!((w.code, w.stdout.as_str()), (0, "3\n"), "{}", w.stderr);
+    let logs = rvmm(root, &["logs", "bg"], None);
+    assert_eq!(logs.stdout, "out\nterm\n");
+    let i = rvmm(root, &["inspect", "bg"], None);
+    let v: serde_json::Value = serde_json::from_str(&i.stdout).unwrap();
+    assert_eq!(v[0]["State"]["ExitCode"], 3);
+    assert!(rvmm(root, &["rm", "bg"], None).code == 0);
+
+    // kill: SIGKILL by default, 137.
+    let o = rvmm(
+        root,
+        &[
+            "run",
+            "-d",
+            "--isolation=container",
+            "--network=none",
+            "--name",
+            "k",
+            BB,
+            "sleep",
+            "600",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(rvmm(root, &["kill", "k"], None).code, 0);
+    let w = rvmm(root, &["wait", "k"], None);
+    assert_eq!(w.stdout, "137\n", "{}", w.stderr);
+    let bad = rvmm(root, &["kill", "-s", "ALRM", "k"], None);
+    assert_ne!(bad.code, 0);
+    assert_eq!(bad.stderr.lines().count(), 1, "{}", bad.stderr);
+    assert_eq!(rvmm(root, &["rm", "k"], None).code, 0);
+
+    // rm -f of a running run; --rm with -d removes the run when it ends.
+    let o = rvmm(
+        root,
+        &[
+            "run",
+            "-d",
+            "--rm",
+            "--isolation=container",
+            "--network=none",
+            "--name",
+            "f",
+            BB,
+            "sleep",
+            "600",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r = rvmm(root, &["rm", "f"], None);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("running"), "{}", r.stderr);
+    assert_eq!(rvmm(root, &["rm", "-f", "f"], None).code, 0);
+    assert!(rvmm(root, &["ps", "-aq"], None).stdout.trim().is_empty());
+
+    // A run that cannot start: the same status and line as attached, no ID.
+    let a = rvmm(
+        root,
+        &[
+            "run",
+            "--rm",
+            "--isolation=container",
+            "--network=none",
+            BB,
+            "nonexistent",
+        ],
+        None,
+    );
+    let d = rvmm(
+        root,
+        &[
+            "run",
+            "-d",
+            "--rm",
+            "--isolation=container",
+            "--network=none",
+            BB,
+            "nonexistent",
+        ],
+        None,
+    );
+    assert_eq!(a.code, 127);
+    assert_eq!(
+        (d.code, d.stdout.as_str(), d.stderr.as_str()),
+        (a.code, "", a.stderr.as_str())
+    );
+}

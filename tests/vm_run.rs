@@ -753,3 +753,64 @@ fn a_damaged_snapshot_is_replaced_by_a_boot() {
     assert_eq!(o.code, 1);
     assert_eq!(o.stderr.trim(), format!("rvmm: no snapshot {key}"));
 }
+
+/// A detached VM: `run -d` returns once the workload runs in the guest, `logs` has its stdout and
+/// stderr apart, `stop` reaches the workload's trap through the channel, `wait` (in another
+/// process, while `stop` runs) prints its status, and nothing is left behind.
+#[test]
+fn a_detached_vm_logs_stops_and_waits() {
+    let Some(env) = setup() else { return };
+    let root = env.store.path();
+    let script = "echo out; echo err >&2; trap 'echo term; exit 3' TERM; while :; do sleep 1; done";
+    let o = rvmm(
+        root,
+        &[
+            "run",
+            "-d",
+            "--isolation=vm",
+            "--network=none",
+            "--name",
+            "bgvm",
+            BB,
+            "sh",
+            "-c",
+            script,
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout.trim().len(), 64, "{}", o.stdout);
+    let mut logs = rvmm(root, &["logs", "bgvm"], None);
+    for _ in 0..200 {
+        if logs.stdout.contains("out") && logs.stderr.contains("err") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        logs = rvmm(root, &["logs", "bgvm"], None);
+    }
+    assert_eq!(
+        (logs.stdout.as_str(), logs.stderr.as_str()),
+        ("out\n", "err\n")
+    );
+    let i = rvmm(root, &["inspect", "bgvm"], None);
+    let v: serde_json::Value = serde_json::from_str(&i.stdout).unwrap();
+    assert_eq!(v[0]["Isolation"], "vm");
+    assert_eq!(v[0]["State"]["Running"], true);
+    // `wait` from another process while `stop` runs.
+    let waiter = Command::new(common::rvmm_bin())
+        .arg("--root")
+        .arg(root)
+        .args(["wait", "bgvm"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = rvmm(root, &["stop", "-t", "30", "bgvm"], None);
+    assert_eq!(s.code, 0, "{}", s.stderr);
+    let w = waiter.wait_with_output().unwrap();
+    let w = String::from_utf8_lossy(&w.stdout).to_string();
+    assert_eq!(w, "3\n");
+    let logs = rvmm(root, &["logs", "bgvm"], None);
+    assert_eq!(logs.stdout, "out\nterm\n");
+    assert_eq!(rvmm(root, &["rm", "bgvm"], None).code, 0);
+    assert!(rvmm(root, &["ps", "-aq"], None).stdout.trim().is_empty());
+}

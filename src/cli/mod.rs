@@ -9,6 +9,7 @@ mod doctor;
 mod gc;
 mod images;
 mod kernel;
+mod lifecycle;
 mod load;
 mod login;
 mod ps;
@@ -65,8 +66,21 @@ pub enum Command {
     Image(images::ImageCommand),
     /// List running workloads (both isolations); -a includes exited ones.
     Ps(ps::Args),
-    /// Remove exited runs (their writable layers).
+    /// Remove runs (their writable layers and logs); -f stops running ones first.
     Rm(ps::RmArgs),
+    /// Show a run's output (runs started with -d keep it in their log).
+    Logs(lifecycle::LogsArgs),
+    /// Stop runs: their stop signal, then SIGKILL after -t seconds.
+    Stop(lifecycle::StopArgs),
+    /// Send a signal to runs' workloads (default SIGKILL).
+    Kill(lifecycle::KillArgs),
+    /// Wait for runs to end and print their exit statuses.
+    Wait(lifecycle::WaitArgs),
+    /// Show runs' state and configuration as JSON.
+    Inspect(lifecycle::InspectArgs),
+    /// The supervisor of a detached run (started by `run -d`).
+    #[command(name = "__supervise", hide = true)]
+    Supervise(lifecycle::SuperviseArgs),
     /// Remove what dead runs left behind (mounts, cgroups, taps, veths, rules, run dirs).
     Gc(gc::Args),
     /// Warm-start snapshots of VM isolation (ls, rm, gc, prewarm).
@@ -101,6 +115,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Image(c) => images::image(c, &global),
         Command::Ps(a) => ps::exec(a, &global),
         Command::Rm(a) => ps::rm(a, &global),
+        Command::Logs(a) => lifecycle::logs(a, &global),
+        Command::Stop(a) => lifecycle::stop(a, &global),
+        Command::Kill(a) => lifecycle::kill(a, &global),
+        Command::Wait(a) => lifecycle::wait(a, &global),
+        Command::Inspect(a) => lifecycle::inspect(a, &global),
+        Command::Supervise(a) => lifecycle::supervise(a),
         Command::Gc(a) => gc::exec(a, &global),
         Command::Vm(a) => vm::exec(a, &global),
         Command::Kernel(c) => kernel::exec(c, &global),

@@ -30,11 +30,15 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         "COMMAND".into(),
         "ISOLATION".into(),
         "STATUS".into(),
+        "PORTS".into(),
         "NAMES".into(),
     ]];
     for r in shown {
         let status = match (r.status, r.exit_code) {
-            (state::Status::Running, _) => format!("Up (pid {})", r.pid),
+            (state::Status::Running, _) => match r.started_at {
+                Some(t) => format!("Up {} (pid {})", ago(t), r.pid),
+                None => "Starting".to_string(),
+            },
             (_, Some(c)) => format!("Exited ({c})"),
             (state::Status::Exited, None) => "exited".to_string(),
         };
@@ -48,6 +52,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             format!("\"{cmd}\""),
             r.isolation.as_str().to_string(),
             status,
+            r.ports.join(", "),
             r.name.clone(),
         ]);
     }
@@ -57,6 +62,9 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
 
 #[derive(clap::Args, Debug)]
 pub struct RmArgs {
+    /// Stop running runs first (SIGKILL), then remove them.
+    #[arg(short, long)]
+    pub force: bool,
     /// Runs to remove (name or ID prefix).
     #[arg(required = true)]
     pub runs: Vec<String>,
@@ -72,8 +80,16 @@ pub fn rm(args: RmArgs, global: &Global) -> anyhow::Result<u8> {
             .filter(|r| &r.name == want || r.id.starts_with(want.as_str()))
             .collect();
         match hit.as_slice() {
+            [r] if r.alive() && args.force => {
+                super::lifecycle::force_stop(r);
+                // A run with --rm removed itself as it ended.
+                if r.dir.exists() {
+                    rvmm::image::store::remove_tree(&r.dir)?;
+                }
+                println!("{want}");
+            }
             [r] if r.alive() => {
-                eprintln!("rvmm: {want} is running; stop it first");
+                eprintln!("rvmm: {want} is running; stop it first (or rm -f)");
                 failed = true;
             }
             [r] => {
@@ -91,6 +107,24 @@ pub fn rm(args: RmArgs, global: &Global) -> anyhow::Result<u8> {
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// "5 seconds", "3 minutes", "2 hours" since `t` (Unix seconds), as `docker ps` says it.
+fn ago(t: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(t);
+    let s = now.saturating_sub(t);
+    match s {
+        0..=1 => "1 second".into(),
+        2..=59 => format!("{s} seconds"),
+        60..=119 => "1 minute".into(),
+        120..=3599 => format!("{} minutes", s / 60),
+        3600..=7199 => "1 hour".into(),
+        7200..=172_799 => format!("{} hours", s / 3600),
+        _ => format!("{} days", s / 86_400),
+    }
 }
 
 /// The 12-digit form of a run ID (state files are read from disk: never slice blindly).

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use rvmm::container;
 use rvmm::image::{self, Store};
-use rvmm::run::RunOptions;
+use rvmm::run::{supervise, RunOptions};
 use rvmm::runspec::{self, Limits, NetworkMode, RunFlags};
 
 use super::pull::RegistryArgs;
@@ -58,6 +58,10 @@ pub struct Args {
     /// by `rvmm ps -a`) until `rvmm rm`.
     #[arg(long)]
     pub rm: bool,
+    /// Run in the background: print the run's ID once the workload has started, and keep its
+    /// output in the run's log (`rvmm logs`); `rvmm stop`, `kill`, `wait` and `rm -f` control it.
+    #[arg(short, long)]
+    pub detach: bool,
     /// Keep stdin attached.
     #[arg(short, long)]
     pub interactive: bool,
@@ -103,6 +107,7 @@ pub struct Args {
 }
 
 pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
+    supervise::protect_start_fd();
     let flags = RunFlags {
         entrypoint: args.entrypoint.clone(),
         args: args.command.clone(),
@@ -145,8 +150,17 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     }
     let store = Store::open(&global.root)?;
     let resolved = image::resolve(&store, &args.image, &args.registry.options(args.quiet))?;
-    let id = rvmm::run::new_id();
+    // A supervised run (the second half of `run -d`) takes the ID its supervisor was given.
+    let supervised = std::env::var_os(supervise::SUPERVISED_ENV).is_some();
+    let id = std::env::var(supervise::RUN_ID_ENV)
+        .ok()
+        .filter(|v| supervised && v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(rvmm::run::new_id);
     let spec = runspec::build(&resolved.config, &resolved.layers, &flags, &id[..12])?;
+    if args.detach && !supervised {
+        // The image is here and the flags are good: the rest runs under a supervisor.
+        return supervise::detach(&global.root, &id);
+    }
     let opts = RunOptions {
         root: global.root.clone(),
         id: id.clone(),
@@ -157,6 +171,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         remove: args.rm,
         image: resolved.reference.clone(),
         cold: args.cold,
+        detached: supervised,
     };
     // A run owns host resources (taps, mounts, cgroups): a closed stdout must not kill rvmm before it
     // releases them. Writes then fail with EPIPE and the workload's output is dropped.

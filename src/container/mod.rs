@@ -147,6 +147,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         let code: u8 = code.parse().unwrap_or(125);
         return not_started(run, code, text, opts.remove);
     }
+    run.started();
 
     CHILD.store(pid, Ordering::SeqCst);
     install_forwarding();

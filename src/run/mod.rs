@@ -8,8 +8,10 @@
 //! Neither isolation imports the other: what they share lives here, in `security`, `cgroups`
 //! and `net`, and (inside the workload's root) in the `rvmm-workload` crate.
 
+pub mod logs;
 pub mod state;
 pub mod stdio;
+pub mod supervise;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -32,6 +34,8 @@ pub struct RunOptions {
     pub image: String,
     /// VM isolation: boot the kernel instead of restoring a snapshot, and take none (`--cold`).
     pub cold: bool,
+    /// Run under a supervisor (`run -d`): the output goes to the run's log.
+    pub detached: bool,
 }
 
 /// A new run ID: 64 hex digits from the kernel's random pool.
@@ -88,6 +92,13 @@ impl Prepared {
         self.cleanup.state.finish(125, remove);
     }
 
+    /// The workload was exec'd: recorded for `ps`, `inspect` and a waiting `run -d`.
+    pub fn started(&mut self) {
+        self.cleanup.state.started_at = Some(state::now());
+        let _ = self.cleanup.state.save();
+        supervise::report_started();
+    }
+
     /// The address the run got on the bridge, if any.
     pub fn address(&self) -> Option<std::net::Ipv4Addr> {
         self.cleanup.lease.as_ref().map(|l| l.addr)
@@ -127,6 +138,12 @@ pub fn prepare(
         publisher = Some(p);
     }
     complete_spec(&mut spec, isolation)?;
+    cleanup.state.address = spec.network.address.clone();
+    cleanup.state.save()?;
+    // What `rvmm inspect` shows as the run's configuration.
+    if let Ok(j) = serde_json::to_vec_pretty(&spec) {
+        let _ = std::fs::write(dir.join("spec.json"), j);
+    }
     Ok(Prepared {
         dir,
         spec,

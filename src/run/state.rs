@@ -60,6 +60,26 @@ pub struct RunState {
     pub dir: PathBuf,
     /// `--rm`.
     pub remove: bool,
+    /// When the workload started (exec'd), and when it ended: seconds since the epoch.
+    #[serde(default)]
+    pub started_at: Option<u64>,
+    #[serde(default)]
+    pub finished_at: Option<u64>,
+    /// `run -d`: a supervisor keeps the run and writes its output to the log.
+    #[serde(default)]
+    pub detached: bool,
+    /// The signal `rvmm stop` sends first (the image's StopSignal or `--stop-signal`).
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: i32,
+    /// The workload's address on the bridge, and its published ports (`-p` as given).
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+fn default_stop_signal() -> i32 {
+    libc::SIGTERM
 }
 
 /// Where runs live: ROOT/runs.
@@ -97,7 +117,7 @@ pub fn start_time(pid: i32) -> Option<u64> {
     f.nth(18)?.parse().ok()
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -124,6 +144,23 @@ impl RunState {
             taps: Vec::new(),
             dir: dir.to_path_buf(),
             remove: opts.remove,
+            started_at: None,
+            finished_at: None,
+            detached: opts.detached,
+            stop_signal: spec.stop_signal,
+            address: None,
+            ports: spec
+                .network
+                .ports
+                .iter()
+                .map(|p| {
+                    let proto = match p.protocol {
+                        crate::runspec::Protocol::Tcp => "tcp",
+                        crate::runspec::Protocol::Udp => "udp",
+                    };
+                    format!("0.0.0.0:{}->{}/{proto}", p.host_port, p.container_port)
+                })
+                .collect(),
         }
     }
 
@@ -175,6 +212,7 @@ impl RunState {
         let _ = std::fs::remove_file(registry_dir().join(&self.id));
         self.status = Status::Exited;
         self.exit_code = Some(code);
+        self.finished_at = Some(now());
         if remove {
             let _ = remove_dir(&self.dir);
         } else {

@@ -645,6 +645,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             Ok(Ok((kind, payload))) => {
                 if report.apply(kind, &payload) {
                     started_at = Some(t0.elapsed());
+                    run.started();
                     let _ = started_tx.send(());
                     if spec.tty {
                         send_winsize(&mut to_guest);

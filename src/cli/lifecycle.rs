@@ -1,0 +1,373 @@
+//! `rvmm logs`, `stop`, `kill`, `wait`, `inspect`: runs that outlive the command (`run -d`), in
+//! either isolation. A run is found by name or ID prefix; its rvmm process relays the signals it
+//! gets to the workload (a second SIGTERM kills it, as an attached run does with Ctrl-C twice).
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use rvmm::run::logs;
+use rvmm::run::state::{self, RunState, Status};
+
+use super::Global;
+
+/// The one run that `want` (name or ID prefix) names.
+pub fn find(global: &Global, want: &str) -> anyhow::Result<RunState> {
+    let runs = state::list(&global.root)?;
+    let hit: Vec<_> = runs
+        .into_iter()
+        .filter(|r| r.name == want || (!want.is_empty() && r.id.starts_with(want)))
+        .collect();
+    match hit.len() {
+        0 => bail!("no such run: {want}"),
+        1 => Ok(hit.into_iter().next().expect("one")),
+        _ => bail!("{want} is ambiguous: more than one run's ID starts with it"),
+    }
+}
+
+/// The run's state as it is now on disk (None once it is removed, e.g. by `--rm`).
+fn reread(r: &RunState) -> Option<RunState> {
+    std::fs::read(r.dir.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LogsArgs {
+    /// Keep following the log until the run ends.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only the last N records ("all" for every one).
+    #[arg(short = 'n', long, value_name = "N")]
+    pub tail: Option<String>,
+    /// Only records since this time: RFC 3339 (2026-12-04T18:00:00Z), Unix seconds, or a
+    /// duration ago (30s, 10m, 2h).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Show each record's time.
+    #[arg(short, long)]
+    pub timestamps: bool,
+    /// The run (name or ID prefix).
+    pub run: String,
+}
+
+/// `--since` as nanoseconds since the epoch.
+fn since_nanos(s: &str) -> anyhow::Result<u128> {
+    if let Some(n) = logs::parse_rfc3339(s) {
+        return Ok(n);
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok((secs * 1e9) as u128);
+        }
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let mult = match unit {
+        "s" => 1u64,
+        "m" => 60,
+        "h" => 3600,
+        _ => bail!("--since {s:?}: give an RFC 3339 time, Unix seconds, or a duration like 10m"),
+    };
+    let ago = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| anyhow::anyhow!("--since {s:?} is out of range"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    Ok(now.saturating_sub(u128::from(ago) * 1_000_000_000))
+}
+
+pub fn logs(args: LogsArgs, global: &Global) -> anyhow::Result<u8> {
+    let run = find(global, &args.run)?;
+    let since = args.since.as_deref().map(since_nanos).transpose()?;
+    let tail = match args.tail.as_deref() {
+        None | Some("all") => None,
+        Some(n) => Some(
+            n.parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("--tail {n:?} is not a number"))?,
+        ),
+    };
+    let mut recs = logs::read(&run.dir);
+    if let Some(t) = since {
+        recs.retain(|r| r.nanos() >= t);
+    }
+    if let Some(n) = tail {
+        let skip = recs.len().saturating_sub(n);
+        recs.drain(..skip);
+    }
+    let print = |recs: &[logs::Record]| {
+        let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+        for r in recs {
+            let w: &mut dyn Write = if r.stream == "stderr" {
+                &mut err
+            } else {
+                &mut out
+            };
+            if args.timestamps {
+                let _ = write!(w, "{} ", r.time);
+            }
+            let _ = w.write_all(r.log.as_bytes());
+        }
+        let _ = out.flush();
+    };
+    print(&recs);
+    if !args.follow {
+        return Ok(0);
+    }
+    // Follow: new records as they come, until the run has ended and its log is read to the end.
+    let mut seen = logs::read(&run.dir).len();
+    loop {
+        let ended = reread(&run).is_none_or(|s| s.status == Status::Exited || !s.alive());
+        let all = logs::read(&run.dir);
+        // A rotation starts the current file over: count from what is there now.
+        if all.len() < seen {
+            seen = 0;
+        }
+        let new: Vec<_> = all[seen..]
+            .iter()
+            .filter(|r| since.is_none_or(|t| r.nanos() >= t))
+            .cloned()
+            .collect();
+        seen = all.len();
+        print(&new);
+        if ended {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StopArgs {
+    /// Seconds to wait after the stop signal before killing the workload.
+    #[arg(
+        short = 't',
+        long = "time",
+        value_name = "SECONDS",
+        default_value_t = 10
+    )]
+    pub time: u64,
+    /// The runs (names or ID prefixes).
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+}
+
+/// Sends `sig` to the run's rvmm process, which relays it to the workload.
+fn signal_run(r: &RunState, sig: i32) -> bool {
+    // SAFETY: kill with a pid we checked is the run's live rvmm (alive() compares start times).
+    r.alive() && unsafe { libc::kill(r.rvmm_pid, sig) } == 0
+}
+
+/// Kills the workload: its rvmm takes a second SIGTERM (or SIGINT) as "kill it now", as an
+/// attached run does with Ctrl-C twice.
+fn kill_run(r: &RunState) {
+    for _ in 0..2 {
+        signal_run(r, libc::SIGTERM);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the run has ended (or `limit` passed): its final state, if it still exists.
+fn wait_end(r: &RunState, limit: Option<Duration>) -> Option<RunState> {
+    let t0 = Instant::now();
+    loop {
+        match reread(r) {
+            Some(s) if s.status == Status::Exited => return Some(s),
+            Some(s) if !s.alive() => {
+                // Its rvmm died without finishing the state: gc records it.
+                state::gc(r.dir.parent().and_then(|p| p.parent()).unwrap_or(&r.dir));
+                return reread(r);
+            }
+            None => return None,
+            Some(_) => {}
+        }
+        if limit.is_some_and(|l| t0.elapsed() >= l) {
+            return reread(r);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn stop(args: StopArgs, global: &Global) -> anyhow::Result<u8> {
+    let mut failed = false;
+    for want in &args.runs {
+        let r = match find(global, want) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("rvmm: {e:#}");
+                failed = true;
+                continue;
+            }
+        };
+        if r.alive() {
+            signal_run(&r, r.stop_signal);
+            let s = wait_end(&r, Some(Duration::from_secs(args.time)));
+            if s.as_ref().is_some_and(|s| s.status != Status::Exited) {
+                kill_run(&r);
+                wait_end(&r, None);
+            }
+        }
+        println!("{want}");
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KillArgs {
+    /// The signal (name with or without SIG, or number).
+    #[arg(short, long, default_value = "KILL")]
+    pub signal: String,
+    /// The runs (names or ID prefixes).
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+}
+
+pub fn kill(args: KillArgs, global: &Global) -> anyhow::Result<u8> {
+    let sig = rvmm::runspec::signal_number(&args.signal)
+        .ok_or_else(|| anyhow::anyhow!("invalid signal {:?}", args.signal))?;
+    let relayed = rvmm::run::RELAYED_SIGNALS.contains(&sig) || sig == libc::SIGWINCH;
+    if sig != libc::SIGKILL && !relayed {
+        bail!(
+            "signal {} cannot be delivered to a workload yet (SIGKILL, SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 can)",
+            args.signal
+        );
+    }
+    let mut failed = false;
+    for want in &args.runs {
+        match find(global, want) {
+            Ok(r) if r.alive() => {
+                if sig == libc::SIGKILL {
+                    kill_run(&r);
+                } else {
+                    signal_run(&r, sig);
+                }
+                println!("{want}");
+            }
+            Ok(_) => {
+                eprintln!("rvmm: {want} is not running");
+                failed = true;
+            }
+            Err(e) => {
+                eprintln!("rvmm: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WaitArgs {
+    /// The runs (names or ID prefixes).
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+}
+
+pub fn wait(args: WaitArgs, global: &Global) -> anyhow::Result<u8> {
+    let mut failed = false;
+    for want in &args.runs {
+        let r = match find(global, want) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("rvmm: {e:#}");
+                failed = true;
+                continue;
+            }
+        };
+        match wait_end(&r, None).and_then(|s| s.exit_code) {
+            Some(c) => println!("{c}"),
+            None => {
+                eprintln!("rvmm: {want} was removed before its exit status could be read (--rm)");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// The runs (names or ID prefixes).
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+}
+
+/// RFC 3339 of Unix seconds, for `inspect`.
+fn time_of(secs: Option<u64>) -> serde_json::Value {
+    secs.map(|s| {
+        serde_json::Value::String(logs::rfc3339(
+            std::time::UNIX_EPOCH + Duration::from_secs(s),
+        ))
+    })
+    .unwrap_or(serde_json::Value::Null)
+}
+
+pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
+    let mut out = Vec::new();
+    let mut failed = false;
+    for want in &args.runs {
+        let r = match find(global, want) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("rvmm: {e:#}");
+                failed = true;
+                continue;
+            }
+        };
+        let spec: serde_json::Value = std::fs::read(r.dir.join("spec.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let running = r.alive();
+        out.push(serde_json::json!({
+            "Id": r.id,
+            "Name": r.name,
+            "Image": r.image,
+            "Isolation": r.isolation.as_str(),
+            "Created": time_of(Some(r.created)),
+            "State": {
+                "Status": if running { "running" } else { "exited" },
+                "Running": running,
+                "Pid": if running { r.pid } else { 0 },
+                "ExitCode": r.exit_code,
+                "StartedAt": time_of(r.started_at),
+                "FinishedAt": time_of(r.finished_at),
+            },
+            "Detached": r.detached,
+            "Command": r.command,
+            "StopSignal": r.stop_signal,
+            "NetworkSettings": {
+                "IPAddress": r.address.as_deref().and_then(|a| a.split('/').next()),
+                "Ports": r.ports,
+            },
+            "LogPath": r.dir.join(logs::LOG_FILE),
+            "Config": spec,
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// `rvmm __supervise ROOT ID -- ARGS` (started by `run -d`, not by users).
+#[derive(clap::Args, Debug)]
+pub struct SuperviseArgs {
+    pub root: std::path::PathBuf,
+    pub id: String,
+    #[arg(last = true)]
+    pub args: Vec<std::ffi::OsString>,
+}
+
+pub fn supervise(a: SuperviseArgs) -> anyhow::Result<u8> {
+    rvmm::run::supervise::supervise(&a.root, &a.id, &a.args)
+}
+
+/// `rm -f`: stops a running run first (SIGKILL, as Docker does).
+pub fn force_stop(r: &RunState) {
+    if r.alive() {
+        kill_run(r);
+        wait_end(r, Some(Duration::from_secs(30)));
+    }
+}

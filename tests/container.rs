@@ -534,6 +534,36 @@ fn detached_runs_logs_stop_kill_wait_inspect() {
     assert_eq!(v[0]["Config"]["argv"][0], "sh");
     assert!(v[0]["State"]["StartedAt"].as_str().unwrap().ends_with('Z'));
 
+    // exec: a process in the workload's namespaces, with its privileges and the given user.
+    let e = rvmm(
+        root,
+        &["exec", "-u", "app", "-e", "X=1", "-w", "/tmp", "bg", "sh", "-c",
+          "id -u; echo $X; pwd; hostname; tr '\\0' ' ' </proc/1/cmdline; echo; grep -E '^(CapEff|NoNewPrivs):' /proc/self/status"],
+        None,
+    );
+    assert_eq!(e.code, 0, "{}", e.stderr);
+    let host = rvmm(root, &["exec", "bg", "hostname"], None).stdout;
+    assert_eq!(
+        e.stdout,
+        format!(
+            "1000\n1\n/tmp\n{host}sh -c {script} \nCapEff:\t0000000000000000\nNoNewPrivs:\t1\n"
+        )
+    );
+    let e = rvmm(root, &["exec", "bg", "nonexistent"], None);
+    assert_eq!(e.code, 127, "{}", e.stderr);
+    assert!(
+        e.stderr.contains("executable file not found"),
+        "{}",
+        e.stderr
+    );
+    let e = rvmm(root, &["exec", "-i", "bg", "cat"], Some("through exec\n"));
+    assert_eq!(
+        (e.code, e.stdout.as_str()),
+        (0, "through exec\n"),
+        "{}",
+        e.stderr
+    );
+
     let s = rvmm(root, &["stop", "-t", "20", "bg"], None);
     assert_eq!((s.code, s.stdout.as_str()), (0, "bg\n"), "{}", s.stderr);
     let w = rvmm(root, &["wait", "bg"], None);

@@ -371,3 +371,78 @@ pub fn force_stop(r: &RunState) {
         wait_end(r, Some(Duration::from_secs(30)));
     }
 }
+
+#[derive(clap::Args, Debug)]
+#[command(trailing_var_arg = true)]
+pub struct ExecArgs {
+    /// Keep stdin attached.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a pseudo-terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// User to run as: name, uid, name:group or uid:gid (resolved in the workload's root).
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// Working directory (default: the run's).
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Set an environment variable (KEY=VALUE) on top of the run's.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// The run (name or ID prefix).
+    pub run: String,
+    /// Command and arguments.
+    #[arg(required = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// `rvmm exec`: a new process in a running workload, with its privileges.
+pub fn exec(args: ExecArgs, global: &Global) -> anyhow::Result<u8> {
+    let r = find(global, &args.run)?;
+    if r.isolation == state::Isolation::Vm {
+        bail!(
+            "exec into a VM run is not supported yet (it needs an exec stream on the VM channel)"
+        );
+    }
+    if !r.alive() {
+        bail!("{} is not running", args.run);
+    }
+    let mut spec: rvmm::runspec::RunSpec = std::fs::read(r.dir.join("spec.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| anyhow::anyhow!("{}'s configuration (spec.json) is missing", args.run))?;
+    spec.argv = args.command.clone();
+    spec.tty = args.tty;
+    spec.stdin = args.interactive;
+    for e in &args.env {
+        let Some((k, _)) = e.split_once('=') else {
+            bail!("invalid environment variable {e:?} (KEY=VALUE)");
+        };
+        spec.env
+            .retain(|x| x.split_once('=').map(|p| p.0) != Some(k));
+        spec.env.push(e.clone());
+    }
+    if let Some(w) = &args.workdir {
+        if !w.starts_with('/') {
+            bail!("the working directory {w:?} is not absolute");
+        }
+        spec.cwd = w.clone();
+    }
+    if let Some(u) = &args.user {
+        // The user is looked up in the workload's own root, as it is now.
+        let root = std::path::PathBuf::from(format!("/proc/{}/root", r.pid));
+        spec.user = rvmm::runspec::resolve_user(u, &[root])?.0;
+    }
+    if !args.interactive {
+        // SAFETY: replacing our stdin with /dev/null before the workload inherits it.
+        unsafe {
+            let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::dup2(fd, 0);
+                libc::close(fd);
+            }
+        }
+    }
+    rvmm::container::exec::exec(&r, &spec)
+}

@@ -78,6 +78,8 @@ pub enum Command {
     Wait(lifecycle::WaitArgs),
     /// Show runs' state and configuration as JSON.
     Inspect(lifecycle::InspectArgs),
+    /// Run a command in a running workload (container isolation).
+    Exec(lifecycle::ExecArgs),
     /// The supervisor of a detached run (started by `run -d`).
     #[command(name = "__supervise", hide = true)]
     Supervise(lifecycle::SuperviseArgs),
@@ -120,6 +122,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Kill(a) => lifecycle::kill(a, &global),
         Command::Wait(a) => lifecycle::wait(a, &global),
         Command::Inspect(a) => lifecycle::inspect(a, &global),
+        Command::Exec(a) => lifecycle::exec(a, &global),
         Command::Supervise(a) => lifecycle::supervise(a),
         Command::Gc(a) => gc::exec(a, &global),
         Command::Vm(a) => vm::exec(a, &global),

@@ -8,6 +8,7 @@
 //! found by the next `rvmm run` or `rvmm gc` through the run's state file.
 
 mod child;
+pub mod exec;
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -216,7 +217,7 @@ fn wait(pid: i32) -> Status {
 }
 
 /// Copies the pty to stdout (until the workload closes it) and, with -i, stdin to the pty.
-fn tty_relay(master: OwnedFd, stdin: bool) -> (std::thread::JoinHandle<()>, RawMode) {
+pub(crate) fn tty_relay(master: OwnedFd, stdin: bool) -> (std::thread::JoinHandle<()>, RawMode) {
     let raw = if stdin {
         RawMode::stdin()
     } else {

@@ -477,6 +477,10 @@ fn without_rm_the_run_is_kept_until_rvmm_rm() {
 fn detached_runs_logs_stop_kill_wait_inspect() {
     let Some(env) = setup() else { return };
     let root = env.store.path();
+    let _cleanup = common::run::RemoveRuns {
+        root,
+        names: &["bg", "k", "f"],
+    };
     let script = "echo out; echo err >&2; trap 'echo term; exit 3' TERM; while :; do sleep 1; done";
     let o = rvmm(
         root,

@@ -761,6 +761,10 @@ fn a_damaged_snapshot_is_replaced_by_a_boot() {
 fn a_detached_vm_logs_stops_and_waits() {
     let Some(env) = setup() else { return };
     let root = env.store.path();
+    let _cleanup = common::run::RemoveRuns {
+        root,
+        names: &["bgvm"],
+    };
     let script = "echo out; echo err >&2; trap 'echo term; exit 3' TERM; while :; do sleep 1; done";
     let o = rvmm(
         root,

@@ -120,3 +120,24 @@ pub fn rvmm(root: &Path, args: &[&str], stdin: Option<&str>) -> Out {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// Removes the named runs with `rvmm rm -f` when dropped, so a failing test of detached runs
+/// leaves no workload behind.
+pub struct RemoveRuns<'a> {
+    pub root: &'a Path,
+    pub names: &'a [&'a str],
+}
+
+impl Drop for RemoveRuns<'_> {
+    fn drop(&mut self) {
+        for n in self.names {
+            let _ = Command::new(super::rvmm_bin())
+                .arg("--root")
+                .arg(self.root)
+                .args(["rm", "-f", n])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}

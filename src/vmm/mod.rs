@@ -33,7 +33,6 @@ use vmm_sys_util::signal::{register_signal_handler, Killable};
 use crate::devices::virtio::block;
 use crate::devices::{lock, Bus};
 
-pub use crate::devices::virtio::console::PortBackend;
 pub use config::{
     Channel, Console, DiskConfig, NetConfig, TapSource, VmConfig, CONSOLE_FILE_LIMIT,
     DEFAULT_CMDLINE,

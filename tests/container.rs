@@ -255,7 +255,8 @@ fn privileges() {
     // NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP.
     assert_eq!(caps(&o, "CapEff:"), "00000000a80425fb");
     assert_eq!(caps(&o, "CapBnd:"), "00000000a80425fb");
-    assert_eq!(caps(&o, "NoNewPrivs:"), "1");
+    // Docker leaves no_new_privs off unless asked.
+    assert_eq!(caps(&o, "NoNewPrivs:"), "0");
     assert_eq!(caps(&o, "Seccomp:"), "2");
     let o = run(&env, &["-u", "app"], BB, &["cat", "/proc/self/status"]);
     assert_eq!(caps(&o, "CapEff:"), "0000000000000000");
@@ -289,6 +290,45 @@ fn privileges() {
     // Mounting fails even for root in the container.
     let o = run(&env, &[], BB, &["mount", "-t", "tmpfs", "x", "/mnt"]);
     assert_ne!(o.code, 0);
+}
+
+/// A setuid-root program raises a non-root user's effective uid (Docker's default: no
+/// no_new_privs, the filter installed before the user changes), and does not with
+/// `--security-opt no-new-privileges`.
+#[test]
+fn setuid_and_no_new_privileges() {
+    let Some(env) = setup() else { return };
+    let script = "showeuid; grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status";
+    let o = run(&env, &["-u", "app"], BB, &["sh", "-c", script]);
+    assert_eq!(
+        o.stdout, "uid=1000 euid=0\nNoNewPrivs:\t0\nSeccomp:\t2\n",
+        "{}",
+        o.stderr
+    );
+    for opt in [
+        "no-new-privileges",
+        "no-new-privileges=true",
+        "no-new-privileges:true",
+    ] {
+        let o = run(
+            &env,
+            &["-u", "app", "--security-opt", opt],
+            BB,
+            &["sh", "-c", script],
+        );
+        assert_eq!(
+            o.stdout, "uid=1000 euid=1000\nNoNewPrivs:\t1\nSeccomp:\t2\n",
+            "{opt}: {}",
+            o.stderr
+        );
+    }
+    let o = run(
+        &env,
+        &["-u", "app", "--security-opt", "no-new-privileges=false"],
+        BB,
+        &["showeuid"],
+    );
+    assert_eq!(o.stdout, "uid=1000 euid=0\n", "{}", o.stderr);
 }
 
 #[test]

@@ -139,6 +139,50 @@ fn tty_and_privileges_match_container_isolation() {
     );
 }
 
+/// Docker's privilege defaults in the guest: a setuid-root program raises a non-root user's
+/// effective uid (no no_new_privs; the zygote's filter went in without it), and does not with
+/// `--security-opt no-new-privileges` (a run with its own privileges: no zygote). The same
+/// output as in a container.
+#[test]
+fn setuid_and_no_new_privileges_match_container_isolation() {
+    let Some(env) = setup() else { return };
+    let script = "showeuid; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status";
+    let args = ["sh", "-c", script];
+    for (flags, euid, nnp) in [
+        (&["-u", "app", "--network=none"][..], 0, 0),
+        (
+            &[
+                "-u",
+                "app",
+                "--network=none",
+                "--security-opt",
+                "no-new-privileges",
+            ][..],
+            1000,
+            1,
+        ),
+    ] {
+        let c = run(&env, "container", flags, &args, None);
+        assert_eq!(c.code, 0, "container: {}", c.stderr);
+        assert!(
+            c.stdout.starts_with(&format!("uid=1000 euid={euid}\n")),
+            "{}",
+            c.stdout
+        );
+        assert!(
+            c.stdout.contains(&format!("NoNewPrivs:\t{nnp}\n")),
+            "{}",
+            c.stdout
+        );
+        let v = run(&env, "vm", flags, &args, None);
+        assert_eq!(
+            (v.code, v.stdout.as_str(), v.stderr.as_str()),
+            (c.code, c.stdout.as_str(), c.stderr.as_str()),
+            "{flags:?}: vm (left) and container (right) differ"
+        );
+    }
+}
+
 #[test]
 fn missing_command_is_127_in_both() {
     let Some(env) = setup() else { return };

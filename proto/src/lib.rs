@@ -154,9 +154,14 @@ pub struct Security {
     /// Bit n set: capability n stays in the bounding set (and, for uid 0, in the effective and
     /// permitted sets).
     pub caps: u64,
-    /// A classic BPF seccomp program for x86_64, as (code, jt, jf, k) instructions; installed
-    /// with no_new_privs. Empty: no filter.
+    /// A classic BPF seccomp program for x86_64, as (code, jt, jf, k) instructions. Empty: no
+    /// filter. Installed while the process still has CAP_SYS_ADMIN (before the user and
+    /// capabilities change, as runc and crun do), so it needs no no_new_privs.
     pub seccomp: Vec<(u16, u8, u8, u32)>,
+    /// Set no_new_privs (`--security-opt no-new-privileges`): setuid and file capabilities of
+    /// programs the workload executes grant nothing. Off by default, as in Docker.
+    #[serde(default)]
+    pub no_new_privs: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -93,6 +93,19 @@ pub struct Args {
     /// and the first boot of a kind saves one.
     #[arg(long)]
     pub cold: bool,
+    /// Add Linux capabilities (names with or without CAP_, or ALL).
+    #[arg(long, value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop Linux capabilities (names with or without CAP_, or ALL).
+    #[arg(long, value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// Give the workload every capability, no seccomp filter, all devices and a writable /sys
+    /// (in a VM: inside the guest, which stays a VM).
+    #[arg(long)]
+    pub privileged: bool,
+    /// Security options: no-new-privileges[=true|false], seccomp=PROFILE.json|unconfined.
+    #[arg(long, value_name = "OPT")]
+    pub security_opt: Vec<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// The image: NAME[:TAG], NAME@DIGEST, an image ID, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
@@ -138,6 +151,15 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .map(|v| runspec::parse_volume(v))
             .collect::<anyhow::Result<_>>()?,
     };
+    let mut privileges = rvmm::security::Request {
+        privileged: args.privileged,
+        cap_add: rvmm::security::parse_caps(&args.cap_add)?,
+        cap_drop: rvmm::security::parse_caps(&args.cap_drop)?,
+        ..Default::default()
+    };
+    for o in &args.security_opt {
+        privileges.security_opt(o)?;
+    }
     if let Some(c) = args.cpus {
         if !(c > 0.0 && c <= 1024.0) {
             anyhow::bail!("--cpus must be a positive number");
@@ -157,6 +179,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         remove: args.rm,
         image: resolved.reference.clone(),
         cold: args.cold,
+        privileges,
     };
     // A run owns host resources (taps, mounts, cgroups): a closed stdout must not kill rvmm before it
     // releases them. Writes then fail with EPIPE and the workload's output is dropped.

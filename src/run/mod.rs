@@ -32,6 +32,9 @@ pub struct RunOptions {
     pub image: String,
     /// VM isolation: boot the kernel instead of restoring a snapshot, and take none (`--cold`).
     pub cold: bool,
+    /// What the flags ask of the workload's privileges; [`prepare`] turns it into the spec's
+    /// `security` once the isolation is known.
+    pub privileges: crate::security::Request,
 }
 
 /// A new run ID: 64 hex digits from the kernel's random pool.
@@ -126,7 +129,7 @@ pub fn prepare(
         cleanup.lease = Some(lease);
         publisher = Some(p);
     }
-    complete_spec(&mut spec, isolation)?;
+    complete_spec(&mut spec, isolation, &opts.privileges)?;
     Ok(Prepared {
         dir,
         spec,
@@ -139,7 +142,11 @@ pub fn prepare(
 /// What the spec gets once the run's network is known, decided here once for both isolations:
 /// the workload's privileges (Docker's defaults), its DNS servers, and its /etc/hostname,
 /// /etc/hosts and /etc/resolv.conf.
-fn complete_spec(spec: &mut RunSpec, isolation: Isolation) -> anyhow::Result<()> {
+fn complete_spec(
+    spec: &mut RunSpec,
+    isolation: Isolation,
+    privileges: &crate::security::Request,
+) -> anyhow::Result<()> {
     // MKNOD is safe to grant where something still stands between a device node and the host:
     // the guest kernel, or the devices cgroup of a v1 host.
     let allow_mknod = match isolation {
@@ -148,7 +155,7 @@ fn complete_spec(spec: &mut RunSpec, isolation: Isolation) -> anyhow::Result<()>
             crate::cgroups::Layout::detect()?.version() == crate::cgroups::Version::V1
         }
     };
-    spec.security = crate::security::docker_default(allow_mknod);
+    spec.security = crate::security::resolve(privileges, allow_mknod)?;
     let resolv = crate::net::host_resolv_conf();
     spec.network.dns = resolv
         .lines()

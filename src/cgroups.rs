@@ -124,7 +124,13 @@ impl Layout {
 }
 
 /// Creates the run's cgroup(s) under `rvmm/<id>` in `layout` and applies the limits.
-pub fn create(layout: &Layout, id: &str, limits: &Limits) -> anyhow::Result<Cgroup> {
+/// `all_devices` (`--privileged`): the devices controller allows every device.
+pub fn create(
+    layout: &Layout,
+    id: &str,
+    limits: &Limits,
+    all_devices: bool,
+) -> anyhow::Result<Cgroup> {
     let cg = match layout.version() {
         Version::V1 => {
             let mut dirs = Vec::new();
@@ -160,7 +166,7 @@ pub fn create(layout: &Layout, id: &str, limits: &Limits) -> anyhow::Result<Cgro
             }
         }
     };
-    if let Err(e) = cg.apply(limits) {
+    if let Err(e) = cg.apply(limits, all_devices) {
         cg.remove();
         return Err(e);
     }
@@ -180,10 +186,12 @@ impl Cgroup {
             .map(|(_, d)| d.as_path())
     }
 
-    fn apply(&self, l: &Limits) -> anyhow::Result<()> {
+    fn apply(&self, l: &Limits, all_devices: bool) -> anyhow::Result<()> {
         match self.version {
             Version::V1 => {
-                if let Some(d) = self.dir("devices") {
+                if let (true, Some(d)) = (all_devices, self.dir("devices")) {
+                    write(d, "devices.allow", "a")?;
+                } else if let Some(d) = self.dir("devices") {
                     write(d, "devices.deny", "a")?;
                     for rule in [
                         "c *:* m",

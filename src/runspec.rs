@@ -179,6 +179,7 @@ pub fn build(
         security: Default::default(),
         rlimits: default_rlimits(),
         etc: Default::default(),
+        privileged: false,
     })
 }
 

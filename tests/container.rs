@@ -331,6 +331,115 @@ fn setuid_and_no_new_privileges() {
     assert_eq!(o.stdout, "uid=1000 euid=0\n", "{}", o.stderr);
 }
 
+/// This process's bounding set (what a privileged workload can get at most).
+fn host_bounding_set() -> u64 {
+    let st = std::fs::read_to_string("/proc/self/status").expect("status");
+    st.lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("CapBnd")
+}
+
+/// `--cap-add`, `--cap-drop`, `--privileged` and `--security-opt seccomp=...`: the workload's
+/// capability and seccomp lines as Docker's documentation gives them, and what they allow.
+#[test]
+fn privilege_flags() {
+    let Some(env) = setup() else { return };
+    let status = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status";
+    let lines = |eff: &str, seccomp: u8| {
+        format!("CapEff:\t{eff}\nCapBnd:\t{eff}\nNoNewPrivs:\t0\nSeccomp:\t{seccomp}\n")
+    };
+    // Docker's default set plus SYS_ADMIN, less NET_RAW; SYS_ADMIN also opens mount(2) in the
+    // default seccomp profile, as in Docker's.
+    let o = run(
+        &env,
+        &["--cap-add", "SYS_ADMIN", "--cap-drop", "net_raw"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            &format!("{status}; mkdir -p /tmp/m && mount -t tmpfs x /tmp/m && echo mounted"),
+        ],
+    );
+    assert_eq!(
+        o.stdout,
+        lines("00000000a82405fb", 2) + "mounted\n",
+        "{}",
+        o.stderr
+    );
+    let o = run(
+        &env,
+        &["--cap-drop", "ALL", "--cap-add", "cap_chown"],
+        BB,
+        &["sh", "-c", status],
+    );
+    assert_eq!(o.stdout, lines("0000000000000001", 2), "{}", o.stderr);
+    // --privileged: every capability (Docker: 000001ffffffffff on a kernel with 41, less what
+    // rvmm itself lacks: root here has no CAP_SYS_RESOURCE), no filter, writable /sys, nothing
+    // masked, the host's devices.
+    let all = format!("{:016x}", 0x1ff_ffff_ffffu64 & host_bounding_set());
+    let o = run(
+        &env,
+        &["--privileged"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "{status}; grep -q '^sysfs /sys sysfs rw,' /proc/mounts && echo sys-rw; \
+                 grep -q ' /proc/keys ' /proc/mounts || echo unmasked; test -c /dev/kmsg && echo kmsg; \
+                 mkdir -p /tmp/m && mount -t tmpfs x /tmp/m && echo mounted"
+            ),
+        ],
+    );
+    assert_eq!(
+        o.stdout,
+        lines(&all, 0) + "sys-rw\nunmasked\nkmsg\nmounted\n",
+        "{}",
+        o.stderr
+    );
+    // A profile in Docker's format, and unconfined.
+    let dir = tempfile::tempdir().expect("tmp");
+    let profile = dir.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .expect("profile");
+    let opt = format!("seccomp={}", profile.display());
+    let o = run(
+        &env,
+        &["--security-opt", &opt],
+        BB,
+        &["sh", "-c", &format!("{status}; mkdir /tmp/d")],
+    );
+    assert_eq!(o.stdout, lines("00000000a80425fb", 2), "{}", o.stderr);
+    assert!(o.stderr.contains("Permission denied"), "{}", o.stderr);
+    let o = run(
+        &env,
+        &["--security-opt", "seccomp=unconfined"],
+        BB,
+        &["sh", "-c", status],
+    );
+    assert_eq!(o.stdout, lines("00000000a80425fb", 0), "{}", o.stderr);
+    // Bad values: one line, 125, nothing created (RunEnv checks on drop).
+    std::fs::write(dir.path().join("bad.json"), "{\"syscalls\": 3}").expect("bad");
+    let bad_profile = format!("seccomp={}", dir.path().join("bad.json").display());
+    for bad in [
+        &["--cap-add", "NOT_A_CAP"][..],
+        &["--cap-drop", "CAP_"],
+        &["--security-opt", "bogus"],
+        &["--security-opt", "apparmor=docker-default"],
+        &["--security-opt", "seccomp=/nonexistent.json"],
+        &["--security-opt", &bad_profile],
+    ] {
+        let o = run(&env, bad, BB, &["true"]);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
+        assert!(o.stderr.starts_with("rvmm: "), "{}", o.stderr);
+    }
+}
+
 #[test]
 fn cgroup_limits() {
     let Some(env) = setup() else { return };

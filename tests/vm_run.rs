@@ -183,6 +183,67 @@ fn setuid_and_no_new_privileges_match_container_isolation() {
     }
 }
 
+/// `--cap-add`/`--cap-drop`, a seccomp profile in Docker's format and `--privileged` in the guest:
+/// each run has its own privileges (no zygote), with the same capability and seccomp lines and
+/// effects as in a container. `--privileged` gets every capability of the guest kernel (Docker's
+/// 000001ffffffffff), a writable /sys, no masks and the guest's devices (/dev/vda: the image disk).
+#[test]
+fn privilege_flags_match_container_isolation() {
+    let Some(env) = setup() else { return };
+    let status = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status";
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .unwrap();
+    let seccomp = format!("seccomp={}", profile.display());
+    let mount = "mkdir -p /tmp/m && mount -t tmpfs x /tmp/m && echo mounted";
+    let caps_script = format!("{status}; {mount}");
+    let profile_script = format!("{status}; mkdir /tmp/d");
+    for (flags, script) in [
+        (
+            &["--cap-add", "SYS_ADMIN", "--cap-drop", "net_raw"][..],
+            caps_script.as_str(),
+        ),
+        (
+            &["--security-opt", seccomp.as_str()][..],
+            profile_script.as_str(),
+        ),
+    ] {
+        let mut f = vec!["--network=none"];
+        f.extend_from_slice(flags);
+        let args = ["sh", "-c", script];
+        let c = run(&env, "container", &f, &args, None);
+        assert!(c.stdout.starts_with("CapEff:"), "{}", c.stderr);
+        let v = run(&env, "vm", &f, &args, None);
+        assert_eq!(
+            (v.code, v.stdout.as_str(), v.stderr.as_str()),
+            (c.code, c.stdout.as_str(), c.stderr.as_str()),
+            "{flags:?}: vm (left) and container (right) differ"
+        );
+    }
+    let script = format!(
+        "{status}; grep -q '^sysfs /sys sysfs rw,' /proc/mounts && echo sys-rw; \
+         grep -q ' /proc/keys ' /proc/mounts || echo unmasked; test -b /dev/vda && echo vda; {mount}"
+    );
+    let v = run(
+        &env,
+        "vm",
+        &["--network=none", "--privileged"],
+        &["sh", "-c", &script],
+        None,
+    );
+    assert_eq!(
+        v.stdout,
+        "CapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\nNoNewPrivs:\t0\nSeccomp:\t0\n\
+         sys-rw\nunmasked\nvda\nmounted\n",
+        "{}",
+        v.stderr
+    );
+}
+
 #[test]
 fn missing_command_is_127_in_both() {
     let Some(env) = setup() else { return };

@@ -216,6 +216,10 @@ fn run(
         } else {
             rvmm_workload::system_mounts(NEWROOT)?;
         }
+        if spec.privileged {
+            // The guest's devices (the initramfs's devtmpfs), not the host's.
+            rvmm_workload::unconfine(NEWROOT, "/dev")?;
+        }
         for (name, _) in spec.etc.entries() {
             let t = r(&format!("/etc/{name}"));
             rvmm_workload::touch(&t);

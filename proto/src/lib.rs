@@ -39,6 +39,11 @@ pub struct RunSpec {
     /// once on the host once the network is known.
     #[serde(default)]
     pub etc: EtcFiles,
+    /// `--privileged`: beside the privileges in `security`, no masked or read-only paths, a
+    /// writable /sys and every device of the kernel the workload runs on (the host's in a
+    /// container, the guest's in a VM).
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// One resource limit: `resource` is the RLIMIT_* number.

@@ -174,6 +174,10 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     // Mounts are made inside the new root, so every target resolves there: /proc, /sys, /dev and
     // the masked paths exactly as rvmm-init makes them in a VM.
     rvmm_workload::system_mounts("")?;
+    if p.spec.privileged {
+        // The host's devices, read through the old root before it goes.
+        rvmm_workload::unconfine("", &format!("{OLD_ROOT}/dev"))?;
+    }
     mount_cgroups(&p.cgroup_mounts)?;
     if let Some(fd) = console_fd {
         rvmm_workload::bind_console("", &fd_path(fd))?;

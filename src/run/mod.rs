@@ -156,6 +156,7 @@ fn complete_spec(
         }
     };
     spec.security = crate::security::resolve(privileges, allow_mknod)?;
+    spec.privileged = privileges.privileged;
     let resolv = crate::net::host_resolv_conf();
     spec.network.dns = resolv
         .lines()

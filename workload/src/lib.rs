@@ -139,6 +139,66 @@ fn mask_paths(base: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `--privileged`, after [`system_mounts`] under `base`: the masked and read-only paths are
+/// uncovered, /sys is remounted writable, and every device node under `dev_src` (the kernel's
+/// /dev: the host's in a container, the guest's devtmpfs in a VM) is recreated in `base`/dev,
+/// with its mode and owner, where nothing of that name is yet.
+pub fn unconfine(base: &str, dev_src: &str) -> Result<(), Failure> {
+    for p in rootfs::MASKED.iter().chain(rootfs::READONLY) {
+        let t = c(&format!("{base}{p}"));
+        // Not every path is a mount point (a path the kernel lacks was skipped): EINVAL, ENOENT.
+        // SAFETY: NUL-terminated path.
+        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    }
+    mount(
+        "",
+        &format!("{base}/sys"),
+        "",
+        libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    copy_devices(dev_src, &format!("{base}/dev"), 0);
+    Ok(())
+}
+
+/// Recreates the character and block devices under `src` in `dst` (subdirectories too, but not
+/// the per-workload ones: pts, shm, mqueue), except the console. Best effort: a node that cannot be made is left out.
+fn copy_devices(src: &str, dst: &str, depth: u32) {
+    let Ok(rd) = std::fs::read_dir(src) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let (from, to) = (format!("{src}/{name}"), format!("{dst}/{name}"));
+        // SAFETY: st is plain data filled by lstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: NUL-terminated path, valid stat buffer.
+        if unsafe { libc::lstat(c(&from).as_ptr(), &mut st) } != 0 {
+            continue;
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFDIR {
+            if depth < 4 && !matches!(name.as_str(), "pts" | "shm" | "mqueue") {
+                mkdir_p(&to);
+                copy_devices(&from, &to, depth + 1);
+            }
+            continue;
+        }
+        // The console is the workload's terminal (or nothing), as without --privileged.
+        if (kind != libc::S_IFCHR && kind != libc::S_IFBLK)
+            || name == "console"
+            || fs::is_dir_nofollow(&to).is_some()
+        {
+            continue;
+        }
+        let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+        if fs::mknod(&to, st.st_mode, major, minor).is_ok() {
+            // SAFETY: NUL-terminated path.
+            unsafe { libc::lchown(c(&to).as_ptr(), st.st_uid, st.st_gid) };
+        }
+    }
+}
+
 /// With `-t`: the workload's terminal also as /dev/console (as runc does). `tty` is a path that
 /// opens the pty's slave in this mount namespace.
 pub fn bind_console(base: &str, tty: &str) -> Result<(), Failure> {

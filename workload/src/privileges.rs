@@ -33,8 +33,9 @@ pub fn drop_bounding(caps: u64) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Sets the effective and permitted sets to `caps` and clears the inheritable set (capset(2),
-/// version 3: two 32-bit words).
+/// Sets the effective and permitted sets to `caps` (less what this process does not have: the
+/// capabilities a kernel does not know) and clears the inheritable set (capset(2), version 3:
+/// two 32-bit words).
 pub fn set_caps(caps: u64) -> Result<(), Failure> {
     #[repr(C)]
     struct Header {
@@ -52,6 +53,16 @@ pub fn set_caps(caps: u64) -> Result<(), Failure> {
         version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
         pid: 0,
     };
+    let mut now = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget with a valid header and room for two data words.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, now.as_mut_ptr()) };
+    check(r as libc::c_int, || "reading capabilities".into())?;
+    let have = u64::from(now[0].permitted) | (u64::from(now[1].permitted) << 32);
+    let caps = caps & have;
     let (lo, hi) = (caps as u32, (caps >> 32) as u32);
     let d = [
         Data {

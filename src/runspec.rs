@@ -28,6 +28,19 @@ pub struct RunFlags {
     pub network: NetworkMode,
     pub ports: Vec<PortMapping>,
     pub mounts: Vec<Mount>,
+    /// `--ulimit`, parsed.
+    pub ulimits: Vec<rvmm_proto::Rlimit>,
+    /// `--shm-size`, bytes.
+    pub shm_size: Option<u64>,
+    /// `--group-add`: names (resolved in the image's /etc/group) or numbers.
+    pub group_add: Vec<String>,
+    /// `--add-host`, parsed: (name, address).
+    pub add_hosts: Vec<(String, String)>,
+    /// `--dns`, `--dns-search`.
+    pub dns: Vec<String>,
+    pub dns_search: Vec<String>,
+    /// `--sysctl`, parsed.
+    pub sysctls: Vec<(String, String)>,
 }
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -132,7 +145,13 @@ pub fn build(
         .clone()
         .or_else(|| image.user.clone())
         .unwrap_or_default();
-    let (user, home) = resolve_user(&user_spec, layers)?;
+    let (mut user, home) = resolve_user(&user_spec, layers)?;
+    for g in &flags.group_add {
+        let gid = resolve_group(g, layers)?;
+        if gid != user.gid && !user.additional_gids.contains(&gid) {
+            user.additional_gids.push(gid);
+        }
+    }
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         put(
             &mut env,
@@ -171,15 +190,26 @@ pub fn build(
             ports: flags.ports.clone(),
             address: None,
             gateway: None,
-            dns: Vec::new(),
+            dns: flags.dns.clone(),
+            dns_search: flags.dns_search.clone(),
+            extra_hosts: flags.add_hosts.clone(),
         },
         mounts: flags.mounts.clone(),
         stop_signal,
         // Decided by the run core once the isolation and network are known.
         security: Default::default(),
-        rlimits: default_rlimits(),
+        rlimits: {
+            let mut r = default_rlimits();
+            for u in &flags.ulimits {
+                r.retain(|d| d.resource != u.resource);
+                r.push(u.clone());
+            }
+            r
+        },
         etc: Default::default(),
         privileged: false,
+        sysctls: flags.sysctls.clone(),
+        shm_size: flags.shm_size,
     })
 }
 
@@ -311,6 +341,149 @@ pub fn resolve_user(spec: &str, layers: &[PathBuf]) -> anyhow::Result<(User, Opt
         },
         home,
     ))
+}
+
+/// A `--group-add` value: a number, or a name in the image's /etc/group.
+pub fn resolve_group(g: &str, layers: &[PathBuf]) -> anyhow::Result<u32> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    let group =
+        read_image_file(layers, "etc/group").map(|b| String::from_utf8_lossy(&b).into_owned());
+    group
+        .as_deref()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[0] == g).then(|| f[2].parse().ok())?
+        })
+        .with_context(|| {
+            format!("unable to find group {g}: no matching entries in the image's /etc/group")
+        })
+}
+
+/// `--ulimit TYPE=SOFT[:HARD]` (Docker's names; -1 is unlimited).
+pub fn parse_ulimit(s: &str) -> anyhow::Result<rvmm_proto::Rlimit> {
+    let (name, vals) = s
+        .split_once('=')
+        .with_context(|| format!("invalid ulimit {s:?}: expected TYPE=SOFT[:HARD]"))?;
+    let resource = match name {
+        "cpu" => libc::RLIMIT_CPU,
+        "fsize" => libc::RLIMIT_FSIZE,
+        "data" => libc::RLIMIT_DATA,
+        "stack" => libc::RLIMIT_STACK,
+        "core" => libc::RLIMIT_CORE,
+        "rss" => libc::RLIMIT_RSS,
+        "nproc" => libc::RLIMIT_NPROC,
+        "nofile" => libc::RLIMIT_NOFILE,
+        "memlock" => libc::RLIMIT_MEMLOCK,
+        "as" => libc::RLIMIT_AS,
+        "locks" => libc::RLIMIT_LOCKS,
+        "sigpending" => libc::RLIMIT_SIGPENDING,
+        "msgqueue" => libc::RLIMIT_MSGQUEUE,
+        "nice" => libc::RLIMIT_NICE,
+        "rtprio" => libc::RLIMIT_RTPRIO,
+        "rttime" => libc::RLIMIT_RTTIME,
+        _ => bail!("invalid ulimit {s:?}: unknown type {name:?}"),
+    };
+    let num = |v: &str| -> anyhow::Result<u64> {
+        match v.parse::<i64>() {
+            Ok(-1) => Ok(libc::RLIM_INFINITY),
+            Ok(n) if n >= 0 => Ok(n as u64),
+            _ => bail!("invalid ulimit {s:?}: {v:?} is not a limit"),
+        }
+    };
+    let (soft, hard) = match vals.split_once(':') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(vals)?, num(vals)?),
+    };
+    if soft > hard {
+        bail!("invalid ulimit {s:?}: the soft limit is above the hard limit");
+    }
+    Ok(rvmm_proto::Rlimit {
+        resource: resource as u32,
+        soft,
+        hard,
+    })
+}
+
+/// `--add-host NAME:ADDR` (or `NAME=ADDR`); ADDR is an IP address or `host-gateway`.
+pub fn parse_add_host(s: &str) -> anyhow::Result<(String, String)> {
+    let (name, addr) = s
+        .split_once('=')
+        .or_else(|| s.split_once(':'))
+        .with_context(|| format!("invalid --add-host {s:?}: expected NAME:ADDRESS"))?;
+    let addr = addr.trim_start_matches('[').trim_end_matches(']');
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        bail!("invalid --add-host {s:?}: bad host name");
+    }
+    if addr != "host-gateway" && addr.parse::<std::net::IpAddr>().is_err() {
+        bail!("invalid --add-host {s:?}: {addr:?} is not an IP address");
+    }
+    Ok((name.to_string(), addr.to_string()))
+}
+
+/// `--dns ADDR`: an IP address.
+pub fn parse_dns(s: &str) -> anyhow::Result<String> {
+    s.parse::<std::net::IpAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| anyhow::anyhow!("invalid --dns {s:?}: not an IP address"))
+}
+
+/// `--dns-search DOMAIN` (`.` for none).
+pub fn parse_dns_search(s: &str) -> anyhow::Result<String> {
+    let ok = s == "."
+        || (!s.is_empty()
+            && s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }));
+    if !ok {
+        bail!("invalid --dns-search {s:?}: not a domain name");
+    }
+    Ok(s.to_string())
+}
+
+/// The sysctls whose value is per namespace (Docker's list): a container may set these.
+pub fn namespaced_sysctl(key: &str) -> bool {
+    matches!(
+        key,
+        "kernel.msgmax"
+            | "kernel.msgmnb"
+            | "kernel.msgmni"
+            | "kernel.sem"
+            | "kernel.shmall"
+            | "kernel.shmmax"
+            | "kernel.shmmni"
+            | "kernel.shm_rmid_forced"
+            | "kernel.domainname"
+    ) || key.starts_with("fs.mqueue.")
+        || key.starts_with("net.")
+}
+
+/// `--sysctl KEY=VALUE`. `vm`: the workload has its own kernel, so any key is its own; in a
+/// container only namespaced ones are (the others would change the host).
+pub fn parse_sysctl(s: &str, vm: bool) -> anyhow::Result<(String, String)> {
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("invalid --sysctl {s:?}: expected KEY=VALUE"))?;
+    let k = k.trim().replace('/', ".");
+    if k.is_empty()
+        || k.split('.')
+            .any(|c| c.is_empty() || c == ".." || !c.chars().all(|ch| ch.is_ascii_graphic()))
+    {
+        bail!("invalid --sysctl {s:?}: bad key");
+    }
+    if !vm && !namespaced_sysctl(&k) {
+        bail!("--sysctl {k} is not namespaced: in a container it would change the host (it is allowed with --isolation=vm)");
+    }
+    if vm && k == "kernel.hostname" {
+        bail!("--sysctl kernel.hostname: use --hostname");
+    }
+    Ok((k, v.to_string()))
 }
 
 /// `SIGTERM`, `TERM` or `15` → 15.

@@ -440,6 +440,71 @@ fn privilege_flags() {
     }
 }
 
+/// `--ulimit`, `--shm-size`, `--group-add`, `--add-host`, `--dns`, `--dns-search`, `--sysctl`,
+/// seen from inside; and bad values refused with one line and 125.
+#[test]
+fn resource_and_name_flags() {
+    let Some(env) = setup() else { return };
+    let o = run(&env, RESOURCE_FLAGS, BB, &["sh", "-c", RESOURCE_SCRIPT]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout, RESOURCE_WANT, "{}", o.stderr);
+    for bad in [
+        &["--ulimit", "nosuch=1"][..],
+        &["--ulimit", "nofile=10:5"],
+        &["--shm-size", "lots"],
+        &["--group-add", "nosuchgroup"],
+        &["--add-host", "db.test"],
+        &["--add-host", "db.test:300.1.1.1"],
+        &["--add-host", "gw:host-gateway"],
+        &["--dns", "resolver"],
+        &["--dns-search", "bad domain"],
+        &["--sysctl", "kernel.pid_max=100"],
+        &["--sysctl", "noequals"],
+    ] {
+        let o = run(&env, bad, BB, &["true"]);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
+    }
+}
+
+/// What RESOURCE_SCRIPT prints under RESOURCE_FLAGS: the limits, /dev/shm's size, root's groups
+/// with staff (50) and the numbers, the extra hosts line, the resolv.conf made of the flags (the
+/// host's options line aside), the two sysctls.
+const RESOURCE_WANT: &str = "1024\n2048\n0\nsize=32768k\n0 10 50 4242\n10.1.2.3\tdb.test\n\
+     search a.test b.test\nnameserver 10.9.9.9\n12345\n1\n";
+
+/// Flags and a script; tests/vm_run.rs runs the same and compares with a container.
+const RESOURCE_FLAGS: &[&str] = &[
+    "--ulimit",
+    "nofile=1024:2048",
+    "--ulimit",
+    "core=0",
+    "--shm-size",
+    "32m",
+    "--group-add",
+    "staff",
+    "--group-add",
+    "4242",
+    "--group-add",
+    "10",
+    "--add-host",
+    "db.test:10.1.2.3",
+    "--dns",
+    "10.9.9.9",
+    "--dns-search",
+    "a.test",
+    "--dns-search",
+    "b.test",
+    "--sysctl",
+    "kernel.shmmax=12345",
+    "--sysctl",
+    "net.ipv4.ip_forward=1",
+];
+const RESOURCE_SCRIPT: &str = "ulimit -n; ulimit -Hn; ulimit -c; \
+     grep ' /dev/shm ' /proc/mounts | grep -o 'size=[0-9]*k'; \
+     id -G; grep db.test /etc/hosts; grep -v '^options' /etc/resolv.conf; \
+     cat /proc/sys/kernel/shmmax /proc/sys/net/ipv4/ip_forward";
+
 #[test]
 fn cgroup_limits() {
     let Some(env) = setup() else { return };

@@ -244,6 +244,73 @@ fn privilege_flags_match_container_isolation() {
     );
 }
 
+/// `--ulimit`, `--shm-size`, `--group-add`, `--add-host`, `--dns`, `--dns-search` and `--sysctl`
+/// (applied in the guest, where a key that is not namespaced is the guest's own) give the same
+/// output in a VM as in a container.
+#[test]
+fn resource_and_name_flags_match_container_isolation() {
+    let Some(env) = setup() else { return };
+    let mut f = vec!["--network=none"];
+    f.extend_from_slice(RESOURCE_FLAGS);
+    let c = run(&env, "container", &f, &["sh", "-c", RESOURCE_SCRIPT], None);
+    assert_eq!(
+        (c.code, c.stdout.as_str()),
+        (0, RESOURCE_WANT),
+        "{}",
+        c.stderr
+    );
+    f.extend_from_slice(&["--sysctl", "kernel.pid_max=4321"]);
+    let script = format!("{RESOURCE_SCRIPT}; cat /proc/sys/kernel/pid_max");
+    let v = run(&env, "vm", &f, &["sh", "-c", &script], None);
+    assert_eq!(
+        (v.code, v.stdout.as_str(), v.stderr.as_str()),
+        (
+            0,
+            format!("{RESOURCE_WANT}4321\n").as_str(),
+            c.stderr.as_str()
+        ),
+        "vm (left) and container (right) differ"
+    );
+}
+
+/// What RESOURCE_SCRIPT prints under RESOURCE_FLAGS: the limits, /dev/shm's size, root's groups
+/// with staff (50) and the numbers, the extra hosts line, the resolv.conf made of the flags (the
+/// host's options line aside), the two sysctls.
+const RESOURCE_WANT: &str = "1024\n2048\n0\nsize=32768k\n0 10 50 4242\n10.1.2.3\tdb.test\n\
+     search a.test b.test\nnameserver 10.9.9.9\n12345\n1\n";
+
+/// Flags and a script; the same as tests/container.rs's.
+const RESOURCE_FLAGS: &[&str] = &[
+    "--ulimit",
+    "nofile=1024:2048",
+    "--ulimit",
+    "core=0",
+    "--shm-size",
+    "32m",
+    "--group-add",
+    "staff",
+    "--group-add",
+    "4242",
+    "--group-add",
+    "10",
+    "--add-host",
+    "db.test:10.1.2.3",
+    "--dns",
+    "10.9.9.9",
+    "--dns-search",
+    "a.test",
+    "--dns-search",
+    "b.test",
+    "--sysctl",
+    "kernel.shmmax=12345",
+    "--sysctl",
+    "net.ipv4.ip_forward=1",
+];
+const RESOURCE_SCRIPT: &str = "ulimit -n; ulimit -Hn; ulimit -c; \
+     grep ' /dev/shm ' /proc/mounts | grep -o 'size=[0-9]*k'; \
+     id -G; grep db.test /etc/hosts; grep -v '^options' /etc/resolv.conf; \
+     cat /proc/sys/kernel/shmmax /proc/sys/net/ipv4/ip_forward";
+
 #[test]
 fn missing_command_is_127_in_both() {
     let Some(env) = setup() else { return };

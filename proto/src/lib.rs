@@ -44,6 +44,13 @@ pub struct RunSpec {
     /// container, the guest's in a VM).
     #[serde(default)]
     pub privileged: bool,
+    /// `--sysctl`: (key as `net.ipv4.ip_forward`, value), written under /proc/sys in the
+    /// workload's namespaces (container) or the guest (VM) before it starts.
+    #[serde(default)]
+    pub sysctls: Vec<(String, String)>,
+    /// `--shm-size`: the size of /dev/shm in bytes (None: 64 MiB, Docker's default).
+    #[serde(default)]
+    pub shm_size: Option<u64>,
 }
 
 /// One resource limit: `resource` is the RLIMIT_* number.
@@ -194,7 +201,15 @@ pub struct Network {
     /// Filled in at run time from the IPAM (bridge mode): address/prefix, gateway, DNS servers.
     pub address: Option<String>,
     pub gateway: Option<String>,
+    /// `--dns` servers; when none are given, the host's (filled in at run time).
     pub dns: Vec<String>,
+    /// `--dns-search` domains (`.` alone: none); empty: the host's search line.
+    #[serde(default)]
+    pub dns_search: Vec<String>,
+    /// `--add-host`: (name, address) lines for /etc/hosts; the address `host-gateway` becomes
+    /// the bridge's gateway at run time.
+    #[serde(default)]
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]

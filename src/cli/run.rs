@@ -106,6 +106,28 @@ pub struct Args {
     /// Security options: no-new-privileges[=true|false], seccomp=PROFILE.json|unconfined.
     #[arg(long, value_name = "OPT")]
     pub security_opt: Vec<String>,
+    /// Resource limit: TYPE=SOFT[:HARD] (core, cpu, data, fsize, locks, memlock, msgqueue, nice,
+    /// nofile, nproc, rss, rtprio, rttime, sigpending, stack, as; -1 for unlimited).
+    #[arg(long, value_name = "TYPE=SOFT[:HARD]")]
+    pub ulimit: Vec<String>,
+    /// Size of /dev/shm (default 64m).
+    #[arg(long, value_name = "BYTES")]
+    pub shm_size: Option<String>,
+    /// Additional group (name in the image's /etc/group, or number).
+    #[arg(long, value_name = "GROUP")]
+    pub group_add: Vec<String>,
+    /// A line for /etc/hosts: NAME:ADDRESS (ADDRESS may be host-gateway).
+    #[arg(long, value_name = "NAME:ADDR")]
+    pub add_host: Vec<String>,
+    /// DNS server for the workload's resolv.conf (replaces the host's).
+    #[arg(long, value_name = "ADDR")]
+    pub dns: Vec<String>,
+    /// DNS search domain ("." for none).
+    #[arg(long, value_name = "DOMAIN")]
+    pub dns_search: Vec<String>,
+    /// Kernel parameter: KEY=VALUE (container: namespaced ones only; VM: set in the guest).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub sysctl: Vec<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// The image: NAME[:TAG], NAME@DIGEST, an image ID, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
@@ -150,7 +172,43 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .iter()
             .map(|v| runspec::parse_volume(v))
             .collect::<anyhow::Result<_>>()?,
+        ulimits: args
+            .ulimit
+            .iter()
+            .map(|u| runspec::parse_ulimit(u))
+            .collect::<anyhow::Result<_>>()?,
+        shm_size: args
+            .shm_size
+            .as_deref()
+            .map(runspec::parse_bytes)
+            .transpose()?,
+        group_add: args.group_add.clone(),
+        add_hosts: args
+            .add_host
+            .iter()
+            .map(|h| runspec::parse_add_host(h))
+            .collect::<anyhow::Result<_>>()?,
+        dns: args
+            .dns
+            .iter()
+            .map(|d| runspec::parse_dns(d))
+            .collect::<anyhow::Result<_>>()?,
+        dns_search: args
+            .dns_search
+            .iter()
+            .map(|d| runspec::parse_dns_search(d))
+            .collect::<anyhow::Result<_>>()?,
+        sysctls: args
+            .sysctl
+            .iter()
+            .map(|s| runspec::parse_sysctl(s, args.isolation == Isolation::Vm))
+            .collect::<anyhow::Result<_>>()?,
     };
+    if flags.network == NetworkMode::None
+        && flags.add_hosts.iter().any(|(_, a)| a == "host-gateway")
+    {
+        anyhow::bail!("--add-host host-gateway needs --network bridge");
+    }
     let mut privileges = rvmm::security::Request {
         privileged: args.privileged,
         cap_add: rvmm::security::parse_caps(&args.cap_add)?,

@@ -157,7 +157,11 @@ fn complete_spec(
     };
     spec.security = crate::security::resolve(privileges, allow_mknod)?;
     spec.privileged = privileges.privileged;
-    let resolv = crate::net::host_resolv_conf();
+    let resolv = resolv_conf(
+        &crate::net::host_resolv_conf(),
+        &spec.network.dns,
+        &spec.network.dns_search,
+    );
     spec.network.dns = resolv
         .lines()
         .filter_map(|l| l.strip_prefix("nameserver").map(|a| a.trim().to_string()))
@@ -167,12 +171,52 @@ fn complete_spec(
         .address
         .as_deref()
         .and_then(|a| a.split('/').next());
+    let mut hosts = rvmm_proto::rootfs::hosts(&spec.hostname, addr);
+    for (name, a) in &spec.network.extra_hosts {
+        let a = if a == "host-gateway" {
+            spec.network
+                .gateway
+                .as_deref()
+                .context("--add-host host-gateway needs --network bridge")?
+        } else {
+            a
+        };
+        hosts.push_str(&format!("{a}\t{name}\n"));
+    }
     spec.etc = rvmm_proto::EtcFiles {
         hostname: format!("{}\n", spec.hostname),
-        hosts: rvmm_proto::rootfs::hosts(&spec.hostname, addr),
+        hosts,
         resolv_conf: resolv,
     };
     Ok(())
+}
+
+/// The workload's resolv.conf: the host's (less loopback servers), with `--dns` servers instead
+/// of its nameserver lines and `--dns-search` domains instead of its search line, as Docker does.
+fn resolv_conf(host: &str, dns: &[String], search: &[String]) -> String {
+    let mut out = String::new();
+    for l in host.lines() {
+        let key = l.split_whitespace().next().unwrap_or_default();
+        if (key == "nameserver" && !dns.is_empty())
+            || ((key == "search" || key == "domain") && !search.is_empty())
+        {
+            continue;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    let domains: Vec<&str> = search
+        .iter()
+        .map(String::as_str)
+        .filter(|d| *d != ".")
+        .collect();
+    if !domains.is_empty() {
+        out.push_str(&format!("search {}\n", domains.join(" ")));
+    }
+    for d in dns {
+        out.push_str(&format!("nameserver {d}\n"));
+    }
+    out
 }
 
 /// Signals rvmm relays to the workload (both isolations).
@@ -207,5 +251,22 @@ pub fn human_bytes(b: u64) -> String {
         format!("{}m", b >> 20)
     } else {
         format!("{b}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resolv_conf_follows_docker() {
+        let host = "search example.org\nnameserver 10.0.0.1\noptions ndots:2\n";
+        assert_eq!(super::resolv_conf(host, &[], &[]), host);
+        assert_eq!(
+            super::resolv_conf(host, &["1.1.1.1".into()], &["a.test".into(), "b".into()]),
+            "options ndots:2\nsearch a.test b\nnameserver 1.1.1.1\n"
+        );
+        assert_eq!(
+            super::resolv_conf(host, &[], &[".".into()]),
+            "nameserver 10.0.0.1\noptions ndots:2\n"
+        );
     }
 }

@@ -139,6 +139,31 @@ fn mask_paths(base: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `--shm-size`: /dev/shm under `base` remounted with `bytes` (after [`system_mounts`]).
+pub fn shm_size(base: &str, bytes: u64) -> Result<(), Failure> {
+    mount(
+        "shm",
+        &format!("{base}/dev/shm"),
+        "tmpfs",
+        libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        &format!("mode=1777,size={bytes}"),
+    )
+}
+
+/// `--sysctl`: writes each value under `proc`/sys (the /proc of the kernel and namespaces the
+/// workload will run in). Keys were checked on the host (no `/`, no `..`).
+pub fn sysctls(proc: &str, list: &[(String, String)]) -> Result<(), Failure> {
+    for (k, v) in list {
+        if k.contains('/') || k.split('.').any(|c| c.is_empty() || c == "..") {
+            return Err(Failure::setup(format!("invalid sysctl {k:?}")));
+        }
+        let path = format!("{proc}/sys/{}", k.replace('.', "/"));
+        std::fs::write(&path, v.as_bytes())
+            .map_err(|e| Failure::setup(format!("setting sysctl {k}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// `--privileged`, after [`system_mounts`] under `base`: the masked and read-only paths are
 /// uncovered, /sys is remounted writable, and every device node under `dev_src` (the kernel's
 /// /dev: the host's in a container, the guest's devtmpfs in a VM) is recreated in `base`/dev,

@@ -41,6 +41,11 @@ pub struct RunFlags {
     pub dns_search: Vec<String>,
     /// `--sysctl`, parsed.
     pub sysctls: Vec<(String, String)>,
+    /// `--label KEY[=VALUE]`, parsed.
+    pub labels: Vec<(String, String)>,
+    /// `--stop-signal` (name or number), `--stop-timeout` (seconds).
+    pub stop_signal: Option<String>,
+    pub stop_timeout: Option<i32>,
 }
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -168,12 +173,19 @@ pub fn build(
         bail!("working directory {cwd:?} must be absolute");
     }
 
-    let stop_signal = match &image.stop_signal {
-        Some(s) => {
+    let stop_signal = match (&flags.stop_signal, &image.stop_signal) {
+        (Some(s), _) => signal_number(s)
+            .with_context(|| format!("invalid --stop-signal {s:?}: not a signal"))?,
+        (None, Some(s)) => {
             signal_number(s).with_context(|| format!("image StopSignal {s:?} is not a signal"))?
         }
-        None => libc::SIGTERM,
+        (None, None) => libc::SIGTERM,
     };
+    let mut labels = image.labels.clone();
+    for (k, v) in &flags.labels {
+        labels.retain(|l| &l.0 != k);
+        labels.push((k.clone(), v.clone()));
+    }
 
     Ok(RunSpec {
         argv,
@@ -210,6 +222,8 @@ pub fn build(
         privileged: false,
         sysctls: flags.sysctls.clone(),
         shm_size: flags.shm_size,
+        labels,
+        stop_timeout: flags.stop_timeout,
     })
 }
 
@@ -486,6 +500,27 @@ pub fn parse_sysctl(s: &str, vm: bool) -> anyhow::Result<(String, String)> {
     Ok((k, v.to_string()))
 }
 
+/// `--label KEY[=VALUE]`.
+pub fn parse_label(s: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    if k.is_empty() || k.contains(char::is_whitespace) {
+        bail!("invalid --label {s:?}: expected KEY[=VALUE]");
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// `--platform`: rvmm runs linux/amd64 images only.
+pub fn check_platform(s: &str) -> anyhow::Result<()> {
+    let p = s.to_ascii_lowercase();
+    if matches!(
+        p.as_str(),
+        "linux/amd64" | "linux/x86_64" | "linux/amd64/v1" | "amd64"
+    ) {
+        return Ok(());
+    }
+    bail!("--platform {s}: rvmm runs linux/amd64 only")
+}
+
 /// `SIGTERM`, `TERM` or `15` → 15.
 pub fn signal_number(s: &str) -> Option<i32> {
     if let Ok(n) = s.parse::<i32>() {
@@ -507,6 +542,18 @@ pub fn signal_number(s: &str) -> Option<i32> {
         _ => return None,
     };
     Some(n)
+}
+
+/// 15 → `SIGTERM` (a number without a name: as is).
+pub fn signal_name(n: i32) -> String {
+    for name in [
+        "HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "STOP", "CONT", "WINCH", "PWR",
+    ] {
+        if signal_number(name) == Some(n) {
+            return format!("SIG{name}");
+        }
+    }
+    n.to_string()
 }
 
 /// Parses `-p [ip:]hostport:containerport[/tcp|udp]` (the ip must be empty, 0.0.0.0 or 127.0.0.1).

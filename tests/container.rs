@@ -505,6 +505,120 @@ const RESOURCE_SCRIPT: &str = "ulimit -n; ulimit -Hn; ulimit -c; \
      id -G; grep db.test /etc/hosts; grep -v '^options' /etc/resolv.conf; \
      cat /proc/sys/kernel/shmmax /proc/sys/net/ipv4/ip_forward";
 
+/// `--label`, `--stop-signal`, `--stop-timeout`, `--cidfile`, `--platform` and `--pull`: what
+/// `ps --filter`, `inspect` and the cidfile show, the pull policy against a real registry, and
+/// bad values refused with 125 before anything is created.
+#[test]
+fn run_metadata_flags() {
+    let Some(env) = setup() else { return };
+    let root = env.store.path();
+    let dir = tempfile::tempdir().expect("tmp");
+    let cid = dir.path().join("cid");
+    let cid_s = cid.display().to_string();
+    let o = rvmm(
+        root,
+        &[
+            "run",
+            "--isolation=container",
+            "--network=none",
+            "--name",
+            "meta",
+            "--label",
+            "a=1",
+            "-l",
+            "b",
+            "--stop-signal",
+            "SIGUSR1",
+            "--stop-timeout",
+            "30",
+            "--cidfile",
+            &cid_s,
+            "--platform",
+            "linux/amd64",
+            "--pull",
+            "never",
+            BB,
+            "true",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let id = std::fs::read_to_string(&cid).expect("cidfile");
+    assert!(
+        id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id:?}"
+    );
+    let ps = |f: &str| rvmm(root, &["ps", "-a", "-q", "--filter", f], None).stdout;
+    assert_eq!(ps("label=a=1"), format!("{}\n", &id[..12]));
+    assert_eq!(ps("label=b"), format!("{}\n", &id[..12]));
+    // The image's own label is there too.
+    assert_eq!(
+        ps("label=org.rvmm.test=busybox"),
+        format!("{}\n", &id[..12])
+    );
+    assert_eq!(ps("label=a=2"), "");
+    let o = rvmm(root, &["inspect", "meta"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("inspect json");
+    let c = &v[0]["Config"];
+    assert_eq!(v[0]["Id"], id.as_str());
+    assert_eq!(c["Labels"]["a"], "1");
+    assert_eq!(c["Labels"]["b"], "");
+    assert_eq!(c["Labels"]["org.rvmm.test"], "busybox");
+    assert_eq!(c["StopSignal"], "SIGUSR1");
+    assert_eq!(c["StopTimeout"], 30);
+    assert_eq!(rvmm(root, &["rm", "meta"], None).code, 0);
+
+    // Bad values: 125, one line, no run and no cidfile left.
+    let cid2 = dir.path().join("cid2");
+    let cid2_s = cid2.display().to_string();
+    for bad in [
+        &["--platform", "linux/arm64", "--cidfile", &cid2_s][..],
+        &["--cidfile", &cid_s],
+        &["--stop-signal", "SIGNOPE", "--cidfile", &cid2_s],
+        &["--stop-timeout", "-5"],
+        &["--label", "=x"],
+        &["--pull", "sometimes"],
+    ] {
+        let o = run(&env, bad, BB, &["true"]);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert!(o.stderr.lines().count() <= 3, "{bad:?}: {}", o.stderr);
+        assert!(!cid2.exists(), "{bad:?}");
+    }
+    let o = run(&env, &["--pull", "never"], "localhost/nosuch", &["true"]);
+    assert_eq!(o.code, 125, "{}", o.stderr);
+    assert!(o.stderr.contains("--pull never"), "{}", o.stderr);
+
+    // --pull against a real registry: missing pulls once, always goes back to it (and fails
+    // once it is gone), never and missing then use the store.
+    if !common::have_tools(&["docker-registry"]) {
+        return;
+    }
+    let reg = common::images::Registry::start(None);
+    let imgs = common::images::test_images();
+    reg.push(
+        &format!("oci:{}:latest", imgs.join("busybox").display()),
+        "t/pulled:latest",
+        &[],
+        None,
+    );
+    let r = format!("{}/t/pulled:latest", reg.host());
+    assert_eq!(run(&env, &["-q"], &r, &["true"]).code, 0);
+    assert_eq!(
+        run(&env, &["-q", "--pull", "always"], &r, &["true"]).code,
+        0
+    );
+    drop(reg);
+    let o = run(&env, &["-q", "--pull", "always"], &r, &["true"]);
+    assert_eq!(
+        o.code, 125,
+        "--pull always must go to the registry: {}",
+        o.stderr
+    );
+    assert_eq!(run(&env, &["-q", "--pull", "never"], &r, &["true"]).code, 0);
+    assert_eq!(run(&env, &["-q"], &r, &["true"]).code, 0);
+}
+
 #[test]
 fn cgroup_limits() {
     let Some(env) = setup() else { return };

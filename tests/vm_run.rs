@@ -311,6 +311,55 @@ const RESOURCE_SCRIPT: &str = "ulimit -n; ulimit -Hn; ulimit -c; \
      id -G; grep db.test /etc/hosts; grep -v '^options' /etc/resolv.conf; \
      cat /proc/sys/kernel/shmmax /proc/sys/net/ipv4/ip_forward";
 
+/// `--label`, `--stop-signal`, `--stop-timeout`, `--cidfile`, `--platform` and `--pull never` on
+/// a VM run: the run core records them as for a container (`ps --filter`, `inspect`).
+#[test]
+fn run_metadata_flags_on_a_vm() {
+    let Some(env) = setup() else { return };
+    let root = env.store.path();
+    let dir = tempfile::tempdir().unwrap();
+    let cid = dir.path().join("cid");
+    let cid_s = cid.display().to_string();
+    let o = rvmm(
+        root,
+        &[
+            "run",
+            "--isolation=vm",
+            "--network=none",
+            "--name",
+            "vmeta",
+            "--label",
+            "k=v",
+            "--stop-signal",
+            "HUP",
+            "--stop-timeout",
+            "3",
+            "--cidfile",
+            &cid_s,
+            "--platform",
+            "linux/amd64",
+            "--pull",
+            "never",
+            BB,
+            "true",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let id = std::fs::read_to_string(&cid).unwrap();
+    let ps = rvmm(root, &["ps", "-a", "-q", "--filter", "label=k=v"], None);
+    assert_eq!(ps.stdout, format!("{}\n", &id[..12]));
+    let v: serde_json::Value =
+        serde_json::from_str(&rvmm(root, &["inspect", "vmeta"], None).stdout).unwrap();
+    assert_eq!(v[0]["Isolation"], "vm");
+    assert_eq!(v[0]["Config"]["Labels"]["k"], "v");
+    assert_eq!(v[0]["Config"]["StopSignal"], "SIGHUP");
+    assert_eq!(v[0]["Config"]["StopTimeout"], 3);
+    assert_eq!(rvmm(root, &["rm", "vmeta"], None).code, 0);
+    let o = run(&env, "vm", &["--platform", "linux/arm64"], &["true"], None);
+    assert_eq!(o.code, 125, "{}", o.stderr);
+}
+
 #[test]
 fn missing_command_is_127_in_both() {
     let Some(env) = setup() else { return };

@@ -51,6 +51,13 @@ pub struct RunSpec {
     /// `--shm-size`: the size of /dev/shm in bytes (None: 64 MiB, Docker's default).
     #[serde(default)]
     pub shm_size: Option<u64>,
+    /// The image's labels with `--label` over them (shown by `inspect`, `ps --filter label=`).
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
+    /// `--stop-timeout`: seconds `stop` waits after the stop signal before SIGKILL (None:
+    /// Docker's 10).
+    #[serde(default)]
+    pub stop_timeout: Option<i32>,
 }
 
 /// One resource limit: `resource` is the RLIMIT_* number.

@@ -67,6 +67,8 @@ pub enum Command {
     Ps(ps::Args),
     /// Remove exited runs (their writable layers).
     Rm(ps::RmArgs),
+    /// Show runs as JSON (labels, stop signal and timeout, state).
+    Inspect(ps::InspectArgs),
     /// Remove what dead runs left behind (mounts, cgroups, taps, veths, rules, run dirs).
     Gc(gc::Args),
     /// Warm-start snapshots of VM isolation (ls, rm, gc, prewarm).
@@ -101,6 +103,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Image(c) => images::image(c, &global),
         Command::Ps(a) => ps::exec(a, &global),
         Command::Rm(a) => ps::rm(a, &global),
+        Command::Inspect(a) => ps::inspect(a, &global),
         Command::Gc(a) => gc::exec(a, &global),
         Command::Vm(a) => vm::exec(a, &global),
         Command::Kernel(c) => kernel::exec(c, &global),

@@ -12,12 +12,59 @@ pub struct Args {
     /// Only print IDs.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Only runs that match: label=KEY, label=KEY=VALUE, name=NAME, id=PREFIX (repeatable: all
+    /// must match).
+    #[arg(short, long, value_name = "FILTER")]
+    pub filter: Vec<String>,
+}
+
+/// A `ps --filter` condition.
+enum Filter {
+    Label(String, Option<String>),
+    Name(String),
+    Id(String),
+}
+
+impl Filter {
+    fn parse(s: &str) -> anyhow::Result<Filter> {
+        match s.split_once('=') {
+            Some(("label", kv)) if !kv.is_empty() => Ok(match kv.split_once('=') {
+                Some((k, v)) => Filter::Label(k.into(), Some(v.into())),
+                None => Filter::Label(kv.into(), None),
+            }),
+            Some(("name", n)) => Ok(Filter::Name(n.into())),
+            Some(("id", i)) => Ok(Filter::Id(i.into())),
+            _ => anyhow::bail!(
+                "invalid filter {s:?}: rvmm knows label=KEY[=VALUE], name=NAME, id=ID"
+            ),
+        }
+    }
+
+    fn matches(&self, r: &state::RunState) -> bool {
+        match self {
+            Filter::Label(k, v) => r
+                .labels
+                .iter()
+                .any(|(lk, lv)| lk == k && v.as_ref().is_none_or(|v| v == lv)),
+            Filter::Name(n) => r.name.contains(n.as_str()),
+            Filter::Id(i) => r.id.starts_with(i.as_str()),
+        }
+    }
 }
 
 pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
+    let filters = args
+        .filter
+        .iter()
+        .map(|f| Filter::parse(f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     state::gc(&global.root);
     let runs = state::list(&global.root)?;
-    let shown: Vec<_> = runs.iter().filter(|r| args.all || r.alive()).collect();
+    let shown: Vec<_> = runs
+        .iter()
+        .filter(|r| args.all || r.alive())
+        .filter(|r| filters.iter().all(|f| f.matches(r)))
+        .collect();
     if args.quiet {
         for r in shown {
             println!("{}", short_id(&r.id));
@@ -53,6 +100,63 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     }
     super::images::print_table(&rows);
     Ok(0)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// Runs (name or ID prefix).
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+}
+
+/// `rvmm inspect`: a JSON array, one object per run, with Docker's key names where they exist.
+pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
+    state::gc(&global.root);
+    let runs = state::list(&global.root)?;
+    let mut out = Vec::new();
+    let mut failed = false;
+    for want in &args.runs {
+        let hit: Vec<_> = runs
+            .iter()
+            .filter(|r| &r.name == want || r.id.starts_with(want.as_str()))
+            .collect();
+        let [r] = hit.as_slice() else {
+            eprintln!(
+                "rvmm: {}: {want}",
+                if hit.is_empty() {
+                    "no such run"
+                } else {
+                    "ambiguous"
+                }
+            );
+            failed = true;
+            continue;
+        };
+        let labels: serde_json::Map<String, serde_json::Value> = r
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+            .collect();
+        out.push(serde_json::json!({
+            "Id": r.id,
+            "Name": r.name,
+            "Image": r.image,
+            "Isolation": r.isolation.as_str(),
+            "State": {
+                "Status": if r.alive() { "running" } else { "exited" },
+                "Pid": r.pid,
+                "ExitCode": r.exit_code,
+            },
+            "Config": {
+                "Cmd": r.command,
+                "Labels": labels,
+                "StopSignal": rvmm::runspec::signal_name(r.stop_signal),
+                "StopTimeout": r.stop_timeout,
+            },
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(if failed { 1 } else { 0 })
 }
 
 #[derive(clap::Args, Debug)]

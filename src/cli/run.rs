@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use rvmm::container;
 use rvmm::image::{self, Store};
 use rvmm::run::RunOptions;
@@ -128,6 +130,24 @@ pub struct Args {
     /// Kernel parameter: KEY=VALUE (container: namespaced ones only; VM: set in the guest).
     #[arg(long, value_name = "KEY=VALUE")]
     pub sysctl: Vec<String>,
+    /// Metadata: KEY[=VALUE] (shown by inspect, matched by ps --filter label=).
+    #[arg(short = 'l', long = "label", value_name = "KEY[=VALUE]")]
+    pub label: Vec<String>,
+    /// Signal `stop` sends (default: the image's StopSignal, else SIGTERM).
+    #[arg(long, value_name = "SIGNAL")]
+    pub stop_signal: Option<String>,
+    /// Seconds `stop` waits after the stop signal before killing (default 10).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    pub stop_timeout: Option<i32>,
+    /// When to pull the image: missing (default), always, never.
+    #[arg(long, default_value = "missing", value_name = "POLICY")]
+    pub pull: String,
+    /// Write the run's ID to FILE (which must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub cidfile: Option<PathBuf>,
+    /// The image's platform: linux/amd64 is the only one rvmm runs.
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// The image: NAME[:TAG], NAME@DIGEST, an image ID, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
@@ -203,7 +223,39 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .iter()
             .map(|s| runspec::parse_sysctl(s, args.isolation == Isolation::Vm))
             .collect::<anyhow::Result<_>>()?,
+        labels: args
+            .label
+            .iter()
+            .map(|l| runspec::parse_label(l))
+            .collect::<anyhow::Result<_>>()?,
+        stop_signal: args.stop_signal.clone(),
+        stop_timeout: args.stop_timeout,
     };
+    if let Some(s) = &args.stop_signal {
+        if runspec::signal_number(s).is_none() {
+            anyhow::bail!("invalid --stop-signal {s:?}: not a signal");
+        }
+    }
+    if args.stop_timeout.is_some_and(|t| t < -1) {
+        anyhow::bail!("invalid --stop-timeout: seconds, or -1 for no limit");
+    }
+    let policy = match args.pull.as_str() {
+        "missing" => image::PullPolicy::Missing,
+        "always" => image::PullPolicy::Always,
+        "never" => image::PullPolicy::Never,
+        p => anyhow::bail!("invalid --pull {p:?}: always, missing or never"),
+    };
+    if let Some(p) = &args.platform {
+        runspec::check_platform(p)?;
+    }
+    if let Some(f) = &args.cidfile {
+        if f.exists() {
+            anyhow::bail!(
+                "the cidfile {} exists: make sure the other run is gone, or delete the file",
+                f.display()
+            );
+        }
+    }
     if flags.network == NetworkMode::None
         && flags.add_hosts.iter().any(|(_, a)| a == "host-gateway")
     {
@@ -224,7 +276,12 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         }
     }
     let store = Store::open(&global.root)?;
-    let resolved = image::resolve(&store, &args.image, &args.registry.options(args.quiet))?;
+    let resolved = image::resolve_with(
+        &store,
+        &args.image,
+        &args.registry.options(args.quiet),
+        policy,
+    )?;
     let id = rvmm::run::new_id();
     let spec = runspec::build(&resolved.config, &resolved.layers, &flags, &id[..12])?;
     let opts = RunOptions {
@@ -239,6 +296,16 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         cold: args.cold,
         privileges,
     };
+    if let Some(f) = &args.cidfile {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(f)
+            .with_context(|| format!("creating the cidfile {}", f.display()))?;
+        file.write_all(id.as_bytes())
+            .with_context(|| format!("writing the cidfile {}", f.display()))?;
+    }
     // A run owns host resources (taps, mounts, cgroups): a closed stdout must not kill rvmm before it
     // releases them. Writes then fail with EPIPE and the workload's output is dropped.
     // SAFETY: changing a signal disposition; no handler runs.

@@ -60,6 +60,14 @@ pub struct RunState {
     pub dir: PathBuf,
     /// `--rm`.
     pub remove: bool,
+    /// The image's labels and `--label`.
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
+    /// What `stop` sends, and how long it waits before SIGKILL (None: 10 s).
+    #[serde(default)]
+    pub stop_signal: i32,
+    #[serde(default)]
+    pub stop_timeout: Option<i32>,
 }
 
 /// Where runs live: ROOT/runs.
@@ -124,6 +132,9 @@ impl RunState {
             taps: Vec::new(),
             dir: dir.to_path_buf(),
             remove: opts.remove,
+            labels: spec.labels.clone(),
+            stop_signal: spec.stop_signal,
+            stop_timeout: spec.stop_timeout,
         }
     }
 

@@ -46,6 +46,12 @@ pub struct RunFlags {
     /// `--stop-signal` (name or number), `--stop-timeout` (seconds).
     pub stop_signal: Option<String>,
     pub stop_timeout: Option<i32>,
+    /// `--init`.
+    pub init: bool,
+    /// `--cpuset-cpus`, parsed.
+    pub cpus_allowed: Vec<u32>,
+    /// `--device`, resolved on the host.
+    pub devices: Vec<rvmm_proto::DeviceNode>,
 }
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -224,6 +230,9 @@ pub fn build(
         shm_size: flags.shm_size,
         labels,
         stop_timeout: flags.stop_timeout,
+        init: flags.init,
+        cpus_allowed: flags.cpus_allowed.clone(),
+        devices: flags.devices.clone(),
     })
 }
 
@@ -498,6 +507,73 @@ pub fn parse_sysctl(s: &str, vm: bool) -> anyhow::Result<(String, String)> {
         bail!("--sysctl kernel.hostname: use --hostname");
     }
     Ok((k, v.to_string()))
+}
+
+/// `--cpuset-cpus 0-2,4` → [0, 1, 2, 4]; every CPU must be below `available`.
+pub fn parse_cpuset(s: &str, available: u32) -> anyhow::Result<Vec<u32>> {
+    let mut v = Vec::new();
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b) = match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+            (Ok(a), Ok(b)) if a <= b => (a, b),
+            _ => bail!("invalid --cpuset-cpus {s:?}: expected a list like 0-2,4"),
+        };
+        if b >= available {
+            bail!(
+                "--cpuset-cpus {s}: CPU {b} is not available (0 to {})",
+                available.saturating_sub(1)
+            );
+        }
+        v.extend(a..=b);
+    }
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
+}
+
+/// `--device HOST[:CONTAINER][:PERMISSIONS]`: the host node's kind, numbers, mode and owner.
+pub fn parse_device(s: &str) -> anyhow::Result<rvmm_proto::DeviceNode> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let parts: Vec<&str> = s.split(':').collect();
+    let perms = |p: &str| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| "rwm".contains(c));
+    let (host, cont, access) = match parts.as_slice() {
+        [h] => (*h, *h, "rwm"),
+        [h, p] if perms(p) => (*h, *h, *p),
+        [h, c] => (*h, *c, "rwm"),
+        [h, c, p] if perms(p) => (*h, *c, *p),
+        _ => bail!("invalid --device {s:?}: expected HOST[:CONTAINER][:rwm]"),
+    };
+    if !cont.starts_with('/') || cont.split('/').any(|c| c == "..") {
+        bail!("invalid --device {s:?}: the container path must be absolute, without ..");
+    }
+    let m = std::fs::metadata(host).with_context(|| format!("--device {host}"))?;
+    let ft = m.file_type();
+    let kind = if ft.is_char_device() {
+        'c'
+    } else if ft.is_block_device() {
+        'b'
+    } else {
+        bail!("--device {host}: not a device node (directories of devices are not supported)");
+    };
+    let rdev = m.rdev();
+    Ok(rvmm_proto::DeviceNode {
+        path: cont.to_string(),
+        kind,
+        major: libc::major(rdev),
+        minor: libc::minor(rdev),
+        mode: m.mode() & 0o777,
+        uid: m.uid(),
+        gid: m.gid(),
+        access: access.to_string(),
+    })
+}
+
+/// `--memory-swap`: bytes, or -1 for unlimited swap.
+pub fn parse_memory_swap(s: &str) -> anyhow::Result<u64> {
+    if s.trim() == "-1" {
+        return Ok(u64::MAX);
+    }
+    parse_bytes(s)
 }
 
 /// `--label KEY[=VALUE]`.

@@ -619,6 +619,101 @@ fn run_metadata_flags() {
     assert_eq!(run(&env, &["-q"], &r, &["true"]).code, 0);
 }
 
+/// `--init`, `--cpuset-cpus`, `--cpu-shares`, `--memory-swap` and `--device`, seen from inside;
+/// bad values refused with 125.
+#[test]
+fn init_cpu_and_device_flags() {
+    let Some(env) = setup() else { return };
+    // --init: the program is not PID 1; an orphan is reaped by the init; the affinity.
+    let o = run(
+        &env,
+        &["--init", "--cpuset-cpus", "0"],
+        BB,
+        &["sh", "-c", INIT_SCRIPT],
+    );
+    assert_eq!(o.stdout, INIT_WANT, "{}", o.stderr);
+    // --init forwards a signal to the program, whose status comes back.
+    let mut child = Command::new(common::rvmm_bin())
+        .arg("--root")
+        .arg(env.store.path())
+        .args([
+            "run",
+            "--rm",
+            "--isolation=container",
+            "--network=none",
+            "--init",
+            BB,
+        ])
+        .args([
+            "sh",
+            "-c",
+            "trap 'exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rvmm");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut seen).expect("ready");
+    assert_eq!(&seen, b"ready\n");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().expect("wait").code(), Some(7));
+    // The cgroup files Docker writes for --cpu-shares and --memory-swap.
+    let o = run(
+        &env,
+        &["--cpu-shares", "512", "--memory", "48m", "--memory-swap", "96m"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/cpu/cpu.shares /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null \
+             || cat /sys/fs/cgroup/cpu.weight /sys/fs/cgroup/memory.swap.max",
+        ],
+    );
+    assert!(
+        o.stdout == "512\n100663296\n" || o.stdout == "20\n50331648\n",
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+    // --device: the node (not in Docker's default list); the devices cgroup lets it be opened
+    // for reading and refuses writing without "w".
+    let o = run(
+        &env,
+        &["--device", "/dev/loop-control:/dev/myloop:rm"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            "test -c /dev/myloop && : < /dev/myloop && echo can-read; (echo > /dev/myloop) 2>/dev/null || echo no-write",
+        ],
+    );
+    assert_eq!(o.stdout, "can-read\nno-write\n", "{}", o.stderr);
+    for bad in [
+        &["--cpuset-cpus", "4096"][..],
+        &["--cpuset-cpus", "a-b"],
+        &["--cpu-shares", "1"],
+        &["--memory-swap", "10m"],
+        &["--memory", "20m", "--memory-swap", "10m"],
+        &["--device", "/nonexistent"],
+        &["--device", "/etc/passwd"],
+        &["--device", "/dev/zero:relative"],
+    ] {
+        let o = run(&env, bad, BB, &["true"]);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
+    }
+}
+
+/// With `--init --cpuset-cpus 0` (tests/vm_run.rs runs the same in a VM): the program's PID is
+/// not 1, an orphan left by a shell that exits is reaped, and only CPU 0 is allowed.
+const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 &'; sleep 0.5; \
+     cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l; grep Cpus_allowed_list /proc/self/status";
+const INIT_WANT: &str = "not-pid-1\n0\nCpus_allowed_list:\t0\n";
+
 #[test]
 fn cgroup_limits() {
     let Some(env) = setup() else { return };

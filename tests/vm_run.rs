@@ -360,6 +360,32 @@ fn run_metadata_flags_on_a_vm() {
     assert_eq!(o.code, 125, "{}", o.stderr);
 }
 
+/// `--init` (rvmm-init plays the init: the program is not PID 1 and orphans are reaped) and
+/// `--cpuset-cpus` (vCPU numbers, as affinity) give what a container shows; `--device`,
+/// `--cpu-shares` and `--memory-swap` are refused with one line in a VM.
+#[test]
+fn init_and_cpu_flags_on_a_vm() {
+    let Some(env) = setup() else { return };
+    let f = ["--network=none", "--init", "--cpuset-cpus", "0"];
+    let v = run(&env, "vm", &f, &["sh", "-c", INIT_SCRIPT], None);
+    assert_eq!((v.code, v.stdout.as_str()), (0, INIT_WANT), "{}", v.stderr);
+    for bad in [
+        &["--device", "/dev/zero"][..],
+        &["--cpu-shares", "512"],
+        &["--memory", "64m", "--memory-swap", "128m"],
+        &["--cpuset-cpus", "1"],
+    ] {
+        let o = run(&env, "vm", bad, &["true"], None);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
+    }
+}
+
+/// As in tests/container.rs.
+const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 &'; sleep 0.5; \
+     cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l; grep Cpus_allowed_list /proc/self/status";
+const INIT_WANT: &str = "not-pid-1\n0\nCpus_allowed_list:\t0\n";
+
 #[test]
 fn missing_command_is_127_in_both() {
     let Some(env) = setup() else { return };

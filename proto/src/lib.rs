@@ -58,6 +58,34 @@ pub struct RunSpec {
     /// Docker's 10).
     #[serde(default)]
     pub stop_timeout: Option<i32>,
+    /// `--init`: a tiny init runs as the workload's PID 1, forwards signals to the program and
+    /// reaps orphans (in a VM rvmm-init already does both, and the program is never PID 1).
+    #[serde(default)]
+    pub init: bool,
+    /// `--cpuset-cpus`: the CPUs (of the kernel the workload runs on) it may run on, as an
+    /// affinity mask set before exec. Empty: all.
+    #[serde(default)]
+    pub cpus_allowed: Vec<u32>,
+    /// `--device`: host device nodes made in the workload's /dev (container isolation only).
+    #[serde(default)]
+    pub devices: Vec<DeviceNode>,
+}
+
+/// A device node for the workload's /dev.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceNode {
+    /// Absolute path in the workload.
+    pub path: String,
+    /// 'c' or 'b'.
+    pub kind: char,
+    pub major: u32,
+    pub minor: u32,
+    /// Permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Docker's cgroup permissions: some of "rwm".
+    pub access: String,
 }
 
 /// One resource limit: `resource` is the RLIMIT_* number.
@@ -198,6 +226,12 @@ pub struct Limits {
     pub cpus: Option<f64>,
     /// `--pids-limit`.
     pub pids: Option<u64>,
+    /// `--cpu-shares`: relative CPU weight (cgroup v1 cpu.shares; v2 cpu.weight from it).
+    #[serde(default)]
+    pub cpu_shares: Option<u64>,
+    /// `--memory-swap`: memory plus swap, bytes; `Some(u64::MAX)` is unlimited swap (-1).
+    #[serde(default)]
+    pub memory_swap: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

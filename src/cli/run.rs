@@ -148,6 +148,21 @@ pub struct Args {
     /// The image's platform: linux/amd64 is the only one rvmm runs.
     #[arg(long, value_name = "OS/ARCH")]
     pub platform: Option<String>,
+    /// Run a tiny init as PID 1 that forwards signals and reaps zombies (in a VM, rvmm-init does).
+    #[arg(long)]
+    pub init: bool,
+    /// CPUs the workload may run on (e.g. 0-2,4; in a VM, vCPU numbers).
+    #[arg(long, value_name = "LIST")]
+    pub cpuset_cpus: Option<String>,
+    /// Relative CPU weight (default 1024; container isolation).
+    #[arg(short = 'c', long, value_name = "N")]
+    pub cpu_shares: Option<u64>,
+    /// Memory plus swap limit (-1: unlimited swap; container isolation).
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
+    pub memory_swap: Option<String>,
+    /// Give a host device to the workload: HOST[:CONTAINER][:rwm] (container isolation).
+    #[arg(long, value_name = "HOST[:CONT][:rwm]")]
+    pub device: Vec<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// The image: NAME[:TAG], NAME@DIGEST, an image ID, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
@@ -177,6 +192,12 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
                 .transpose()?,
             cpus: args.cpus,
             pids: args.pids_limit,
+            cpu_shares: args.cpu_shares,
+            memory_swap: args
+                .memory_swap
+                .as_deref()
+                .map(runspec::parse_memory_swap)
+                .transpose()?,
         },
         network: match args.network {
             Net::None => NetworkMode::None,
@@ -230,7 +251,49 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .collect::<anyhow::Result<_>>()?,
         stop_signal: args.stop_signal.clone(),
         stop_timeout: args.stop_timeout,
+        init: args.init,
+        cpus_allowed: match &args.cpuset_cpus {
+            Some(s) => {
+                let available = match args.isolation {
+                    // The guest's vCPUs (⌈--cpus⌉, at least 1).
+                    Isolation::Vm => args.cpus.map_or(1, |c| c.ceil().clamp(1.0, 32.0) as u32),
+                    // SAFETY: sysconf with a constant.
+                    Isolation::Container => unsafe {
+                        libc::sysconf(libc::_SC_NPROCESSORS_CONF).max(1) as u32
+                    },
+                };
+                runspec::parse_cpuset(s, available)?
+            }
+            None => Vec::new(),
+        },
+        devices: args
+            .device
+            .iter()
+            .map(|d| runspec::parse_device(d))
+            .collect::<anyhow::Result<_>>()?,
     };
+    if args.isolation == Isolation::Vm {
+        if !flags.devices.is_empty() {
+            anyhow::bail!("--device: a host device cannot be given to a VM (its kernel has only virtio devices)");
+        }
+        if args.cpu_shares.is_some() {
+            anyhow::bail!("--cpu-shares: a VM's vCPU threads are not in a cgroup (use --cpus)");
+        }
+        if args.memory_swap.is_some() {
+            anyhow::bail!("--memory-swap: a VM has no swap; its memory is --memory");
+        }
+    }
+    if flags.limits.memory_swap.is_some_and(|s| s != u64::MAX)
+        && flags
+            .limits
+            .memory_bytes
+            .is_none_or(|m| flags.limits.memory_swap < Some(m))
+    {
+        anyhow::bail!("--memory-swap needs --memory, and must be at least as large");
+    }
+    if args.cpu_shares.is_some_and(|s| !(2..=262_144).contains(&s)) {
+        anyhow::bail!("--cpu-shares must be between 2 and 262144");
+    }
     if let Some(s) = &args.stop_signal {
         if runspec::signal_number(s).is_none() {
             anyhow::bail!("invalid --stop-signal {s:?}: not a signal");

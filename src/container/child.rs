@@ -176,6 +176,7 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     // Mounts are made inside the new root, so every target resolves there: /proc, /sys, /dev and
     // the masked paths exactly as rvmm-init makes them in a VM.
     rvmm_workload::system_mounts("")?;
+    rvmm_workload::make_devices("", &p.spec.devices)?;
     if let Some(b) = p.spec.shm_size {
         rvmm_workload::shm_size("", b)?;
     }
@@ -255,6 +256,19 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     // The same steps as in a VM (rvmm-workload): limits, bounding set, user, caps, cwd, PATH
     // lookup, seccomp.
     let prog = rvmm_workload::privileges::become_workload(&p.spec, false)?;
+    if p.spec.init {
+        let err_fd = p.err_fd;
+        // SAFETY: closing the error pipe once the workload runs (the parent then sees EOF).
+        let started = move || unsafe {
+            libc::close(err_fd);
+        };
+        return Err(rvmm_workload::exec_with_init(
+            &prog,
+            &p.spec.argv,
+            &p.spec.env,
+            started,
+        ));
+    }
     Err(rvmm_workload::exec(&prog, &p.spec.argv, &p.spec.env))
 }
 

@@ -61,7 +61,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     // The host's cgroup mounts, read once: where the run's cgroup goes, and what the container
     // mounts under /sys/fs/cgroup.
     let layout = cgroups::Layout::detect()?;
-    let cg = cgroups::create(&layout, &opts.id, &run.spec.limits, run.spec.privileged)?;
+    let cg = cgroups::create(
+        &layout,
+        &opts.id,
+        &run.spec.limits,
+        run.spec.privileged,
+        &run.spec.devices,
+    )?;
     run.cleanup.state.cgroup = Some(cg.clone());
     run.cleanup.state.save()?;
 

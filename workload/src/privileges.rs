@@ -144,6 +144,7 @@ fn enforced(s: &Security) -> bool {
 pub fn become_workload(spec: &RunSpec, prepared: bool) -> Result<CString, Failure> {
     let sec = &spec.security;
     set_rlimits(&spec.rlimits)?;
+    crate::set_affinity(&spec.cpus_allowed)?;
     if enforced(sec) && !prepared {
         if !sec.seccomp.is_empty() {
             install_seccomp(&sec.seccomp)?;

@@ -802,4 +802,51 @@ mod tests {
         assert!(parse_volume("/tmp:/x/../y").is_err());
         assert!(parse_volume("/tmp:/data:ro").expect("v").read_only);
     }
+
+    #[test]
+    fn flag_parsers_follow_docker() {
+        let u = parse_ulimit("nofile=1024:2048").expect("ulimit");
+        assert_eq!(
+            (u.resource, u.soft, u.hard),
+            (libc::RLIMIT_NOFILE, 1024, 2048)
+        );
+        let u = parse_ulimit("core=-1").expect("ulimit");
+        assert_eq!((u.soft, u.hard), (libc::RLIM_INFINITY, libc::RLIM_INFINITY));
+        for bad in ["nofile", "nope=1", "nofile=2:1", "nofile=x", "nofile=-2"] {
+            assert!(parse_ulimit(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_cpuset("0-2,4,1", 8).expect("cpuset"),
+            vec![0, 1, 2, 4]
+        );
+        for bad in ["", "2-1", "8", "a", "0-"] {
+            assert!(parse_cpuset(bad, 8).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_sysctl("net/ipv4/ip_forward=1", false).expect("sysctl"),
+            ("net.ipv4.ip_forward".into(), "1".into())
+        );
+        assert!(parse_sysctl("kernel.pid_max=9", false).is_err());
+        assert!(parse_sysctl("kernel.pid_max=9", true).is_ok());
+        assert!(parse_sysctl("net...x=1", true).is_err());
+        assert!(parse_sysctl("kernel.hostname=x", true).is_err());
+        assert_eq!(
+            parse_add_host("db:10.0.0.1").expect("host"),
+            ("db".into(), "10.0.0.1".into())
+        );
+        assert_eq!(
+            parse_add_host("v6=[::1]").expect("host"),
+            ("v6".into(), "::1".into())
+        );
+        assert!(parse_add_host("db:nothing").is_err());
+        assert!(parse_dns("1.1.1.1").is_ok() && parse_dns("one").is_err());
+        assert!(parse_dns_search("a.example").is_ok() && parse_dns_search("a..b").is_err());
+        assert_eq!(
+            parse_label("a=b=c").expect("label"),
+            ("a".into(), "b=c".into())
+        );
+        assert!(check_platform("linux/amd64").is_ok() && check_platform("linux/arm64").is_err());
+        assert_eq!(signal_name(15), "SIGTERM");
+        assert_eq!(parse_memory_swap("-1").expect("swap"), u64::MAX);
+    }
 }

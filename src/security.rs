@@ -128,7 +128,7 @@ impl Request {
 
 /// The workload's privileges for `req`, Docker's way: `--privileged` gets every capability and no
 /// seccomp filter; otherwise the default set with `--cap-drop` removed and `--cap-add` added
-/// (`--cap-drop ALL` keeps only the added ones), and the seccomp profile asked for, whose
+/// (`--cap-drop ALL` keeps only the added ones, `--cap-add ALL` all but the dropped ones), and the seccomp profile asked for, whose
 /// capability-dependent rules follow the resulting set. `allow_mknod`: CAP_MKNOD may be granted
 /// (a VM, or a container with a devices cgroup).
 pub fn resolve(req: &Request, allow_mknod: bool) -> Result<rvmm_proto::Security, Error> {
@@ -142,6 +142,8 @@ pub fn resolve(req: &Request, allow_mknod: bool) -> Result<rvmm_proto::Security,
         let base = mask(&default_caps(allow_mknod));
         let caps = if req.cap_drop == ALL_CAPS {
             req.cap_add
+        } else if req.cap_add == ALL_CAPS {
+            ALL_CAPS & !req.cap_drop
         } else {
             (base & !req.cap_drop) | req.cap_add
         };
@@ -815,6 +817,75 @@ mod tests {
                     "{allowed:?} {nr}"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    #[test]
+    fn default_request_is_the_boot_security() {
+        // A VM run without privilege flags must match the initramfs's security (and so use the
+        // zygote and the snapshot's installed filter).
+        assert_eq!(
+            resolve(&Request::default(), true).expect("resolve"),
+            docker_default(true)
+        );
+        assert!(!docker_default(true).no_new_privs);
+    }
+
+    #[test]
+    fn docker_capability_rules() {
+        let bit = |c: Capability| 1u64 << c.index();
+        let base = mask(&default_caps(true));
+        let req = |add: &[&str], drop: &[&str]| Request {
+            cap_add: parse_caps(&add.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("add"),
+            cap_drop: parse_caps(&drop.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("drop"),
+            ..Default::default()
+        };
+        let caps = |r: &Request| resolve(r, true).expect("resolve").caps;
+        assert_eq!(
+            caps(&req(&["sys_admin"], &["CAP_NET_RAW"])),
+            (base | bit(Capability::CAP_SYS_ADMIN)) & !bit(Capability::CAP_NET_RAW)
+        );
+        assert_eq!(caps(&req(&["chown"], &["ALL"])), bit(Capability::CAP_CHOWN));
+        assert_eq!(
+            caps(&req(&["all"], &["mknod"])),
+            ALL_CAPS & !bit(Capability::CAP_MKNOD)
+        );
+        assert!(parse_caps(&["CAP_NOPE".into()]).is_err());
+        // Without a devices cgroup MKNOD is never granted, and asking for it is refused.
+        assert!(resolve(&req(&["MKNOD"], &[]), false).is_err());
+        assert_eq!(
+            caps(&Request {
+                privileged: true,
+                ..Default::default()
+            }),
+            ALL_CAPS
+        );
+    }
+
+    #[test]
+    fn security_opt_syntax() {
+        let mut r = Request::default();
+        for (o, nnp) in [
+            ("no-new-privileges", true),
+            ("no-new-privileges=false", false),
+            ("no-new-privileges:true", true),
+        ] {
+            r.security_opt(o).expect(o);
+            assert_eq!(r.no_new_privs, nnp, "{o}");
+        }
+        r.security_opt("seccomp=unconfined").expect("unconfined");
+        assert!(matches!(r.seccomp, Seccomp::Unconfined));
+        assert!(r.security_opt("apparmor=unconfined").is_ok());
+        for bad in ["bogus", "apparmor=x", "no-new-privileges=maybe", "seccomp="] {
+            let e = r.security_opt(bad).expect_err(bad).to_string();
+            assert!(!e.contains('\n'), "{e}");
         }
     }
 }

@@ -5,7 +5,9 @@
 #
 # OUTDIR/busybox            OCI layout, tag latest: one gzip layer, busybox + applet links, users
 #                           root/nobody/app(1000), Cmd ["sh"], Env PATH and RVMM_IMAGE=busybox,
-#                           WorkingDir /, ExposedPorts 8080/tcp, StopSignal SIGTERM, a label
+#                           WorkingDir /, ExposedPorts 8080/tcp, StopSignal SIGTERM, a label, and
+#                           /usr/bin/showeuid: a static setuid-root helper (mode 4755) that prints
+#                           "uid=U euid=E" (busybox cannot be setuid per applet)
 # OUTDIR/multi              OCI layout, tag latest: busybox plus three layers exercising whiteouts
 #                           (/etc/motd deleted), an opaque directory (/data/dir holds only z),
 #                           a hardlink and a symlink; WorkingDir /data, User app
@@ -28,7 +30,7 @@ mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-for t in umoci skopeo python3; do
+for t in umoci skopeo python3 gcc; do
   command -v $t >/dev/null || { echo "make-test-images: $t is missing (run scripts/setup.sh)" >&2; exit 1; }
 done
 bb=/bin/busybox
@@ -63,6 +65,17 @@ staff:x:50:app
 nogroup:x:65534:
 EOF
 chown 1000:1000 "$r/home/app"
+cat >"$work/showeuid.c" <<'CEOF'
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+  printf("uid=%d euid=%d\n", (int)getuid(), (int)geteuid());
+  return 0;
+}
+CEOF
+gcc -static -O2 -o "$r/usr/bin/showeuid" "$work/showeuid.c"
+chown 0:0 "$r/usr/bin/showeuid"
+chmod 4755 "$r/usr/bin/showeuid"
 echo "welcome to the rvmm test image" >"$r/etc/motd"
 echo "hello from rvmm" >"$r/var/www/index.html"
 umoci repack --image "$L:latest" "$work/b"

@@ -124,7 +124,15 @@ impl Layout {
 }
 
 /// Creates the run's cgroup(s) under `rvmm/<id>` in `layout` and applies the limits.
-pub fn create(layout: &Layout, id: &str, limits: &Limits) -> anyhow::Result<Cgroup> {
+/// `all_devices` (`--privileged`): the devices controller allows every device; else Docker's
+/// default list and `devices` (`--device`).
+pub fn create(
+    layout: &Layout,
+    id: &str,
+    limits: &Limits,
+    all_devices: bool,
+    devices: &[rvmm_proto::DeviceNode],
+) -> anyhow::Result<Cgroup> {
     let cg = match layout.version() {
         Version::V1 => {
             let mut dirs = Vec::new();
@@ -160,7 +168,7 @@ pub fn create(layout: &Layout, id: &str, limits: &Limits) -> anyhow::Result<Cgro
             }
         }
     };
-    if let Err(e) = cg.apply(limits) {
+    if let Err(e) = cg.apply(limits, all_devices, devices) {
         cg.remove();
         return Err(e);
     }
@@ -180,11 +188,25 @@ impl Cgroup {
             .map(|(_, d)| d.as_path())
     }
 
-    fn apply(&self, l: &Limits) -> anyhow::Result<()> {
+    fn apply(
+        &self,
+        l: &Limits,
+        all_devices: bool,
+        devices: &[rvmm_proto::DeviceNode],
+    ) -> anyhow::Result<()> {
         match self.version {
             Version::V1 => {
-                if let Some(d) = self.dir("devices") {
+                if let (true, Some(d)) = (all_devices, self.dir("devices")) {
+                    write(d, "devices.allow", "a")?;
+                } else if let Some(d) = self.dir("devices") {
                     write(d, "devices.deny", "a")?;
+                    for dev in devices {
+                        write(
+                            d,
+                            "devices.allow",
+                            &format!("{} {}:{} {}", dev.kind, dev.major, dev.minor, dev.access),
+                        )?;
+                    }
                     for rule in [
                         "c *:* m",
                         "b *:* m",
@@ -207,8 +229,21 @@ impl Cgroup {
                         .dir("memory")
                         .context("the memory cgroup controller is not mounted")?;
                     write(d, "memory.limit_in_bytes", &m.to_string())?;
-                    // No swap beyond the limit, so the limit is what the workload gets.
-                    let _ = fs::write(d.join("memory.memsw.limit_in_bytes"), m.to_string());
+                    // No swap beyond the limit unless --memory-swap says otherwise.
+                    match l.memory_swap {
+                        Some(u64::MAX) => {}
+                        Some(s) => write(d, "memory.memsw.limit_in_bytes", &s.to_string())
+                            .context("--memory-swap needs swap accounting (swapaccount=1)")?,
+                        None => {
+                            let _ = fs::write(d.join("memory.memsw.limit_in_bytes"), m.to_string());
+                        }
+                    }
+                }
+                if let Some(sh) = l.cpu_shares {
+                    let d = self
+                        .dir("cpu")
+                        .context("the cpu cgroup controller is not mounted")?;
+                    write(d, "cpu.shares", &sh.to_string())?;
                 }
                 if let Some(p) = l.pids {
                     let d = self
@@ -232,7 +267,17 @@ impl Cgroup {
                 let d = self.dirs[0].1.as_path();
                 if let Some(m) = l.memory_bytes {
                     write(d, "memory.max", &m.to_string())?;
-                    let _ = fs::write(d.join("memory.swap.max"), "0");
+                    let swap = match l.memory_swap {
+                        Some(u64::MAX) => "max".to_string(),
+                        Some(s) => s.saturating_sub(m).to_string(),
+                        None => "0".to_string(),
+                    };
+                    let _ = fs::write(d.join("memory.swap.max"), swap);
+                }
+                if let Some(sh) = l.cpu_shares {
+                    // Docker's (runc's) conversion of shares to a weight.
+                    let w = 1 + (sh.clamp(2, 262_144) - 2) * 9999 / 262_142;
+                    write(d, "cpu.weight", &w.to_string())?;
                 }
                 if let Some(p) = l.pids {
                     write(d, "pids.max", &p.to_string())?;

@@ -28,6 +28,30 @@ pub struct RunFlags {
     pub network: NetworkMode,
     pub ports: Vec<PortMapping>,
     pub mounts: Vec<Mount>,
+    /// `--ulimit`, parsed.
+    pub ulimits: Vec<rvmm_proto::Rlimit>,
+    /// `--shm-size`, bytes.
+    pub shm_size: Option<u64>,
+    /// `--group-add`: names (resolved in the image's /etc/group) or numbers.
+    pub group_add: Vec<String>,
+    /// `--add-host`, parsed: (name, address).
+    pub add_hosts: Vec<(String, String)>,
+    /// `--dns`, `--dns-search`.
+    pub dns: Vec<String>,
+    pub dns_search: Vec<String>,
+    /// `--sysctl`, parsed.
+    pub sysctls: Vec<(String, String)>,
+    /// `--label KEY[=VALUE]`, parsed.
+    pub labels: Vec<(String, String)>,
+    /// `--stop-signal` (name or number), `--stop-timeout` (seconds).
+    pub stop_signal: Option<String>,
+    pub stop_timeout: Option<i32>,
+    /// `--init`.
+    pub init: bool,
+    /// `--cpuset-cpus`, parsed.
+    pub cpus_allowed: Vec<u32>,
+    /// `--device`, resolved on the host.
+    pub devices: Vec<rvmm_proto::DeviceNode>,
 }
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -132,7 +156,13 @@ pub fn build(
         .clone()
         .or_else(|| image.user.clone())
         .unwrap_or_default();
-    let (user, home) = resolve_user(&user_spec, layers)?;
+    let (mut user, home) = resolve_user(&user_spec, layers)?;
+    for g in &flags.group_add {
+        let gid = resolve_group(g, layers)?;
+        if gid != user.gid && !user.additional_gids.contains(&gid) {
+            user.additional_gids.push(gid);
+        }
+    }
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         put(
             &mut env,
@@ -149,12 +179,19 @@ pub fn build(
         bail!("working directory {cwd:?} must be absolute");
     }
 
-    let stop_signal = match &image.stop_signal {
-        Some(s) => {
+    let stop_signal = match (&flags.stop_signal, &image.stop_signal) {
+        (Some(s), _) => signal_number(s)
+            .with_context(|| format!("invalid --stop-signal {s:?}: not a signal"))?,
+        (None, Some(s)) => {
             signal_number(s).with_context(|| format!("image StopSignal {s:?} is not a signal"))?
         }
-        None => libc::SIGTERM,
+        (None, None) => libc::SIGTERM,
     };
+    let mut labels = image.labels.clone();
+    for (k, v) in &flags.labels {
+        labels.retain(|l| &l.0 != k);
+        labels.push((k.clone(), v.clone()));
+    }
 
     Ok(RunSpec {
         argv,
@@ -171,14 +208,31 @@ pub fn build(
             ports: flags.ports.clone(),
             address: None,
             gateway: None,
-            dns: Vec::new(),
+            dns: flags.dns.clone(),
+            dns_search: flags.dns_search.clone(),
+            extra_hosts: flags.add_hosts.clone(),
         },
         mounts: flags.mounts.clone(),
         stop_signal,
         // Decided by the run core once the isolation and network are known.
         security: Default::default(),
-        rlimits: default_rlimits(),
+        rlimits: {
+            let mut r = default_rlimits();
+            for u in &flags.ulimits {
+                r.retain(|d| d.resource != u.resource);
+                r.push(u.clone());
+            }
+            r
+        },
         etc: Default::default(),
+        privileged: false,
+        sysctls: flags.sysctls.clone(),
+        shm_size: flags.shm_size,
+        labels,
+        stop_timeout: flags.stop_timeout,
+        init: flags.init,
+        cpus_allowed: flags.cpus_allowed.clone(),
+        devices: flags.devices.clone(),
     })
 }
 
@@ -312,6 +366,237 @@ pub fn resolve_user(spec: &str, layers: &[PathBuf]) -> anyhow::Result<(User, Opt
     ))
 }
 
+/// A `--group-add` value: a number, or a name in the image's /etc/group.
+pub fn resolve_group(g: &str, layers: &[PathBuf]) -> anyhow::Result<u32> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    let group =
+        read_image_file(layers, "etc/group").map(|b| String::from_utf8_lossy(&b).into_owned());
+    group
+        .as_deref()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[0] == g).then(|| f[2].parse().ok())?
+        })
+        .with_context(|| {
+            format!("unable to find group {g}: no matching entries in the image's /etc/group")
+        })
+}
+
+/// `--ulimit TYPE=SOFT[:HARD]` (Docker's names; -1 is unlimited).
+pub fn parse_ulimit(s: &str) -> anyhow::Result<rvmm_proto::Rlimit> {
+    let (name, vals) = s
+        .split_once('=')
+        .with_context(|| format!("invalid ulimit {s:?}: expected TYPE=SOFT[:HARD]"))?;
+    let resource = match name {
+        "cpu" => libc::RLIMIT_CPU,
+        "fsize" => libc::RLIMIT_FSIZE,
+        "data" => libc::RLIMIT_DATA,
+        "stack" => libc::RLIMIT_STACK,
+        "core" => libc::RLIMIT_CORE,
+        "rss" => libc::RLIMIT_RSS,
+        "nproc" => libc::RLIMIT_NPROC,
+        "nofile" => libc::RLIMIT_NOFILE,
+        "memlock" => libc::RLIMIT_MEMLOCK,
+        "as" => libc::RLIMIT_AS,
+        "locks" => libc::RLIMIT_LOCKS,
+        "sigpending" => libc::RLIMIT_SIGPENDING,
+        "msgqueue" => libc::RLIMIT_MSGQUEUE,
+        "nice" => libc::RLIMIT_NICE,
+        "rtprio" => libc::RLIMIT_RTPRIO,
+        "rttime" => libc::RLIMIT_RTTIME,
+        _ => bail!("invalid ulimit {s:?}: unknown type {name:?}"),
+    };
+    let num = |v: &str| -> anyhow::Result<u64> {
+        match v.parse::<i64>() {
+            Ok(-1) => Ok(libc::RLIM_INFINITY),
+            Ok(n) if n >= 0 => Ok(n as u64),
+            _ => bail!("invalid ulimit {s:?}: {v:?} is not a limit"),
+        }
+    };
+    let (soft, hard) = match vals.split_once(':') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(vals)?, num(vals)?),
+    };
+    if soft > hard {
+        bail!("invalid ulimit {s:?}: the soft limit is above the hard limit");
+    }
+    Ok(rvmm_proto::Rlimit {
+        resource: resource as u32,
+        soft,
+        hard,
+    })
+}
+
+/// `--add-host NAME:ADDR` (or `NAME=ADDR`); ADDR is an IP address or `host-gateway`.
+pub fn parse_add_host(s: &str) -> anyhow::Result<(String, String)> {
+    let (name, addr) = s
+        .split_once('=')
+        .or_else(|| s.split_once(':'))
+        .with_context(|| format!("invalid --add-host {s:?}: expected NAME:ADDRESS"))?;
+    let addr = addr.trim_start_matches('[').trim_end_matches(']');
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        bail!("invalid --add-host {s:?}: bad host name");
+    }
+    if addr != "host-gateway" && addr.parse::<std::net::IpAddr>().is_err() {
+        bail!("invalid --add-host {s:?}: {addr:?} is not an IP address");
+    }
+    Ok((name.to_string(), addr.to_string()))
+}
+
+/// `--dns ADDR`: an IP address.
+pub fn parse_dns(s: &str) -> anyhow::Result<String> {
+    s.parse::<std::net::IpAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| anyhow::anyhow!("invalid --dns {s:?}: not an IP address"))
+}
+
+/// `--dns-search DOMAIN` (`.` for none).
+pub fn parse_dns_search(s: &str) -> anyhow::Result<String> {
+    let ok = s == "."
+        || (!s.is_empty()
+            && s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }));
+    if !ok {
+        bail!("invalid --dns-search {s:?}: not a domain name");
+    }
+    Ok(s.to_string())
+}
+
+/// The sysctls whose value is per namespace (Docker's list): a container may set these.
+pub fn namespaced_sysctl(key: &str) -> bool {
+    matches!(
+        key,
+        "kernel.msgmax"
+            | "kernel.msgmnb"
+            | "kernel.msgmni"
+            | "kernel.sem"
+            | "kernel.shmall"
+            | "kernel.shmmax"
+            | "kernel.shmmni"
+            | "kernel.shm_rmid_forced"
+            | "kernel.domainname"
+    ) || key.starts_with("fs.mqueue.")
+        || key.starts_with("net.")
+}
+
+/// `--sysctl KEY=VALUE`. `vm`: the workload has its own kernel, so any key is its own; in a
+/// container only namespaced ones are (the others would change the host).
+pub fn parse_sysctl(s: &str, vm: bool) -> anyhow::Result<(String, String)> {
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("invalid --sysctl {s:?}: expected KEY=VALUE"))?;
+    let k = k.trim().replace('/', ".");
+    if k.is_empty()
+        || k.split('.')
+            .any(|c| c.is_empty() || c == ".." || !c.chars().all(|ch| ch.is_ascii_graphic()))
+    {
+        bail!("invalid --sysctl {s:?}: bad key");
+    }
+    if !vm && !namespaced_sysctl(&k) {
+        bail!("--sysctl {k} is not namespaced: in a container it would change the host (it is allowed with --isolation=vm)");
+    }
+    if vm && k == "kernel.hostname" {
+        bail!("--sysctl kernel.hostname: use --hostname");
+    }
+    Ok((k, v.to_string()))
+}
+
+/// `--cpuset-cpus 0-2,4` → [0, 1, 2, 4]; every CPU must be below `available`.
+pub fn parse_cpuset(s: &str, available: u32) -> anyhow::Result<Vec<u32>> {
+    let mut v = Vec::new();
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b) = match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+            (Ok(a), Ok(b)) if a <= b => (a, b),
+            _ => bail!("invalid --cpuset-cpus {s:?}: expected a list like 0-2,4"),
+        };
+        if b >= available {
+            bail!(
+                "--cpuset-cpus {s}: CPU {b} is not available (0 to {})",
+                available.saturating_sub(1)
+            );
+        }
+        v.extend(a..=b);
+    }
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
+}
+
+/// `--device HOST[:CONTAINER][:PERMISSIONS]`: the host node's kind, numbers, mode and owner.
+pub fn parse_device(s: &str) -> anyhow::Result<rvmm_proto::DeviceNode> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let parts: Vec<&str> = s.split(':').collect();
+    let perms = |p: &str| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| "rwm".contains(c));
+    let (host, cont, access) = match parts.as_slice() {
+        [h] => (*h, *h, "rwm"),
+        [h, p] if perms(p) => (*h, *h, *p),
+        [h, c] => (*h, *c, "rwm"),
+        [h, c, p] if perms(p) => (*h, *c, *p),
+        _ => bail!("invalid --device {s:?}: expected HOST[:CONTAINER][:rwm]"),
+    };
+    if !cont.starts_with('/') || cont.split('/').any(|c| c == "..") {
+        bail!("invalid --device {s:?}: the container path must be absolute, without ..");
+    }
+    let m = std::fs::metadata(host).with_context(|| format!("--device {host}"))?;
+    let ft = m.file_type();
+    let kind = if ft.is_char_device() {
+        'c'
+    } else if ft.is_block_device() {
+        'b'
+    } else {
+        bail!("--device {host}: not a device node (directories of devices are not supported)");
+    };
+    let rdev = m.rdev();
+    Ok(rvmm_proto::DeviceNode {
+        path: cont.to_string(),
+        kind,
+        major: libc::major(rdev),
+        minor: libc::minor(rdev),
+        mode: m.mode() & 0o777,
+        uid: m.uid(),
+        gid: m.gid(),
+        access: access.to_string(),
+    })
+}
+
+/// `--memory-swap`: bytes, or -1 for unlimited swap.
+pub fn parse_memory_swap(s: &str) -> anyhow::Result<u64> {
+    if s.trim() == "-1" {
+        return Ok(u64::MAX);
+    }
+    parse_bytes(s)
+}
+
+/// `--label KEY[=VALUE]`.
+pub fn parse_label(s: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    if k.is_empty() || k.contains(char::is_whitespace) {
+        bail!("invalid --label {s:?}: expected KEY[=VALUE]");
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// `--platform`: rvmm runs linux/amd64 images only.
+pub fn check_platform(s: &str) -> anyhow::Result<()> {
+    let p = s.to_ascii_lowercase();
+    if matches!(
+        p.as_str(),
+        "linux/amd64" | "linux/x86_64" | "linux/amd64/v1" | "amd64"
+    ) {
+        return Ok(());
+    }
+    bail!("--platform {s}: rvmm runs linux/amd64 only")
+}
+
 /// `SIGTERM`, `TERM` or `15` → 15.
 pub fn signal_number(s: &str) -> Option<i32> {
     if let Ok(n) = s.parse::<i32>() {
@@ -333,6 +618,18 @@ pub fn signal_number(s: &str) -> Option<i32> {
         _ => return None,
     };
     Some(n)
+}
+
+/// 15 → `SIGTERM` (a number without a name: as is).
+pub fn signal_name(n: i32) -> String {
+    for name in [
+        "HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "STOP", "CONT", "WINCH", "PWR",
+    ] {
+        if signal_number(name) == Some(n) {
+            return format!("SIG{name}");
+        }
+    }
+    n.to_string()
 }
 
 /// Parses `-p [ip:]hostport:containerport[/tcp|udp]` (the ip must be empty, 0.0.0.0 or 127.0.0.1).
@@ -504,5 +801,52 @@ mod tests {
         assert!(parse_volume("/tmp:rel").is_err());
         assert!(parse_volume("/tmp:/x/../y").is_err());
         assert!(parse_volume("/tmp:/data:ro").expect("v").read_only);
+    }
+
+    #[test]
+    fn flag_parsers_follow_docker() {
+        let u = parse_ulimit("nofile=1024:2048").expect("ulimit");
+        assert_eq!(
+            (u.resource, u.soft, u.hard),
+            (libc::RLIMIT_NOFILE, 1024, 2048)
+        );
+        let u = parse_ulimit("core=-1").expect("ulimit");
+        assert_eq!((u.soft, u.hard), (libc::RLIM_INFINITY, libc::RLIM_INFINITY));
+        for bad in ["nofile", "nope=1", "nofile=2:1", "nofile=x", "nofile=-2"] {
+            assert!(parse_ulimit(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_cpuset("0-2,4,1", 8).expect("cpuset"),
+            vec![0, 1, 2, 4]
+        );
+        for bad in ["", "2-1", "8", "a", "0-"] {
+            assert!(parse_cpuset(bad, 8).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_sysctl("net/ipv4/ip_forward=1", false).expect("sysctl"),
+            ("net.ipv4.ip_forward".into(), "1".into())
+        );
+        assert!(parse_sysctl("kernel.pid_max=9", false).is_err());
+        assert!(parse_sysctl("kernel.pid_max=9", true).is_ok());
+        assert!(parse_sysctl("net...x=1", true).is_err());
+        assert!(parse_sysctl("kernel.hostname=x", true).is_err());
+        assert_eq!(
+            parse_add_host("db:10.0.0.1").expect("host"),
+            ("db".into(), "10.0.0.1".into())
+        );
+        assert_eq!(
+            parse_add_host("v6=[::1]").expect("host"),
+            ("v6".into(), "::1".into())
+        );
+        assert!(parse_add_host("db:nothing").is_err());
+        assert!(parse_dns("1.1.1.1").is_ok() && parse_dns("one").is_err());
+        assert!(parse_dns_search("a.example").is_ok() && parse_dns_search("a..b").is_err());
+        assert_eq!(
+            parse_label("a=b=c").expect("label"),
+            ("a".into(), "b=c".into())
+        );
+        assert!(check_platform("linux/amd64").is_ok() && check_platform("linux/arm64").is_err());
+        assert_eq!(signal_name(15), "SIGTERM");
+        assert_eq!(parse_memory_swap("-1").expect("swap"), u64::MAX);
     }
 }

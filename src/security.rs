@@ -1,4 +1,5 @@
-//! Capabilities (Docker's default set), no_new_privs and Docker's default seccomp profile.
+//! Capabilities (Docker's default set, `--cap-add`, `--cap-drop`, `--privileged`), no_new_privs
+//! and seccomp (Docker's default profile, or one in Docker's JSON format).
 //!
 //! The seccomp profile is Docker's allow-list (moby/profiles/seccomp/default.json) for x86_64:
 //! the unconditional allow set plus what Docker allows to the default capabilities
@@ -6,8 +7,246 @@
 //! clone/clone3). Everything else (mount, unshare, setns, keyctl, add_key, bpf, perf_event_open,
 //! kexec, reboot, swapon, init_module, userfaultfd, …) fails with EPERM.
 
+mod profile;
+mod syscalls;
+
 use caps::{Capability, CapsHashSet};
 use seccompiler::BpfProgram;
+
+pub use profile::Profile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown capability {0:?}")]
+    UnknownCapability(String),
+    #[error("--cap-add {0} needs a devices cgroup (cgroup v1) in container isolation")]
+    Mknod(String),
+    #[error("invalid --security-opt {0:?} (rvmm knows no-new-privileges[=true|false], seccomp=PROFILE.json|unconfined)")]
+    Opt(String),
+    #[error("--security-opt {0:?}: rvmm applies no AppArmor or SELinux profile")]
+    Lsm(String),
+    #[error("reading seccomp profile {path}: {source}")]
+    ReadProfile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Profile {
+        path: String,
+        #[source]
+        source: profile::Error,
+    },
+}
+
+/// The seccomp filter a run asks for.
+#[derive(Debug, Clone, Default)]
+pub enum Seccomp {
+    /// Docker's default profile.
+    #[default]
+    Default,
+    /// `seccomp=unconfined`: no filter.
+    Unconfined,
+    /// `seccomp=PROFILE.json`.
+    Profile(Box<Profile>),
+}
+
+/// What `--privileged`, `--cap-add`, `--cap-drop` and `--security-opt` ask for. Checked when
+/// parsed (before anything is created); turned into the workload's [`rvmm_proto::Security`] by
+/// [`resolve`] once the isolation is known.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub privileged: bool,
+    /// Capability numbers; `ALL` is [`ALL_CAPS`].
+    pub cap_add: u64,
+    pub cap_drop: u64,
+    pub no_new_privs: bool,
+    pub seccomp: Seccomp,
+}
+
+/// Every capability rvmm knows (up to CAP_CHECKPOINT_RESTORE, 40). A kernel that lacks some keeps
+/// the ones it has.
+pub const ALL_CAPS: u64 = (1 << 41) - 1;
+
+/// The number of capability `name`: any case, with or without `CAP_`.
+pub fn cap_index(name: &str) -> Option<u8> {
+    let up = name.trim().to_ascii_uppercase();
+    let full = if up.starts_with("CAP_") {
+        up
+    } else {
+        format!("CAP_{up}")
+    };
+    full.parse::<Capability>().ok().map(|c| c.index())
+}
+
+/// `--cap-add`/`--cap-drop` values (Docker's syntax: names with or without `CAP_`, any case, or
+/// `ALL`) as a mask.
+pub fn parse_caps(names: &[String]) -> Result<u64, Error> {
+    let mut m = 0;
+    for n in names {
+        if n.trim().eq_ignore_ascii_case("all") {
+            m |= ALL_CAPS;
+            continue;
+        }
+        let i = cap_index(n).ok_or_else(|| Error::UnknownCapability(n.clone()))?;
+        m |= 1 << i;
+    }
+    Ok(m)
+}
+
+impl Request {
+    /// Applies one `--security-opt` value (Docker's `KEY=VALUE`, or the older `KEY:VALUE`).
+    pub fn security_opt(&mut self, opt: &str) -> Result<(), Error> {
+        let (k, v) = match opt.split_once(['=', ':']) {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        match (k, v) {
+            ("no-new-privileges", None | Some("true")) => self.no_new_privs = true,
+            ("no-new-privileges", Some("false")) => self.no_new_privs = false,
+            ("seccomp", Some("unconfined")) => self.seccomp = Seccomp::Unconfined,
+            ("seccomp", Some("builtin")) => self.seccomp = Seccomp::Default,
+            ("seccomp", Some(path)) if !path.is_empty() => {
+                let json = std::fs::read(path).map_err(|source| Error::ReadProfile {
+                    path: path.to_string(),
+                    source,
+                })?;
+                let p = Profile::parse(&json).map_err(|source| Error::Profile {
+                    path: path.to_string(),
+                    source,
+                })?;
+                self.seccomp = Seccomp::Profile(Box::new(p));
+            }
+            // What rvmm does anyway: no LSM profile is applied.
+            ("apparmor", Some("unconfined")) | ("label", Some("disable")) => {}
+            ("apparmor" | "label", Some(_)) => return Err(Error::Lsm(opt.to_string())),
+            _ => return Err(Error::Opt(opt.to_string())),
+        }
+        Ok(())
+    }
+}
+
+/// The workload's privileges for `req`, Docker's way: `--privileged` gets every capability and no
+/// seccomp filter; otherwise the default set with `--cap-drop` removed and `--cap-add` added
+/// (`--cap-drop ALL` keeps only the added ones, `--cap-add ALL` all but the dropped ones), and the seccomp profile asked for, whose
+/// capability-dependent rules follow the resulting set. `allow_mknod`: CAP_MKNOD may be granted
+/// (a VM, or a container with a devices cgroup).
+pub fn resolve(req: &Request, allow_mknod: bool) -> Result<rvmm_proto::Security, Error> {
+    let mknod = 1u64 << Capability::CAP_MKNOD.index();
+    let caps = if req.privileged {
+        ALL_CAPS
+    } else {
+        if !allow_mknod && req.cap_add & mknod != 0 && req.cap_add != ALL_CAPS {
+            return Err(Error::Mknod("MKNOD".into()));
+        }
+        let base = mask(&default_caps(allow_mknod));
+        let caps = if req.cap_drop == ALL_CAPS {
+            req.cap_add
+        } else if req.cap_add == ALL_CAPS {
+            ALL_CAPS & !req.cap_drop
+        } else {
+            (base & !req.cap_drop) | req.cap_add
+        };
+        if allow_mknod {
+            caps
+        } else {
+            caps & !mknod
+        }
+    };
+    let seccomp = if req.privileged {
+        Vec::new()
+    } else {
+        match &req.seccomp {
+            Seccomp::Default => program_for(caps),
+            Seccomp::Unconfined => Vec::new(),
+            Seccomp::Profile(p) => p.compile(caps).map_err(|source| Error::Profile {
+                path: "the seccomp profile".into(),
+                source,
+            })?,
+        }
+    };
+    Ok(rvmm_proto::Security {
+        enforce: true,
+        caps,
+        seccomp,
+        no_new_privs: req.no_new_privs,
+    })
+}
+
+fn mask(set: &CapsHashSet) -> u64 {
+    set.iter().fold(0u64, |m, c| m | (1u64 << c.index()))
+}
+
+fn program_for(caps: u64) -> Vec<(u16, u8, u8, u32)> {
+    let mut allowed = ALLOWED.to_vec();
+    for (cap, calls) in CAP_SYSCALLS {
+        if caps & (1 << cap.index()) != 0 {
+            allowed.extend(
+                calls
+                    .iter()
+                    .filter_map(|n| syscalls::number(n).map(i64::from)),
+            );
+        }
+    }
+    allow_list_program(&allowed, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32)
+        .iter()
+        .map(|f| (f.code, f.jt, f.jf, f.k))
+        .collect()
+}
+
+/// What Docker's default profile allows beyond its base list when a capability is granted.
+const CAP_SYSCALLS: &[(Capability, &[&str])] = &[
+    (
+        Capability::CAP_SYS_ADMIN,
+        &[
+            "bpf",
+            "fanotify_init",
+            "fsconfig",
+            "fsmount",
+            "fsopen",
+            "fspick",
+            "lookup_dcookie",
+            "mount",
+            "mount_setattr",
+            "move_mount",
+            "open_tree",
+            "perf_event_open",
+            "quotactl",
+            "quotactl_fd",
+            "setdomainname",
+            "sethostname",
+            "setns",
+            "syslog",
+            "umount2",
+            "unshare",
+        ],
+    ),
+    (Capability::CAP_SYS_BOOT, &["reboot"]),
+    (
+        Capability::CAP_SYS_MODULE,
+        &["delete_module", "init_module", "finit_module"],
+    ),
+    (Capability::CAP_SYS_PACCT, &["acct"]),
+    (
+        Capability::CAP_SYS_PTRACE,
+        &["kcmp", "pidfd_getfd", "process_madvise"],
+    ),
+    (Capability::CAP_SYS_RAWIO, &["iopl", "ioperm"]),
+    (Capability::CAP_SYS_TIME, &["settimeofday", "clock_settime"]),
+    (Capability::CAP_SYS_TTY_CONFIG, &["vhangup"]),
+    (
+        Capability::CAP_SYS_NICE,
+        &[
+            "get_mempolicy",
+            "mbind",
+            "set_mempolicy",
+            "set_mempolicy_home_node",
+        ],
+    ),
+    (Capability::CAP_SYSLOG, &["syslog"]),
+    (Capability::CAP_BPF, &["bpf"]),
+    (Capability::CAP_PERFMON, &["perf_event_open"]),
+];
 
 /// Docker's default capability set.
 fn default_caps(allow_mknod: bool) -> CapsHashSet {
@@ -427,17 +666,12 @@ const ALLOWED: &[i64] = &[
 /// rvmm-init apply alike. `allow_mknod`: keep CAP_MKNOD (in a VM, or where a devices cgroup
 /// limits what a node may open).
 pub fn docker_default(allow_mknod: bool) -> rvmm_proto::Security {
-    let caps = default_caps(allow_mknod)
-        .iter()
-        .fold(0u64, |m, c| m | (1u64 << c.index()));
-    let seccomp = seccomp_program()
-        .iter()
-        .map(|f| (f.code, f.jt, f.jf, f.k))
-        .collect();
+    let caps = mask(&default_caps(allow_mknod));
     rvmm_proto::Security {
         enforce: true,
         caps,
-        seccomp,
+        seccomp: program_for(caps),
+        no_new_privs: false,
     }
 }
 
@@ -583,6 +817,75 @@ mod tests {
                     "{allowed:?} {nr}"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    #[test]
+    fn default_request_is_the_boot_security() {
+        // A VM run without privilege flags must match the initramfs's security (and so use the
+        // zygote and the snapshot's installed filter).
+        assert_eq!(
+            resolve(&Request::default(), true).expect("resolve"),
+            docker_default(true)
+        );
+        assert!(!docker_default(true).no_new_privs);
+    }
+
+    #[test]
+    fn docker_capability_rules() {
+        let bit = |c: Capability| 1u64 << c.index();
+        let base = mask(&default_caps(true));
+        let req = |add: &[&str], drop: &[&str]| Request {
+            cap_add: parse_caps(&add.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("add"),
+            cap_drop: parse_caps(&drop.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("drop"),
+            ..Default::default()
+        };
+        let caps = |r: &Request| resolve(r, true).expect("resolve").caps;
+        assert_eq!(
+            caps(&req(&["sys_admin"], &["CAP_NET_RAW"])),
+            (base | bit(Capability::CAP_SYS_ADMIN)) & !bit(Capability::CAP_NET_RAW)
+        );
+        assert_eq!(caps(&req(&["chown"], &["ALL"])), bit(Capability::CAP_CHOWN));
+        assert_eq!(
+            caps(&req(&["all"], &["mknod"])),
+            ALL_CAPS & !bit(Capability::CAP_MKNOD)
+        );
+        assert!(parse_caps(&["CAP_NOPE".into()]).is_err());
+        // Without a devices cgroup MKNOD is never granted, and asking for it is refused.
+        assert!(resolve(&req(&["MKNOD"], &[]), false).is_err());
+        assert_eq!(
+            caps(&Request {
+                privileged: true,
+                ..Default::default()
+            }),
+            ALL_CAPS
+        );
+    }
+
+    #[test]
+    fn security_opt_syntax() {
+        let mut r = Request::default();
+        for (o, nnp) in [
+            ("no-new-privileges", true),
+            ("no-new-privileges=false", false),
+            ("no-new-privileges:true", true),
+        ] {
+            r.security_opt(o).expect(o);
+            assert_eq!(r.no_new_privs, nnp, "{o}");
+        }
+        r.security_opt("seccomp=unconfined").expect("unconfined");
+        assert!(matches!(r.seccomp, Seccomp::Unconfined));
+        assert!(r.security_opt("apparmor=unconfined").is_ok());
+        for bad in ["bogus", "apparmor=x", "no-new-privileges=maybe", "seccomp="] {
+            let e = r.security_opt(bad).expect_err(bad).to_string();
+            assert!(!e.contains('\n'), "{e}");
         }
     }
 }

@@ -255,7 +255,8 @@ fn privileges() {
     // NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP.
     assert_eq!(caps(&o, "CapEff:"), "00000000a80425fb");
     assert_eq!(caps(&o, "CapBnd:"), "00000000a80425fb");
-    assert_eq!(caps(&o, "NoNewPrivs:"), "1");
+    // Docker leaves no_new_privs off unless asked.
+    assert_eq!(caps(&o, "NoNewPrivs:"), "0");
     assert_eq!(caps(&o, "Seccomp:"), "2");
     let o = run(&env, &["-u", "app"], BB, &["cat", "/proc/self/status"]);
     assert_eq!(caps(&o, "CapEff:"), "0000000000000000");
@@ -290,6 +291,428 @@ fn privileges() {
     let o = run(&env, &[], BB, &["mount", "-t", "tmpfs", "x", "/mnt"]);
     assert_ne!(o.code, 0);
 }
+
+/// A setuid-root program raises a non-root user's effective uid (Docker's default: no
+/// no_new_privs, the filter installed before the user changes), and does not with
+/// `--security-opt no-new-privileges`.
+#[test]
+fn setuid_and_no_new_privileges() {
+    let Some(env) = setup() else { return };
+    let script = "showeuid; grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status";
+    let o = run(&env, &["-u", "app"], BB, &["sh", "-c", script]);
+    assert_eq!(
+        o.stdout, "uid=1000 euid=0\nNoNewPrivs:\t0\nSeccomp:\t2\n",
+        "{}",
+        o.stderr
+    );
+    for opt in [
+        "no-new-privileges",
+        "no-new-privileges=true",
+        "no-new-privileges:true",
+    ] {
+        let o = run(
+            &env,
+            &["-u", "app", "--security-opt", opt],
+            BB,
+            &["sh", "-c", script],
+        );
+        assert_eq!(
+            o.stdout, "uid=1000 euid=1000\nNoNewPrivs:\t1\nSeccomp:\t2\n",
+            "{opt}: {}",
+            o.stderr
+        );
+    }
+    let o = run(
+        &env,
+        &["-u", "app", "--security-opt", "no-new-privileges=false"],
+        BB,
+        &["showeuid"],
+    );
+    assert_eq!(o.stdout, "uid=1000 euid=0\n", "{}", o.stderr);
+}
+
+/// This process's bounding set (what a privileged workload can get at most).
+fn host_bounding_set() -> u64 {
+    let st = std::fs::read_to_string("/proc/self/status").expect("status");
+    st.lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("CapBnd")
+}
+
+/// `--cap-add`, `--cap-drop`, `--privileged` and `--security-opt seccomp=...`: the workload's
+/// capability and seccomp lines as Docker's documentation gives them, and what they allow.
+#[test]
+fn privilege_flags() {
+    let Some(env) = setup() else { return };
+    let status = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status";
+    let lines = |eff: &str, seccomp: u8| {
+        format!("CapEff:\t{eff}\nCapBnd:\t{eff}\nNoNewPrivs:\t0\nSeccomp:\t{seccomp}\n")
+    };
+    // Docker's default set plus SYS_ADMIN, less NET_RAW; SYS_ADMIN also opens mount(2) in the
+    // default seccomp profile, as in Docker's.
+    let o = run(
+        &env,
+        &["--cap-add", "SYS_ADMIN", "--cap-drop", "net_raw"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            &format!("{status}; mkdir -p /tmp/m && mount -t tmpfs x /tmp/m && echo mounted"),
+        ],
+    );
+    assert_eq!(
+        o.stdout,
+        lines("00000000a82405fb", 2) + "mounted\n",
+        "{}",
+        o.stderr
+    );
+    let o = run(
+        &env,
+        &["--cap-drop", "ALL", "--cap-add", "cap_chown"],
+        BB,
+        &["sh", "-c", status],
+    );
+    assert_eq!(o.stdout, lines("0000000000000001", 2), "{}", o.stderr);
+    // --privileged: every capability (Docker: 000001ffffffffff on a kernel with 41, less what
+    // rvmm itself lacks: root here has no CAP_SYS_RESOURCE), no filter, writable /sys, nothing
+    // masked, the host's devices.
+    let all = format!("{:016x}", 0x1ff_ffff_ffffu64 & host_bounding_set());
+    let o = run(
+        &env,
+        &["--privileged"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "{status}; grep -q '^sysfs /sys sysfs rw,' /proc/mounts && echo sys-rw; \
+                 grep -q ' /proc/keys ' /proc/mounts || echo unmasked; test -c /dev/kmsg && echo kmsg; \
+                 mkdir -p /tmp/m && mount -t tmpfs x /tmp/m && echo mounted"
+            ),
+        ],
+    );
+    assert_eq!(
+        o.stdout,
+        lines(&all, 0) + "sys-rw\nunmasked\nkmsg\nmounted\n",
+        "{}",
+        o.stderr
+    );
+    // A profile in Docker's format, and unconfined.
+    let dir = tempfile::tempdir().expect("tmp");
+    let profile = dir.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .expect("profile");
+    let opt = format!("seccomp={}", profile.display());
+    let o = run(
+        &env,
+        &["--security-opt", &opt],
+        BB,
+        &["sh", "-c", &format!("{status}; mkdir /tmp/d")],
+    );
+    assert_eq!(o.stdout, lines("00000000a80425fb", 2), "{}", o.stderr);
+    assert!(o.stderr.contains("Permission denied"), "{}", o.stderr);
+    let o = run(
+        &env,
+        &["--security-opt", "seccomp=unconfined"],
+        BB,
+        &["sh", "-c", status],
+    );
+    assert_eq!(o.stdout, lines("00000000a80425fb", 0), "{}", o.stderr);
+    // Bad values: one line, 125, nothing created (RunEnv checks on drop).
+    std::fs::write(dir.path().join("bad.json"), "{\"syscalls\": 3}").expect("bad");
+    let bad_profile = format!("seccomp={}", dir.path().join("bad.json").display());
+    for bad in [
+        &["--cap-add", "NOT_A_CAP"][..],
+        &["--cap-drop", "CAP_"],
+        &["--security-opt", "bogus"],
+        &["--security-opt", "apparmor=docker-default"],
+        &["--security-opt", "seccomp=/nonexistent.json"],
+        &["--security-opt", &bad_profile],
+    ] {
+        let o = run(&env, bad, BB, &["true"]);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
+        assert!(o.stderr.starts_with("rvmm: "), "{}", o.stderr);
+    }
+}
+
+/// `--ulimit`, `--shm-size`, `--group-add`, `--add-host`, `--dns`, `--dns-search`, `--sysctl`,
+/// seen from inside; and bad values refused with one line and 125.
+#[test]
+fn resource_and_name_flags() {
+    let Some(env) = setup() else { return };
+    let o = run(&env, RESOURCE_FLAGS, BB, &["sh", "-c", RESOURCE_SCRIPT]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout, RESOURCE_WANT, "{}", o.stderr);
+    for bad in [
+        &["--ulimit", "nosuch=1"][..],
+        &["--ulimit", "nofile=10:5"],
+        &["--shm-size", "lots"],
+        &["--group-add", "nosuchgroup"],
+        &["--add-host", "db.test"],
+        &["--add-host", "db.test:300.1.1.1"],
+        &["--add-host", "gw:host-gateway"],
+        &["--dns", "resolver"],
+        &["--dns-search", "bad domain"],
+        &["--sysctl", "kernel.pid_max=100"],
+        &["--sysctl", "noequals"],
+    ] {
+        let o = run(&env, bad, BB, &["true"]);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
+    }
+}
+
+/// What RESOURCE_SCRIPT prints under RESOURCE_FLAGS: the limits, /dev/shm's size, root's groups
+/// with staff (50) and the numbers, the extra hosts line, the resolv.conf made of the flags (the
+/// host's options line aside), the two sysctls.
+const RESOURCE_WANT: &str = "1024\n2048\n0\nsize=32768k\n0 10 50 4242\n10.1.2.3\tdb.test\n\
+     search a.test b.test\nnameserver 10.9.9.9\n12345\n1\n";
+
+/// Flags and a script; tests/vm_run.rs runs the same and compares with a container.
+const RESOURCE_FLAGS: &[&str] = &[
+    "--ulimit",
+    "nofile=1024:2048",
+    "--ulimit",
+    "core=0",
+    "--shm-size",
+    "32m",
+    "--group-add",
+    "staff",
+    "--group-add",
+    "4242",
+    "--group-add",
+    "10",
+    "--add-host",
+    "db.test:10.1.2.3",
+    "--dns",
+    "10.9.9.9",
+    "--dns-search",
+    "a.test",
+    "--dns-search",
+    "b.test",
+    "--sysctl",
+    "kernel.shmmax=12345",
+    "--sysctl",
+    "net.ipv4.ip_forward=1",
+];
+const RESOURCE_SCRIPT: &str = "ulimit -n; ulimit -Hn; ulimit -c; \
+     grep ' /dev/shm ' /proc/mounts | grep -o 'size=[0-9]*k'; \
+     id -G; grep db.test /etc/hosts; grep -v '^options' /etc/resolv.conf; \
+     cat /proc/sys/kernel/shmmax /proc/sys/net/ipv4/ip_forward";
+
+/// `--label`, `--stop-signal`, `--stop-timeout`, `--cidfile`, `--platform` and `--pull`: what
+/// `ps --filter`, `inspect` and the cidfile show, the pull policy against a real registry, and
+/// bad values refused with 125 before anything is created.
+#[test]
+fn run_metadata_flags() {
+    let Some(env) = setup() else { return };
+    let root = env.store.path();
+    let dir = tempfile::tempdir().expect("tmp");
+    let cid = dir.path().join("cid");
+    let cid_s = cid.display().to_string();
+    let o = rvmm(
+        root,
+        &[
+            "run",
+            "--isolation=container",
+            "--network=none",
+            "--name",
+            "meta",
+            "--label",
+            "a=1",
+            "-l",
+            "b",
+            "--stop-signal",
+            "SIGUSR1",
+            "--stop-timeout",
+            "30",
+            "--cidfile",
+            &cid_s,
+            "--platform",
+            "linux/amd64",
+            "--pull",
+            "never",
+            BB,
+            "true",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let id = std::fs::read_to_string(&cid).expect("cidfile");
+    assert!(
+        id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id:?}"
+    );
+    let ps = |f: &str| rvmm(root, &["ps", "-a", "-q", "--filter", f], None).stdout;
+    assert_eq!(ps("label=a=1"), format!("{}\n", &id[..12]));
+    assert_eq!(ps("label=b"), format!("{}\n", &id[..12]));
+    // The image's own label is there too.
+    assert_eq!(
+        ps("label=org.rvmm.test=busybox"),
+        format!("{}\n", &id[..12])
+    );
+    assert_eq!(ps("label=a=2"), "");
+    let o = rvmm(root, &["inspect", "meta"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("inspect json");
+    let c = &v[0]["Config"];
+    assert_eq!(v[0]["Id"], id.as_str());
+    assert_eq!(c["Labels"]["a"], "1");
+    assert_eq!(c["Labels"]["b"], "");
+    assert_eq!(c["Labels"]["org.rvmm.test"], "busybox");
+    assert_eq!(c["StopSignal"], "SIGUSR1");
+    assert_eq!(c["StopTimeout"], 30);
+    assert_eq!(rvmm(root, &["rm", "meta"], None).code, 0);
+
+    // Bad values: 125, one line, no run and no cidfile left.
+    let cid2 = dir.path().join("cid2");
+    let cid2_s = cid2.display().to_string();
+    for bad in [
+        &["--platform", "linux/arm64", "--cidfile", &cid2_s][..],
+        &["--cidfile", &cid_s],
+        &["--stop-signal", "SIGNOPE", "--cidfile", &cid2_s],
+        &["--stop-timeout", "-5"],
+        &["--label", "=x"],
+        &["--pull", "sometimes"],
+    ] {
+        let o = run(&env, bad, BB, &["true"]);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert!(o.stderr.lines().count() <= 3, "{bad:?}: {}", o.stderr);
+        assert!(!cid2.exists(), "{bad:?}");
+    }
+    let o = run(&env, &["--pull", "never"], "localhost/nosuch", &["true"]);
+    assert_eq!(o.code, 125, "{}", o.stderr);
+    assert!(o.stderr.contains("--pull never"), "{}", o.stderr);
+
+    // --pull against a real registry: missing pulls once, always goes back to it (and fails
+    // once it is gone), never and missing then use the store.
+    if !common::have_tools(&["docker-registry"]) {
+        return;
+    }
+    let reg = common::images::Registry::start(None);
+    let imgs = common::images::test_images();
+    reg.push(
+        &format!("oci:{}:latest", imgs.join("busybox").display()),
+        "t/pulled:latest",
+        &[],
+        None,
+    );
+    let r = format!("{}/t/pulled:latest", reg.host());
+    assert_eq!(run(&env, &["-q"], &r, &["true"]).code, 0);
+    assert_eq!(
+        run(&env, &["-q", "--pull", "always"], &r, &["true"]).code,
+        0
+    );
+    drop(reg);
+    let o = run(&env, &["-q", "--pull", "always"], &r, &["true"]);
+    assert_eq!(
+        o.code, 125,
+        "--pull always must go to the registry: {}",
+        o.stderr
+    );
+    assert_eq!(run(&env, &["-q", "--pull", "never"], &r, &["true"]).code, 0);
+    assert_eq!(run(&env, &["-q"], &r, &["true"]).code, 0);
+}
+
+/// `--init`, `--cpuset-cpus`, `--cpu-shares`, `--memory-swap` and `--device`, seen from inside;
+/// bad values refused with 125.
+#[test]
+fn init_cpu_and_device_flags() {
+    let Some(env) = setup() else { return };
+    // --init: the program is not PID 1; an orphan is reaped by the init; the affinity.
+    let o = run(
+        &env,
+        &["--init", "--cpuset-cpus", "0"],
+        BB,
+        &["sh", "-c", INIT_SCRIPT],
+    );
+    assert_eq!(o.stdout, INIT_WANT, "{}", o.stderr);
+    // --init forwards a signal to the program, whose status comes back.
+    let mut child = Command::new(common::rvmm_bin())
+        .arg("--root")
+        .arg(env.store.path())
+        .args([
+            "run",
+            "--rm",
+            "--isolation=container",
+            "--network=none",
+            "--init",
+            BB,
+        ])
+        .args([
+            "sh",
+            "-c",
+            "trap 'exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rvmm");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut seen).expect("ready");
+    assert_eq!(&seen, b"ready\n");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().expect("wait").code(), Some(7));
+    // The cgroup files Docker writes for --cpu-shares and --memory-swap.
+    let o = run(
+        &env,
+        &["--cpu-shares", "512", "--memory", "48m", "--memory-swap", "96m"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/cpu/cpu.shares /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null \
+             || cat /sys/fs/cgroup/cpu.weight /sys/fs/cgroup/memory.swap.max",
+        ],
+    );
+    assert!(
+        o.stdout == "512\n100663296\n" || o.stdout == "20\n50331648\n",
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+    // --device: the node (not in Docker's default list); the devices cgroup lets it be opened
+    // for reading and refuses writing without "w".
+    let o = run(
+        &env,
+        &["--device", "/dev/loop-control:/dev/myloop:rm"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            "test -c /dev/myloop && : < /dev/myloop && echo can-read; (echo > /dev/myloop) 2>/dev/null || echo no-write",
+        ],
+    );
+    assert_eq!(o.stdout, "can-read\nno-write\n", "{}", o.stderr);
+    for bad in [
+        &["--cpuset-cpus", "4096"][..],
+        &["--cpuset-cpus", "a-b"],
+        &["--cpu-shares", "1"],
+        &["--memory-swap", "10m"],
+        &["--memory", "20m", "--memory-swap", "10m"],
+        &["--device", "/nonexistent"],
+        &["--device", "/etc/passwd"],
+        &["--device", "/dev/zero:relative"],
+    ] {
+        let o = run(&env, bad, BB, &["true"]);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
+    }
+}
+
+/// With `--init --cpuset-cpus 0` (tests/vm_run.rs runs the same in a VM): the program's PID is
+/// not 1, an orphan left by a shell that exits is reaped, and only CPU 0 is allowed.
+const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 &'; sleep 0.5; \
+     cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l; grep Cpus_allowed_list /proc/self/status";
+const INIT_WANT: &str = "not-pid-1\n0\nCpus_allowed_list:\t0\n";
 
 #[test]
 fn cgroup_limits() {
@@ -413,9 +836,10 @@ fn kill_9_of_rvmm_is_cleaned_up() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert!(up, "the run never showed up in rvmm ps");
+    // This run's cgroup: the new one (other runs on the host may have theirs).
     let workload_cg = ls(Path::new("/sys/fs/cgroup/pids/rvmm"))
         .into_iter()
-        .find(|d| d.len() == 64)
+        .find(|d| d.len() == 64 && !env.before.cgroups.contains(&format!("pids/{d}")))
         .expect("cgroup");
     child.kill().expect("kill -9");
     child.wait().expect("wait");
@@ -531,12 +955,15 @@ fn detached_runs_logs_stop_kill_wait_inspect() {
     );
     let i = rvmm(root, &["inspect", "bg"], None);
     assert_eq!(i.code, 0, "{}", i.stderr);
-    let v: serde_json::Value = serde_json::from_str(&i.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&i.stdout).expect("inspect json");
     assert_eq!(v[0]["Id"], id.as_str());
     assert_eq!(v[0]["Isolation"], "container");
     assert_eq!(v[0]["State"]["Running"], true);
     assert_eq!(v[0]["Config"]["argv"][0], "sh");
-    assert!(v[0]["State"]["StartedAt"].as_str().unwrap().ends_with('Z'));
+    assert!(v[0]["State"]["StartedAt"]
+        .as_str()
+        .expect("StartedAt")
+        .ends_with('Z'));
 
     // exec: a process in the workload's namespaces, with its privileges and the given user.
     let e = rvmm(
@@ -550,7 +977,7 @@ fn detached_runs_logs_stop_kill_wait_inspect() {
     assert_eq!(
         e.stdout,
         format!(
-            "1000\n1\n/tmp\n{host}sh -c {script} \nCapEff:\t0000000000000000\nNoNewPrivs:\t1\n"
+            "1000\n1\n/tmp\n{host}sh -c {script} \nCapEff:\t0000000000000000\nNoNewPrivs:\t0\n"
         )
     );
     let e = rvmm(root, &["exec", "bg", "nonexistent"], None);
@@ -575,7 +1002,7 @@ fn detached_runs_logs_stop_kill_wait_inspect() {
     let logs = rvmm(root, &["logs", "bg"], None);
     assert_eq!(logs.stdout, "out\nterm\n");
     let i = rvmm(root, &["inspect", "bg"], None);
-    let v: serde_json::Value = serde_json::from_str(&i.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&i.stdout).expect("inspect json");
     assert_eq!(v[0]["State"]["ExitCode"], 3);
     assert!(rvmm(root, &["rm", "bg"], None).code == 0);
 

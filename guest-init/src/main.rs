@@ -216,6 +216,13 @@ fn run(
         } else {
             rvmm_workload::system_mounts(NEWROOT)?;
         }
+        if let Some(b) = spec.shm_size {
+            rvmm_workload::shm_size(NEWROOT, b)?;
+        }
+        if spec.privileged {
+            // The guest's devices (the initramfs's devtmpfs), not the host's.
+            rvmm_workload::unconfine(NEWROOT, "/dev")?;
+        }
         for (name, _) in spec.etc.entries() {
             let t = r(&format!("/etc/{name}"));
             rvmm_workload::touch(&t);
@@ -245,6 +252,8 @@ fn run(
         sys::configure_eth0(a, gw).map_err(|e| Failure::setup(format!("configuring eth0: {e}")))?;
     }
 
+    // The guest's own /proc: the workload runs on this kernel.
+    rvmm_workload::sysctls("/proc", &spec.sysctls)?;
     sys::trace("hostname and network");
     // switch_root: the overlay becomes /.
     // SAFETY: chdir/mount/chroot with NUL-terminated paths.

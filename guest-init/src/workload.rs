@@ -71,9 +71,10 @@ pub fn zygote(security: &Security) -> Option<Zygote> {
     if pid == 0 {
         // SAFETY: closing the parent's end in the child.
         unsafe { libc::close(sv[0]) };
-        // The bounding set and the filter are the same for every run of the host.
-        if rvmm_workload::privileges::drop_bounding(security.caps).is_err()
-            || rvmm_workload::privileges::install_seccomp(&security.seccomp).is_err()
+        // The bounding set and the filter are the same for every run of the host. The filter
+        // first, while PID 1's full capabilities let it go in without no_new_privs.
+        if rvmm_workload::privileges::install_seccomp(&security.seccomp).is_err()
+            || rvmm_workload::privileges::drop_bounding(security.caps).is_err()
         {
             // The parent sees the socket close and forks the workload itself.
             // SAFETY: leaving the child.

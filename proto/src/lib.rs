@@ -39,6 +39,53 @@ pub struct RunSpec {
     /// once on the host once the network is known.
     #[serde(default)]
     pub etc: EtcFiles,
+    /// `--privileged`: beside the privileges in `security`, no masked or read-only paths, a
+    /// writable /sys and every device of the kernel the workload runs on (the host's in a
+    /// container, the guest's in a VM).
+    #[serde(default)]
+    pub privileged: bool,
+    /// `--sysctl`: (key as `net.ipv4.ip_forward`, value), written under /proc/sys in the
+    /// workload's namespaces (container) or the guest (VM) before it starts.
+    #[serde(default)]
+    pub sysctls: Vec<(String, String)>,
+    /// `--shm-size`: the size of /dev/shm in bytes (None: 64 MiB, Docker's default).
+    #[serde(default)]
+    pub shm_size: Option<u64>,
+    /// The image's labels with `--label` over them (shown by `inspect`, `ps --filter label=`).
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
+    /// `--stop-timeout`: seconds `stop` waits after the stop signal before SIGKILL (None:
+    /// Docker's 10).
+    #[serde(default)]
+    pub stop_timeout: Option<i32>,
+    /// `--init`: a tiny init runs as the workload's PID 1, forwards signals to the program and
+    /// reaps orphans (in a VM rvmm-init already does both, and the program is never PID 1).
+    #[serde(default)]
+    pub init: bool,
+    /// `--cpuset-cpus`: the CPUs (of the kernel the workload runs on) it may run on, as an
+    /// affinity mask set before exec. Empty: all.
+    #[serde(default)]
+    pub cpus_allowed: Vec<u32>,
+    /// `--device`: host device nodes made in the workload's /dev (container isolation only).
+    #[serde(default)]
+    pub devices: Vec<DeviceNode>,
+}
+
+/// A device node for the workload's /dev.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceNode {
+    /// Absolute path in the workload.
+    pub path: String,
+    /// 'c' or 'b'.
+    pub kind: char,
+    pub major: u32,
+    pub minor: u32,
+    /// Permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Docker's cgroup permissions: some of "rwm".
+    pub access: String,
 }
 
 /// One resource limit: `resource` is the RLIMIT_* number.
@@ -154,9 +201,14 @@ pub struct Security {
     /// Bit n set: capability n stays in the bounding set (and, for uid 0, in the effective and
     /// permitted sets).
     pub caps: u64,
-    /// A classic BPF seccomp program for x86_64, as (code, jt, jf, k) instructions; installed
-    /// with no_new_privs. Empty: no filter.
+    /// A classic BPF seccomp program for x86_64, as (code, jt, jf, k) instructions. Empty: no
+    /// filter. Installed while the process still has CAP_SYS_ADMIN (before the user and
+    /// capabilities change, as runc and crun do), so it needs no no_new_privs.
     pub seccomp: Vec<(u16, u8, u8, u32)>,
+    /// Set no_new_privs (`--security-opt no-new-privileges`): setuid and file capabilities of
+    /// programs the workload executes grant nothing. Off by default, as in Docker.
+    #[serde(default)]
+    pub no_new_privs: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -174,6 +226,12 @@ pub struct Limits {
     pub cpus: Option<f64>,
     /// `--pids-limit`.
     pub pids: Option<u64>,
+    /// `--cpu-shares`: relative CPU weight (cgroup v1 cpu.shares; v2 cpu.weight from it).
+    #[serde(default)]
+    pub cpu_shares: Option<u64>,
+    /// `--memory-swap`: memory plus swap, bytes; `Some(u64::MAX)` is unlimited swap (-1).
+    #[serde(default)]
+    pub memory_swap: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -184,7 +242,15 @@ pub struct Network {
     /// Filled in at run time from the IPAM (bridge mode): address/prefix, gateway, DNS servers.
     pub address: Option<String>,
     pub gateway: Option<String>,
+    /// `--dns` servers; when none are given, the host's (filled in at run time).
     pub dns: Vec<String>,
+    /// `--dns-search` domains (`.` alone: none); empty: the host's search line.
+    #[serde(default)]
+    pub dns_search: Vec<String>,
+    /// `--add-host`: (name, address) lines for /etc/hosts; the address `host-gateway` becomes
+    /// the bridge's gateway at run time.
+    #[serde(default)]
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]

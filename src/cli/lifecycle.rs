@@ -142,14 +142,15 @@ pub fn logs(args: LogsArgs, global: &Global) -> anyhow::Result<u8> {
 
 #[derive(clap::Args, Debug)]
 pub struct StopArgs {
-    /// Seconds to wait after the stop signal before killing the workload.
+    /// Seconds to wait after the stop signal before killing the workload (default: the run's
+    /// --stop-timeout, else 10; -1 waits for ever).
     #[arg(
         short = 't',
         long = "time",
         value_name = "SECONDS",
-        default_value_t = 10
+        allow_negative_numbers = true
     )]
-    pub time: u64,
+    pub time: Option<i64>,
     /// The runs (names or ID prefixes).
     #[arg(required = true)]
     pub runs: Vec<String>,
@@ -204,7 +205,9 @@ pub fn stop(args: StopArgs, global: &Global) -> anyhow::Result<u8> {
         };
         if r.alive() {
             signal_run(&r, r.stop_signal);
-            let s = wait_end(&r, Some(Duration::from_secs(args.time)));
+            let secs = args.time.or(r.stop_timeout.map(i64::from)).unwrap_or(10);
+            let limit = u64::try_from(secs).ok().map(Duration::from_secs);
+            let s = wait_end(&r, limit);
             if s.as_ref().is_some_and(|s| s.status != Status::Exited) {
                 kill_run(&r);
                 wait_end(&r, None);
@@ -317,10 +320,23 @@ pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
                 continue;
             }
         };
-        let spec: serde_json::Value = std::fs::read(r.dir.join("spec.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null);
+        let mut config: serde_json::Map<String, serde_json::Value> =
+            std::fs::read(r.dir.join("spec.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+        let labels: serde_json::Map<String, serde_json::Value> = r
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+            .collect();
+        config.insert("Cmd".into(), r.command.clone().into());
+        config.insert("Labels".into(), labels.into());
+        config.insert(
+            "StopSignal".into(),
+            rvmm::runspec::signal_name(r.stop_signal).into(),
+        );
+        config.insert("StopTimeout".into(), r.stop_timeout.into());
         let running = r.alive();
         out.push(serde_json::json!({
             "Id": r.id,
@@ -338,13 +354,12 @@ pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
             },
             "Detached": r.detached,
             "Command": r.command,
-            "StopSignal": r.stop_signal,
             "NetworkSettings": {
                 "IPAddress": r.address.as_deref().and_then(|a| a.split('/').next()),
                 "Ports": r.ports,
             },
             "LogPath": r.dir.join(logs::LOG_FILE),
-            "Config": spec,
+            "Config": config,
         }));
     }
     println!("{}", serde_json::to_string_pretty(&out)?);

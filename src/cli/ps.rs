@@ -12,12 +12,59 @@ pub struct Args {
     /// Only print IDs.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Only runs that match: label=KEY, label=KEY=VALUE, name=NAME, id=PREFIX (repeatable: all
+    /// must match).
+    #[arg(short, long, value_name = "FILTER")]
+    pub filter: Vec<String>,
+}
+
+/// A `ps --filter` condition.
+enum Filter {
+    Label(String, Option<String>),
+    Name(String),
+    Id(String),
+}
+
+impl Filter {
+    fn parse(s: &str) -> anyhow::Result<Filter> {
+        match s.split_once('=') {
+            Some(("label", kv)) if !kv.is_empty() => Ok(match kv.split_once('=') {
+                Some((k, v)) => Filter::Label(k.into(), Some(v.into())),
+                None => Filter::Label(kv.into(), None),
+            }),
+            Some(("name", n)) => Ok(Filter::Name(n.into())),
+            Some(("id", i)) => Ok(Filter::Id(i.into())),
+            _ => anyhow::bail!(
+                "invalid filter {s:?}: rvmm knows label=KEY[=VALUE], name=NAME, id=ID"
+            ),
+        }
+    }
+
+    fn matches(&self, r: &state::RunState) -> bool {
+        match self {
+            Filter::Label(k, v) => r
+                .labels
+                .iter()
+                .any(|(lk, lv)| lk == k && v.as_ref().is_none_or(|v| v == lv)),
+            Filter::Name(n) => r.name.contains(n.as_str()),
+            Filter::Id(i) => r.id.starts_with(i.as_str()),
+        }
+    }
 }
 
 pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
+    let filters = args
+        .filter
+        .iter()
+        .map(|f| Filter::parse(f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     state::gc(&global.root);
     let runs = state::list(&global.root)?;
-    let shown: Vec<_> = runs.iter().filter(|r| args.all || r.alive()).collect();
+    let shown: Vec<_> = runs
+        .iter()
+        .filter(|r| args.all || r.alive())
+        .filter(|r| filters.iter().all(|f| f.matches(r)))
+        .collect();
     if args.quiet {
         for r in shown {
             println!("{}", short_id(&r.id));

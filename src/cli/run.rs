@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use rvmm::container;
 use rvmm::image::{self, Store};
 use rvmm::run::{supervise, RunOptions};
@@ -97,6 +99,74 @@ pub struct Args {
     /// and the first boot of a kind saves one.
     #[arg(long)]
     pub cold: bool,
+    /// Add Linux capabilities (names with or without CAP_, or ALL).
+    #[arg(long, value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop Linux capabilities (names with or without CAP_, or ALL).
+    #[arg(long, value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// Give the workload every capability, no seccomp filter, all devices and a writable /sys
+    /// (in a VM: inside the guest, which stays a VM).
+    #[arg(long)]
+    pub privileged: bool,
+    /// Security options: no-new-privileges[=true|false], seccomp=PROFILE.json|unconfined.
+    #[arg(long, value_name = "OPT")]
+    pub security_opt: Vec<String>,
+    /// Resource limit: TYPE=SOFT[:HARD] (core, cpu, data, fsize, locks, memlock, msgqueue, nice,
+    /// nofile, nproc, rss, rtprio, rttime, sigpending, stack, as; -1 for unlimited).
+    #[arg(long, value_name = "TYPE=SOFT[:HARD]")]
+    pub ulimit: Vec<String>,
+    /// Size of /dev/shm (default 64m).
+    #[arg(long, value_name = "BYTES")]
+    pub shm_size: Option<String>,
+    /// Additional group (name in the image's /etc/group, or number).
+    #[arg(long, value_name = "GROUP")]
+    pub group_add: Vec<String>,
+    /// A line for /etc/hosts: NAME:ADDRESS (ADDRESS may be host-gateway).
+    #[arg(long, value_name = "NAME:ADDR")]
+    pub add_host: Vec<String>,
+    /// DNS server for the workload's resolv.conf (replaces the host's).
+    #[arg(long, value_name = "ADDR")]
+    pub dns: Vec<String>,
+    /// DNS search domain ("." for none).
+    #[arg(long, value_name = "DOMAIN")]
+    pub dns_search: Vec<String>,
+    /// Kernel parameter: KEY=VALUE (container: namespaced ones only; VM: set in the guest).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub sysctl: Vec<String>,
+    /// Metadata: KEY[=VALUE] (shown by inspect, matched by ps --filter label=).
+    #[arg(short = 'l', long = "label", value_name = "KEY[=VALUE]")]
+    pub label: Vec<String>,
+    /// Signal `stop` sends (default: the image's StopSignal, else SIGTERM).
+    #[arg(long, value_name = "SIGNAL")]
+    pub stop_signal: Option<String>,
+    /// Seconds `stop` waits after the stop signal before killing (default 10).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    pub stop_timeout: Option<i32>,
+    /// When to pull the image: missing (default), always, never.
+    #[arg(long, default_value = "missing", value_name = "POLICY")]
+    pub pull: String,
+    /// Write the run's ID to FILE (which must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub cidfile: Option<PathBuf>,
+    /// The image's platform: linux/amd64 is the only one rvmm runs.
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+    /// Run a tiny init as PID 1 that forwards signals and reaps zombies (in a VM, rvmm-init does).
+    #[arg(long)]
+    pub init: bool,
+    /// CPUs the workload may run on (e.g. 0-2,4; in a VM, vCPU numbers).
+    #[arg(long, value_name = "LIST")]
+    pub cpuset_cpus: Option<String>,
+    /// Relative CPU weight (default 1024; container isolation).
+    #[arg(short = 'c', long, value_name = "N")]
+    pub cpu_shares: Option<u64>,
+    /// Memory plus swap limit (-1: unlimited swap; container isolation).
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
+    pub memory_swap: Option<String>,
+    /// Give a host device to the workload: HOST[:CONTAINER][:rwm] (container isolation).
+    #[arg(long, value_name = "HOST[:CONT][:rwm]")]
+    pub device: Vec<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// The image: NAME[:TAG], NAME@DIGEST, an image ID, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
@@ -127,6 +197,12 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
                 .transpose()?,
             cpus: args.cpus,
             pids: args.pids_limit,
+            cpu_shares: args.cpu_shares,
+            memory_swap: args
+                .memory_swap
+                .as_deref()
+                .map(runspec::parse_memory_swap)
+                .transpose()?,
         },
         network: match args.network {
             Net::None => NetworkMode::None,
@@ -142,14 +218,138 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .iter()
             .map(|v| runspec::parse_volume(v))
             .collect::<anyhow::Result<_>>()?,
+        ulimits: args
+            .ulimit
+            .iter()
+            .map(|u| runspec::parse_ulimit(u))
+            .collect::<anyhow::Result<_>>()?,
+        shm_size: args
+            .shm_size
+            .as_deref()
+            .map(runspec::parse_bytes)
+            .transpose()?,
+        group_add: args.group_add.clone(),
+        add_hosts: args
+            .add_host
+            .iter()
+            .map(|h| runspec::parse_add_host(h))
+            .collect::<anyhow::Result<_>>()?,
+        dns: args
+            .dns
+            .iter()
+            .map(|d| runspec::parse_dns(d))
+            .collect::<anyhow::Result<_>>()?,
+        dns_search: args
+            .dns_search
+            .iter()
+            .map(|d| runspec::parse_dns_search(d))
+            .collect::<anyhow::Result<_>>()?,
+        sysctls: args
+            .sysctl
+            .iter()
+            .map(|s| runspec::parse_sysctl(s, args.isolation == Isolation::Vm))
+            .collect::<anyhow::Result<_>>()?,
+        labels: args
+            .label
+            .iter()
+            .map(|l| runspec::parse_label(l))
+            .collect::<anyhow::Result<_>>()?,
+        stop_signal: args.stop_signal.clone(),
+        stop_timeout: args.stop_timeout,
+        init: args.init,
+        cpus_allowed: match &args.cpuset_cpus {
+            Some(s) => {
+                let available = match args.isolation {
+                    // The guest's vCPUs (⌈--cpus⌉, at least 1).
+                    Isolation::Vm => args.cpus.map_or(1, |c| c.ceil().clamp(1.0, 32.0) as u32),
+                    // SAFETY: sysconf with a constant.
+                    Isolation::Container => unsafe {
+                        libc::sysconf(libc::_SC_NPROCESSORS_CONF).max(1) as u32
+                    },
+                };
+                runspec::parse_cpuset(s, available)?
+            }
+            None => Vec::new(),
+        },
+        devices: args
+            .device
+            .iter()
+            .map(|d| runspec::parse_device(d))
+            .collect::<anyhow::Result<_>>()?,
     };
+    if args.isolation == Isolation::Vm {
+        if !flags.devices.is_empty() {
+            anyhow::bail!("--device: a host device cannot be given to a VM (its kernel has only virtio devices)");
+        }
+        if args.cpu_shares.is_some() {
+            anyhow::bail!("--cpu-shares: a VM's vCPU threads are not in a cgroup (use --cpus)");
+        }
+        if args.memory_swap.is_some() {
+            anyhow::bail!("--memory-swap: a VM has no swap; its memory is --memory");
+        }
+    }
+    if flags.limits.memory_swap.is_some_and(|s| s != u64::MAX)
+        && flags
+            .limits
+            .memory_bytes
+            .is_none_or(|m| flags.limits.memory_swap < Some(m))
+    {
+        anyhow::bail!("--memory-swap needs --memory, and must be at least as large");
+    }
+    if args.cpu_shares.is_some_and(|s| !(2..=262_144).contains(&s)) {
+        anyhow::bail!("--cpu-shares must be between 2 and 262144");
+    }
+    if let Some(s) = &args.stop_signal {
+        if runspec::signal_number(s).is_none() {
+            anyhow::bail!("invalid --stop-signal {s:?}: not a signal");
+        }
+    }
+    if args.stop_timeout.is_some_and(|t| t < -1) {
+        anyhow::bail!("invalid --stop-timeout: seconds, or -1 for no limit");
+    }
+    let policy = match args.pull.as_str() {
+        "missing" => image::PullPolicy::Missing,
+        "always" => image::PullPolicy::Always,
+        "never" => image::PullPolicy::Never,
+        p => anyhow::bail!("invalid --pull {p:?}: always, missing or never"),
+    };
+    if let Some(p) = &args.platform {
+        runspec::check_platform(p)?;
+    }
+    if let Some(f) = &args.cidfile {
+        if f.exists() {
+            anyhow::bail!(
+                "the cidfile {} exists: make sure the other run is gone, or delete the file",
+                f.display()
+            );
+        }
+    }
+    if flags.network == NetworkMode::None
+        && flags.add_hosts.iter().any(|(_, a)| a == "host-gateway")
+    {
+        anyhow::bail!("--add-host host-gateway needs --network bridge");
+    }
+    let mut privileges = rvmm::security::Request {
+        privileged: args.privileged,
+        cap_add: rvmm::security::parse_caps(&args.cap_add)?,
+        cap_drop: rvmm::security::parse_caps(&args.cap_drop)?,
+        ..Default::default()
+    };
+    for o in &args.security_opt {
+        privileges.security_opt(o)?;
+    }
     if let Some(c) = args.cpus {
         if !(c > 0.0 && c <= 1024.0) {
             anyhow::bail!("--cpus must be a positive number");
         }
     }
     let store = Store::open(&global.root)?;
-    let resolved = image::resolve(&store, &args.image, &args.registry.options(args.quiet))?;
+    let resolved = image::resolve_with(
+        &store,
+        &args.image,
+        &args.registry.options(args.quiet),
+        policy,
+    )?;
     // A supervised run (the second half of `run -d`) takes the ID its supervisor was given.
     let supervised = std::env::var_os(supervise::SUPERVISED_ENV).is_some();
     let id = std::env::var(supervise::RUN_ID_ENV)
@@ -157,6 +357,17 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         .filter(|v| supervised && v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
         .unwrap_or_else(rvmm::run::new_id);
     let spec = runspec::build(&resolved.config, &resolved.layers, &flags, &id[..12])?;
+    // The cidfile is written once, by the command the user typed (not again by a supervised run).
+    if let Some(f) = args.cidfile.as_ref().filter(|_| !supervised) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(f)
+            .with_context(|| format!("creating the cidfile {}", f.display()))?;
+        file.write_all(id.as_bytes())
+            .with_context(|| format!("writing the cidfile {}", f.display()))?;
+    }
     if args.detach && !supervised {
         // The image is here and the flags are good: the rest runs under a supervisor.
         return supervise::detach(&global.root, &id);
@@ -172,6 +383,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         image: resolved.reference.clone(),
         cold: args.cold,
         detached: supervised,
+        privileges,
     };
     // A run owns host resources (taps, mounts, cgroups): a closed stdout must not kill rvmm before it
     // releases them. Writes then fail with EPIPE and the workload's output is dropped.

@@ -128,6 +128,8 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     // SAFETY: pointer and length of a valid buffer.
     let r = unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) };
     check(r, || "sethostname".into())?;
+    // Through the host's /proc, whose /proc/sys shows the namespaces of the reader: ours.
+    rvmm_workload::sysctls("/proc", &p.spec.sysctls)?;
     mount("", "/", "", libc::MS_REC | libc::MS_PRIVATE, "")?;
     let rootfs = p.rootfs.to_string_lossy();
     mount(
@@ -174,6 +176,14 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     // Mounts are made inside the new root, so every target resolves there: /proc, /sys, /dev and
     // the masked paths exactly as rvmm-init makes them in a VM.
     rvmm_workload::system_mounts("")?;
+    rvmm_workload::make_devices("", &p.spec.devices)?;
+    if let Some(b) = p.spec.shm_size {
+        rvmm_workload::shm_size("", b)?;
+    }
+    if p.spec.privileged {
+        // The host's devices, read through the old root before it goes.
+        rvmm_workload::unconfine("", &format!("{OLD_ROOT}/dev"))?;
+    }
     mount_cgroups(&p.cgroup_mounts)?;
     if let Some(fd) = console_fd {
         rvmm_workload::bind_console("", &fd_path(fd))?;
@@ -246,6 +256,19 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     // The same steps as in a VM (rvmm-workload): limits, bounding set, user, caps, cwd, PATH
     // lookup, seccomp.
     let prog = rvmm_workload::privileges::become_workload(&p.spec, false)?;
+    if p.spec.init {
+        let err_fd = p.err_fd;
+        // SAFETY: closing the error pipe once the workload runs (the parent then sees EOF).
+        let started = move || unsafe {
+            libc::close(err_fd);
+        };
+        return Err(rvmm_workload::exec_with_init(
+            &prog,
+            &p.spec.argv,
+            &p.spec.env,
+            started,
+        ));
+    }
     Err(rvmm_workload::exec(&prog, &p.spec.argv, &p.spec.env))
 }
 

@@ -62,7 +62,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     // The host's cgroup mounts, read once: where the run's cgroup goes, and what the container
     // mounts under /sys/fs/cgroup.
     let layout = cgroups::Layout::detect()?;
-    let cg = cgroups::create(&layout, &opts.id, &run.spec.limits)?;
+    let cg = cgroups::create(
+        &layout,
+        &opts.id,
+        &run.spec.limits,
+        run.spec.privileged,
+        &run.spec.devices,
+    )?;
     run.cleanup.state.cgroup = Some(cg.clone());
     run.cleanup.state.save()?;
 
@@ -120,6 +126,10 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     });
     run.cleanup.state.pid = pid;
     let _ = run.cleanup.state.save();
+    // Signals go to the child from now on: one that arrives while the workload starts (its
+    // output may already be out) must not kill rvmm before it cleans up.
+    CHILD.store(pid, Ordering::SeqCst);
+    install_forwarding();
 
     let started = (|| -> anyhow::Result<()> {
         cg.add(pid)?;
@@ -133,6 +143,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         Ok(())
     })();
     if let Err(e) = started {
+        CHILD.store(0, Ordering::SeqCst);
         // SAFETY: kill/waitpid on our own child.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -144,14 +155,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
     if !msg.is_empty() {
         let _ = wait(pid);
+        CHILD.store(0, Ordering::SeqCst);
         let (code, text) = msg.split_once('\t').unwrap_or(("125", msg.as_str()));
         let code: u8 = code.parse().unwrap_or(125);
         return not_started(run, code, text, opts.remove);
     }
     run.started();
 
-    CHILD.store(pid, Ordering::SeqCst);
-    install_forwarding();
     if let (Some(p), Some(addr)) = (run.publisher.take(), run.address()) {
         p.start(addr);
     }

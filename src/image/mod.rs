@@ -50,6 +50,8 @@ pub use store::{ImageRecord, Store};
 /// Why an image could not be pulled, imported, loaded or resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("image {image} is not in the store, and --pull never forbids pulling it")]
+    NotInStore { image: String },
     #[error(transparent)]
     Reference(#[from] reference::ParseError),
     /// Setting up the registry client failed (bad `--creds`, unreadable auth config, ...).
@@ -224,16 +226,44 @@ fn archive_stem(path: &std::path::Path) -> std::path::PathBuf {
 /// Finds `image` in the store (name or ID), importing or pulling it when it is not there
 /// (local transports are always re-read: cheap when nothing changed). Unpacked layers included.
 pub fn resolve(store: &Store, image: &str, opts: &PullOptions) -> Result<ResolvedImage> {
+    resolve_with(store, image, opts, PullPolicy::Missing)
+}
+
+/// `run --pull`: when an image is fetched from its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Only when the store does not have it (Docker's default).
+    #[default]
+    Missing,
+    /// Every time (the store keeps what did not change).
+    Always,
+    /// Never: an image the store lacks is an error.
+    Never,
+}
+
+/// [`resolve`] with a pull policy. A transport (`oci:`, archives) is always read from its source,
+/// except with `Never`, which only looks in the store.
+pub fn resolve_with(
+    store: &Store,
+    image: &str,
+    opts: &PullOptions,
+    policy: PullPolicy,
+) -> Result<ResolvedImage> {
     let is_transport = ["oci:", "oci-archive:", "docker-archive:", "docker://"]
         .iter()
         .any(|p| image.starts_with(p));
-    let rec = match (!is_transport)
+    let found = (!is_transport && policy != PullPolicy::Always)
         .then(|| store.find(image))
         .transpose()?
-        .flatten()
-    {
-        Some(r) => r,
-        None => import(store, &Source::parse(image)?, opts)?,
+        .flatten();
+    let rec = match (found, policy) {
+        (Some(r), _) => r,
+        (None, PullPolicy::Never) => {
+            return Err(Error::NotInStore {
+                image: image.to_string(),
+            })
+        }
+        (None, _) => import(store, &Source::parse(image)?, opts)?,
     };
     let cfg = store.config(&rec)?;
     let layers = rec

@@ -36,6 +36,9 @@ pub struct RunOptions {
     pub cold: bool,
     /// Run under a supervisor (`run -d`): the output goes to the run's log.
     pub detached: bool,
+    /// What the flags ask of the workload's privileges; [`prepare`] turns it into the spec's
+    /// `security` once the isolation is known.
+    pub privileges: crate::security::Request,
 }
 
 /// A new run ID: 64 hex digits from the kernel's random pool.
@@ -137,7 +140,7 @@ pub fn prepare(
         cleanup.lease = Some(lease);
         publisher = Some(p);
     }
-    complete_spec(&mut spec, isolation)?;
+    complete_spec(&mut spec, isolation, &opts.privileges)?;
     cleanup.state.address = spec.network.address.clone();
     cleanup.state.save()?;
     // What `rvmm inspect` shows as the run's configuration.
@@ -156,7 +159,11 @@ pub fn prepare(
 /// What the spec gets once the run's network is known, decided here once for both isolations:
 /// the workload's privileges (Docker's defaults), its DNS servers, and its /etc/hostname,
 /// /etc/hosts and /etc/resolv.conf.
-fn complete_spec(spec: &mut RunSpec, isolation: Isolation) -> anyhow::Result<()> {
+fn complete_spec(
+    spec: &mut RunSpec,
+    isolation: Isolation,
+    privileges: &crate::security::Request,
+) -> anyhow::Result<()> {
     // MKNOD is safe to grant where something still stands between a device node and the host:
     // the guest kernel, or the devices cgroup of a v1 host.
     let allow_mknod = match isolation {
@@ -165,8 +172,13 @@ fn complete_spec(spec: &mut RunSpec, isolation: Isolation) -> anyhow::Result<()>
             crate::cgroups::Layout::detect()?.version() == crate::cgroups::Version::V1
         }
     };
-    spec.security = crate::security::docker_default(allow_mknod);
-    let resolv = crate::net::host_resolv_conf();
+    spec.security = crate::security::resolve(privileges, allow_mknod)?;
+    spec.privileged = privileges.privileged;
+    let resolv = resolv_conf(
+        &crate::net::host_resolv_conf(),
+        &spec.network.dns,
+        &spec.network.dns_search,
+    );
     spec.network.dns = resolv
         .lines()
         .filter_map(|l| l.strip_prefix("nameserver").map(|a| a.trim().to_string()))
@@ -176,12 +188,52 @@ fn complete_spec(spec: &mut RunSpec, isolation: Isolation) -> anyhow::Result<()>
         .address
         .as_deref()
         .and_then(|a| a.split('/').next());
+    let mut hosts = rvmm_proto::rootfs::hosts(&spec.hostname, addr);
+    for (name, a) in &spec.network.extra_hosts {
+        let a = if a == "host-gateway" {
+            spec.network
+                .gateway
+                .as_deref()
+                .context("--add-host host-gateway needs --network bridge")?
+        } else {
+            a
+        };
+        hosts.push_str(&format!("{a}\t{name}\n"));
+    }
     spec.etc = rvmm_proto::EtcFiles {
         hostname: format!("{}\n", spec.hostname),
-        hosts: rvmm_proto::rootfs::hosts(&spec.hostname, addr),
+        hosts,
         resolv_conf: resolv,
     };
     Ok(())
+}
+
+/// The workload's resolv.conf: the host's (less loopback servers), with `--dns` servers instead
+/// of its nameserver lines and `--dns-search` domains instead of its search line, as Docker does.
+fn resolv_conf(host: &str, dns: &[String], search: &[String]) -> String {
+    let mut out = String::new();
+    for l in host.lines() {
+        let key = l.split_whitespace().next().unwrap_or_default();
+        if (key == "nameserver" && !dns.is_empty())
+            || ((key == "search" || key == "domain") && !search.is_empty())
+        {
+            continue;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    let domains: Vec<&str> = search
+        .iter()
+        .map(String::as_str)
+        .filter(|d| *d != ".")
+        .collect();
+    if !domains.is_empty() {
+        out.push_str(&format!("search {}\n", domains.join(" ")));
+    }
+    for d in dns {
+        out.push_str(&format!("nameserver {d}\n"));
+    }
+    out
 }
 
 /// Signals rvmm relays to the workload (both isolations).
@@ -216,5 +268,22 @@ pub fn human_bytes(b: u64) -> String {
         format!("{}m", b >> 20)
     } else {
         format!("{b}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resolv_conf_follows_docker() {
+        let host = "search example.org\nnameserver 10.0.0.1\noptions ndots:2\n";
+        assert_eq!(super::resolv_conf(host, &[], &[]), host);
+        assert_eq!(
+            super::resolv_conf(host, &["1.1.1.1".into()], &["a.test".into(), "b".into()]),
+            "options ndots:2\nsearch a.test b\nnameserver 1.1.1.1\n"
+        );
+        assert_eq!(
+            super::resolv_conf(host, &[], &[".".into()]),
+            "nameserver 10.0.0.1\noptions ndots:2\n"
+        );
     }
 }

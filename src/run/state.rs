@@ -76,6 +76,12 @@ pub struct RunState {
     pub address: Option<String>,
     #[serde(default)]
     pub ports: Vec<String>,
+    /// The image's labels and `--label`.
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
+    /// How long `stop` waits before SIGKILL (None: 10 s; -1: for ever).
+    #[serde(default)]
+    pub stop_timeout: Option<i32>,
 }
 
 fn default_stop_signal() -> i32 {
@@ -161,6 +167,8 @@ impl RunState {
                     format!("0.0.0.0:{}->{}/{proto}", p.host_port, p.container_port)
                 })
                 .collect(),
+            labels: spec.labels.clone(),
+            stop_timeout: spec.stop_timeout,
         }
     }
 

@@ -452,7 +452,11 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let mut publisher = run.publisher.take();
 
     let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
-    let boot_security = serde_json::to_vec(&spec.security)?;
+    // The initramfs (and so the snapshot) carries Docker's defaults, the same for every run; a
+    // run with other privileges sends its own and does not use the zygote.
+    let boot = crate::security::docker_default(true);
+    let use_boot = spec.security == boot;
+    let boot_security = serde_json::to_vec(&boot)?;
     let machine = Machine {
         kernel,
         init,
@@ -493,12 +497,15 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let t_setup = t0.elapsed();
     // The `Start`: what makes this run this run. Sent once the guest is READY (a restored guest
     // is past READY already).
-    // The privileges travel in the initramfs (and so in the snapshot), not over the channel.
+    // Docker's default privileges travel in the initramfs (and so in the snapshot), not over
+    // the channel.
     let mut start_spec = spec.clone();
-    start_spec.security = Default::default();
+    if use_boot {
+        start_spec.security = Default::default();
+    }
     let start = rvmm_proto::Start {
         spec: start_spec,
-        boot_security: true,
+        boot_security: use_boot,
         entropy: random_bytes::<64>()?.to_vec(),
         realtime: {
             let d = std::time::SystemTime::now()

@@ -139,6 +139,91 @@ fn mask_paths(base: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `--shm-size`: /dev/shm under `base` remounted with `bytes` (after [`system_mounts`]).
+pub fn shm_size(base: &str, bytes: u64) -> Result<(), Failure> {
+    mount(
+        "shm",
+        &format!("{base}/dev/shm"),
+        "tmpfs",
+        libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        &format!("mode=1777,size={bytes}"),
+    )
+}
+
+/// `--sysctl`: writes each value under `proc`/sys (the /proc of the kernel and namespaces the
+/// workload will run in). Keys were checked on the host (no `/`, no `..`).
+pub fn sysctls(proc: &str, list: &[(String, String)]) -> Result<(), Failure> {
+    for (k, v) in list {
+        if k.contains('/') || k.split('.').any(|c| c.is_empty() || c == "..") {
+            return Err(Failure::setup(format!("invalid sysctl {k:?}")));
+        }
+        let path = format!("{proc}/sys/{}", k.replace('.', "/"));
+        std::fs::write(&path, v.as_bytes())
+            .map_err(|e| Failure::setup(format!("setting sysctl {k}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// `--privileged`, after [`system_mounts`] under `base`: the masked and read-only paths are
+/// uncovered, /sys is remounted writable, and every device node under `dev_src` (the kernel's
+/// /dev: the host's in a container, the guest's devtmpfs in a VM) is recreated in `base`/dev,
+/// with its mode and owner, where nothing of that name is yet.
+pub fn unconfine(base: &str, dev_src: &str) -> Result<(), Failure> {
+    for p in rootfs::MASKED.iter().chain(rootfs::READONLY) {
+        let t = c(&format!("{base}{p}"));
+        // Not every path is a mount point (a path the kernel lacks was skipped): EINVAL, ENOENT.
+        // SAFETY: NUL-terminated path.
+        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    }
+    mount(
+        "",
+        &format!("{base}/sys"),
+        "",
+        libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    copy_devices(dev_src, &format!("{base}/dev"), 0);
+    Ok(())
+}
+
+/// Recreates the character and block devices under `src` in `dst` (subdirectories too, but not
+/// the per-workload ones: pts, shm, mqueue), except the console. Best effort: a node that cannot be made is left out.
+fn copy_devices(src: &str, dst: &str, depth: u32) {
+    let Ok(rd) = std::fs::read_dir(src) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let (from, to) = (format!("{src}/{name}"), format!("{dst}/{name}"));
+        // SAFETY: st is plain data filled by lstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: NUL-terminated path, valid stat buffer.
+        if unsafe { libc::lstat(c(&from).as_ptr(), &mut st) } != 0 {
+            continue;
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFDIR {
+            if depth < 4 && !matches!(name.as_str(), "pts" | "shm" | "mqueue") {
+                mkdir_p(&to);
+                copy_devices(&from, &to, depth + 1);
+            }
+            continue;
+        }
+        // The console is the workload's terminal (or nothing), as without --privileged.
+        if (kind != libc::S_IFCHR && kind != libc::S_IFBLK)
+            || name == "console"
+            || fs::is_dir_nofollow(&to).is_some()
+        {
+            continue;
+        }
+        let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+        if fs::mknod(&to, st.st_mode, major, minor).is_ok() {
+            // SAFETY: NUL-terminated path.
+            unsafe { libc::lchown(c(&to).as_ptr(), st.st_uid, st.st_gid) };
+        }
+    }
+}
+
 /// With `-t`: the workload's terminal also as /dev/console (as runc does). `tty` is a path that
 /// opens the pty's slave in this mount namespace.
 pub fn bind_console(base: &str, tty: &str) -> Result<(), Failure> {
@@ -227,6 +312,147 @@ pub fn exec(prog: &CString, argv: &[String], env: &[String]) -> Failure {
             argv.first().map(String::as_str).unwrap_or_default()
         ),
     }
+}
+
+/// `--init`: forks the workload (which execs `prog`) and stays as its PID 1: forwards every
+/// catchable signal to it, reaps every child, and exits with the workload's status (128+n for a
+/// signal) once it ends. Returns only when the workload could not be exec'd (its failure).
+/// `started` runs in this process once the exec succeeded (to close the runtime's error pipe).
+pub fn exec_with_init(
+    prog: &CString,
+    argv: &[String],
+    env: &[String],
+    started: impl FnOnce(),
+) -> Failure {
+    let mut p = [0; 2];
+    // SAFETY: p is a valid array of two ints.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Failure::os("init: pipe");
+    }
+    // Signals are taken synchronously (sigtimedwait) in the init; the workload gets the
+    // default mask back before exec.
+    // SAFETY: a sigset filled by the libc helpers.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; blocking every signal in this single-threaded process.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: fork in a single-threaded process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Failure::os("init: fork");
+    }
+    if pid == 0 {
+        // SAFETY: restoring the mask and closing our read end in the child.
+        unsafe {
+            libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            libc::close(p[0]);
+        }
+        let f = exec(prog, argv, env);
+        let mut b = vec![f.status];
+        b.extend_from_slice(f.message.as_bytes());
+        write_all(p[1], &b);
+        // SAFETY: leaving the child without running destructors.
+        unsafe { libc::_exit(i32::from(f.status)) }
+    }
+    // SAFETY: closing the child's write end.
+    unsafe { libc::close(p[1]) };
+    let mut msg = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        // SAFETY: reading into a local buffer.
+        let n = unsafe { libc::read(p[0], buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            msg.extend_from_slice(&buf[..n as usize]);
+        } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+    }
+    // SAFETY: closing our read end.
+    unsafe { libc::close(p[0]) };
+    if let Some((&status, text)) = msg.split_first() {
+        // SAFETY: reaping the failed child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        return Failure {
+            status,
+            message: String::from_utf8_lossy(text).into_owned(),
+        };
+    }
+    started();
+    loop {
+        // SAFETY: waiting for any blocked signal with a valid set; info is plain data.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let sig = unsafe { libc::sigwaitinfo(&all, &mut info) };
+        if sig < 0 {
+            continue;
+        }
+        if sig != libc::SIGCHLD {
+            // SAFETY: forwarding to our own child.
+            unsafe { libc::kill(pid, sig) };
+            continue;
+        }
+        loop {
+            let mut st = 0;
+            // SAFETY: reaping any child without blocking.
+            let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+            if r <= 0 {
+                break;
+            }
+            if r == pid {
+                let code = if libc::WIFEXITED(st) {
+                    libc::WEXITSTATUS(st)
+                } else {
+                    128 + libc::WTERMSIG(st)
+                };
+                // SAFETY: leaving PID 1 (the namespace's other processes are killed with it).
+                unsafe { libc::_exit(code) }
+            }
+        }
+    }
+}
+
+/// `--cpuset-cpus`: the calling process may run only on `cpus` (nothing for an empty list).
+pub fn set_affinity(cpus: &[u32]) -> Result<(), Failure> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_SET indexes within it (checked below).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c as usize >= libc::CPU_SETSIZE as usize {
+            return Err(Failure::setup(format!("--cpuset-cpus: no CPU {c}")));
+        }
+        // SAFETY: c is below CPU_SETSIZE, the set's size.
+        unsafe { libc::CPU_SET(c as usize, &mut set) };
+    }
+    // SAFETY: a filled set of the size passed.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    check(r, || "--cpuset-cpus: setting the CPU affinity".into())
+}
+
+/// `--device`: the nodes in `base`/dev (parents made), with their mode and owner.
+pub fn make_devices(base: &str, devices: &[rvmm_proto::DeviceNode]) -> Result<(), Failure> {
+    for d in devices {
+        let t = format!("{base}{}", d.path);
+        if let Some(i) = t.rfind('/') {
+            mkdir_p(&t[..i]);
+        }
+        let kind = if d.kind == 'b' {
+            libc::S_IFBLK
+        } else {
+            libc::S_IFCHR
+        };
+        // SAFETY: NUL-terminated path; a node already there is replaced.
+        unsafe { libc::unlink(c(&t).as_ptr()) };
+        fs::mknod(&t, kind | (d.mode & 0o777), d.major, d.minor)?;
+        // SAFETY: NUL-terminated path.
+        unsafe { libc::lchown(c(&t).as_ptr(), d.uid, d.gid) };
+    }
+    Ok(())
 }
 
 /// Writes `buf` to `fd` whole (retrying on EINTR and short writes); gives up on other errors.

@@ -33,8 +33,9 @@ pub fn drop_bounding(caps: u64) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Sets the effective and permitted sets to `caps` and clears the inheritable set (capset(2),
-/// version 3: two 32-bit words).
+/// Sets the effective and permitted sets to `caps` (less what this process does not have: the
+/// capabilities a kernel does not know) and clears the inheritable set (capset(2), version 3:
+/// two 32-bit words).
 pub fn set_caps(caps: u64) -> Result<(), Failure> {
     #[repr(C)]
     struct Header {
@@ -52,6 +53,16 @@ pub fn set_caps(caps: u64) -> Result<(), Failure> {
         version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
         pid: 0,
     };
+    let mut now = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget with a valid header and room for two data words.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, now.as_mut_ptr()) };
+    check(r as libc::c_int, || "reading capabilities".into())?;
+    let have = u64::from(now[0].permitted) | (u64::from(now[1].permitted) << 32);
+    let caps = caps & have;
     let (lo, hi) = (caps as u32, (caps >> 32) as u32);
     let d = [
         Data {
@@ -70,7 +81,15 @@ pub fn set_caps(caps: u64) -> Result<(), Failure> {
     check(r as libc::c_int, || "setting capabilities".into())
 }
 
-/// Sets no_new_privs and installs the classic BPF `program` as a seccomp filter.
+/// Sets no_new_privs.
+pub fn set_no_new_privs() -> Result<(), Failure> {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check(r, || "no_new_privs".into())
+}
+
+/// Installs the classic BPF `program` as a seccomp filter. Without no_new_privs set, the kernel
+/// requires CAP_SYS_ADMIN: call it before the user and capabilities change.
 pub fn install_seccomp(program: &[(u16, u8, u8, u32)]) -> Result<(), Failure> {
     let filter: Vec<libc::sock_filter> = program
         .iter()
@@ -80,9 +99,6 @@ pub fn install_seccomp(program: &[(u16, u8, u8, u32)]) -> Result<(), Failure> {
         len: filter.len() as libc::c_ushort,
         filter: filter.as_ptr() as *mut libc::sock_filter,
     };
-    // SAFETY: prctl with integer arguments.
-    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    check(r, || "no_new_privs".into())?;
     // SAFETY: seccomp(2) with a program that outlives the call.
     let r = unsafe {
         libc::syscall(
@@ -115,15 +131,24 @@ fn enforced(s: &Security) -> bool {
     s.enforce
 }
 
-/// Turns the calling process into the workload, short of exec: resource limits, the bounding set
-/// (unless `prepared`: a process that dropped it and installed the filter earlier, rvmm-init's
-/// zygote), groups, gid, uid, capabilities (uid 0 keeps the spec's set; others end with none),
-/// the working directory (created when missing, as Docker does), umask 022, the program looked up
-/// in PATH, and last the seccomp filter. Returns the program to exec.
+/// Turns the calling process into the workload, short of exec: resource limits, the seccomp
+/// filter (while the process may still install one without no_new_privs, as runc and crun do),
+/// the bounding set (both skipped when `prepared`: a process that installed the filter and
+/// dropped the set earlier, rvmm-init's zygote), groups, gid, uid, capabilities (uid 0 keeps the
+/// spec's set; others end with none), the working directory (created when missing, as Docker
+/// does), umask 022, the program looked up in PATH, and last no_new_privs when the spec asks for
+/// it. Returns the program to exec.
+///
+/// The filter is installed before the steps that follow it: it must allow prctl, setgroups,
+/// setresgid, setresuid, capset, mkdir, chdir, umask, stat and access (Docker's profile does).
 pub fn become_workload(spec: &RunSpec, prepared: bool) -> Result<CString, Failure> {
     let sec = &spec.security;
     set_rlimits(&spec.rlimits)?;
+    crate::set_affinity(&spec.cpus_allowed)?;
     if enforced(sec) && !prepared {
+        if !sec.seccomp.is_empty() {
+            install_seccomp(&sec.seccomp)?;
+        }
         drop_bounding(sec.caps)?;
     }
     let u = &spec.user;
@@ -161,8 +186,8 @@ pub fn become_workload(spec: &RunSpec, prepared: bool) -> Result<CString, Failur
         .first()
         .ok_or_else(|| Failure::setup("no command"))?;
     let prog = crate::resolve(argv0, &spec.env)?;
-    if enforced(sec) && !sec.seccomp.is_empty() && !prepared {
-        install_seccomp(&sec.seccomp)?;
+    if enforced(sec) && sec.no_new_privs {
+        set_no_new_privs()?;
     }
     Ok(prog)
 }

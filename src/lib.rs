@@ -5,6 +5,8 @@
 pub mod bench;
 pub mod container;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod kernel;
 pub mod net;

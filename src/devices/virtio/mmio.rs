@@ -265,7 +265,7 @@ impl MmioTransport {
                     self.device.activate(self.state.acked_features);
                     self.state.activated = true;
                 } else {
-                    log::warn!("virtio: driver set up a queue outside guest memory");
+                    log::debug!("virtio: driver set up a queue outside guest memory");
                     new = (new & !status::DRIVER_OK) | status::DEVICE_NEEDS_RESET;
                 }
             }

@@ -718,7 +718,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             ops.extend(off.to_le_bytes());
             ops.extend(val.to_le_bytes());
         };
-        op(7, 0, 0, 0x1000_0000 | u32::from(kind) * 0x11);
+        op(7, 0, 0, 0x1000_0000 | (u32::from(kind) * 0x11));
         op(3, 0, 0, 0);
         op(3, 0, 0, 1);
         for off in (0..0x100u16).step_by(4) {
@@ -801,6 +801,21 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     v
 }
 
+/// Runs the named target on `data` (for tests and seeds).
+pub fn run(target: &str, data: &[u8]) {
+    match target {
+        "virtio_blk" => virtio_blk(data),
+        "virtio_net" => virtio_net(data),
+        "virtio_mmio" => virtio_mmio(data),
+        "serial_i8042" => serial_i8042(data),
+        "channel_host" => channel_host(data),
+        "snapshot" => snapshot(data),
+        // In fuzz/fuzz_targets/guest_start.rs: rvmm-init is not a dependency of this crate.
+        "guest_start" => {}
+        _ => panic!("no fuzz target {target}"),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -833,20 +848,5 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join(name), bytes).unwrap();
         }
-    }
-}
-
-/// Runs the named target on `data` (for tests and seeds).
-pub fn run(target: &str, data: &[u8]) {
-    match target {
-        "virtio_blk" => virtio_blk(data),
-        "virtio_net" => virtio_net(data),
-        "virtio_mmio" => virtio_mmio(data),
-        "serial_i8042" => serial_i8042(data),
-        "channel_host" => channel_host(data),
-        "snapshot" => snapshot(data),
-        // In fuzz/fuzz_targets/guest_start.rs: rvmm-init is not a dependency of this crate.
-        "guest_start" => {}
-        _ => panic!("no fuzz target {target}"),
     }
 }

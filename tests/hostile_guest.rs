@@ -315,6 +315,7 @@ struct Ran {
 }
 
 /// Runs rvmm with the hostile guest as its kernel, and reaps it with its resource usage.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its peak RSS
 fn run_hostile(env: &RunEnv, cache: &Path, extra_env: &[(&str, &str)]) -> Ran {
     let mut cmd = Command::new(common::rvmm_bin());
     cmd.arg("--root")

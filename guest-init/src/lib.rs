@@ -71,10 +71,12 @@ pub fn parse_cidr(s: &str) -> Result<([u8; 4], [u8; 4]), &'static str> {
     let (ip, prefix) = s.split_once('/').ok_or("address needs a prefix")?;
     let ip = parse_ipv4(ip).ok_or("bad address")?;
     let prefix: u32 = prefix.parse().map_err(|_| "bad prefix")?;
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
+    // checked_shl: a prefix over 32 is refused (it underflowed `32 - prefix`: a panic with
+    // overflow checks, a wrong netmask without; found by fuzz/fuzz_targets/guest_start.rs).
+    let mask = match prefix {
+        0 => 0,
+        1..=32 => u32::MAX.checked_shl(32 - prefix).unwrap_or(0),
+        _ => return Err("bad prefix"),
     };
     Ok((ip, mask.to_be_bytes()))
 }
@@ -139,5 +141,19 @@ mod tests {
         assert_eq!(parse_cidr("10.1.2/8"), Err("bad address"));
         assert_eq!(parse_cidr("10.1.2.3/x"), Err("bad prefix"));
         assert_eq!(parse_ipv4("1.2.3.256"), None);
+        assert_eq!(parse_cidr("10.1.2.3/33"), Err("bad prefix"));
+        assert_eq!(parse_cidr("10.1.2.3/4294967295"), Err("bad prefix"));
+    }
+
+    /// fuzz/seeds/guest_start/regression-prefix-over-32: a `Start` with `10.88.0.2/36` made
+    /// PID 1 panic (overflow) before it could report anything.
+    #[test]
+    fn a_prefix_over_32_is_a_failure_not_a_panic() {
+        let mut s = Start::default();
+        s.spec.argv = vec!["true".into()];
+        s.spec.network.address = Some("10.88.0.2/36".into());
+        s.spec.network.gateway = Some("10.88.0.1".into());
+        let r = StartReader::default().feed(&frames(&serde_json::to_vec(&s).expect("json")));
+        assert_eq!(r, Err((125, "configuring eth0: bad prefix".into())));
     }
 }

@@ -18,8 +18,8 @@ for t in $(cargo fuzz list); do
     [ -d "seeds/$t" ] && args+=("seeds/$t")
     extra=()
     [ "$t" = unpack ] && extra+=(-dict=unpack.dict)
-    # -close_fd_mask=3: channel_host writes the guest's STDOUT/STDERR frames as rvmm run does.
-    if ! cargo fuzz run -s none "$t" "${args[@]}" -- -max_total_time="$secs" -close_fd_mask=3 \
+    # -close_fd_mask=1: channel_host writes the guest's STDOUT/STDERR frames as rvmm run does.
+    if ! cargo fuzz run -s none "$t" "${args[@]}" -- -max_total_time="$secs" -timeout=10 -close_fd_mask=1 \
         -print_final_stats=1 ${extra[@]+"${extra[@]}"} >"$scratch/$t.log" 2>&1; then
         tail -n 40 "$scratch/$t.log" >&2
         echo "fuzz-smoke: $t failed" >&2

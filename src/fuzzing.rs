@@ -282,7 +282,9 @@ pub fn virtio_mmio(data: &[u8]) {
                 let mut b = [0u8; 8];
                 t.read(off, &mut b[..size]);
             }
-            3 => t.notify(v as usize % 4),
+            3 => {
+                t.notify(v as usize % 4);
+            }
             4 => t.backend_event(),
             5 => t.config_changed(),
             6 => {
@@ -695,6 +697,17 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         s.extend(&blk_ram);
         v.push(("virtio_blk", format!("requests-ro{ro}"), s));
     }
+    // The used ring on top of the avail ring, one buffer available: every used buffer made
+    // another available (the device never returned).
+    let mut s = vec![8, 0, 0, 4];
+    for a in [0x1000u16, 0x2000, 0x2000, 0, 5] {
+        s.extend(a.to_le_bytes());
+    }
+    s.push(0);
+    let mut m = vec![0u8; 0x2004];
+    m[0x2002] = 1;
+    s.extend(m);
+    v.push(("virtio_blk", "regression-used-ring-on-avail-ring".into(), s));
     // Net: two frames waiting, RX buffers at queue memory 0x1000, TX chains too.
     let net_ram = ram(
         &[&[(0x5000, 2048, 2)], &[(0x5800, 12, 0), (0x6000, 60, 0)]],

@@ -184,24 +184,30 @@ impl MmioTransport {
         self.queues.get_mut(i).filter(|q| !q.ready())
     }
 
-    /// The driver notified queue `index` (ioeventfd or a trapped QueueNotify write).
-    pub fn notify(&mut self, index: usize) {
+    /// The driver notified queue `index` (ioeventfd or a trapped QueueNotify write). Returns
+    /// true when the device used its whole budget (a ring's worth of buffers): more may be
+    /// waiting, and the caller should notify again once it has seen to its other work.
+    pub fn notify(&mut self, index: usize) -> bool {
         if !self.state.activated {
-            return;
+            return false;
         }
         let Some(q) = self.queues.get_mut(index) else {
-            return;
+            return false;
         };
         if !q.ready() {
-            return;
+            return false;
         }
-        if self.device.process_queue(index, q, &self.mem) {
+        let before = q.next_avail();
+        let used = self.device.process_queue(index, q, &self.mem);
+        let again = q.next_avail().wrapping_sub(before) >= q.size();
+        if used {
             let needs = q.needs_notification(&self.mem).unwrap_or(true);
             if needs {
                 self.state.interrupt_status |= INT_VRING;
                 self.irq.trigger();
             }
         }
+        again
     }
 
     /// The device's backend has work (e.g. frames waiting on a tap).
@@ -329,7 +335,9 @@ impl MmioTransport {
                     }
                 }
             }
-            reg::QUEUE_NOTIFY => self.notify(v as usize),
+            reg::QUEUE_NOTIFY => {
+                self.notify(v as usize);
+            }
             reg::INTERRUPT_ACK => self.state.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
             reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),

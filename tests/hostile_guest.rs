@@ -437,3 +437,14 @@ fn a_hostile_guest_ends_with_one_line_and_leaves_nothing() {
     }
     // RunEnv's drop: no tap, lease, mount, cgroup or run directory left.
 }
+
+/// The generated guest is small and self-contained: its code and data fit the guest's RAM far
+/// below the rings and garbage buffers it points at.
+#[test]
+fn the_hostile_guest_fits_below_its_rings() {
+    for corrupt in [true, false] {
+        let k = hostile_kernel(corrupt);
+        eprintln!("hostile guest (corrupt: {corrupt}): {} bytes", k.len());
+        assert!(BASE + (k.len() as u64) < RINGS);
+    }
+}

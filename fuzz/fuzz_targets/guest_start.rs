@@ -16,7 +16,9 @@ fuzz_target!(|data: &[u8]| {
             Ok(None) => {}
             Ok(Some(start)) => {
                 assert!(!start.spec.argv.is_empty());
-                if let (Some(a), Some(_)) = (&start.spec.network.address, &start.spec.network.gateway) {
+                if let (Some(a), Some(_)) =
+                    (&start.spec.network.address, &start.spec.network.gateway)
+                {
                     assert!(rvmm_guest_init::parse_cidr(a).is_ok());
                 }
                 return;

@@ -245,6 +245,13 @@ impl MmioTransport {
             return;
         }
         let old = self.state.status;
+        // A driver only ever adds status bits (virtio 1.x, 2.1.1); a write that clears one is
+        // ignored. Otherwise a running device could lose DRIVER_OK and have its queues set up
+        // again, unchecked, while it runs (found by fuzz/fuzz_targets/virtio_mmio.rs).
+        if v & old != old {
+            log::debug!("virtio: status {v:#x} would clear bits of {old:#x}; ignored");
+            return;
+        }
         let mut new = v;
         // FEATURES_OK is only accepted with VERSION_1 negotiated.
         if new & status::FEATURES_OK != 0
@@ -519,6 +526,35 @@ mod tests {
         let mut c = [0u8; 3];
         t.read(reg::CONFIG + 1, &mut c);
         assert_eq!(c, [7, 7, 7]);
+    }
+
+    /// fuzz/seeds/virtio_mmio/regression-status-clears-driver-ok: a status write without
+    /// DRIVER_OK left the device running with its queues open to set-up again.
+    #[test]
+    fn status_bits_cannot_be_cleared_but_by_a_reset() {
+        let mut t = transport();
+        w(&mut t, reg::STATUS, 3);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, reg::DRIVER_FEATURES, 1);
+        w(&mut t, reg::STATUS, 0xb);
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(t.state().activated);
+        w(&mut t, reg::STATUS, 0x3);
+        assert_eq!(r(&mut t, reg::STATUS), 0xf);
+        w(&mut t, reg::QUEUE_READY, 0);
+        w(&mut t, reg::QUEUE_DESC_LOW, 0xfff0_0000);
+        w(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(
+            r(&mut t, reg::QUEUE_READY),
+            0,
+            "no queue set-up while running"
+        );
+        w(&mut t, reg::STATUS, 0x8f); // FAILED may be added
+        assert_eq!(r(&mut t, reg::STATUS), 0x8f);
+        w(&mut t, reg::STATUS, 0);
+        assert!(!t.state().activated);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
     }
 
     #[test]

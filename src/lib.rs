@@ -6,6 +6,8 @@ pub mod bench;
 pub mod cgroups;
 pub mod container;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod kernel;
 pub mod net;

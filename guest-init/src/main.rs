@@ -38,8 +38,6 @@ pub static INIT_UPTIME_MS: std::sync::atomic::AtomicU32 = std::sync::atomic::Ato
 /// Guest uptime when the `Start` arrived.
 pub static SPEC_UPTIME_MS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// The largest `Start` accepted.
-const MAX_START: usize = 16 << 20;
 /// How long the image disk may take to appear after the `Start`.
 const DISK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -119,7 +117,7 @@ fn early() -> Result<libc::c_int, String> {
     sys::open_raw_tty(CHANNEL)
 }
 
-type Fail = Failure;
+use rvmm_guest_init::Fail;
 
 /// Where rvmm-init prepares /proc, /sys and /dev before READY, to move them into the workload's
 /// root at the run.
@@ -128,26 +126,16 @@ const STAGE: &str = "/stage";
 /// Sends READY, then reads SPEC frames up to SPEC_END.
 fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
     ch.send(frame::READY, &[]);
-    let mut dec = frame::Decoder::default();
-    let mut raw = Vec::new();
+    let mut reader = rvmm_guest_init::StartReader::default();
     let mut buf = [0u8; 4096];
     loop {
-        while let Some((kind, payload)) = dec.next_frame().map_err(Failure::setup)? {
-            match kind {
-                frame::SPEC if raw.len() + payload.len() <= MAX_START => raw.extend(payload),
-                frame::SPEC => return Err(Failure::setup("the run spec is too large")),
-                frame::SPEC_END => {
-                    SPEC_UPTIME_MS.store(sys::uptime_ms(), std::sync::atomic::Ordering::Relaxed);
-                    return serde_json::from_slice(&raw)
-                        .map_err(|e| Failure::setup(format!("parsing the run spec: {e}")));
-                }
-                _ => {}
-            }
-        }
         // SAFETY: reading into a stack buffer we own.
         let n = unsafe { libc::read(ch.fd, buf.as_mut_ptr().cast(), buf.len()) };
         if n > 0 {
-            dec.feed(&buf[..n as usize]);
+            if let Some(start) = reader.feed(&buf[..n as usize])? {
+                SPEC_UPTIME_MS.store(sys::uptime_ms(), std::sync::atomic::Ordering::Relaxed);
+                return Ok(start);
+            }
         } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             return Err(Failure::setup(
                 "the channel closed before the run spec arrived",

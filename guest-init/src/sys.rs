@@ -85,25 +85,10 @@ fn socket() -> libc::c_int {
     unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) }
 }
 
-fn parse_ip(s: &str) -> Option<[u8; 4]> {
-    let v: Vec<u8> = s
-        .split('.')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    v.try_into().ok()
-}
-
 /// `ADDR/PREFIX` on eth0, up, default route via `gw` (ioctls, no ip binary needed).
 pub fn configure_eth0(addr: &str, gw: &str) -> Result<(), String> {
-    let (ip, prefix) = addr.split_once('/').ok_or("address needs a prefix")?;
-    let ip = parse_ip(ip).ok_or("bad address")?;
-    let prefix: u32 = prefix.parse().map_err(|_| "bad prefix")?;
-    let gw = parse_ip(gw).ok_or("bad gateway")?;
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
-    };
+    let (ip, mask) = rvmm_guest_init::parse_cidr(addr)?;
+    let gw = rvmm_guest_init::parse_ipv4(gw).ok_or("bad gateway")?;
     let s = socket();
     let r = (|| {
         let mut ifr = ifreq("eth0");
@@ -113,7 +98,7 @@ pub fn configure_eth0(addr: &str, gw: &str) -> Result<(), String> {
             if libc::ioctl(s, libc::SIOCSIFADDR, &ifr) != 0 {
                 return Err(format!("address: {}", err()));
             }
-            ifr.ifr_ifru.ifru_netmask = sockaddr(mask.to_be_bytes());
+            ifr.ifr_ifru.ifru_netmask = sockaddr(mask);
             if libc::ioctl(s, libc::SIOCSIFNETMASK, &ifr) != 0 {
                 return Err(format!("netmask: {}", err()));
             }

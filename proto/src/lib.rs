@@ -360,30 +360,36 @@ pub mod frame {
     #[derive(Default)]
     pub struct Decoder {
         buf: Vec<u8>,
+        /// Where the next frame starts in `buf`: frames taken are dropped at the next `feed`,
+        /// not one by one (which moved the rest of the buffer for every frame: quadratic in
+        /// the number of small frames a read brings).
+        pos: usize,
     }
 
     impl Decoder {
         pub fn feed(&mut self, bytes: &[u8]) {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
             self.buf.extend_from_slice(bytes);
         }
 
         /// The next whole frame, or `Err` when the stream is corrupt (a length over the limit).
         #[allow(clippy::type_complexity)]
         pub fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
-            if self.buf.len() < 5 {
+            let buf = &self.buf[self.pos..];
+            if buf.len() < 5 {
                 return Ok(None);
             }
-            let len =
-                u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+            let len = u32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
             if len > MAX_PAYLOAD {
                 return Err(format!("channel frame of {len} bytes is over the limit"));
             }
-            if self.buf.len() < 5 + len {
+            if buf.len() < 5 + len {
                 return Ok(None);
             }
-            let kind = self.buf[0];
-            let payload = self.buf[5..5 + len].to_vec();
-            self.buf.drain(..5 + len);
+            let kind = buf[0];
+            let payload = buf[5..5 + len].to_vec();
+            self.pos += 5 + len;
             Ok(Some((kind, payload)))
         }
     }
@@ -439,6 +445,31 @@ pub mod frame {
             let mut d = Decoder::default();
             d.feed(&[1, 0xff, 0xff, 0xff, 0xff]);
             assert!(d.next_frame().is_err());
+        }
+
+        /// Many small frames in one read, then more bytes: every frame once, in order, and
+        /// the taken ones are dropped when more bytes come.
+        #[test]
+        fn many_small_frames_then_more() {
+            let mut bytes = Vec::new();
+            for i in 0..10_000u32 {
+                bytes.extend(encode(STDOUT, &i.to_le_bytes()[..(i % 5) as usize]));
+            }
+            let mut d = Decoder::default();
+            d.feed(&bytes[..bytes.len() - 2]);
+            let mut n = 0u32;
+            while let Some((k, p)) = d.next_frame().expect("frame") {
+                assert_eq!(
+                    (k, p.as_slice()),
+                    (STDOUT, &n.to_le_bytes()[..(n % 5) as usize])
+                );
+                n += 1;
+            }
+            assert_eq!(n, 9_999);
+            d.feed(&bytes[bytes.len() - 2..]);
+            assert_eq!(d.buf.len(), 5 + 9_999 % 5);
+            assert!(d.next_frame().expect("frame").is_some());
+            assert_eq!(d.next_frame(), Ok(None));
         }
     }
 }

@@ -326,7 +326,9 @@ impl Machine {
 /// Reads the guest's channel on a thread of its own: every frame, in order, then an `Err` if
 /// the stream turns out corrupt. The receiver disconnects when the channel closes.
 fn frame_reader(from_guest: OwnedFd) -> std::sync::mpsc::Receiver<Result<(u8, Vec<u8>), String>> {
-    let (tx, rx) = std::sync::mpsc::channel();
+    // Bounded: when the main thread is slow (e.g. our stdout blocks), this thread stops reading,
+    // the VMM's channel pipe fills and the guest's UART stalls; the host never queues without end.
+    let (tx, rx) = std::sync::mpsc::sync_channel(16);
     let mut from_guest = std::fs::File::from(from_guest);
     std::thread::spawn(move || {
         let mut dec = frame::Decoder::default();
@@ -377,7 +379,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 /// What the guest reported over the channel.
 #[derive(Default)]
-struct GuestReport {
+pub(crate) struct GuestReport {
     exit: Option<i32>,
     /// Guest uptime (ms) when PID 1 started, when the workload started, and when the `Start`
     /// arrived.
@@ -389,7 +391,7 @@ struct GuestReport {
 impl GuestReport {
     /// Applies one guest frame: output goes to our stdout/stderr, status is recorded.
     /// Returns true for STARTED.
-    fn apply(&mut self, kind: u8, payload: &[u8]) -> bool {
+    pub(crate) fn apply(&mut self, kind: u8, payload: &[u8]) -> bool {
         match kind {
             frame::STDOUT => {
                 let mut out = std::io::stdout();
@@ -593,6 +595,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let mut killed: Option<i32> = None;
     let start_deadline = start_timeout(is_warm);
     let mut start_timed_out = false;
+    let mut corrupt = None;
     loop {
         let sig = STOP_SIGNAL.swap(0, Ordering::SeqCst);
         if sig != 0 {
@@ -663,7 +666,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 }
             }
             Ok(Err(e)) => {
-                log::warn!("channel: {e}");
+                // Reported as the run's one line if the guest sent no status before it.
+                corrupt = Some(e);
                 stop.stop();
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
@@ -744,6 +748,10 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         (None, Some(c), _) => c,
         (None, None, Some(sig)) => 128 + sig,
         (None, None, None) => {
+            if let Some(e) = corrupt {
+                run.fail(opts.remove);
+                bail!("the guest's channel is corrupt: {e} ({log})");
+            }
             let why = match vm_result {
                 Ok(Ok(VmExit::Stopped)) => "it was stopped".to_string(),
                 Ok(Ok(e)) => format!("it ended ({e:?})"),

@@ -193,7 +193,10 @@ impl MutEventSubscriber for Handler {
         if token >= NOTIFY_BASE {
             if let Some(n) = self.notifies.get(token as usize - NOTIFY_BASE as usize) {
                 let _ = n.evt.read();
-                lock(&n.transport).notify(n.queue);
+                if lock(&n.transport).notify(n.queue) {
+                    // The device stopped after a ring's worth: come back after the other events.
+                    let _ = n.evt.write(1);
+                }
             }
             return;
         }

@@ -304,13 +304,18 @@ impl Snapshot {
         let path = dir.join(STATE_FILE);
         let raw =
             std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&raw, &path, tag, layout)
+    }
+
+    /// [`Snapshot::load`] of the bytes of a `snapshot.json` (`path` names it in messages).
+    pub fn parse(raw: &[u8], path: &Path, tag: &str, layout: &Layout) -> Result<Snapshot, String> {
         #[derive(Deserialize)]
         struct Head {
             magic: String,
             format: u32,
             rvmm: String,
         }
-        let head: Head = serde_json::from_slice(&raw)
+        let head: Head = serde_json::from_slice(raw)
             .map_err(|e| format!("{} is not an rvmm snapshot: {e}", path.display()))?;
         if head.magic != MAGIC {
             return Err(format!("{} is not an rvmm snapshot", path.display()));
@@ -322,7 +327,7 @@ impl Snapshot {
                 rvmm_version()
             ));
         }
-        let snap: Snapshot = serde_json::from_slice(&raw)
+        let snap: Snapshot = serde_json::from_slice(raw)
             .map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
         if snap.tag != tag {
             return Err("snapshot taken for another kernel or guest init".into());

@@ -284,10 +284,19 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &Mem) -> bool {
         let mut used = false;
+        // At most one ring's worth of requests per call (the transport calls again when this
+        // ran out): a guest whose used ring overlaps its avail ring makes every request it
+        // completes a new one (found by fuzz/fuzz_targets/virtio_blk.rs), and a busy one must
+        // not keep the event thread from its other work either.
+        let mut budget = queue.size();
         loop {
             let _ = queue.disable_notification(mem);
             let mut progressed = false;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while budget > 0 {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                budget -= 1;
                 let head = chain.head_index();
                 let len = self.handle_chain(chain, mem);
                 if let Err(e) = queue.add_used(mem, head, len) {
@@ -299,7 +308,7 @@ impl VirtioDevice for Block {
             // enable_notification says whether more buffers arrived meanwhile; a guest that lies
             // about its avail index must not keep us here, so stop when nothing was popped.
             match queue.enable_notification(mem) {
-                Ok(true) if progressed => continue,
+                Ok(true) if progressed && budget > 0 => continue,
                 _ => break,
             }
         }
@@ -599,6 +608,27 @@ mod tests {
         // An avail index far ahead of the ring: nothing is processed, no endless loop.
         vq.avail().idx().store(u16::to_le(1000));
         let _ = b.process_queue(0, &mut q, &m);
+    }
+
+    /// fuzz/seeds/virtio_blk/regression-used-ring-on-avail-ring: with the used ring at the
+    /// avail ring's address and the used index ahead of the avail one, every used buffer made
+    /// the avail index run ahead again, and the device never returned. Now it stops after one
+    /// ring's worth.
+    #[test]
+    fn a_used_ring_over_the_avail_ring_does_not_loop() {
+        let m = mem();
+        let (_f, mut b) = disk(false);
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.try_set_size(16).unwrap();
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x2000), Some(0));
+        q.set_used_ring_address(Some(0x2000), Some(0));
+        q.set_next_used(5);
+        q.set_ready(true);
+        assert!(q.is_valid(&m));
+        m.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        b.process_queue(0, &mut q, &m);
+        assert_eq!(q.next_avail(), 16);
     }
 
     fn desc_next(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {

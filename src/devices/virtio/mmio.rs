@@ -184,24 +184,30 @@ impl MmioTransport {
         self.queues.get_mut(i).filter(|q| !q.ready())
     }
 
-    /// The driver notified queue `index` (ioeventfd or a trapped QueueNotify write).
-    pub fn notify(&mut self, index: usize) {
+    /// The driver notified queue `index` (ioeventfd or a trapped QueueNotify write). Returns
+    /// true when the device used its whole budget (a ring's worth of buffers): more may be
+    /// waiting, and the caller should notify again once it has seen to its other work.
+    pub fn notify(&mut self, index: usize) -> bool {
         if !self.state.activated {
-            return;
+            return false;
         }
         let Some(q) = self.queues.get_mut(index) else {
-            return;
+            return false;
         };
         if !q.ready() {
-            return;
+            return false;
         }
-        if self.device.process_queue(index, q, &self.mem) {
+        let before = q.next_avail();
+        let used = self.device.process_queue(index, q, &self.mem);
+        let again = q.next_avail().wrapping_sub(before) >= q.size();
+        if used {
             let needs = q.needs_notification(&self.mem).unwrap_or(true);
             if needs {
                 self.state.interrupt_status |= INT_VRING;
                 self.irq.trigger();
             }
         }
+        again
     }
 
     /// The device's backend has work (e.g. frames waiting on a tap).
@@ -239,6 +245,13 @@ impl MmioTransport {
             return;
         }
         let old = self.state.status;
+        // A driver only ever adds status bits (virtio 1.x, 2.1.1); a write that clears one is
+        // ignored. Otherwise a running device could lose DRIVER_OK and have its queues set up
+        // again, unchecked, while it runs (found by fuzz/fuzz_targets/virtio_mmio.rs).
+        if v & old != old {
+            log::debug!("virtio: status {v:#x} would clear bits of {old:#x}; ignored");
+            return;
+        }
         let mut new = v;
         // FEATURES_OK is only accepted with VERSION_1 negotiated.
         if new & status::FEATURES_OK != 0
@@ -265,7 +278,7 @@ impl MmioTransport {
                     self.device.activate(self.state.acked_features);
                     self.state.activated = true;
                 } else {
-                    log::warn!("virtio: driver set up a queue outside guest memory");
+                    log::debug!("virtio: driver set up a queue outside guest memory");
                     new = (new & !status::DRIVER_OK) | status::DEVICE_NEEDS_RESET;
                 }
             }
@@ -329,7 +342,9 @@ impl MmioTransport {
                     }
                 }
             }
-            reg::QUEUE_NOTIFY => self.notify(v as usize),
+            reg::QUEUE_NOTIFY => {
+                self.notify(v as usize);
+            }
             reg::INTERRUPT_ACK => self.state.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
             reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
@@ -511,6 +526,35 @@ mod tests {
         let mut c = [0u8; 3];
         t.read(reg::CONFIG + 1, &mut c);
         assert_eq!(c, [7, 7, 7]);
+    }
+
+    /// fuzz/seeds/virtio_mmio/regression-status-clears-driver-ok: a status write without
+    /// DRIVER_OK left the device running with its queues open to set-up again.
+    #[test]
+    fn status_bits_cannot_be_cleared_but_by_a_reset() {
+        let mut t = transport();
+        w(&mut t, reg::STATUS, 3);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, reg::DRIVER_FEATURES, 1);
+        w(&mut t, reg::STATUS, 0xb);
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(t.state().activated);
+        w(&mut t, reg::STATUS, 0x3);
+        assert_eq!(r(&mut t, reg::STATUS), 0xf);
+        w(&mut t, reg::QUEUE_READY, 0);
+        w(&mut t, reg::QUEUE_DESC_LOW, 0xfff0_0000);
+        w(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(
+            r(&mut t, reg::QUEUE_READY),
+            0,
+            "no queue set-up while running"
+        );
+        w(&mut t, reg::STATUS, 0x8f); // FAILED may be added
+        assert_eq!(r(&mut t, reg::STATUS), 0x8f);
+        w(&mut t, reg::STATUS, 0);
+        assert!(!t.state().activated);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
     }
 
     #[test]

@@ -106,7 +106,13 @@ impl Net {
 
     fn tx(&mut self, q: &mut Queue, mem: &Mem) -> bool {
         let mut used = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
+        // One ring's worth per call, as virtio-blk (the transport calls again).
+        let mut budget = q.size();
+        while budget > 0 {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             match Reader::new(mem, chain) {
                 Ok(mut r) => {

@@ -1,0 +1,865 @@
+//! Entry points for the cargo-fuzz targets in fuzz/ (docs/fuzzing.md). Each takes one byte string
+//! and drives the real code that a guest, or a file, feeds: nothing here re-implements a parser.
+//! Every function checks properties besides "does not panic" and panics when one fails (a finding).
+//!
+//! Not an API: only the fuzz targets and `write_seeds` below use it.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::devices::i8042::I8042;
+use crate::devices::serial::SerialDevice;
+use crate::devices::tap::Tap;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::{Mem, VirtioDevice};
+use crate::devices::{Bus, BusDevice, IrqLine, SharedDevice};
+use crate::vmm::layout;
+use crate::vmm::snapshot::{Layout, SerialSnap, Slot, Snapshot};
+
+/// Reads the fuzz input front to back; past the end everything reads as zero.
+pub struct Input<'a>(&'a [u8]);
+
+impl<'a> Input<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Self(data)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let (a, b) = self.0.split_at(n.min(self.0.len()));
+        self.0 = b;
+        a
+    }
+    pub fn rest(&mut self) -> &'a [u8] {
+        self.bytes(usize::MAX)
+    }
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut a = [0u8; N];
+        let b = self.bytes(N);
+        a[..b.len()].copy_from_slice(b);
+        a
+    }
+    pub fn u8(&mut self) -> u8 {
+        self.array::<1>()[0]
+    }
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.array())
+    }
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.array())
+    }
+    pub fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.array())
+    }
+}
+
+/// Size of the guest RAM the virtio targets build (one region at guest address 0).
+pub const GUEST_RAM: usize = 0x1_0000;
+
+/// Guest RAM of [`GUEST_RAM`] bytes holding `image` (zero-padded, cut to size).
+pub fn guest_memory(image: &[u8]) -> Mem {
+    let mem = Mem::from_ranges(&[(GuestAddress(0), GUEST_RAM)]).expect("anonymous guest memory");
+    let n = image.len().min(GUEST_RAM);
+    mem.write_slice(&image[..n], GuestAddress(0))
+        .expect("image fits guest memory");
+    mem
+}
+
+fn irq() -> Arc<IrqLine> {
+    Arc::new(IrqLine {
+        gsi: 5,
+        evt: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+    })
+}
+
+/// A disk backed by a memfd of `len` bytes, each sector filled with its number.
+fn memfd_disk(len: u64) -> File {
+    // SAFETY: a NUL-terminated name and flags; the returned fd is checked and then owned.
+    let fd = unsafe { libc::memfd_create(c"rvmm-fuzz-disk".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh fd nothing else owns.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    let data: Vec<u8> = (0..len).map(|i| (i / 512) as u8).collect();
+    f.write_all(&data).expect("memfd write");
+    f
+}
+
+fn file_bytes(f: &File) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().expect("memfd metadata").len();
+    let mut v = vec![0u8; len as usize];
+    f.read_exact_at(&mut v, 0).expect("memfd read");
+    v
+}
+
+/// A tap stand-in: one end of a non-blocking datagram socket pair (frame boundaries kept), and
+/// the other end for the test.
+fn socket_tap() -> (Tap, OwnedFd) {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        None,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair");
+    (Tap::from_fd(a).expect("tap from a socket"), b)
+}
+
+/// Every datagram waiting on `fd`.
+fn drain(fd: &OwnedFd) -> Vec<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        // SAFETY: reading into a live buffer of its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return frames;
+        }
+        frames.push(buf[..n as usize].to_vec());
+    }
+}
+
+fn send(fd: &OwnedFd, frame: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sending from a live buffer of its length.
+    unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+}
+
+/// Largest frame virtio-net moves to the tap (its MAX_FRAME).
+const NET_MAX_FRAME: usize = 65536 + 18;
+
+/// One virtqueue as the guest set it up: size, ring addresses and indices from `input`. None
+/// when the transport would refuse it (not a valid size, or rings outside RAM).
+fn guest_queue(input: &mut Input<'_>, mem: &Mem, max_size: u16) -> Option<Queue> {
+    let mut q = Queue::new(max_size).ok()?;
+    let size = 1u16 << (input.u8() % 10);
+    q.try_set_size(size).ok()?;
+    q.set_desc_table_address(Some(u32::from(input.u16())), Some(0));
+    q.set_avail_ring_address(Some(u32::from(input.u16())), Some(0));
+    q.set_used_ring_address(Some(u32::from(input.u16())), Some(0));
+    q.set_next_avail(input.u16());
+    q.set_next_used(input.u16());
+    q.set_event_idx(input.u8() & 1 == 1);
+    q.set_ready(true);
+    q.is_valid(mem).then_some(q)
+}
+
+/// Runs `process_queue` on `q` twice (a second notification), checking the used ring's index
+/// advances by at most what was popped.
+fn process(dev: &mut dyn VirtioDevice, index: usize, q: &mut Queue, mem: &Mem) {
+    for _ in 0..2 {
+        let used_before = q.next_used();
+        let avail_before = q.next_avail();
+        dev.process_queue(index, q, mem);
+        let used = q.next_used().wrapping_sub(used_before);
+        let popped = q.next_avail().wrapping_sub(avail_before);
+        assert!(
+            used <= popped,
+            "a chain goes back on the used ring at most once"
+        );
+    }
+}
+
+/// virtio-blk: the guest's descriptor chains on the request queue, as the device walks them.
+///
+/// Input: disk sectors (u8 % 17) and extra bytes (u8, a partial sector), read-only (u8 & 1), the
+/// queue ([`guest_queue`]), then guest RAM.
+pub fn virtio_blk(data: &[u8]) {
+    let mut input = Input::new(data);
+    let len = u64::from(input.u8() % 17) * 512 + u64::from(input.u8());
+    let read_only = input.u8() & 1 == 1;
+    let header = input.bytes(12);
+    let mem = guest_memory(input.rest());
+    let file = memfd_disk(len);
+    let before = file_bytes(&file);
+    let check = file.try_clone().expect("dup memfd");
+    let mut dev = Block::from_file(file, len, read_only, "rvmm-fuzz");
+    let Some(mut q) = guest_queue(&mut Input::new(header), &mem, dev.queue_max_sizes()[0]) else {
+        return;
+    };
+    process(&mut dev, 0, &mut q, &mem);
+    let after = file_bytes(&check);
+    assert_eq!(after.len(), before.len(), "the disk never grows");
+    if read_only {
+        assert!(after == before, "a read-only disk is never written");
+    }
+    // The partial sector at the end is outside the disk the guest sees.
+    let whole = (len / 512 * 512) as usize;
+    assert!(
+        after[whole..] == before[whole..],
+        "nothing written past the last sector"
+    );
+}
+
+/// virtio-net: RX buffers the guest posted, filled from frames waiting on the "tap", and TX
+/// chains, sent to it.
+///
+/// Input: up to 3 RX frames (u8 count, then u16 length and bytes each), the RX queue, the TX
+/// queue ([`guest_queue`] each), then guest RAM.
+pub fn virtio_net(data: &[u8]) {
+    let mut input = Input::new(data);
+    let (tap, peer) = socket_tap();
+    for _ in 0..input.u8() % 4 {
+        let n = usize::from(input.u16());
+        send(&peer, input.bytes(n));
+    }
+    let rx_header = input.bytes(12);
+    let tx_header = input.bytes(12);
+    let mem = guest_memory(input.rest());
+    let mut dev = Net::new(tap, [2, 0, 0, 0, 0, 1]);
+    let max = dev.queue_max_sizes()[0];
+    let rx = guest_queue(&mut Input::new(rx_header), &mem, max);
+    let tx = guest_queue(&mut Input::new(tx_header), &mem, max);
+    if let Some(mut q) = rx {
+        process(&mut dev, 0, &mut q, &mem);
+        let mut queues = [q];
+        dev.backend_event(&mut queues, &mem);
+    }
+    if let Some(mut q) = tx {
+        process(&mut dev, 1, &mut q, &mem);
+    }
+    for f in drain(&peer) {
+        assert!(
+            f.len() <= NET_MAX_FRAME,
+            "a {}-byte frame reached the tap",
+            f.len()
+        );
+    }
+}
+
+/// The virtio-mmio transport's registers with a virtio-blk (u8 % 3 == 0), a read-only virtio-blk
+/// (1) or a virtio-net (2) behind it, and the queue work the registers trigger.
+///
+/// Input: the device, then an op count (u8) and 8-byte ops `[op, size, offset u16, value u32]`,
+/// then guest RAM. Ops: write, read, notify, backend event, configuration change, disk
+/// replacement, and a driver set-up (every queue at addresses from `value`, up to DRIVER_OK).
+pub fn virtio_mmio(data: &[u8]) {
+    let mut input = Input::new(data);
+    let kind = input.u8() % 3;
+    let nops = usize::from(input.u8());
+    let ops = input.bytes(nops * 8);
+    let mem = guest_memory(input.rest());
+    let mut peer = None;
+    let dev: Box<dyn VirtioDevice> = match kind {
+        0 | 1 => Box::new(Block::from_file(
+            memfd_disk(4096),
+            4096,
+            kind == 1,
+            "rvmm-fuzz",
+        )),
+        _ => {
+            let (tap, p) = socket_tap();
+            send(&p, &[0x55; 60]);
+            peer = Some(p);
+            Box::new(Net::new(tap, [2, 0, 0, 0, 0, 1]))
+        }
+    };
+    let mut t = MmioTransport::new(dev, mem, irq()).expect("device queue sizes are valid");
+    let mut ops = Input::new(ops);
+    while !ops.is_empty() {
+        let (op, size, off, v) = (ops.u8(), ops.u8(), u64::from(ops.u16()), ops.u32());
+        let size = [1usize, 2, 4, 8][usize::from(size % 4)];
+        let off = off % layout::VIRTIO_MMIO_SIZE;
+        match op % 8 {
+            0 | 1 => {
+                let bytes = u64::from(v).wrapping_mul(0x0101_0101).to_le_bytes();
+                t.write(off, &bytes[..size]);
+            }
+            2 => {
+                let mut b = [0u8; 8];
+                t.read(off, &mut b[..size]);
+            }
+            3 => {
+                t.notify(v as usize % 4);
+            }
+            4 => t.backend_event(),
+            5 => t.config_changed(),
+            6 => {
+                t.replace_disk(memfd_disk(u64::from(v % 8192)), u64::from(v));
+            }
+            _ => driver_setup(&mut t, v),
+        }
+        // Whatever happened, the identification registers stay put and the device only runs
+        // with DRIVER_OK set.
+        let mut magic = [0u8; 4];
+        t.read(0, &mut magic);
+        assert_eq!(u32::from_le_bytes(magic), 0x7472_6976);
+        if t.state().activated {
+            let mut st = [0u8; 4];
+            t.read(0x70, &mut st);
+            assert_ne!(u32::from_le_bytes(st) & 4, 0, "activated without DRIVER_OK");
+        }
+    }
+    if let Some(p) = peer {
+        for f in drain(&p) {
+            assert!(f.len() <= NET_MAX_FRAME);
+        }
+    }
+}
+
+/// What a Linux driver does to bring a device up, with queue rings at addresses from `v`.
+fn driver_setup(t: &mut MmioTransport, v: u32) {
+    let mut w = |off: u64, val: u32| t.write(off, &val.to_le_bytes());
+    w(0x70, 0);
+    w(0x70, 3);
+    w(0x24, 1);
+    w(0x20, 1);
+    w(0x24, 0);
+    w(0x20, v & 0xffff);
+    w(0x70, 0xb);
+    for q in 0..2u32 {
+        let base = (v >> 16).wrapping_add(q * 0x4000) & 0xfff0;
+        w(0x30, q);
+        w(0x38, 1 << ((v >> (q * 4)) % 9));
+        w(0x80, base);
+        w(0x84, 0);
+        w(0x90, base + 0x1000);
+        w(0x94, 0);
+        w(0xa0, base + 0x2000);
+        w(0xa4, 0);
+        w(0x44, 1);
+    }
+    w(0x70, 0xf);
+}
+
+/// Counts the bytes a UART sends.
+struct Counter(Arc<AtomicUsize>);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.fetch_add(buf.len(), Ordering::Relaxed);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The port-I/O bus as a VM has it (COM1, COM2, the i8042), and accesses a guest makes.
+///
+/// Input: 6-byte ops `[op, port selector, offset, size, value u16]`: write, read, host input for
+/// a UART (`value` bytes), or a save-and-restore of a UART's state (as a snapshot does).
+pub fn serial_i8042(data: &[u8]) {
+    let resets = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let r = resets.clone();
+    let mut bus = Bus::new();
+    let mut uarts = Vec::new();
+    for port in [layout::COM1_PORT, layout::COM2_PORT] {
+        let drained = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
+        let irq = IrqLine {
+            gsi: 4,
+            evt: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        };
+        let uart = Arc::new(Mutex::new(SerialDevice::new(
+            irq,
+            Box::new(Counter(sent.clone())),
+            drained,
+        )));
+        bus.insert(
+            u64::from(port),
+            u64::from(layout::SERIAL_PORT_SIZE),
+            uart.clone(),
+        )
+        .expect("no overlap");
+        uarts.push(uart);
+    }
+    let kbd: SharedDevice = Arc::new(Mutex::new(I8042::new(Box::new(move || {
+        r.fetch_add(1, Ordering::Relaxed);
+    }))));
+    bus.insert(
+        u64::from(layout::I8042_DATA_PORT),
+        crate::devices::i8042::WINDOW,
+        kbd,
+    )
+    .expect("no overlap");
+
+    let mut input = Input::new(data);
+    let mut expected_resets = 0;
+    let mut data_writes = 0;
+    while !input.is_empty() {
+        let (op, sel, off, size, v) = (input.u8(), input.u8(), input.u8(), input.u8(), input.u16());
+        let base = [
+            layout::I8042_DATA_PORT,
+            layout::COM1_PORT,
+            layout::COM2_PORT,
+        ][usize::from(sel % 3)];
+        let port = u64::from(base) + u64::from(off % 16);
+        let size = [1usize, 2, 4][usize::from(size % 3)];
+        let uart = &uarts[usize::from(sel & 1)];
+        match op % 6 {
+            0..=2 => {
+                let bytes = u32::from(v).to_le_bytes();
+                if bus.write(port, &bytes[..size]) {
+                    if port == u64::from(layout::I8042_CMD_PORT) && bytes[0] == 0xfe {
+                        expected_resets += 1;
+                    }
+                    if base != layout::I8042_DATA_PORT {
+                        data_writes += 1;
+                    }
+                }
+            }
+            3 => {
+                let mut b = [0u8; 4];
+                bus.read(port, &mut b[..size], 0xff);
+            }
+            4 => {
+                let mut u = crate::devices::lock(uart);
+                let room = u.fifo_room();
+                let taken = u.enqueue(&vec![v as u8; usize::from(v % 100)]);
+                assert!(taken <= room, "took {taken} bytes with room for {room}");
+            }
+            _ => {
+                let mut u = crate::devices::lock(uart);
+                let st = u.state();
+                assert!(
+                    st.in_buffer.len() <= 64,
+                    "the receive FIFO holds at most 64 bytes"
+                );
+                let irq = IrqLine {
+                    gsi: 4,
+                    evt: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+                };
+                let drained = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
+                let back = SerialDevice::from_state(&st, irq, Box::new(std::io::sink()), drained)
+                    .expect("a UART's own state restores");
+                assert!(back.state() == st, "a restored UART has the saved state");
+                *u = back;
+            }
+        }
+    }
+    assert_eq!(resets.load(Ordering::Relaxed), expected_resets);
+    assert!(
+        sent.load(Ordering::Relaxed) <= data_writes,
+        "one byte out per register write at most"
+    );
+}
+
+/// The host side of the VM channel: bytes from the guest, read in pieces as the frame reader
+/// gets them, decoded and applied to the run's report as `rvmm run` does.
+///
+/// Input: a piece length (u8; 0 means 1) then that many bytes, repeated.
+pub fn channel_host(data: &[u8]) {
+    use rvmm_proto::frame::{self, Decoder, MAX_PAYLOAD};
+    let mut input = Input::new(data);
+    let mut dec = Decoder::default();
+    let mut fed = Vec::new();
+    let mut frames = Vec::new();
+    let mut report = crate::vm::GuestReport::default();
+    'outer: while !input.is_empty() {
+        let n = usize::from(input.u8()).max(1);
+        let piece = input.bytes(n);
+        fed.extend_from_slice(piece);
+        dec.feed(piece);
+        loop {
+            match dec.next_frame() {
+                Ok(Some((kind, payload))) => {
+                    assert!(payload.len() <= MAX_PAYLOAD);
+                    report.apply(kind, &payload);
+                    frames.push(frame::encode(kind, &payload));
+                }
+                Ok(None) => break,
+                // The host stops the VM here.
+                Err(_) => break 'outer,
+            }
+        }
+    }
+    // Frames re-encode to exactly the bytes they came from.
+    let encoded: Vec<u8> = frames.concat();
+    assert!(fed.starts_with(&encoded), "frames are the stream's prefix");
+    // ... and the same bytes read in one piece give the same frames.
+    let mut whole = Decoder::default();
+    whole.feed(&fed);
+    let mut again = Vec::new();
+    while let Ok(Some((kind, payload))) = whole.next_frame() {
+        again.push(frame::encode(kind, &payload));
+    }
+    assert!(
+        again == frames,
+        "the frames do not depend on how the stream was read"
+    );
+}
+
+/// A `snapshot.json` as `Vm::restore` reads it, up to the KVM calls: parsed and checked against
+/// the restoring VM's layout, then the UARTs and the virtio-mmio transports (with their queues,
+/// over guest RAM of the layout's size) restored from it, and every queue notified once.
+///
+/// Input: the layout (u8 % 3: no devices; a read-only disk; a disk and a net device, with two
+/// vCPUs), then the file.
+pub fn snapshot(data: &[u8]) {
+    let mut input = Input::new(data);
+    let layout = fuzz_layout(input.u8());
+    let raw = input.rest();
+    let Ok(snap) = Snapshot::parse(raw, Path::new("snapshot.json"), "fuzz", &layout) else {
+        return;
+    };
+    assert_eq!(snap.vcpus.len(), usize::from(layout.vcpus));
+    assert_eq!(snap.serials.len(), 2);
+    assert_eq!(snap.transports.len(), layout.devices.len());
+    for s in &snap.serials {
+        let irq = IrqLine {
+            gsi: 4,
+            evt: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        };
+        let drained = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
+        let _ = SerialDevice::from_state(&s.into(), irq, Box::new(std::io::sink()), drained);
+    }
+    let bytes = u64::from(layout.mem_mib) << 20;
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(bytes)
+        .into_iter()
+        .map(|(a, l)| (GuestAddress(a), l as usize))
+        .collect();
+    let mem = Mem::from_ranges(&ranges).expect("guest memory");
+    for (slot, ts) in layout.devices.iter().zip(&snap.transports) {
+        let dev: Box<dyn VirtioDevice> = match slot {
+            Slot::Block { read_only } => {
+                Box::new(Block::from_file(memfd_disk(0), 0, *read_only, "rvmm-fuzz"))
+            }
+            Slot::Net => Box::new(Net::new(socket_tap().0, [2, 0, 0, 0, 0, 1])),
+        };
+        let queues = ts.queues.iter().cloned().map(Into::into).collect();
+        if let Ok(mut t) = MmioTransport::restore(dev, mem.clone(), irq(), ts.state.clone(), queues)
+        {
+            for q in 0..t.num_queues() {
+                t.notify(q);
+            }
+        }
+    }
+}
+
+/// The layouts the snapshot target restores into.
+pub fn fuzz_layout(sel: u8) -> Layout {
+    let (vcpus, devices) = match sel % 3 {
+        0 => (1, vec![]),
+        1 => (1, vec![Slot::Block { read_only: true }]),
+        _ => (2, vec![Slot::Block { read_only: false }, Slot::Net]),
+    };
+    Layout {
+        vcpus,
+        mem_mib: 16,
+        devices,
+        channel: true,
+        host: "fuzz".into(),
+    }
+}
+
+/// A snapshot for [`fuzz_layout`]`(sel)` with zeroed KVM state and queues set up in RAM (seeds).
+pub fn snapshot_seed(sel: u8) -> Vec<u8> {
+    use crate::devices::virtio::mmio::TransportState;
+    use crate::vmm::snapshot::{QueueSnap, Raw, TransportSnap, VcpuState, FORMAT, MAGIC};
+    let layout = fuzz_layout(sel);
+    let vcpu = VcpuState {
+        regs: Raw::default(),
+        sregs: Raw::default(),
+        fpu: Raw::default(),
+        xsave: None,
+        xcrs: None,
+        lapic: Raw::default(),
+        mp_state: Raw::default(),
+        events: Raw::default(),
+        debugregs: Raw::default(),
+        msrs: vec![(0x10, 12345), (0xc000_0080, 0x500)],
+        tsc_khz: Some(2_000_000),
+    };
+    let queue = |i: u64| QueueSnap {
+        max_size: 256,
+        next_avail: 3,
+        next_used: 3,
+        event_idx_enabled: true,
+        size: 64,
+        ready: true,
+        desc_table: 0x10_0000 + i * 0x4000,
+        avail_ring: 0x10_1000 + i * 0x4000,
+        used_ring: 0x10_2000 + i * 0x4000,
+    };
+    let transports = layout
+        .devices
+        .iter()
+        .map(|d| TransportSnap {
+            state: TransportState {
+                acked_features: 1 << 32,
+                status: 0xf,
+                activated: true,
+                ..Default::default()
+            },
+            queues: match d {
+                Slot::Block { .. } => vec![queue(0)],
+                Slot::Net => vec![queue(1), queue(2)],
+            },
+        })
+        .collect();
+    let mut irqchips: Vec<Raw<kvm_bindings::kvm_irqchip>> = Vec::new();
+    for i in 0..3 {
+        let mut c = Raw::<kvm_bindings::kvm_irqchip>::default();
+        c.0.chip_id = i;
+        irqchips.push(c);
+    }
+    let snap = Snapshot {
+        magic: MAGIC.into(),
+        format: FORMAT,
+        rvmm: crate::vmm::snapshot::rvmm_version(),
+        tag: "fuzz".into(),
+        layout: layout.clone(),
+        cmdline: "console=ttyS0 reboot=k".into(),
+        vcpus: vec![vcpu; usize::from(layout.vcpus)],
+        irqchips,
+        pit: Raw::default(),
+        clock: Raw::default(),
+        serials: vec![
+            SerialSnap {
+                regs: [12, 0, 0, 1, 3, 0x60, 8, 0xb0, 0],
+                fifo: b"abc".to_vec(),
+            },
+            SerialSnap {
+                regs: [12, 0, 1, 1, 3, 0x60, 8, 0xb0, 0],
+                fifo: Vec::new(),
+            },
+        ],
+        transports,
+    };
+    let mut v = vec![sel];
+    v.extend(serde_json::to_vec(&snap).expect("snapshot json"));
+    v
+}
+
+/// Seeds for every target: (target, name, bytes). `cargo test --lib write_fuzz_seeds --
+/// --ignored` writes them to fuzz/seeds/.
+pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use rvmm_proto::frame;
+    let mut v = Vec::new();
+    // Queues: size 64 at desc 0x1000, avail 0x2000, used 0x3000; chains in RAM.
+    let queue = |next_avail: u16| {
+        let mut h = vec![6u8];
+        for a in [0x1000u16, 0x2000, 0x3000, next_avail, next_avail] {
+            h.extend(a.to_le_bytes());
+        }
+        h.push(0);
+        h
+    };
+    // One RAM image with a request on each of the first three descriptors chains.
+    let ram = |chains: &[&[(u64, u32, u16)]], headers: &[(u32, u64)]| {
+        let mut m = vec![0u8; 0x8000];
+        let mut d = 0u16;
+        let mut heads = Vec::new();
+        for chain in chains {
+            heads.push(d);
+            for (k, &(addr, len, flags)) in chain.iter().enumerate() {
+                let more = k + 1 < chain.len();
+                let at = 0x1000 + usize::from(d) * 16;
+                m[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+                m[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+                let f = if more { flags | 1 } else { flags };
+                m[at + 12..at + 14].copy_from_slice(&f.to_le_bytes());
+                m[at + 14..at + 16].copy_from_slice(&(d + 1).to_le_bytes());
+                d += 1;
+            }
+        }
+        m[0x2002..0x2004].copy_from_slice(&(heads.len() as u16).to_le_bytes());
+        for (i, h) in heads.iter().enumerate() {
+            m[0x2004 + 2 * i..0x2006 + 2 * i].copy_from_slice(&h.to_le_bytes());
+        }
+        for (i, &(t, sector)) in headers.iter().enumerate() {
+            let at = 0x4000 + i * 16;
+            m[at..at + 4].copy_from_slice(&t.to_le_bytes());
+            m[at + 8..at + 16].copy_from_slice(&sector.to_le_bytes());
+        }
+        // Guest RAM past the input is zero anyway.
+        while m.last() == Some(&0) {
+            m.pop();
+        }
+        m
+    };
+    let blk_ram = ram(
+        &[
+            &[(0x4000, 16, 0), (0x5000, 1024, 2), (0x6000, 1, 2)],
+            &[(0x4010, 16, 0), (0x5000, 512, 0), (0x6001, 1, 2)],
+            &[(0x4020, 16, 0), (0x5400, 20, 2), (0x6002, 1, 2)],
+            &[(0x4030, 16, 0), (0x6003, 1, 2)],
+        ],
+        &[(0, 1), (1, 3), (8, 0), (4, 0)],
+    );
+    for ro in [0u8, 1] {
+        let mut s = vec![8, 0, ro];
+        s.extend(queue(0));
+        s.extend(&blk_ram);
+        v.push(("virtio_blk", format!("requests-ro{ro}"), s));
+    }
+    // The used ring on top of the avail ring, one buffer available: every used buffer made
+    // another available (the device never returned).
+    let mut s = vec![8, 0, 0, 4];
+    for a in [0x1000u16, 0x2000, 0x2000, 0, 5] {
+        s.extend(a.to_le_bytes());
+    }
+    s.push(0);
+    let mut m = vec![0u8; 0x2004];
+    m[0x2002] = 1;
+    s.extend(m);
+    v.push(("virtio_blk", "regression-used-ring-on-avail-ring".into(), s));
+    // Net: two frames waiting, RX buffers at queue memory 0x1000, TX chains too.
+    let net_ram = ram(
+        &[&[(0x5000, 2048, 2)], &[(0x5800, 12, 0), (0x6000, 60, 0)]],
+        &[],
+    );
+    let mut s = vec![2];
+    for f in [&[0xffu8; 60][..], &[1u8; 1514][..]] {
+        s.extend((f.len() as u16).to_le_bytes());
+        s.extend(f);
+    }
+    s.extend(queue(0));
+    s.extend(queue(1));
+    s.extend(&net_ram);
+    v.push(("virtio_net", "rx-and-tx".into(), s));
+    // mmio: each device set up by a driver, a notify, reads of every register.
+    for kind in 0..3u8 {
+        let mut ops = Vec::new();
+        let mut op = |o: u8, size: u8, off: u16, val: u32| {
+            ops.push(o);
+            ops.push(size);
+            ops.extend(off.to_le_bytes());
+            ops.extend(val.to_le_bytes());
+        };
+        op(7, 0, 0, 0x1000_0000 | (u32::from(kind) * 0x11));
+        op(3, 0, 0, 0);
+        op(3, 0, 0, 1);
+        for off in (0..0x100u16).step_by(4) {
+            op(2, 2, off, 0);
+        }
+        op(5, 0, 0, 0);
+        op(6, 0, 0, 4096);
+        op(0, 2, 0x70, 0);
+        let mut s = vec![kind, (ops.len() / 8) as u8];
+        s.extend(ops);
+        s.extend(&blk_ram);
+        v.push(("virtio_mmio", format!("driver-{kind}"), s));
+    }
+    // Ports: text to both UARTs, a loopback, input, a state round trip, the reset command.
+    let mut s = Vec::new();
+    let mut op = |o: u8, sel: u8, off: u8, size: u8, val: u16| {
+        s.extend([o, sel, off, size]);
+        s.extend(val.to_le_bytes());
+    };
+    for c in b"hi\n" {
+        op(0, 1, 0, 0, u16::from(*c));
+        op(0, 2, 0, 0, u16::from(*c));
+    }
+    op(0, 1, 4, 0, 0x10);
+    op(0, 1, 0, 0, 0x41);
+    op(3, 1, 5, 0, 0);
+    op(3, 1, 0, 0, 0);
+    op(4, 2, 0, 0, 70);
+    op(5, 2, 0, 0, 0);
+    op(3, 2, 0, 0, 0);
+    op(0, 1, 3, 0, 0x80);
+    op(0, 1, 0, 0, 1);
+    op(3, 0, 4, 0, 0);
+    op(0, 0, 4, 0, 0xfe);
+    v.push(("serial_i8042", "mixed".into(), s));
+    // Channel, both ways: the frames a run has, in pieces.
+    let pieces = |stream: &[u8]| {
+        let mut out = Vec::new();
+        for c in stream.chunks(7) {
+            out.push(c.len() as u8);
+            out.extend(c);
+        }
+        out
+    };
+    let mut g = frame::encode(frame::READY, &[]);
+    g.extend(frame::encode(
+        frame::STARTED,
+        &[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0],
+    ));
+    g.extend(frame::encode(frame::STDOUT, b"out\n"));
+    g.extend(frame::encode(frame::STDERR, b"err\n"));
+    g.extend(frame::encode(frame::FAILED, b"\x7fnot found"));
+    g.extend(frame::encode(99, b"unknown"));
+    g.extend(frame::encode(frame::EXIT, &42i32.to_le_bytes()));
+    v.push(("channel_host", "run".into(), pieces(&g)));
+    let mut g = frame::encode(frame::STDOUT, b"x");
+    g.extend([frame::STDOUT, 0, 0, 1, 0]);
+    v.push(("channel_host", "over-the-limit".into(), pieces(&g)));
+    let mut start = rvmm_proto::Start::default();
+    start.spec.argv = vec!["/bin/sh".into(), "-c".into(), "echo hi".into()];
+    start.spec.env = vec!["PATH=/bin".into()];
+    start.spec.cwd = "/".into();
+    start.spec.hostname = "fuzz".into();
+    start.spec.network.address = Some("10.88.0.2/16".into());
+    start.spec.network.gateway = Some("10.88.0.1".into());
+    start.spec.network.dns = vec!["10.88.0.1".into()];
+    start.entropy = vec![7; 64];
+    start.realtime = (1_700_000_000, 5);
+    start.mac = Some([2, 0, 0, 0, 0, 1]);
+    start.boot_security = true;
+    let json = serde_json::to_vec(&start).expect("start json");
+    let mut h = frame::encode_chunked(frame::SPEC, &json[..json.len() / 2]);
+    h.extend(frame::encode(frame::STDIN, b"early"));
+    h.extend(frame::encode_chunked(frame::SPEC, &json[json.len() / 2..]));
+    h.extend(frame::encode(frame::SPEC_END, &[]));
+    v.push(("guest_start", "start".into(), pieces(&h)));
+    for sel in 0..3 {
+        v.push(("snapshot", format!("layout-{sel}"), snapshot_seed(sel)));
+    }
+    v
+}
+
+/// Runs the named target on `data` (for tests and seeds).
+pub fn run(target: &str, data: &[u8]) {
+    match target {
+        "virtio_blk" => virtio_blk(data),
+        "virtio_net" => virtio_net(data),
+        "virtio_mmio" => virtio_mmio(data),
+        "serial_i8042" => serial_i8042(data),
+        "channel_host" => channel_host(data),
+        "snapshot" => snapshot(data),
+        // In fuzz/fuzz_targets/guest_start.rs: rvmm-init is not a dependency of this crate.
+        "guest_start" => {}
+        _ => panic!("no fuzz target {target}"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Every seed runs through its target (so the targets work before any fuzzing).
+    #[test]
+    fn seeds_run_through_their_targets() {
+        for (target, name, bytes) in seeds() {
+            eprintln!("{target}/{name}");
+            run(target, &bytes);
+        }
+    }
+
+    #[test]
+    fn snapshot_seeds_parse() {
+        for sel in 0..3 {
+            let s = snapshot_seed(sel);
+            Snapshot::parse(&s[1..], Path::new("x"), "fuzz", &fuzz_layout(sel)).unwrap();
+        }
+    }
+
+    /// Writes the seeds to fuzz/seeds/TARGET/NAME.
+    #[test]
+    #[ignore]
+    fn write_fuzz_seeds() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        for (target, name, bytes) in seeds() {
+            let d = root.join(target);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(name), bytes).unwrap();
+        }
+    }
+}

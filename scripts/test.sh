@@ -14,3 +14,5 @@ SETUP_ONLY=1 bash scripts/setup.sh
 cargo fmt --all --check
 cargo clippy --all-targets --workspace -- -D warnings
 cargo test --workspace --all-targets 2>&1
+# Every fuzz target for a few seconds over its seed corpus (docs/fuzzing.md).
+bash scripts/fuzz-smoke.sh

@@ -41,6 +41,14 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     }
     let runs = state::gc(&global.root);
     println!("cleaned up after {runs} dead run(s)");
+    let leases = rvmm::net::gc_leases();
+    if !leases.is_empty() {
+        println!(
+            "released {} address lease(s) of dead runs: {}",
+            leases.len(),
+            leases.join(" ")
+        );
+    }
     let snaps = rvmm::vm::snapshots::Snapshots::new(&global.root).gc();
     if !snaps.is_empty() {
         println!(

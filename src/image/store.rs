@@ -111,6 +111,13 @@ pub enum Error {
     },
     #[error(transparent)]
     Unpack(#[from] unpack::Error),
+    /// Unpacking into a directory of the store (named, so a full disk names where it filled up).
+    #[error("into {}", path.display())]
+    UnpackInto {
+        path: PathBuf,
+        #[source]
+        source: unpack::Error,
+    },
     #[error("layer content digest {got} does not match the config's diff_id {diff_id}")]
     DiffIdMismatch { got: String, diff_id: String },
     #[error("storing the unpacked layer")]
@@ -598,7 +605,10 @@ impl Store {
             lowers,
             ..UnpackOptions::for_current_user()
         };
-        unpack::unpack(&mut hashing, tmp.path(), opts)?;
+        unpack::unpack(&mut hashing, tmp.path(), opts).map_err(|source| Error::UnpackInto {
+            path: tmp.path().to_path_buf(),
+            source,
+        })?;
         let got = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
         if got != diff_id {
             return Err(Error::DiffIdMismatch {

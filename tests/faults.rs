@@ -259,7 +259,6 @@ fn full_disk_snapshot_save_is_skipped_and_the_run_still_works() {
         )
     };
     // The root disk gets built with room to spare; then the snapshot (tens of MB) cannot fit.
-    rvmm_ok(&root, &["snapshot", "rm", "--all"]);
     let disk_room = 8 << 20;
     let filler = fs.fill_leaving(disk_room);
     let (code, out, err) = run(&root);

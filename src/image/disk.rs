@@ -161,13 +161,17 @@ fn which(p: &str) -> Option<PathBuf> {
 }
 
 /// A tool's stderr as one message line: its lines joined with "; ", tool log prefixes and tabs
-/// dropped ("<E> erofs: ...").
+/// dropped ("<E> erofs: ..."), runs of blanks made one space.
 fn one_line(stderr: &str) -> String {
     stderr
         .lines()
         .map(|l| {
             let l = l.trim();
-            l.strip_prefix("<E> ").unwrap_or(l).replace('\t', " ")
+            l.strip_prefix("<E> ")
+                .unwrap_or(l)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
         })
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
@@ -206,4 +210,18 @@ pub fn gc(root: &Path, live: &[String]) -> Vec<PathBuf> {
         }
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn tool_errors_become_one_line() {
+        let stderr = "<E> erofs_io: Failed to write - /x/.id.1.tmp:[0, 4096].\n<E> erofs: \tCould not format the device : [Error 28] No space left on device\n\n";
+        assert_eq!(
+            one_line(stderr),
+            "erofs_io: Failed to write - /x/.id.1.tmp:[0, 4096].; erofs: Could not format the device : [Error 28] No space left on device"
+        );
+    }
 }

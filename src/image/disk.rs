@@ -85,6 +85,7 @@ pub fn image_disk(root: &Path, image: &ResolvedImage) -> Result<PathBuf> {
     let r = build(image, &tmp);
     if let Err(e) = r {
         let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(&lock_path);
         return Err(e);
     }
     fs::rename(&tmp, &path).map_err(|source| Error::Install {
@@ -148,9 +149,7 @@ fn with_merged_view(image: &ResolvedImage, cmd: &str) -> Result<()> {
         .output()
         .map_err(Error::Unshare)?;
     if !o.status.success() {
-        return Err(Error::Script(
-            String::from_utf8_lossy(&o.stderr).trim().to_string(),
-        ));
+        return Err(Error::Script(one_line(&String::from_utf8_lossy(&o.stderr))));
     }
     Ok(())
 }
@@ -159,4 +158,70 @@ fn which(p: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(p))
         .find(|p| p.is_file())
+}
+
+/// A tool's stderr as one message line: its lines joined with "; ", tool log prefixes and tabs
+/// dropped ("<E> erofs: ..."), runs of blanks made one space.
+fn one_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .map(|l| {
+            let l = l.trim();
+            l.strip_prefix("<E> ")
+                .unwrap_or(l)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `rvmm gc` for VM disks: removes leftovers of interrupted builds (temporary images whose
+/// builder is gone, lock files of no build) and the disks of images that are no longer in the
+/// store (`live`: image IDs without `sha256:`). Returns the paths removed.
+pub fn gc(root: &Path, live: &[String]) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(rd) = fs::read_dir(root.join("disks")) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        let stale = if let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp"))
+        {
+            // .ID.PID.tmp
+            let pid = rest.rsplit('.').next().and_then(|p| p.parse::<i32>().ok());
+            pid.is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        } else if let Some(id) = name.strip_suffix(".erofs") {
+            !live.iter().any(|l| l == id)
+        } else if name.ends_with(".lock") {
+            // A lock nobody holds (a build holds it exclusively for as long as it runs).
+            fs::File::open(&p).is_ok_and(|f| {
+                // SAFETY: flock on an fd we own; released when `f` drops.
+                unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+            })
+        } else {
+            false
+        };
+        if stale && fs::remove_file(&p).is_ok() {
+            removed.push(p);
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn tool_errors_become_one_line() {
+        let stderr = "<E> erofs_io: Failed to write - /x/.id.1.tmp:[0, 4096].\n<E> erofs: \tCould not format the device : [Error 28] No space left on device\n\n";
+        assert_eq!(
+            one_line(stderr),
+            "erofs_io: Failed to write - /x/.id.1.tmp:[0, 4096].; erofs: Could not format the device : [Error 28] No space left on device"
+        );
+    }
 }

@@ -41,7 +41,7 @@ pub enum Error {
     },
     #[error("reading the store's index.json")]
     ReadIndex(#[source] io::Error),
-    #[error("the store's index.json is corrupt")]
+    #[error("the store's index.json is corrupt (`rvmm gc --repair` rebuilds it)")]
     CorruptIndex(#[source] serde_json::Error),
     #[error("writing the store's index.json")]
     WriteIndex(#[source] io::Error),
@@ -111,6 +111,13 @@ pub enum Error {
     },
     #[error(transparent)]
     Unpack(#[from] unpack::Error),
+    /// Unpacking into a directory of the store (named, so a full disk names where it filled up).
+    #[error("into {}", path.display())]
+    UnpackInto {
+        path: PathBuf,
+        #[source]
+        source: unpack::Error,
+    },
     #[error("layer content digest {got} does not match the config's diff_id {diff_id}")]
     DiffIdMismatch { got: String, diff_id: String },
     #[error("storing the unpacked layer")]
@@ -314,7 +321,13 @@ impl Store {
             tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(Error::Temp)?;
         serde_json::to_writer_pretty(&mut tmp, idx).map_err(|e| Error::WriteIndex(e.into()))?;
         tmp.as_file().sync_all().map_err(Error::WriteIndex)?;
-        tmp.persist(self.root.join("index.json"))
+        // The index being replaced stays as index.json.prev (a hard link, no copy), for
+        // `rvmm gc --repair` should index.json ever be damaged.
+        let index = self.root.join("index.json");
+        let prev = self.root.join("index.json.prev");
+        let _ = fs::remove_file(&prev);
+        let _ = fs::hard_link(&index, &prev);
+        tmp.persist(&index)
             .map_err(|e| Error::WriteIndex(e.error))?;
         Ok(())
     }
@@ -592,7 +605,10 @@ impl Store {
             lowers,
             ..UnpackOptions::for_current_user()
         };
-        unpack::unpack(&mut hashing, tmp.path(), opts)?;
+        unpack::unpack(&mut hashing, tmp.path(), opts).map_err(|source| Error::UnpackInto {
+            path: tmp.path().to_path_buf(),
+            source,
+        })?;
         let got = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
         if got != diff_id {
             return Err(Error::DiffIdMismatch {
@@ -753,6 +769,160 @@ impl Store {
         self.sweep(&idx)
     }
 
+    /// `rvmm gc --check`: verifies, without changing anything, that the index parses and that every
+    /// indexed image has its manifest, config and layer blobs with the right digest and every layer
+    /// unpacked. Returns one line per problem (empty: consistent).
+    pub fn check(&self) -> Result<Vec<Problem>> {
+        let _lock = self.lock()?;
+        let idx = self.load_index()?;
+        Ok(self.check_index(&idx))
+    }
+
+    fn check_index(&self, idx: &Index) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut hashed: std::collections::BTreeMap<String, Option<String>> = Default::default();
+        let mut blob_ok = |digest: &str| -> std::result::Result<(), String> {
+            let got = hashed
+                .entry(digest.to_string())
+                .or_insert_with(|| hash_file(&self.blob_path(digest)).ok())
+                .clone();
+            match got {
+                None => Err(format!("blob {digest} is missing or unreadable")),
+                Some(h) if h != hex_of(digest) => {
+                    Err(format!("blob {digest} has the wrong digest sha256:{h}"))
+                }
+                Some(_) => Ok(()),
+            }
+        };
+        for img in &idx.images {
+            let mut problems = Vec::new();
+            if let Err(e) = blob_ok(&img.manifest_digest) {
+                problems.push(format!("manifest: {e}"));
+            }
+            if let Err(e) = blob_ok(&img.id) {
+                problems.push(format!("config: {e}"));
+            }
+            for l in &img.layers {
+                if let Err(e) = blob_ok(&l.digest) {
+                    problems.push(format!("layer: {e}"));
+                }
+                if !self.layer_path(&l.diff_id).is_dir() {
+                    problems.push(format!("layer {} is not unpacked", l.diff_id));
+                }
+            }
+            for what in problems {
+                out.push(Problem {
+                    image: img.id.clone(),
+                    names: img.names.clone(),
+                    what,
+                });
+            }
+        }
+        out
+    }
+
+    /// `rvmm gc --repair`: makes the store consistent again. A corrupt index.json is moved aside
+    /// (to `index.json.corrupt`) and rebuilt from the previous index (`index.json.prev`, kept by
+    /// every index update) and the manifests in the store: images found only through their
+    /// manifest come back without a name. Images whose content is damaged are dropped from the
+    /// index (pull them again). Returns what was done, one line each.
+    pub fn repair(&self) -> Result<Vec<String>> {
+        let _lock = self.lock()?;
+        self.clear_tmp();
+        let mut done = Vec::new();
+        let mut idx = match self.load_index() {
+            Ok(idx) => idx,
+            Err(Error::CorruptIndex(_)) => {
+                let index = self.root.join("index.json");
+                let aside = self.root.join("index.json.corrupt");
+                fs::rename(&index, &aside).map_err(Error::WriteIndex)?;
+                done.push(format!(
+                    "moved the corrupt index.json to {}",
+                    aside.display()
+                ));
+                let idx = self.rebuild_index();
+                done.push(format!(
+                    "rebuilt index.json: {} image(s), {} without a name",
+                    idx.images.len(),
+                    idx.images.iter().filter(|i| i.names.is_empty()).count()
+                ));
+                idx
+            }
+            Err(e) => return Err(e),
+        };
+        let broken: BTreeSet<String> = self
+            .check_index(&idx)
+            .into_iter()
+            .map(|p| {
+                done.push(format!("dropped {}: {}", p.label(), p.what));
+                p.image
+            })
+            .collect();
+        idx.images.retain(|i| !broken.contains(&i.id));
+        self.save_index(&idx)?;
+        self.sweep(&idx)?;
+        Ok(done)
+    }
+
+    /// An index from `index.json.prev` (if it parses) plus every stored manifest whose config
+    /// and layers are all present.
+    fn rebuild_index(&self) -> Index {
+        let mut idx: Index = fs::read(self.root.join("index.json.prev"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let Ok(rd) = fs::read_dir(self.root.join("blobs/sha256")) else {
+            return idx;
+        };
+        for e in rd.flatten() {
+            let Ok(bytes) = fs::read(e.path()) else {
+                continue;
+            };
+            if bytes.len() as u64 > spec::MAX_DOCUMENT {
+                continue;
+            }
+            let Ok(Document::Manifest(m)) = spec::parse_document(&bytes, None) else {
+                continue;
+            };
+            let manifest_digest = format!("sha256:{}", sha256_hex(&bytes));
+            if idx.images.iter().any(|i| i.id == m.config.digest) {
+                continue;
+            }
+            let Ok(cfg) = self
+                .read_blob(&m.config.digest)
+                .ok()
+                .map(|b| ImageConfigFile::parse(&b))
+                .transpose()
+            else {
+                continue;
+            };
+            let Some(cfg) = cfg else { continue };
+            if cfg.rootfs.diff_ids.len() != m.layers.len() {
+                continue;
+            }
+            idx.images.push(ImageRecord {
+                id: m.config.digest.clone(),
+                manifest_digest,
+                names: Vec::new(),
+                layers: m
+                    .layers
+                    .iter()
+                    .zip(&cfg.rootfs.diff_ids)
+                    .map(|(l, d)| LayerRecord {
+                        digest: l.digest.clone(),
+                        diff_id: d.clone(),
+                        size: l.size,
+                    })
+                    .collect(),
+                size: m.config.size + m.layers.iter().map(|l| l.size).sum::<u64>(),
+                created: cfg.created.clone(),
+                added: now(),
+                repo_digests: Vec::new(),
+            });
+        }
+        idx
+    }
+
     /// The parsed config of an image.
     pub fn config(&self, rec: &ImageRecord) -> Result<ImageConfigFile> {
         Ok(ImageConfigFile::parse(&self.read_blob(&rec.id)?)?)
@@ -868,6 +1038,38 @@ impl Drop for Txn {
             };
         }
     }
+}
+
+/// One thing [`Store::check`] found wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// The image ID.
+    pub image: String,
+    pub names: Vec<String>,
+    pub what: String,
+}
+
+impl Problem {
+    /// The image's first name, else its short ID.
+    pub fn label(&self) -> String {
+        self.names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| short(&self.image).to_string())
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.label(), self.what)
+    }
+}
+
+fn hash_file(p: &Path) -> io::Result<String> {
+    let mut f = File::open(p)?;
+    let mut h = Sha256::new();
+    io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 pub fn short(digest: &str) -> &str {

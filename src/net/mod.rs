@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::runspec::{PortMapping, Protocol};
@@ -202,23 +202,35 @@ impl Lease {
             path: dir.clone(),
             source,
         })?;
-        for n in 2u32..65534 {
-            let addr = Ipv4Addr::from(u32::from(GATEWAY) - 1 + n);
-            let path = dir.join(addr.to_string());
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    f.write_all(owner.as_bytes()).map_err(Error::Lease)?;
-                    return Ok(Lease { addr, path });
+        // The lease file appears complete or not at all: its content (owner, then the holder's pid
+        // and start time, so `rvmm gc` can tell a dead holder) is written to a temporary file that
+        // is hard-linked in under the address (which fails if someone else holds it).
+        let tmp_dir = crate::paths::run_dir().join("ipam.tmp");
+        fs::create_dir_all(&tmp_dir).map_err(|source| Error::StateDir {
+            path: tmp_dir.clone(),
+            source,
+        })?;
+        let me = std::process::id();
+        let tmp = tmp_dir.join(format!("{owner}.{me}"));
+        let content = format!(
+            "{owner}\n{me} {}\n",
+            crate::run::state::start_time(me as i32).unwrap_or(0)
+        );
+        fs::write(&tmp, content).map_err(Error::Lease)?;
+        let res = (|| {
+            for n in 2u32..65534 {
+                let addr = Ipv4Addr::from(u32::from(GATEWAY) - 1 + n);
+                let path = dir.join(addr.to_string());
+                match fs::hard_link(&tmp, &path) {
+                    Ok(()) => return Ok(Lease { addr, path }),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(Error::Lease(e)),
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::Lease(e)),
             }
-        }
-        Err(Error::NoFreeAddress)
+            Err(Error::NoFreeAddress)
+        })();
+        let _ = fs::remove_file(&tmp);
+        res
     }
 
     pub fn release(&self) {
@@ -247,11 +259,67 @@ pub fn attach_run(net: &mut rvmm_proto::Network, id: &str) -> Result<(Lease, Pub
 pub fn release_owned_by(owner: &str) {
     if let Ok(rd) = fs::read_dir(ipam_dir()) {
         for e in rd.flatten() {
-            if fs::read_to_string(e.path()).is_ok_and(|o| o == owner) {
+            if fs::read_to_string(e.path()).is_ok_and(|o| o.lines().next() == Some(owner)) {
                 let _ = fs::remove_file(e.path());
             }
         }
     }
+}
+
+/// `rvmm gc` for leases whose holder is gone: a lease file names its owner run and the pid and
+/// start time of the rvmm that holds it; a lease whose holder is dead is released. Unreadable
+/// lease files (truncated, garbage) and leases in the older owner-only format whose run is not
+/// live are released once they are a minute old (an allocation in progress is never touched).
+/// Also removes temporary files of allocations that were killed. Returns the addresses released.
+pub fn gc_leases() -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(crate::paths::run_dir().join("ipam.tmp")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.rsplit('.').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    let Ok(rd) = fs::read_dir(ipam_dir()) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.parse::<Ipv4Addr>().is_err() {
+            continue;
+        }
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        let mut lines = text.lines();
+        let owner = lines.next().unwrap_or_default().trim();
+        let holder = lines.next().and_then(|l| {
+            let (pid, start) = l.split_once(' ')?;
+            Some((
+                pid.parse::<i32>().ok()?,
+                start.trim().parse::<u64>().ok().filter(|s| *s != 0)?,
+            ))
+        });
+        let dead = match holder {
+            Some((pid, start)) => {
+                crate::run::state::start_time(pid) != Some(start)
+                    && !crate::run::state::run_is_live(owner)
+            }
+            None => {
+                let old = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|d| d.as_secs() > 60);
+                old && (owner.is_empty() || !crate::run::state::run_is_live(owner))
+            }
+        };
+        if dead && fs::remove_file(&path).is_ok() {
+            out.push(name);
+        }
+    }
+    out
 }
 
 /// Host-side veth name for a run.

@@ -231,9 +231,25 @@ impl RunState {
     }
 }
 
+/// Removes a run directory: renamed to `.gone-ID` first (atomic), so a removal killed half way
+/// leaves a directory that `gc` knows it may delete at once, not one that looks like a run being
+/// created.
 fn remove_dir(d: &Path) -> std::io::Result<()> {
-    crate::image::store::remove_tree(d)
+    let gone = match (d.parent(), d.file_name()) {
+        (Some(parent), Some(name)) if !name.to_string_lossy().starts_with(GONE) => {
+            let g = parent.join(format!("{GONE}{}", name.to_string_lossy()));
+            match std::fs::rename(d, &g) {
+                Ok(()) => g,
+                Err(_) => d.to_path_buf(),
+            }
+        }
+        _ => d.to_path_buf(),
+    };
+    crate::image::store::remove_tree(&gone)
 }
+
+/// The prefix of a run directory being removed.
+const GONE: &str = ".gone-";
 
 /// Host-wide registrations of running runs, whatever their `--root` (tmpfs: gone at reboot, like
 /// the resources they describe).
@@ -304,6 +320,14 @@ pub fn list(root: &Path) -> anyhow::Result<Vec<RunState>> {
 pub fn gc(root: &Path) -> usize {
     let mut n = gc_host();
     for dir in run_dirs(root) {
+        if dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(GONE))
+        {
+            // A removal that was killed half way.
+            let _ = remove_dir(&dir);
+            continue;
+        }
         let state = std::fs::read(dir.join("state.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<RunState>(&b).ok());

@@ -285,7 +285,9 @@ pub fn virtio_mmio(data: &[u8]) {
             3 => {
                 t.notify(v as usize % 4);
             }
-            4 => t.backend_event(),
+            4 => {
+                t.backend_event();
+            }
             5 => t.config_changed(),
             6 => {
                 t.replace_disk(memfd_disk(u64::from(v % 8192)), u64::from(v));
@@ -708,6 +710,24 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     m[0x2002] = 1;
     s.extend(m);
     v.push(("virtio_blk", "regression-used-ring-on-avail-ring".into(), s));
+    // Net RX with the used ring on the avail ring and a frame waiting: every broken buffer
+    // made another available, and the frame waited for a good one forever.
+    let mut s = vec![1, 60, 0];
+    s.extend([0x42; 60]);
+    s.push(4);
+    for a in [0x1000u16, 0x2000, 0x2000, 0, 5] {
+        s.extend(a.to_le_bytes());
+    }
+    s.push(0);
+    s.extend([0u8; 12]);
+    let mut m = vec![0u8; 0x2004];
+    m[0x2002] = 1;
+    // Descriptor 0: a buffer outside guest RAM.
+    m[0x1000..0x1008].copy_from_slice(&0xffff_0000_0000u64.to_le_bytes());
+    m[0x1008] = 16;
+    m[0x100c] = 2;
+    s.extend(m);
+    v.push(("virtio_net", "regression-used-ring-on-avail-ring".into(), s));
     // Net: two frames waiting, RX buffers at queue memory 0x1000, TX chains too.
     let net_ram = ram(
         &[&[(0x5000, 2048, 2)], &[(0x5800, 12, 0), (0x6000, 60, 0)]],

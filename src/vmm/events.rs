@@ -186,7 +186,16 @@ impl MutEventSubscriber for Handler {
         }
         if token >= BACKEND_BASE {
             if let Some((_, t)) = self.backends.get(token as usize - BACKEND_BASE as usize) {
-                lock(t).backend_event();
+                let again = lock(t).backend_event();
+                // The device stopped after a ring's worth: the rest goes through that queue's
+                // notification, after the other events.
+                if let Some(n) = again.and_then(|q| {
+                    self.notifies
+                        .iter()
+                        .find(|n| n.queue == q && Arc::ptr_eq(&n.transport, t))
+                }) {
+                    let _ = n.evt.write(1);
+                }
             }
             return;
         }

@@ -210,12 +210,20 @@ impl MmioTransport {
         again
     }
 
-    /// The device's backend has work (e.g. frames waiting on a tap).
-    pub fn backend_event(&mut self) {
+    /// The device's backend has work (e.g. frames waiting on a tap). Returns the queue to
+    /// notify again when the device used its whole budget on it (see [`Self::notify`]).
+    pub fn backend_event(&mut self) -> Option<usize> {
         if !self.state.activated {
-            return;
+            return None;
         }
-        if let Some(i) = self.device.backend_event(&mut self.queues, &self.mem) {
+        let before: Vec<u16> = self.queues.iter().map(|q| q.next_avail()).collect();
+        let used = self.device.backend_event(&mut self.queues, &self.mem);
+        let again = self
+            .queues
+            .iter()
+            .zip(before)
+            .position(|(q, b)| q.next_avail().wrapping_sub(b) >= q.size());
+        if let Some(i) = used {
             let needs = self
                 .queues
                 .get_mut(i)
@@ -226,6 +234,7 @@ impl MmioTransport {
                 self.irq.trigger();
             }
         }
+        again
     }
 
     fn reset(&mut self) {

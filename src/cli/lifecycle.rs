@@ -25,6 +25,23 @@ pub fn find(global: &Global, want: &str) -> anyhow::Result<RunState> {
     }
 }
 
+/// Runs `each` on every run `wants` names, in order. A name that finds no run, or that `each`
+/// refuses, is one line on stderr; the status is 1 when any failed, as with Docker's commands.
+fn for_each_run(
+    global: &Global,
+    wants: &[String],
+    mut each: impl FnMut(&str, RunState) -> anyhow::Result<()>,
+) -> u8 {
+    let mut failed = false;
+    for want in wants {
+        if let Err(e) = find(global, want).and_then(|r| each(want, r)) {
+            eprintln!("rvmm: {e:#}");
+            failed = true;
+        }
+    }
+    u8::from(failed)
+}
+
 /// The run's state as it is now on disk (None once it is removed, e.g. by `--rm`).
 fn reread(r: &RunState) -> Option<RunState> {
     std::fs::read(r.dir.join("state.json"))
@@ -193,16 +210,7 @@ fn wait_end(r: &RunState, limit: Option<Duration>) -> Option<RunState> {
 }
 
 pub fn stop(args: StopArgs, global: &Global) -> anyhow::Result<u8> {
-    let mut failed = false;
-    for want in &args.runs {
-        let r = match find(global, want) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("rvmm: {e:#}");
-                failed = true;
-                continue;
-            }
-        };
+    Ok(for_each_run(global, &args.runs, |want, r| {
         if r.alive() {
             signal_run(&r, r.stop_signal);
             let secs = args.time.or(r.stop_timeout.map(i64::from)).unwrap_or(10);
@@ -214,8 +222,8 @@ pub fn stop(args: StopArgs, global: &Global) -> anyhow::Result<u8> {
             }
         }
         println!("{want}");
-    }
-    Ok(if failed { 1 } else { 0 })
+        Ok(())
+    }))
 }
 
 #[derive(clap::Args, Debug)]
@@ -238,28 +246,18 @@ pub fn kill(args: KillArgs, global: &Global) -> anyhow::Result<u8> {
             args.signal
         );
     }
-    let mut failed = false;
-    for want in &args.runs {
-        match find(global, want) {
-            Ok(r) if r.alive() => {
-                if sig == libc::SIGKILL {
-                    kill_run(&r);
-                } else {
-                    signal_run(&r, sig);
-                }
-                println!("{want}");
-            }
-            Ok(_) => {
-                eprintln!("rvmm: {want} is not running");
-                failed = true;
-            }
-            Err(e) => {
-                eprintln!("rvmm: {e:#}");
-                failed = true;
-            }
+    Ok(for_each_run(global, &args.runs, |want, r| {
+        if !r.alive() {
+            bail!("{want} is not running");
         }
-    }
-    Ok(if failed { 1 } else { 0 })
+        if sig == libc::SIGKILL {
+            kill_run(&r);
+        } else {
+            signal_run(&r, sig);
+        }
+        println!("{want}");
+        Ok(())
+    }))
 }
 
 #[derive(clap::Args, Debug)]
@@ -270,25 +268,15 @@ pub struct WaitArgs {
 }
 
 pub fn wait(args: WaitArgs, global: &Global) -> anyhow::Result<u8> {
-    let mut failed = false;
-    for want in &args.runs {
-        let r = match find(global, want) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("rvmm: {e:#}");
-                failed = true;
-                continue;
-            }
-        };
-        match wait_end(&r, None).and_then(|s| s.exit_code) {
-            Some(c) => println!("{c}"),
-            None => {
-                eprintln!("rvmm: {want} was removed before its exit status could be read (--rm)");
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed { 1 } else { 0 })
+    Ok(for_each_run(global, &args.runs, |want, r| {
+        let code = wait_end(&r, None)
+            .and_then(|s| s.exit_code)
+            .ok_or_else(|| {
+                anyhow::anyhow!("{want} was removed before its exit status could be read (--rm)")
+            })?;
+        println!("{code}");
+        Ok(())
+    }))
 }
 
 #[derive(clap::Args, Debug)]
@@ -310,16 +298,7 @@ fn time_of(secs: Option<u64>) -> serde_json::Value {
 
 pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
     let mut out = Vec::new();
-    let mut failed = false;
-    for want in &args.runs {
-        let r = match find(global, want) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("rvmm: {e:#}");
-                failed = true;
-                continue;
-            }
-        };
+    let status = for_each_run(global, &args.runs, |_, r| {
         let mut config: serde_json::Map<String, serde_json::Value> =
             std::fs::read(r.dir.join("spec.json"))
                 .ok()
@@ -361,9 +340,10 @@ pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
             "LogPath": r.dir.join(logs::LOG_FILE),
             "Config": config,
         }));
-    }
+        Ok(())
+    });
     println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(if failed { 1 } else { 0 })
+    Ok(status)
 }
 
 /// `rvmm __supervise ROOT ID -- ARGS` (started by `run -d`, not by users).

@@ -96,7 +96,20 @@ impl Drop for Tmpfs {
 fn store_view(root: &Path) -> String {
     let (code, out, err) = rvmm(root, &["gc", "--check"]);
     assert_eq!(code, 0, "store inconsistent: {out}{err}");
+    // Without the CREATED column: "47 seconds ago" moves on between two listings of the same store.
     rvmm_ok(root, &["images", "--no-trunc"])
+        .lines()
+        .map(|line| {
+            let cols: Vec<&str> = line.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+            cols.iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 4)
+                .map(|(_, c)| *c)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A failure reported the way the issue asks: one line naming a path and ENOSPC.

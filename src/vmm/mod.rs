@@ -43,11 +43,13 @@ use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::SerialDevice;
 use crate::devices::tap::Tap;
 use crate::devices::virtio::block::{self, Block};
+use crate::devices::virtio::console::{self as vconsole, Console as VirtioConsole};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{lock, Bus, IrqLine, SharedDevice};
 
+pub use crate::devices::virtio::console::PortBackend;
 pub use kvm::HostKind;
 use snapshot::{Layout, Raw, SerialSnap, Slot, Snapshot, TransportSnap, VcpuState};
 
@@ -76,6 +78,9 @@ pub struct VmConfig {
     pub channel: Option<Channel>,
     /// virtio-net devices (eth0, eth1, ...), after the disks on the MMIO bus.
     pub net: Vec<NetConfig>,
+    /// The ports of a multiport virtio-console, after the network devices on the MMIO bus (no
+    /// device when empty): the host ↔ guest channel (docs/vm-channel.md).
+    pub ports: Vec<PortBackend>,
 }
 
 /// A virtio-net device backed by a TAP.
@@ -112,6 +117,7 @@ impl VmConfig {
             console: Console::Stdio,
             channel: None,
             net: Vec::new(),
+            ports: Vec::new(),
         }
     }
 }
@@ -188,6 +194,8 @@ pub enum Error {
     Disk(#[from] block::Error),
     #[error(transparent)]
     Tap(#[from] crate::devices::tap::Error),
+    #[error(transparent)]
+    Ports(#[from] vconsole::Error),
     #[error("cannot set up a device")]
     Device(#[source] crate::devices::Error),
     #[error("cannot create virtio queues")]
@@ -373,6 +381,7 @@ impl Controller {
                     TransportSnap {
                         state,
                         queues: queues.into_iter().map(Into::into).collect(),
+                        device: t.device_state(),
                     }
                 })
                 .collect(),
@@ -524,7 +533,7 @@ impl Vm {
         if cfg.vcpus == 0 || cfg.vcpus > layout::MAX_VCPUS {
             return Err(Error::Vcpus(cfg.vcpus));
         }
-        let ndev = cfg.disks.len() + cfg.net.len();
+        let ndev = cfg.disks.len() + cfg.net.len() + usize::from(!cfg.ports.is_empty());
         if ndev > layout::MAX_VIRTIO_DEVICES as usize {
             return Err(Error::TooManyDevices(ndev));
         }
@@ -560,6 +569,11 @@ impl Vm {
                 Ok(Net::new(tap, n.mac))
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let console = if cfg.ports.is_empty() {
+            None
+        } else {
+            Some(VirtioConsole::new(cfg.ports)?)
+        };
         if restore.is_none() {
             if let Some(p) = &cfg.initrd {
                 std::fs::metadata(p).map_err(|source| boot::Error::Initrd {
@@ -701,15 +715,20 @@ impl Vm {
             cmdline.push(' ');
             cmdline.push_str(&pvm_cmdline_additions());
         }
+        // Each device with the backend fds the event thread polls for it: (fd, is an input).
         let devices = disks
             .into_iter()
-            .map(|d| (Box::new(d) as Box<dyn VirtioDevice>, None))
+            .map(|d| (Box::new(d) as Box<dyn VirtioDevice>, Vec::new()))
             .chain(nets.into_iter().map(|n| {
                 let fd = n.tap_fd();
-                (Box::new(n) as Box<dyn VirtioDevice>, Some(fd))
+                (Box::new(n) as Box<dyn VirtioDevice>, vec![(fd, true)])
+            }))
+            .chain(console.into_iter().map(|c| {
+                let fds = c.backend_fds();
+                (Box::new(c) as Box<dyn VirtioDevice>, fds)
             }));
         let mut transports = Vec::new();
-        for (i, (dev, backend_fd)) in devices.enumerate() {
+        for (i, (mut dev, backend_fds)) in devices.enumerate() {
             let idx = i as u32;
             let addr = layout::virtio_mmio_addr(idx);
             let gsi = layout::virtio_irq(idx);
@@ -718,6 +737,9 @@ impl Vm {
                 None => MmioTransport::new(dev, mem.clone(), irq).map_err(Error::Queue)?,
                 Some(s) => {
                     let ts = s.transports[i].clone();
+                    if let Some(d) = ts.device {
+                        dev.restore_state(d).map_err(Error::Snapshot)?;
+                    }
                     let queues = ts.queues.into_iter().map(Into::into).collect();
                     MmioTransport::restore(dev, mem.clone(), irq, ts.state, queues)
                         .map_err(Error::Snapshot)?
@@ -735,8 +757,12 @@ impl Vm {
                 .map_err(ioctl_err("KVM_IOEVENTFD"))?;
                 handler.add_notify(evt, t.clone(), q);
             }
-            if let Some(fd) = backend_fd {
-                handler.add_backend(fd, t.clone());
+            for (fd, input) in backend_fds {
+                if input {
+                    handler.add_backend(fd, t.clone());
+                } else {
+                    handler.add_backend_output(fd, t.clone());
+                }
             }
             mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, t.clone())
                 .map_err(Error::Device)?;
@@ -937,6 +963,9 @@ fn layout_of(cfg: &VmConfig, kind: HostKind) -> Layout {
                 read_only: d.read_only,
             })
             .chain(cfg.net.iter().map(|_| Slot::Net))
+            .chain((!cfg.ports.is_empty()).then(|| Slot::Console {
+                ports: cfg.ports.len() as u32,
+            }))
             .collect(),
         channel: cfg.channel.is_some(),
         host: kind.name().into(),

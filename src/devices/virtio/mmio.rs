@@ -189,37 +189,44 @@ impl MmioTransport {
         if !self.state.activated {
             return;
         }
-        let Some(q) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !q.ready() {
+        if !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
         }
-        if self.device.process_queue(index, q, &self.mem) {
-            let needs = q.needs_notification(&self.mem).unwrap_or(true);
-            if needs {
-                self.state.interrupt_status |= INT_VRING;
-                self.irq.trigger();
-            }
-        }
+        let used = self.device.process(index, &mut self.queues, &self.mem);
+        self.signal_used(used);
     }
 
-    /// The device's backend has work (e.g. frames waiting on a tap).
-    pub fn backend_event(&mut self) {
+    /// The device's backend fd `fd` has work (e.g. frames waiting on a tap).
+    pub fn backend_event(&mut self, fd: std::os::fd::RawFd) {
         if !self.state.activated {
             return;
         }
-        if let Some(i) = self.device.backend_event(&mut self.queues, &self.mem) {
-            let needs = self
-                .queues
-                .get_mut(i)
-                .map(|q| q.needs_notification(&self.mem).unwrap_or(true))
-                .unwrap_or(false);
-            if needs {
-                self.state.interrupt_status |= INT_VRING;
-                self.irq.trigger();
+        let used = self
+            .device
+            .backend_fd_event(fd, &mut self.queues, &self.mem);
+        self.signal_used(used);
+    }
+
+    /// Interrupts the guest if one of the queues in `used` (bit i = queue i) wants it.
+    fn signal_used(&mut self, used: u64) {
+        if used == 0 {
+            return;
+        }
+        let mut needs = false;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if i < 64 && used & (1 << i) != 0 {
+                needs |= q.needs_notification(&self.mem).unwrap_or(true);
             }
         }
+        if needs {
+            self.state.interrupt_status |= INT_VRING;
+            self.irq.trigger();
+        }
+    }
+
+    /// The device state beyond the transport's (for snapshots).
+    pub fn device_state(&self) -> Option<serde_json::Value> {
+        self.device.save_state()
     }
 
     fn reset(&mut self) {

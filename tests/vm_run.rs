@@ -383,8 +383,11 @@ fn published_port_and_hostile_workload() {
         body.contains("hello from rvmm"),
         "the published port never reached httpd in the VM: {body:?}"
     );
-    // Let the floods run until the stdout one is through, then release the workload.
-    while got.load(Ordering::Relaxed) < FLOOD_BYTES && Instant::now() < deadline {
+    // Let the floods run until the stdout one is through and the TCP one has reached the host,
+    // then release the workload.
+    while (got.load(Ordering::Relaxed) < FLOOD_BYTES || flooded.load(Ordering::Relaxed) == 0)
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut stdin = child.stdin.take().expect("stdin");

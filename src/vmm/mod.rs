@@ -963,7 +963,7 @@ fn layout_of(cfg: &VmConfig, kind: HostKind) -> Layout {
                 read_only: d.read_only,
             })
             .chain(cfg.net.iter().map(|_| Slot::Net))
-            .chain((!cfg.ports.is_empty()).then(|| Slot::Console {
+            .chain((!cfg.ports.is_empty()).then_some(Slot::Console {
                 ports: cfg.ports.len() as u32,
             }))
             .collect(),

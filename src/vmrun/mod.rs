@@ -3,7 +3,8 @@
 //!
 //! The guest gets: the kernel from guest-kernel/, an initramfs holding rvmm-init as /init, the
 //! image's erofs disk read-only as /dev/vda, COM1 for kernel messages (to the run dir's
-//! console.log, never mixed with output), COM2 as the channel (docs/vm-channel.md), and with
+//! console.log, never mixed with output), a multiport virtio-console as the channel
+//! (docs/vm-channel.md), and with
 //! `--network bridge` a virtio-net device on a TAP in `rvmm0`.
 //!
 //! Warm starts (docs/snapshots.md): rvmm-init says READY before anything run-specific exists, and

@@ -171,15 +171,16 @@ pub enum Error {
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), Error> {
     // SAFETY: fcntl on an fd we own, with integer arguments.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Error::NonBlocking(std::io::Error::last_os_error()));
+    }
     // SAFETY: as above.
-    if flags < 0
-        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-    {
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    if r < 0 {
         return Err(Error::NonBlocking(std::io::Error::last_os_error()));
     }
     Ok(())
 }
-
 impl Console {
     pub fn new(backends: Vec<PortBackend>) -> Result<Self, Error> {
         if backends.len() > MAX_PORTS as usize {
@@ -1085,8 +1086,8 @@ mod tests {
             desc(0x100_0000, u32::MAX, 0),
             desc(0x100_0000, 3, 0),
         ];
-        for q in 0..qs.len() {
-            vqs[q].add_desc_chains(&bad, 0).unwrap();
+        for vq in &vqs {
+            vq.add_desc_chains(&bad, 0).unwrap();
         }
         r.mem
             .write_slice(&ctrl(1000, event::PORT_READY, 1), GuestAddress(0x100_0000))

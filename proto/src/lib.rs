@@ -301,12 +301,29 @@ pub struct Start {
     pub boot_security: bool,
 }
 
-/// The host ↔ guest channel (COM2, a raw byte stream): frames of `[kind u8][len u32 LE][payload]`.
+/// The ports of the host ↔ guest channel, a multiport virtio-console: the guest finds each one by
+/// its name (/sys/class/virtio-ports/vport*/name). See docs/vm-channel.md.
+pub mod port {
+    /// Frames both ways (`frame`); the host never gets a frame before the output the guest wrote
+    /// on the other ports before sending it.
+    pub const CONTROL: &str = "rvmm.control";
+    /// The workload's stdin (host → guest, raw bytes; the host closing it is EOF).
+    pub const STDIN: &str = "rvmm.stdin";
+    /// The workload's stdout (guest → host, raw bytes; with `-t` everything from the pty).
+    pub const STDOUT: &str = "rvmm.stdout";
+    /// The workload's stderr (guest → host, raw bytes).
+    pub const STDERR: &str = "rvmm.stderr";
+    /// In port order (port 0, 1, ...).
+    pub const ALL: [&str; 4] = [CONTROL, STDIN, STDOUT, STDERR];
+}
+
+/// The frames of the channel's control port (a raw byte stream): `[kind u8][len u32 LE][payload]`.
 /// See docs/vm-channel.md.
 pub mod frame {
-    /// Guest → host: workload stdout bytes.
+    /// Guest → host: workload stdout bytes (unused since the workload's output has ports of its
+    /// own; accepted for compatibility).
     pub const STDOUT: u8 = 1;
-    /// Guest → host: workload stderr bytes.
+    /// Guest → host: workload stderr bytes (unused, as `STDOUT`).
     pub const STDERR: u8 = 2;
     /// Guest → host: the workload's exit status, i32 LE (Docker numbering: 128+n for signal n).
     pub const EXIT: u8 = 3;
@@ -321,9 +338,9 @@ pub mod frame {
     pub const SPEC: u8 = 7;
     /// Host → guest: the `Start` is complete (empty).
     pub const SPEC_END: u8 = 8;
-    /// Host → guest: stdin bytes.
+    /// Host → guest: stdin bytes (unused since stdin has a port of its own).
     pub const STDIN: u8 = 10;
-    /// Host → guest: stdin reached EOF (empty).
+    /// Host → guest: stdin reached EOF (unused: the host closes the stdin port).
     pub const STDIN_EOF: u8 = 11;
     /// Host → guest: deliver a signal to the workload, i32 LE.
     pub const SIGNAL: u8 = 12;

@@ -1054,6 +1054,80 @@ fn a_detached_vm_logs_stops_and_waits() {
     let v: serde_json::Value = serde_json::from_str(&i.stdout).unwrap();
     assert_eq!(v[0]["Isolation"], "vm");
     assert_eq!(v[0]["State"]["Running"], true);
+
+    // exec: a process next to the workload in the guest, with its privileges and the given
+    // user, environment and directory; its status comes back.
+    let e = rvmm(
+        root,
+        &[
+            "exec", "-u", "app", "-e", "X=1", "-w", "/tmp", "bgvm", "sh", "-c",
+            "id -u; echo $X; pwd; grep -E '^(CapEff|NoNewPrivs):' /proc/self/status; echo oops >&2; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(
+        (e.code, e.stdout.as_str(), e.stderr.as_str()),
+        (
+            3,
+            "1000\n1\n/tmp\nCapEff:\t0000000000000000\nNoNewPrivs:\t0\n",
+            "oops\n"
+        )
+    );
+    let e = rvmm(root, &["exec", "bgvm", "nonexistent"], None);
+    assert_eq!(e.code, 127, "{}", e.stderr);
+    assert!(
+        e.stderr.contains("executable file not found"),
+        "{}",
+        e.stderr
+    );
+    let e = rvmm(root, &["exec", "-i", "bgvm", "cat"], Some("through exec\n"));
+    assert_eq!(
+        (e.code, e.stdout.as_str()),
+        (0, "through exec\n"),
+        "{}",
+        e.stderr
+    );
+    // With -t the process has a terminal in the guest (whatever ours is).
+    let e = rvmm(
+        root,
+        &[
+            "exec",
+            "-t",
+            "bgvm",
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo tty",
+        ],
+        None,
+    );
+    assert_eq!((e.code, e.stdout.as_str()), (0, "tty\r\n"), "{}", e.stderr);
+    // Two at once, each with its own output and status.
+    let spawn = |n: &str| {
+        Command::new(common::rvmm_bin())
+            .arg("--root")
+            .arg(root)
+            .args([
+                "exec",
+                "bgvm",
+                "sh",
+                "-c",
+                &format!("sleep 1; echo {n}; exit {n}"),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("4"), spawn("5"));
+    for (child, n) in [(a, 4), (b, 5)] {
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout).to_string()
+            ),
+            (Some(n), format!("{n}\n"))
+        );
+    }
     // `wait` from another process while `stop` runs.
     let waiter = Command::new(common::rvmm_bin())
         .arg("--root")

@@ -291,4 +291,5 @@ fn run(
     workload::run(&spec, ch, zygote, stdio)
 }
 
+mod exec;
 mod workload;

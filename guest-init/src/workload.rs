@@ -309,7 +309,7 @@ pub fn run(
         out: stdio.stdout,
         input: spec.stdin.then_some(stdio.stdin),
     });
-    relay(ch, pid, pty)
+    relay(ch, pid, pty, spec)
 }
 
 /// With -t: the pty's master, the stdout port its output goes to, and the stdin port its input
@@ -321,7 +321,7 @@ struct Pty {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn child(
+pub(crate) fn child(
     spec: &RunSpec,
     err_fd: libc::c_int,
     out: [libc::c_int; 2],
@@ -376,7 +376,13 @@ fn child(
 
 /// Handles control frames (signals, window sizes) and, with -t, moves the pty's bytes, until the
 /// workload is gone; returns its status (Docker numbering).
-fn relay(ch: &mut Channel, pid: libc::pid_t, mut pty: Option<Pty>) -> Result<i32, Fail> {
+fn relay(
+    ch: &mut Channel,
+    pid: libc::pid_t,
+    mut pty: Option<Pty>,
+    spec: &RunSpec,
+) -> Result<i32, Fail> {
+    let mut execs = crate::exec::Execs::default();
     let mut dec = frame::Decoder::default();
     let mut out_open = pty.is_some();
     let mut status: Option<i32> = None;
@@ -384,7 +390,7 @@ fn relay(ch: &mut Channel, pid: libc::pid_t, mut pty: Option<Pty>) -> Result<i32
     let mut buf = vec![0u8; 32 * 1024];
     let master = pty.as_ref().map_or(-1, |p| p.master);
     loop {
-        let mut fds = [
+        let mut fds = vec![
             libc::pollfd {
                 fd: ch.fd,
                 events: libc::POLLIN,
@@ -401,6 +407,7 @@ fn relay(ch: &mut Channel, pid: libc::pid_t, mut pty: Option<Pty>) -> Result<i32
                 revents: 0,
             },
         ];
+        fds.extend(execs.pollfds());
         // SAFETY: polling a valid array.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
         if let Some(p) = pty.as_mut() {
@@ -443,6 +450,19 @@ fn relay(ch: &mut Channel, pid: libc::pid_t, mut pty: Option<Pty>) -> Result<i32
                                 libc::kill(pid, sig);
                             }
                         }
+                        frame::EXEC => {
+                            if let Some((id, req)) = frame::split_id(&payload) {
+                                execs.start(ch, spec, id, req);
+                            }
+                        }
+                        frame::EXEC_STDIN
+                        | frame::EXEC_STDIN_EOF
+                        | frame::EXEC_SIGNAL
+                        | frame::EXEC_WINSIZE => {
+                            if let Some((id, rest)) = frame::split_id(&payload) {
+                                execs.input(kind, id, rest);
+                            }
+                        }
                         frame::WINSIZE if payload.len() == 4 && master >= 0 => {
                             // SAFETY: setting the pty size with a filled winsize.
                             unsafe {
@@ -457,7 +477,8 @@ fn relay(ch: &mut Channel, pid: libc::pid_t, mut pty: Option<Pty>) -> Result<i32
                 }
             }
         }
-        // Reap everything; note the workload's end.
+        execs.relay(ch, &mut buf);
+        // Reap everything; note the workload's end, and the execs'.
         loop {
             let mut st = 0;
             // SAFETY: reaping any child without blocking.
@@ -465,15 +486,19 @@ fn relay(ch: &mut Channel, pid: libc::pid_t, mut pty: Option<Pty>) -> Result<i32
             if r <= 0 {
                 break;
             }
+            let code = if libc::WIFEXITED(st) {
+                libc::WEXITSTATUS(st)
+            } else {
+                128 + libc::WTERMSIG(st)
+            };
             if r == pid {
                 crate::sys::trace("workload reaped");
-                status = Some(if libc::WIFEXITED(st) {
-                    libc::WEXITSTATUS(st)
-                } else {
-                    128 + libc::WTERMSIG(st)
-                });
+                status = Some(code);
+            } else {
+                execs.reaped(r, code);
             }
         }
+        execs.finish(ch);
         if let Some(s) = status {
             // Without -t the output is on its way already: everything the workload wrote is
             // queued on the ports, and the host takes it before the EXIT frame that follows. With

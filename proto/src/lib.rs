@@ -301,6 +301,25 @@ pub struct Start {
     pub boot_security: bool,
 }
 
+/// `rvmm exec` in a VM: what the guest needs to start the process, on top of the workload's own
+/// spec (whose root, privileges and limits it shares).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// The whole environment (the workload's with the exec's `-e` on top).
+    pub env: Vec<String>,
+    /// `-u`, resolved by the host; the workload's user when absent.
+    pub user: Option<User>,
+    /// `-w`; the workload's working directory when absent.
+    pub cwd: Option<String>,
+    /// `-t`.
+    pub tty: bool,
+    /// `-i`.
+    pub stdin: bool,
+    /// The terminal's size with `-t`: rows, cols.
+    pub winsize: Option<(u16, u16)>,
+}
+
 /// The ports of the host ↔ guest channel, a multiport virtio-console: the guest finds each one by
 /// its name (/sys/class/virtio-ports/vport*/name). See docs/vm-channel.md.
 pub mod port {
@@ -346,6 +365,45 @@ pub mod frame {
     pub const SIGNAL: u8 = 12;
     /// Host → guest: terminal size, rows u16 LE then cols u16 LE.
     pub const WINSIZE: u8 = 13;
+
+    // `rvmm exec` (docs/vm-channel.md). On the channel each exec frame's payload starts with the
+    // exec's id (u32 LE, chosen by the host); between `rvmm exec` and the run's process (the
+    // run directory's exec.sock) the same kinds go without it.
+    /// Host → guest: start a process, JSON [`crate::ExecRequest`].
+    pub const EXEC: u8 = 14;
+    /// Host → guest: bytes for its stdin.
+    pub const EXEC_STDIN: u8 = 15;
+    /// Host → guest: its stdin ended (empty).
+    pub const EXEC_STDIN_EOF: u8 = 16;
+    /// Host → guest: deliver a signal to it, i32 LE.
+    pub const EXEC_SIGNAL: u8 = 17;
+    /// Host → guest: its terminal size, rows u16 LE then cols u16 LE.
+    pub const EXEC_WINSIZE: u8 = 18;
+    /// Guest → host: it started (empty).
+    pub const EXEC_STARTED: u8 = 19;
+    /// Guest → host: its stdout bytes (with a tty: everything).
+    pub const EXEC_STDOUT: u8 = 20;
+    /// Guest → host: its stderr bytes.
+    pub const EXEC_STDERR: u8 = 21;
+    /// Guest → host: its exit status, i32 LE (Docker numbering); the exec's last frame.
+    pub const EXEC_EXIT: u8 = 22;
+    /// Guest → host: it could not start: u8 status (125/126/127) then a UTF-8 message; the
+    /// exec's last frame.
+    pub const EXEC_FAILED: u8 = 23;
+
+    /// Prefixes `payload` with an exec id.
+    pub fn with_id(id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(4 + payload.len());
+        v.extend_from_slice(&id.to_le_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Splits an exec frame's payload into its id and the rest.
+    pub fn split_id(payload: &[u8]) -> Option<(u32, &[u8])> {
+        let id = le32_at(payload, 0).map(u32::from_le_bytes)?;
+        Some((id, &payload[4..]))
+    }
 
     /// Largest payload either side sends or accepts.
     pub const MAX_PAYLOAD: usize = 64 * 1024;

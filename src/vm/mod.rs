@@ -30,6 +30,7 @@ use crate::run::{Isolation, RunOptions};
 use crate::runspec::RunSpec;
 use crate::vmm::{Console, DiskConfig, NetConfig, PortBackend, TapSource, Vm, VmConfig, VmExit};
 
+pub mod exec;
 pub mod snapshots;
 
 /// Guest RAM when `--memory` is not given.
@@ -640,24 +641,23 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     } else {
         None
     };
-    let send_winsize = |to_guest: &mut std::fs::File| {
+    let send_winsize = |to_guest: &exec::GuestWriter| {
         if let Some(ws) = winsize() {
             let mut p = ws.ws_row.to_le_bytes().to_vec();
             p.extend_from_slice(&ws.ws_col.to_le_bytes());
-            let _ = to_guest.write_all(&frame::encode(frame::WINSIZE, &p));
+            to_guest.try_send(frame::encode(frame::WINSIZE, &p));
         }
     };
 
-    let mut to_guest = std::fs::File::from(to_guest_w);
-    // Attaches the disk and sends the `Start` (on a thread: a guest that stops reading must not
-    // block this one).
-    let send_start = |frames: Vec<u8>, to_guest: &std::fs::File| -> anyhow::Result<()> {
+    // Frames to the guest go through one writer thread: a guest that stops reading must not
+    // block this one.
+    let to_guest = exec::GuestWriter::new(to_guest_w);
+    let mut exec_server = None;
+    // Attaches the disk and sends the `Start`.
+    let send_start = |frames: Vec<u8>, to_guest: &exec::GuestWriter| -> anyhow::Result<()> {
         ctl.replace_disk(0, &disk)
             .context("attaching the image disk")?;
-        let mut tg = to_guest.try_clone()?;
-        std::thread::spawn(move || {
-            let _ = tg.write_all(&frames);
-        });
+        to_guest.try_send(frames);
         Ok(())
     };
     if is_warm {
@@ -716,7 +716,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 killed = Some(libc::SIGKILL);
             } else if sig == libc::SIGWINCH {
                 if started_at.is_some() {
-                    send_winsize(&mut to_guest);
+                    send_winsize(&to_guest);
                 }
             } else if started_at.is_none() {
                 // Nothing to forward to yet: Ctrl-C or TERM during the boot stops the VM.
@@ -725,7 +725,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                     killed = Some(sig);
                 }
             } else {
-                let _ = to_guest.write_all(&frame::encode(frame::SIGNAL, &sig.to_le_bytes()));
+                to_guest.try_send(frame::encode(frame::SIGNAL, &sig.to_le_bytes()));
             }
         }
         // Checked every round, not only when the channel is quiet: a guest that keeps sending
@@ -763,13 +763,23 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                     }
                 }
             }
+            Ok(Ok((kind, payload))) if exec::is_exec_frame(kind) => {
+                if let Some(s) = &exec_server {
+                    exec::ExecServer::deliver(s, kind, &payload);
+                }
+            }
             Ok(Ok((kind, payload))) => {
                 if report.apply(kind, &payload) {
                     started_at = Some(t0.elapsed());
                     run.started();
                     let _ = started_tx.send(());
                     if spec.tty {
-                        send_winsize(&mut to_guest);
+                        send_winsize(&to_guest);
+                    }
+                    // `rvmm exec` from now on.
+                    match exec::serve(&dir, to_guest.clone()) {
+                        Ok(s) => exec_server = Some(s),
+                        Err(e) => log::warn!("rvmm exec will not reach this run: {e}"),
                     }
                     if let (Some(p), Some(addr)) = (publisher.take(), run.address()) {
                         p.start(addr);
@@ -806,6 +816,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             break;
         }
     }
+    drop(exec_server);
     let vm_result = vm_thread.join();
     // Everything the workload wrote before its EXIT is in the pipes now (the VMM writes the
     // control port's frames only after the output queued before them): copy it out and stop.

@@ -19,6 +19,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
 use crate::devices::tap::Tap;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::console::{self, Console, PortBackend};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::{Mem, VirtioDevice};
@@ -240,19 +241,148 @@ pub fn virtio_net(data: &[u8]) {
     }
 }
 
-/// The virtio-mmio transport's registers with a virtio-blk (u8 % 3 == 0), a read-only virtio-blk
-/// (1) or a virtio-net (2) behind it, and the queue work the registers trigger.
+/// The host ends of the fuzz console's ports: what the test writes to and reads from.
+pub struct ConsoleHosts {
+    /// The write end of port 0's input (kept open: the port's input has no EOF).
+    _input: File,
+    /// The read ends of the ports' outputs.
+    outputs: Vec<File>,
+}
+
+fn fuzz_pipe() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is an array of two ints for pipe2 to fill.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just created and are owned by nothing else.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+/// Two ports as a run has them: "io" (host input `input`, output) and "control" (output, a
+/// barrier). Returns the ports and the host ends.
+fn console_ports(input: &[u8]) -> (Vec<PortBackend>, Vec<ConsoleHosts>) {
+    let (in_r, mut in_w) = fuzz_pipe();
+    let _ = in_w.write_all(input);
+    let (out0_r, out0_w) = fuzz_pipe();
+    let (out1_r, out1_w) = fuzz_pipe();
+    let ports = vec![
+        PortBackend {
+            name: "io".into(),
+            input: Some(in_r.into()),
+            output: Some(out0_w.into()),
+            barrier: false,
+        },
+        PortBackend {
+            name: "control".into(),
+            input: None,
+            output: Some(out1_w.into()),
+            barrier: true,
+        },
+    ];
+    let hosts = vec![ConsoleHosts {
+        _input: in_w,
+        outputs: vec![out0_r, out1_r],
+    }];
+    (ports, hosts)
+}
+
+/// The multiport virtio-console: the guest's control messages, receive and transmit buffers on
+/// two ports and the control queues, as the device walks them, with the host fds' events and
+/// snapshot round trips in between.
+///
+/// Input: multiport (u8 & 1), host input for port 0 (u16 length, bytes), six queues (rx0, tx0,
+/// control rx, control tx, rx1, tx1; [`guest_queue`] each), an op count (u8) and ops (u8: bit 7
+/// set is a host fd event on fd `op % 3` of the console's, `op % 8 == 6` a state round trip,
+/// else a notification of queue `op % 6`), then guest RAM.
+pub fn virtio_console(data: &[u8]) {
+    use std::io::Read;
+    let mut input = Input::new(data);
+    let multiport = input.u8() & 1 == 1;
+    let n = usize::from(input.u16());
+    let host_input = input.bytes(n);
+    let headers: Vec<&[u8]> = (0..6).map(|_| input.bytes(12)).collect();
+    let nops = usize::from(input.u8());
+    let ops = input.bytes(nops);
+    let mem = guest_memory(input.rest());
+    let (ports, mut hosts) = console_ports(host_input);
+    let mut dev = Console::new(ports).expect("two ports are allowed");
+    dev.activate(if multiport { console::F_MULTIPORT } else { 0 });
+    let fds: Vec<std::os::fd::RawFd> = dev.backend_fds().into_iter().map(|(fd, _)| fd).collect();
+    // Queue indices of the six: rx0, tx0, ctrl rx, ctrl tx, rx1, tx1.
+    let max = dev.queue_max_sizes().to_vec();
+    let mut queues: Vec<Queue> = max
+        .iter()
+        .map(|&m| Queue::new(m).expect("the device's sizes are valid"))
+        .collect();
+    for (i, h) in headers.iter().enumerate() {
+        if let Some(q) = guest_queue(&mut Input::new(h), &mem, max[i]) {
+            queues[i] = q;
+        }
+    }
+    let mut out = vec![0u8; 64 * 1024];
+    for &op in ops {
+        let before: Vec<(u16, u16)> = queues
+            .iter()
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect();
+        let mask = if op & 0x80 != 0 {
+            let fd = fds[usize::from(op) % fds.len()];
+            dev.backend_fd_event(fd, &mut queues, &mem)
+        } else if op % 8 == 6 {
+            let st = dev.state();
+            assert!(
+                st.ports.iter().all(|p| p.staged.len() <= console::STAGE),
+                "a port stages at most STAGE bytes"
+            );
+            assert!(
+                st.ctrl_pending.len() <= console::MAX_CTRL_PENDING,
+                "the control messages waiting are bounded"
+            );
+            let saved = dev.save_state().expect("the console has state");
+            dev.restore_state(saved).expect("its own state restores");
+            assert!(dev.state() == st, "a restored console has the saved state");
+            0
+        } else {
+            dev.process(usize::from(op % 6), &mut queues, &mem)
+        };
+        let _ = dev.take_more();
+        for (i, (q, (avail, used))) in queues.iter().zip(before).enumerate() {
+            let popped = q.next_avail().wrapping_sub(avail);
+            let gave = q.next_used().wrapping_sub(used);
+            assert!(gave <= popped, "queue {i}: a chain goes back at most once");
+            assert!(
+                popped <= q.size(),
+                "queue {i}: at most a ring's worth per call (took {popped})"
+            );
+            if gave > 0 && i < 64 {
+                assert!(mask & (1 << i) != 0, "queue {i} used but not reported");
+            }
+        }
+        // The host reads what arrived, as rvmm run does (so outputs do not stay full).
+        for h in &mut hosts {
+            for o in &mut h.outputs {
+                while matches!(o.read(&mut out), Ok(n) if n > 0) {}
+            }
+        }
+    }
+}
+
+/// The virtio-mmio transport's registers with a virtio-blk (u8 % 4 == 0), a read-only virtio-blk
+/// (1), a virtio-net (2) or a multiport virtio-console (3) behind it, and the queue work the
+/// registers trigger.
 ///
 /// Input: the device, then an op count (u8) and 8-byte ops `[op, size, offset u16, value u32]`,
 /// then guest RAM. Ops: write, read, notify, backend event, configuration change, disk
 /// replacement, and a driver set-up (every queue at addresses from `value`, up to DRIVER_OK).
 pub fn virtio_mmio(data: &[u8]) {
     let mut input = Input::new(data);
-    let kind = input.u8() % 3;
+    let kind = input.u8() % 4;
     let nops = usize::from(input.u8());
     let ops = input.bytes(nops * 8);
     let mem = guest_memory(input.rest());
     let mut peer = None;
+    let mut backend_fds = Vec::new();
+    let mut _hosts = Vec::new();
     let dev: Box<dyn VirtioDevice> = match kind {
         0 | 1 => Box::new(Block::from_file(
             memfd_disk(4096),
@@ -260,11 +390,20 @@ pub fn virtio_mmio(data: &[u8]) {
             kind == 1,
             "rvmm-fuzz",
         )),
-        _ => {
+        2 => {
             let (tap, p) = socket_tap();
             send(&p, &[0x55; 60]);
             peer = Some(p);
-            Box::new(Net::new(tap, [2, 0, 0, 0, 0, 1]))
+            let net = Net::new(tap, [2, 0, 0, 0, 0, 1]);
+            backend_fds.push(net.tap_fd());
+            Box::new(net)
+        }
+        _ => {
+            let (ports, hosts) = console_ports(b"host input");
+            _hosts = hosts;
+            let c = Console::new(ports).expect("two ports are allowed");
+            backend_fds.extend(c.backend_fds().into_iter().map(|(fd, _)| fd));
+            Box::new(c)
         }
     };
     let mut t = MmioTransport::new(dev, mem, irq()).expect("device queue sizes are valid");
@@ -286,7 +425,9 @@ pub fn virtio_mmio(data: &[u8]) {
                 t.notify(v as usize % 4);
             }
             4 => {
-                t.backend_event();
+                for &fd in &backend_fds {
+                    t.backend_event(fd);
+                }
             }
             5 => t.config_changed(),
             6 => {
@@ -526,12 +667,24 @@ pub fn snapshot(data: &[u8]) {
         .collect();
     let mem = Mem::from_ranges(&ranges).expect("guest memory");
     for (slot, ts) in layout.devices.iter().zip(&snap.transports) {
-        let dev: Box<dyn VirtioDevice> = match slot {
+        let mut _hosts = Vec::new();
+        let mut dev: Box<dyn VirtioDevice> = match slot {
             Slot::Block { read_only } => {
                 Box::new(Block::from_file(memfd_disk(0), 0, *read_only, "rvmm-fuzz"))
             }
             Slot::Net => Box::new(Net::new(socket_tap().0, [2, 0, 0, 0, 0, 1])),
+            Slot::Console { .. } => {
+                let (ports, hosts) = console_ports(b"");
+                _hosts = hosts;
+                Box::new(Console::new(ports).expect("two ports are allowed"))
+            }
         };
+        // As the VMM's restore does: the device's own state first, refused if it does not fit.
+        if let Some(d) = ts.device.clone() {
+            if dev.restore_state(d).is_err() {
+                continue;
+            }
+        }
         let queues = ts.queues.iter().cloned().map(Into::into).collect();
         if let Ok(mut t) = MmioTransport::restore(dev, mem.clone(), irq(), ts.state.clone(), queues)
         {
@@ -544,10 +697,11 @@ pub fn snapshot(data: &[u8]) {
 
 /// The layouts the snapshot target restores into.
 pub fn fuzz_layout(sel: u8) -> Layout {
-    let (vcpus, devices) = match sel % 3 {
+    let (vcpus, devices) = match sel % 4 {
         0 => (1, vec![]),
         1 => (1, vec![Slot::Block { read_only: true }]),
-        _ => (2, vec![Slot::Block { read_only: false }, Slot::Net]),
+        2 => (2, vec![Slot::Block { read_only: false }, Slot::Net]),
+        _ => (1, vec![Slot::Console { ports: 2 }]),
     };
     Layout {
         vcpus,
@@ -600,6 +754,41 @@ pub fn snapshot_seed(sel: u8) -> Vec<u8> {
             queues: match d {
                 Slot::Block { .. } => vec![queue(0)],
                 Slot::Net => vec![queue(1), queue(2)],
+                Slot::Console { ports } => (0..2 * (console::MAX_PORTS as u64 + 1))
+                    .map(|i| {
+                        let mut q = queue(3 + i);
+                        q.ready = i < 2 + 2 * u64::from(*ports);
+                        q.max_size = if (2..4).contains(&i) {
+                            console::CTRL_QUEUE_SIZE
+                        } else {
+                            console::DATA_QUEUE_SIZE
+                        };
+                        q.size = q.size.min(q.max_size);
+                        q
+                    })
+                    .collect(),
+            },
+            device: match d {
+                Slot::Console { ports } => serde_json::to_value(console::ConsoleState {
+                    multiport: true,
+                    device_ready: true,
+                    ports: (0..*ports)
+                        .map(|p| console::PortState {
+                            guest_ready: true,
+                            guest_open: true,
+                            host_open: true,
+                            tx_taken: 0,
+                            staged: if p == 0 {
+                                b"staged".to_vec()
+                            } else {
+                                Vec::new()
+                            },
+                        })
+                        .collect(),
+                    ctrl_pending: vec![(1, console::event::PORT_OPEN, 1)],
+                })
+                .ok(),
+                _ => None,
             },
         })
         .collect();
@@ -828,9 +1017,44 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     h.extend(frame::encode_chunked(frame::SPEC, &json[json.len() / 2..]));
     h.extend(frame::encode(frame::SPEC_END, &[]));
     v.push(("guest_start", "start".into(), pieces(&h)));
-    for sel in 0..3 {
+    for sel in 0..4 {
         v.push(("snapshot", format!("layout-{sel}"), snapshot_seed(sel)));
     }
+    // Console: both ports' queues and the control queues at queue memory 0x1000 (the same
+    // rings: the device sees a guest that shares them), a control message in RAM, then every
+    // queue notified, the host fds' events and a state round trip.
+    let console_ram = ram(
+        &[&[(0x5000, 8, 0)], &[(0x5800, 64, 2)], &[(0x6000, 4096, 2)]],
+        &[],
+    );
+    let mut s = vec![1, 4, 0];
+    s.extend(b"hi\n\x04");
+    for _ in 0..6 {
+        s.extend(queue(0));
+    }
+    let ops = [3u8, 2, 0, 1, 4, 5, 0x80, 0x81, 0x82, 6, 1, 0x40];
+    s.push(ops.len() as u8);
+    s.extend(ops);
+    s.extend(&console_ram);
+    v.push(("virtio_console", "ports".into(), s));
+    // The used ring on top of the avail ring of every queue.
+    let mut s = vec![1, 0, 0];
+    for _ in 0..6 {
+        s.push(4);
+        for a in [0x1000u16, 0x2000, 0x2000, 0, 5] {
+            s.extend(a.to_le_bytes());
+        }
+        s.push(0);
+    }
+    let ops = [0u8, 1, 2, 3, 4, 5, 0x80, 0x81];
+    s.push(ops.len() as u8);
+    s.extend(ops);
+    let mut m = vec![0u8; 0x2004];
+    m[0x2002] = 1;
+    m[0x1008] = 64;
+    m[0x100c] = 2;
+    s.extend(m);
+    v.push(("virtio_console", "used-ring-on-avail-ring".into(), s));
     v
 }
 
@@ -843,6 +1067,7 @@ pub fn run(target: &str, data: &[u8]) {
         "serial_i8042" => serial_i8042(data),
         "channel_host" => channel_host(data),
         "snapshot" => snapshot(data),
+        "virtio_console" => virtio_console(data),
         // In fuzz/fuzz_targets/guest_start.rs: rvmm-init is not a dependency of this crate.
         "guest_start" => {}
         _ => panic!("no fuzz target {target}"),
@@ -865,7 +1090,7 @@ mod tests {
 
     #[test]
     fn snapshot_seeds_parse() {
-        for sel in 0..3 {
+        for sel in 0..4 {
             let s = snapshot_seed(sel);
             Snapshot::parse(&s[1..], Path::new("x"), "fuzz", &fuzz_layout(sel)).unwrap();
         }

@@ -36,6 +36,12 @@ const INPUTS: &[(&str, &[u8])] = &[
         "patches/0005-rvmm-builtin-params-sysfs-group-once.patch",
         include_bytes!("../guest-kernel/patches/0005-rvmm-builtin-params-sysfs-group-once.patch"),
     ),
+    (
+        "patches/0006-rvmm-virtio-console-ports-open-more-than-once.patch",
+        include_bytes!(
+            "../guest-kernel/patches/0006-rvmm-virtio-console-ports-open-more-than-once.patch"
+        ),
+    ),
 ];
 
 /// What the VMM appends to the guest command line on kvm_pvm hosts (one line, shared with the tests and

@@ -100,7 +100,11 @@ fn store_view(root: &Path) -> String {
     rvmm_ok(root, &["images", "--no-trunc"])
         .lines()
         .map(|line| {
-            let cols: Vec<&str> = line.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+            let cols: Vec<&str> = line
+                .split("   ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
             cols.iter()
                 .enumerate()
                 .filter(|(i, _)| *i != 4)

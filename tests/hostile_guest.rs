@@ -2,8 +2,8 @@
 //! (x86-64 machine code generated here, put where rvmm looks for its guest kernel) instead of
 //! Linux. It writes garbage to every register of every virtio-mmio device, sets up queues full
 //! of garbage descriptor chains and notifies them, writes garbage to COM1, COM2 and the i8042,
-//! and floods the channel (COM2) with malformed frames and frames of the largest size, never
-//! saying READY. Then either it sends a frame header over the size limit (the host must call the
+//! and floods the channel (the virtio-console's control port, port 0) with malformed frames and
+//! frames of the largest size, never saying READY. Then either it sends a frame header over the size limit (the host must call the
 //! stream corrupt and stop the VM), or it goes on flooding legal garbage (the start watchdog
 //! must stop it).
 //!
@@ -32,8 +32,12 @@ const GARBAGE_RAM: u64 = 0x40_0000;
 const GARBAGE_RAM_LEN: u64 = 0x3b0_0000;
 /// Queue rings the garbage driver sets up: device n, queue q at RINGS + (2n + q) * 0x4000.
 const RINGS: u64 = 0x30_0000;
-/// Virtio devices of a `--network bridge` VM: the image disk, then the net device.
-const DEVICES: u32 = 2;
+/// Virtio devices of a `--network bridge` VM: the image disk, the net device, the console.
+const DEVICES: u32 = 3;
+/// The virtio-console (the channel) among them.
+const CONSOLE: u32 = 2;
+/// Rings of the console driver that floods the channel (past the garbage drivers' rings).
+const FLOOD_RING: u64 = RINGS + 2 * DEVICES as u64 * 0x4000;
 
 /// xorshift64*: the garbage is the same on every run.
 struct Rng(u64);
@@ -90,12 +94,24 @@ impl Code {
         self.b(&[0x66, 0xba]).b(&port.to_le_bytes());
         self.b(&[0xec]); // in al, dx
     }
-    /// `rep outsb` of `len` bytes at `addr` to `port`.
-    fn outs(&mut self, port: u16, addr: u64, len: u32) {
-        self.b(&[0x48, 0xbe]).b(&addr.to_le_bytes()); // mov rsi, addr
-        self.b(&[0xb9]).b(&len.to_le_bytes()); // mov ecx, len
-        self.b(&[0x66, 0xba]).b(&port.to_le_bytes());
-        self.b(&[0xf3, 0x6e]); // rep outsb
+    /// `xor r8, r8`
+    fn zero_r8(&mut self) {
+        self.b(&[0x4d, 0x31, 0xc0]);
+    }
+    /// One more buffer on the flood ring: `inc r8w`, the avail index = r8w, notify `queue` of
+    /// device `dev`, then spin until the device has used it (used index == r8w).
+    fn offer_and_wait(&mut self, avail_idx: u64, used_idx: u64, dev: u32, queue: u32) {
+        self.b(&[0x66, 0x41, 0xff, 0xc0]); // inc r8w
+        self.rax(avail_idx);
+        self.b(&[0x66, 0x44, 0x89, 0x00]); // mov [rax], r8w
+        self.rax(mmio(dev, 0x50));
+        self.b(&[0xc7, 0x00]).b(&queue.to_le_bytes()); // mov dword [rax], queue
+        let wait = self.0.len();
+        self.rax(used_idx);
+        self.b(&[0x66, 0x8b, 0x10]); // mov dx, [rax]
+        self.b(&[0x66, 0x44, 0x39, 0xc2]); // cmp dx, r8w
+        let rel = wait as i64 - (self.0.len() as i64 + 2);
+        self.b(&[0x75, rel as i8 as u8]); // jne wait
     }
     /// `jmp` back to code offset `to`.
     fn jmp_back(&mut self, to: usize) {
@@ -246,35 +262,51 @@ fn hostile_kernel(corrupt: bool) -> Vec<u8> {
     for (reg, v) in [(3u16, 0x03u8), (1, 0), (4, 0x03), (2, 0)] {
         c.out(layout::COM2_PORT + reg, v);
     }
-    let frames = garbage_frames(&mut rng);
-    let mut tail = Vec::new();
+    let mut frames = garbage_frames(&mut rng);
     if corrupt {
-        tail.extend([0x42, 0xff, 0xff, 0xff, 0x7f]);
+        frames.extend([0x42, 0xff, 0xff, 0xff, 0x7f]);
+        frames.extend(rng.bytes(4096));
     }
-    tail.extend(rng.bytes(4096));
-    // Code, then the data it sends: its address is known once the code is complete, so the
-    // code has a fixed size (placeholders patched below).
+    // A driver for the console that resets it (after the garbage above) and brings up port 0's
+    // transmit queue (queue 1) with one descriptor over the frames: each round offers it again
+    // and waits until the device has taken it all, on and on.
+    let w = |c: &mut Code, off: u64, v: u32| c.store(mmio(CONSOLE, off), 4, u64::from(v));
+    w(&mut c, 0x70, 0);
+    w(&mut c, 0x70, 3);
+    w(&mut c, 0x24, 1);
+    w(&mut c, 0x20, 1); // VERSION_1
+    w(&mut c, 0x24, 0);
+    w(&mut c, 0x20, 0); // no multiport: port 0 needs none
+    w(&mut c, 0x70, 0xb);
+    w(&mut c, 0x30, 1);
+    w(&mut c, 0x38, 64);
+    w(&mut c, 0x80, FLOOD_RING as u32);
+    w(&mut c, 0x84, 0);
+    w(&mut c, 0x90, (FLOOD_RING + 0x1000) as u32);
+    w(&mut c, 0x94, 0);
+    w(&mut c, 0xa0, (FLOOD_RING + 0x2000) as u32);
+    w(&mut c, 0xa4, 0);
+    w(&mut c, 0x44, 1);
+    w(&mut c, 0x70, 0xf);
+    // Descriptor 0 (its address is patched in below, once the code's size is known): the
+    // frames, device-readable, no next. Every avail ring entry is 0 (RAM starts zeroed).
+    let desc_at = c.0.len();
+    c.store(FLOOD_RING, 8, 0);
+    c.store(FLOOD_RING + 8, 8, frames.len() as u64);
+    c.store(FLOOD_RING + 0x1000, 2, 1); // VRING_AVAIL_F_NO_INTERRUPT
+    c.zero_r8();
     let flood = c.0.len();
-    c.outs(layout::COM2_PORT, 0, frames.len() as u32);
-    let tail_at = c.0.len();
+    c.offer_and_wait(FLOOD_RING + 0x1002, FLOOD_RING + 0x2002, CONSOLE, 1);
     if corrupt {
-        c.outs(layout::COM2_PORT, 0, tail.len() as u32);
-        // The stream is corrupt now: garbage to COM2's registers too (bytes out, loopback,
-        // divisor latch), and on and on.
+        // The host has stopped listening: garbage to COM2's registers too, on and on.
         garbage_ports(&mut c, &mut rng, true);
-        c.jmp_back(tail_at);
-    } else {
-        c.jmp_back(flood);
     }
+    c.jmp_back(flood);
     let data_at = BASE + c.0.len() as u64;
-    c.0[flood + 2..flood + 10].copy_from_slice(&data_at.to_le_bytes());
-    let tail_addr = data_at + frames.len() as u64;
-    if corrupt {
-        c.0[tail_at + 2..tail_at + 10].copy_from_slice(&tail_addr.to_le_bytes());
-    }
+    // `store` is `mov rax, addr; mov rcx, v; ...`: v is at +12.
+    c.0[desc_at + 12..desc_at + 20].copy_from_slice(&data_at.to_le_bytes());
     let mut image = c.0;
     image.extend(frames);
-    image.extend(tail);
     elf(&image)
 }
 

@@ -19,6 +19,10 @@
 //! 9. two VMs restored at once from one snapshot differ in MAC, IP and random bytes, have the host's
 //!    time, and another image runs from the same snapshot;
 //! 10. a snapshot of another rvmm is refused with one line, the run boots, and saves a good one.
+//! 11. the channel (a multiport virtio-console): 64 MiB through the workload's stdin and back out of
+//!     its stdout arrive complete and in order (warm); stdout and stderr written alternately stay
+//!     apart, /dev/stdout and /dev/stderr can be opened again (`--cold`); a workload that never
+//!     reads a large stdin does not block rvmm.
 
 #![allow(clippy::unwrap_used)]
 
@@ -771,8 +775,11 @@ fn published_port_and_hostile_workload() {
         body.contains("hello from rvmm"),
         "the published port never reached httpd in the VM: {body:?}"
     );
-    // Let the floods run until the stdout one is through, then release the workload.
-    while got.load(Ordering::Relaxed) < FLOOD_BYTES && Instant::now() < deadline {
+    // Let the floods run until the stdout one is through and the TCP one has reached the host,
+    // then release the workload.
+    while (got.load(Ordering::Relaxed) < FLOOD_BYTES || flooded.load(Ordering::Relaxed) == 0)
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut stdin = child.stdin.take().expect("stdin");
@@ -1047,6 +1054,80 @@ fn a_detached_vm_logs_stops_and_waits() {
     let v: serde_json::Value = serde_json::from_str(&i.stdout).unwrap();
     assert_eq!(v[0]["Isolation"], "vm");
     assert_eq!(v[0]["State"]["Running"], true);
+
+    // exec: a process next to the workload in the guest, with its privileges and the given
+    // user, environment and directory; its status comes back.
+    let e = rvmm(
+        root,
+        &[
+            "exec", "-u", "app", "-e", "X=1", "-w", "/tmp", "bgvm", "sh", "-c",
+            "id -u; echo $X; pwd; grep -E '^(CapEff|NoNewPrivs):' /proc/self/status; echo oops >&2; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(
+        (e.code, e.stdout.as_str(), e.stderr.as_str()),
+        (
+            3,
+            "1000\n1\n/tmp\nCapEff:\t0000000000000000\nNoNewPrivs:\t0\n",
+            "oops\n"
+        )
+    );
+    let e = rvmm(root, &["exec", "bgvm", "nonexistent"], None);
+    assert_eq!(e.code, 127, "{}", e.stderr);
+    assert!(
+        e.stderr.contains("executable file not found"),
+        "{}",
+        e.stderr
+    );
+    let e = rvmm(root, &["exec", "-i", "bgvm", "cat"], Some("through exec\n"));
+    assert_eq!(
+        (e.code, e.stdout.as_str()),
+        (0, "through exec\n"),
+        "{}",
+        e.stderr
+    );
+    // With -t the process has a terminal in the guest (whatever ours is).
+    let e = rvmm(
+        root,
+        &[
+            "exec",
+            "-t",
+            "bgvm",
+            "sh",
+            "-c",
+            "test -t 1 && echo tty",
+        ],
+        None,
+    );
+    assert_eq!((e.code, e.stdout.as_str()), (0, "tty\r\n"), "{}", e.stderr);
+    // Two at once, each with its own output and status.
+    let spawn = |n: &str| {
+        Command::new(common::rvmm_bin())
+            .arg("--root")
+            .arg(root)
+            .args([
+                "exec",
+                "bgvm",
+                "sh",
+                "-c",
+                &format!("sleep 1; echo {n}; exit {n}"),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("4"), spawn("5"));
+    for (child, n) in [(a, 4), (b, 5)] {
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout).to_string()
+            ),
+            (Some(n), format!("{n}\n"))
+        );
+    }
     // `wait` from another process while `stop` runs.
     let waiter = Command::new(common::rvmm_bin())
         .arg("--root")
@@ -1064,4 +1145,133 @@ fn a_detached_vm_logs_stops_and_waits() {
     assert_eq!(logs.stdout, "out\nterm\n");
     assert_eq!(rvmm(root, &["rm", "bgvm"], None).code, 0);
     assert!(rvmm(root, &["ps", "-aq"], None).stdout.trim().is_empty());
+}
+
+/// Runs `rvmm run --rm --isolation=vm FLAGS busybox ARGS` with `input` fed to its stdin from a
+/// thread of its own (a workload that never reads it must not block the test either): (status,
+/// stdout bytes, stderr).
+fn run_feeding(
+    env: &RunEnv,
+    flags: &[&str],
+    args: &[&str],
+    input: Vec<u8>,
+) -> (i32, Vec<u8>, String) {
+    let mut child = Command::new(common::rvmm_bin())
+        .arg("--root")
+        .arg(env.store.path())
+        .args(["run", "--rm", "--isolation=vm"])
+        .args(flags)
+        .arg(BB)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rvmm");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let feeder = std::thread::spawn(move || {
+        // rvmm may exit before taking it all: that is the point of one of the tests.
+        let _ = stdin.write_all(&input);
+    });
+    let mut err = child.stderr.take().expect("stderr");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut out = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_end(&mut out)
+        .expect("read stdout");
+    let status = child.wait().expect("rvmm");
+    feeder.join().unwrap();
+    (status.code().unwrap_or(-1), out, err_reader.join().unwrap())
+}
+
+/// `n` bytes no two runs of a broken channel would get right by accident (xorshift64).
+fn pattern(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// 64 MiB (RVMM_TEST_CHANNEL_MIB overrides, for a quick local run) into the workload's stdin and
+/// back out of its stdout, through a warm VM: complete and in order.
+#[test]
+fn channel_round_trip_of_64_mib() {
+    let Some(env) = setup() else { return };
+    let mib = std::env::var("RVMM_TEST_CHANNEL_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(64);
+    let data = pattern(mib << 20);
+    let t = Instant::now();
+    let (code, out, err) = run_feeding(
+        &env,
+        &["-i", "--network=none"],
+        &["sh", "-c", "cat; echo done >&2"],
+        data.clone(),
+    );
+    let took = t.elapsed();
+    eprintln!(
+        "{mib} MiB each way in {took:?} ({:.2} MB/s each way)",
+        (mib << 20) as f64 / took.as_secs_f64() / 1e6
+    );
+    assert_eq!((code, err.as_str()), (0, "done\n"));
+    assert_eq!(out.len(), data.len(), "stdout is cut short");
+    assert_eq!(sha256(&out), sha256(&data), "stdout differs from stdin");
+}
+
+/// stdout and stderr written alternately arrive apart and in order, the workload can open
+/// /dev/stdout and /dev/stderr again (as with pipes), in a VM that boots (`--cold`) just as in a
+/// container; and a workload that never reads its (large) stdin ends the run all the same.
+#[test]
+fn channel_streams_stay_apart_and_unread_stdin_does_not_block() {
+    let Some(env) = setup() else { return };
+    let script = "i=0; while [ $i -lt 300 ]; do i=$((i+1)); echo out$i; echo err$i >&2; done; \
+                  echo again > /dev/stdout; echo again > /dev/stderr; exit 5";
+    let args = ["sh", "-c", script];
+    let c = run(&env, "container", &["--network=none"], &args, None);
+    assert_eq!(c.code, 5, "container: {}", c.stderr);
+    let expect = |p: &str| {
+        let mut s: String = (1..=300).map(|i| format!("{p}{i}\n")).collect();
+        s.push_str("again\n");
+        s
+    };
+    assert_eq!(
+        (c.stdout.clone(), c.stderr.clone()),
+        (expect("out"), expect("err"))
+    );
+    let v = run(&env, "vm", &["--network=none", "--cold"], &args, None);
+    assert_eq!(
+        (v.code, v.stdout.as_str(), v.stderr.as_str()),
+        (c.code, c.stdout.as_str(), c.stderr.as_str()),
+        "vm --cold (left) and container (right) differ"
+    );
+    // 16 MiB on stdin that nobody reads: more than every buffer on the way holds.
+    let (code, out, err) = run_feeding(
+        &env,
+        &["-i", "--network=none"],
+        &["sh", "-c", "echo not reading; exit 7"],
+        vec![b'x'; 16 << 20],
+    );
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).as_ref(), err.as_str()),
+        (7, "not reading\n", "")
+    );
 }

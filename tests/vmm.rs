@@ -1129,3 +1129,115 @@ fn snapshot_restores_a_running_guest_in_a_new_vm() {
     let e = vm.controller().snapshot(&dir.path().join("s2"), "tiny");
     assert!(e.unwrap_err().to_string().contains("not running"));
 }
+
+// ---------------------------------------------------------------- virtio-console
+
+/// A hostile driver of the virtio-console: garbage control messages (short, out of RAM, unknown
+/// events, port ids out of range, a flood of PORT_READY with no receive buffers for the answers)
+/// and garbage transmit chains (out of RAM, absurd lengths, write-only buffers), then one good
+/// transmit chain. The VMM gives every chain back, the host's end of the port gets exactly the
+/// good bytes, and the guest goes on to its marker and reset.
+#[test]
+fn tiny_guest_garbage_on_virtio_console_queues() {
+    if !common::have_kvm() {
+        return;
+    }
+    use rvmm::devices::virtio::console::{
+        event, CTRL_QUEUE_SIZE, CTRL_TX, DATA_QUEUE_SIZE, F_MULTIPORT,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Image::new();
+    // Device 0 is the console (no disks): MULTIPORT and VERSION_1, transmit queue of port 0 on
+    // queue memory 0, the control transmit queue on queue memory 1.
+    let w = |g: &mut Image, off, v| g.op(OP_W32, mmio(0, off), v);
+    w(&mut g, 0x70, 0);
+    w(&mut g, 0x70, 3);
+    w(&mut g, 0x24, 0);
+    w(&mut g, 0x20, F_MULTIPORT);
+    w(&mut g, 0x24, 1);
+    w(&mut g, 0x20, 1);
+    w(&mut g, 0x70, 0xb);
+    for (sel, q, size) in [
+        (1u64, 0usize, DATA_QUEUE_SIZE),
+        (CTRL_TX as u64, 1, CTRL_QUEUE_SIZE),
+    ] {
+        w(&mut g, 0x30, sel);
+        w(&mut g, 0x38, u64::from(size));
+        let b = Image::qbase(q);
+        w(&mut g, 0x80, b);
+        w(&mut g, 0x90, b + 0x400);
+        w(&mut g, 0xa0, b + 0x1000);
+        w(&mut g, 0x44, 1);
+    }
+    w(&mut g, 0x70, 0xf);
+    // Control messages at HDRS: (id, event, value).
+    let msgs: [(u32, u16, u16); 6] = [
+        (u32::MAX, event::DEVICE_READY, 1),
+        (1000, event::PORT_READY, 1),
+        (0, 999, 1),
+        (7, event::PORT_OPEN, 1),
+        (0, event::PORT_READY, 0),
+        (0, event::PORT_OPEN, 1),
+    ];
+    for (i, &(id, ev, val)) in msgs.iter().enumerate() {
+        let mut m = [0u8; 8];
+        m[..4].copy_from_slice(&id.to_le_bytes());
+        m[4..6].copy_from_slice(&ev.to_le_bytes());
+        m[6..].copy_from_slice(&val.to_le_bytes());
+        g.put(HDRS + 16 * i as u64, &m);
+    }
+    let ctrl_chains: Vec<(u64, u32, u16)> = (0..msgs.len())
+        .map(|i| (HDRS + 16 * i as u64, 8, 0))
+        .chain([
+            (HDRS, 3, 0),             // too short
+            (0xffff_0000_0000, 8, 0), // outside RAM
+            (HDRS, u32::MAX, 0),      // absurd length
+            (HDRS + 16, 8, F_WRITE),  // write-only
+        ])
+        // A flood of PORT_READY for a port that does not exist.
+        .chain((0..20).map(|_| (HDRS + 16, 8, 0)))
+        .collect();
+    for &(addr, len, flags) in &ctrl_chains {
+        let d = g.desc(1, addr, len, flags, 0);
+        g.post(0, 1, CTRL_TX as u64, d);
+    }
+    g.wait_used(1);
+    // Transmit: garbage, then the good bytes.
+    let good = b"hello from the tiny guest\n";
+    g.put(DATA_W, good);
+    for &(addr, len, flags) in &[
+        (0xffff_0000_0000u64, 16u32, 0u16),
+        (DATA_W, u32::MAX, 0),
+        (DATA_W, 512, F_WRITE),
+        (DATA_W, good.len() as u32, 0),
+    ] {
+        let d = g.desc(0, addr, len, flags, 0);
+        g.post(0, 0, 1, d);
+    }
+    g.wait_used(0);
+    g.out_str(layout::COM1_PORT, MARKER);
+    g.op(OP_OUT, u64::from(layout::I8042_CMD_PORT), 0xfe);
+    let kernel = g.build();
+
+    let (out_r, out_w) = nix::unistd::pipe().unwrap();
+    let mut cfg = config(dir.path(), kernel, vec![]);
+    cfg.ports = vec![rvmm::vmm::PortBackend {
+        name: "tiny".into(),
+        input: None,
+        output: Some(out_w),
+        barrier: false,
+    }];
+    let vm = Vm::new(cfg).expect("create vm");
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(out_r);
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut v).unwrap();
+        v
+    });
+    let exit = run_with_timeout(vm).expect("vm run");
+    let console = std::fs::read_to_string(dir.path().join("console.txt")).unwrap();
+    let out = reader.join().unwrap();
+    assert_eq!(exit, VmExit::Reset, "console: {console} out: {out:?}");
+    assert!(console.ends_with(MARKER), "console: {console}");
+    assert_eq!(out, good);
+}

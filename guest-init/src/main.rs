@@ -2,7 +2,8 @@
 //! delivered as /init of an initramfs that also holds the host's workload privileges
 //! (/rvmm/security.json: the same for every run of a host).
 //!
-//! 1. mounts /dev, /proc, /sys of the initramfs; opens the channel (/dev/ttyS1, raw);
+//! 1. mounts /dev, /proc, /sys of the initramfs; opens the channel's ports (a multiport
+//!    virtio-console: control, stdin, stdout, stderr; docs/vm-channel.md);
 //! 2. prepares what every run needs alike: the workload's /proc, /sys (ro) and minimal /dev
 //!    (nodes, pts, shm, mqueue) under /stage, and a *zygote*: the workload-to-be, forked with its
 //!    bounding set dropped and its seccomp filter installed;
@@ -15,9 +16,10 @@
 //!    the cached image disk is never written;
 //! 5. moves the staged /proc, /sys and /dev into it, binds /etc/hosts, /etc/hostname and
 //!    /etc/resolv.conf; loopback and eth0; hostname; then moves it to / (switch_root);
-//! 6. hands the workload to the zygote (or forks it) with the spec's user, env and cwd,
-//!    stdout/stderr on pipes (or a pty with -t), relays them as channel frames, stdin and signals
-//!    the other way;
+//! 6. hands the workload to the zygote (or forks it) with the spec's user, env and cwd, and the
+//!    stdin, stdout and stderr ports as its fds 0-2 (its writes go straight to the host, no copy
+//!    through rvmm-init); with -t a pty whose master rvmm-init relays to and from those ports;
+//!    signals and window sizes arrive as control frames;
 //! 7. reaps every orphan; when the workload exits, sends its status and powers off.
 //!
 //! Failures before the workload starts are reported as a FAILED frame (125, or 126/127 for
@@ -30,7 +32,8 @@ mod sys;
 
 use rvmm_workload::{c, check, mkdir_p, mount, Failure};
 
-const CHANNEL: &str = "/dev/ttyS1";
+/// How long the channel's ports may take to appear after the kernel started PID 1.
+const PORTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 const NEWROOT: &str = "/newroot";
 
 /// Guest uptime when PID 1 started, for the STARTED frame (the kernel's share of a cold start).
@@ -48,8 +51,8 @@ fn main() {
         eprintln!("rvmm-init: must run as PID 1 inside an rvmm microVM");
         std::process::exit(2);
     }
-    let chan = match early() {
-        Ok(fd) => fd,
+    let (chan, stdio) = match early() {
+        Ok(fds) => fds,
         Err(e) => {
             eprintln!("rvmm-init: {e}");
             sys::power_off();
@@ -74,7 +77,7 @@ fn main() {
     let zygote = boot_security.as_ref().and_then(workload::zygote);
     sys::trace("zygote forked");
     let mut ch = Channel { fd: chan };
-    let status = match run(&mut ch, boot_security, zygote, staged) {
+    let status = match run(&mut ch, boot_security, zygote, staged, &stdio) {
         Ok(code) => code,
         Err(f) => {
             let mut p = vec![f.status];
@@ -106,15 +109,32 @@ impl Channel {
     }
 }
 
-/// /dev, /proc, /sys of the initramfs, and the channel.
-fn early() -> Result<libc::c_int, String> {
+/// /dev, /proc, /sys of the initramfs, and the channel's ports: (control, the workload's stdio).
+fn early() -> Result<(libc::c_int, workload::Stdio), String> {
     mkdir_p("/dev");
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755").map_err(|e| e.message)?;
     mkdir_p("/proc");
     mount("proc", "/proc", "proc", 0, "").map_err(|e| e.message)?;
     mkdir_p("/sys");
     mount("sysfs", "/sys", "sysfs", 0, "").map_err(|e| e.message)?;
-    sys::open_raw_tty(CHANNEL)
+    use rvmm_proto::port;
+    let fds = sys::open_ports(
+        &[
+            (port::CONTROL, libc::O_RDWR),
+            (port::STDIN, libc::O_RDONLY),
+            (port::STDOUT, libc::O_WRONLY),
+            (port::STDERR, libc::O_WRONLY),
+        ],
+        PORTS_TIMEOUT,
+    )?;
+    Ok((
+        fds[0],
+        workload::Stdio {
+            stdin: fds[1],
+            stdout: fds[2],
+            stderr: fds[3],
+        },
+    ))
 }
 
 use rvmm_guest_init::Fail;
@@ -137,6 +157,7 @@ fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
                 return Ok(start);
             }
         } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // 0: the host closed the control port.
             return Err(Failure::setup(
                 "the channel closed before the run spec arrived",
             ));
@@ -149,6 +170,7 @@ fn run(
     boot_security: Option<rvmm_proto::Security>,
     zygote: Option<workload::Zygote>,
     staged: bool,
+    stdio: &workload::Stdio,
 ) -> Result<i32, Fail> {
     let start = wait_start(ch)?;
     sys::trace("start received");
@@ -266,7 +288,8 @@ fn run(
     sys::trace("switched root");
     // The zygote's filter is the boot-time one: only a run with those privileges may use it.
     let zygote = if start.boot_security { zygote } else { None };
-    workload::run(&spec, ch, zygote)
+    workload::run(&spec, ch, zygote, stdio)
 }
 
+mod exec;
 mod workload;

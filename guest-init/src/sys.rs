@@ -6,27 +6,61 @@ fn err() -> String {
     std::io::Error::last_os_error().to_string()
 }
 
-/// Opens a serial port in raw mode (8-bit clean, no echo, no line discipline).
-pub fn open_raw_tty(path: &str) -> Result<libc::c_int, String> {
-    // SAFETY: NUL-terminated path; termios is plain data.
-    unsafe {
-        let fd = libc::open(
-            c(path).as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        );
-        if fd < 0 {
-            return Err(format!("opening the channel {path}: {}", err()));
+/// Opens the virtio-console ports named `names` (in that order, each with its open flags), waiting
+/// up to `timeout` for the host to name them: the driver adds ports asynchronously after boot.
+pub fn open_ports(
+    names: &[(&str, libc::c_int)],
+    timeout: std::time::Duration,
+) -> Result<Vec<libc::c_int>, String> {
+    let t0 = std::time::Instant::now();
+    let mut found: Vec<Option<String>> = vec![None; names.len()];
+    loop {
+        if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in rd.flatten() {
+                let dev = e.file_name().to_string_lossy().into_owned();
+                let Ok(name) = std::fs::read_to_string(e.path().join("name")) else {
+                    continue;
+                };
+                if let Some(i) = names.iter().position(|(n, _)| *n == name.trim()) {
+                    found[i] = Some(dev);
+                }
+            }
         }
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(fd, &mut t) == 0 {
-            libc::cfmakeraw(&mut t);
-            t.c_cflag |= libc::CLOCAL | libc::CREAD;
-            t.c_cflag &= !libc::CRTSCTS;
-            t.c_iflag &= !(libc::IXON | libc::IXOFF);
-            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        if found.iter().all(Option::is_some) {
+            break;
         }
-        Ok(fd)
+        if t0.elapsed() > timeout {
+            let missing: Vec<&str> = names
+                .iter()
+                .zip(&found)
+                .filter(|(_, f)| f.is_none())
+                .map(|((n, _), _)| *n)
+                .collect();
+            return Err(format!(
+                "channel ports {} did not appear",
+                missing.join(", ")
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
+    let mut fds = Vec::new();
+    for ((name, flags), dev) in names.iter().zip(found.into_iter().flatten()) {
+        let path = format!("/dev/{dev}");
+        // The node appears in devtmpfs with the port; give it a moment too.
+        let fd = loop {
+            // SAFETY: NUL-terminated path.
+            let fd = unsafe { libc::open(c(&path).as_ptr(), flags | libc::O_CLOEXEC) };
+            if fd >= 0 || t0.elapsed() > timeout {
+                break fd;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        if fd < 0 {
+            return Err(format!("opening channel port {name} ({path}): {}", err()));
+        }
+        fds.push(fd);
+    }
+    Ok(fds)
 }
 
 pub fn set_hostname(h: &str) -> Result<(), String> {

@@ -1,4 +1,5 @@
-//! Starting the workload and relaying it over the channel until it exits.
+//! Starting the workload on the channel's ports, and relaying signals (and, with -t, the pty)
+//! until it exits.
 
 use rvmm_proto::{frame, RunSpec, Security};
 
@@ -185,12 +186,26 @@ fn handoff(
     // `z` drops here: its socket closes.
 }
 
-pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i32, Fail> {
+/// The channel's stdin, stdout and stderr ports (opened once, before READY: Linux lets one open
+/// file own a port at a time; the workload gets duplicates).
+pub struct Stdio {
+    pub stdin: libc::c_int,
+    pub stdout: libc::c_int,
+    pub stderr: libc::c_int,
+}
+
+pub fn run(
+    spec: &RunSpec,
+    ch: &mut Channel,
+    zygote: Option<Zygote>,
+    stdio: &Stdio,
+) -> Result<i32, Fail> {
     if spec.argv.is_empty() {
         return Err(Failure::setup("no command"));
     }
     let err_pipe = pipe()?;
-    // Output: a pty with -t (one stream, as with Docker), else two pipes.
+    // Output: a pty with -t (one stream, as with Docker), else the stdout and stderr ports
+    // themselves: the workload's writes go to the host with no copy through this process.
     let (mut master, slave) = (-1, -1);
     let (out_pipe, err_out_pipe) = if spec.tty {
         let mut m = 0;
@@ -213,11 +228,11 @@ pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i
         rvmm_workload::bind_console("", &format!("/proc/self/fd/{s}"))?;
         (([m, s]), [-1, -1])
     } else {
-        (pipe()?, pipe()?)
+        ([-1, stdio.stdout], [-1, stdio.stderr])
     };
     let _ = slave;
     let in_pipe = if spec.stdin && !spec.tty {
-        Some(pipe()?)
+        Some([stdio.stdin, -1])
     } else {
         None
     };
@@ -250,15 +265,12 @@ pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i
             pid
         }
     };
-    // SAFETY: closing the child's ends in the parent.
+    // SAFETY: closing the child's ends in the parent (the pty's slave; the ports stay open
+    // here, for the pty relay).
     unsafe {
         libc::close(err_pipe[1]);
-        libc::close(out_pipe[1]);
-        if err_out_pipe[1] >= 0 {
-            libc::close(err_out_pipe[1]);
-        }
-        if let Some(p) = in_pipe {
-            libc::close(p[0]);
+        if spec.tty {
+            libc::close(out_pipe[1]);
         }
     }
     let mut msg = Vec::new();
@@ -292,18 +304,24 @@ pub fn run(spec: &RunSpec, ch: &mut Channel, zygote: Option<Zygote>) -> Result<i
     );
     crate::sys::trace("workload exec'd");
     ch.send(frame::STARTED, &started);
-    relay(
-        ch,
-        pid,
-        out_pipe[0],
-        err_out_pipe[0],
-        in_pipe.map(|p| p[1]),
+    let pty = (master >= 0).then_some(Pty {
         master,
-    )
+        out: stdio.stdout,
+        input: spec.stdin.then_some(stdio.stdin),
+    });
+    relay(ch, pid, pty, spec)
+}
+
+/// With -t: the pty's master, the stdout port its output goes to, and the stdin port its input
+/// comes from (with -i).
+struct Pty {
+    master: libc::c_int,
+    out: libc::c_int,
+    input: Option<libc::c_int>,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn child(
+pub(crate) fn child(
     spec: &RunSpec,
     err_fd: libc::c_int,
     out: [libc::c_int; 2],
@@ -356,53 +374,64 @@ fn child(
     fail(f.status, f.message)
 }
 
-/// Moves bytes until the workload is gone; returns its status (Docker numbering).
+/// Handles control frames (signals, window sizes) and, with -t, moves the pty's bytes, until the
+/// workload is gone; returns its status (Docker numbering).
 fn relay(
     ch: &mut Channel,
     pid: libc::pid_t,
-    out: libc::c_int,
-    err: libc::c_int,
-    mut input: Option<libc::c_int>,
-    master: libc::c_int,
+    mut pty: Option<Pty>,
+    spec: &RunSpec,
 ) -> Result<i32, Fail> {
+    let mut execs = crate::exec::Execs::default();
     let mut dec = frame::Decoder::default();
-    let mut open = [out >= 0, err >= 0];
+    let mut out_open = pty.is_some();
     let mut status: Option<i32> = None;
     let mut drained_since: Option<std::time::Instant> = None;
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 32 * 1024];
+    let master = pty.as_ref().map_or(-1, |p| p.master);
     loop {
-        let mut fds = [
+        let mut fds = vec![
             libc::pollfd {
                 fd: ch.fd,
                 events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: if open[0] { out } else { -1 },
+                fd: if out_open { master } else { -1 },
                 events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: if open[1] { err } else { -1 },
+                fd: pty.as_ref().and_then(|p| p.input).unwrap_or(-1),
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
+        fds.extend(execs.pollfds());
         // SAFETY: polling a valid array.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
-        for (i, kind) in [(1usize, frame::STDOUT), (2, frame::STDERR)] {
-            if fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+        if let Some(p) = pty.as_mut() {
+            if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 // SAFETY: reading into our buffer.
-                let n = unsafe { libc::read(fds[i].fd, buf.as_mut_ptr().cast(), buf.len()) };
+                let n = unsafe { libc::read(master, buf.as_mut_ptr().cast(), buf.len()) };
                 if n > 0 {
-                    ch.send(kind, &buf[..n as usize]);
+                    write_all(p.out, &buf[..n as usize]);
                 } else {
-                    open[i - 1] = false; // EOF, or EIO from a pty whose slave is gone
-                    crate::sys::trace(if i == 1 {
-                        "stdout closed"
-                    } else {
-                        "stderr closed"
-                    });
+                    out_open = false; // EIO: the slave is gone
+                    crate::sys::trace("pty closed");
+                }
+            }
+            if fds[2].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                // SAFETY: reading into our buffer.
+                let n = unsafe { libc::read(fds[2].fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if n > 0 {
+                    write_all(master, &buf[..n as usize]);
+                } else if n == 0
+                    || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
+                {
+                    // The host's stdin ended: ^D, as a terminal would send.
+                    write_all(master, &[4]);
+                    p.input = None;
                 }
             }
         }
@@ -413,26 +442,25 @@ fn relay(
                 dec.feed(&buf[..n as usize]);
                 while let Ok(Some((kind, payload))) = dec.next_frame() {
                     match kind {
-                        frame::STDIN => {
-                            let fd = if master >= 0 { Some(master) } else { input };
-                            if let Some(fd) = fd {
-                                write_all(fd, &payload);
-                            }
-                        }
-                        frame::STDIN_EOF => {
-                            if let Some(fd) = input.take() {
-                                // SAFETY: closing the workload's stdin pipe.
-                                unsafe { libc::close(fd) };
-                            } else if master >= 0 {
-                                write_all(master, &[4]); // ^D
-                            }
-                        }
                         frame::SIGNAL if payload.len() == 4 => {
                             let sig = frame::le32_at(&payload, 0).map_or(0, i32::from_le_bytes);
                             // SAFETY: signalling the workload's process group, then the workload.
                             unsafe {
                                 libc::kill(-pid, sig);
                                 libc::kill(pid, sig);
+                            }
+                        }
+                        frame::EXEC => {
+                            if let Some((id, req)) = frame::split_id(&payload) {
+                                execs.start(ch, spec, id, req);
+                            }
+                        }
+                        frame::EXEC_STDIN
+                        | frame::EXEC_STDIN_EOF
+                        | frame::EXEC_SIGNAL
+                        | frame::EXEC_WINSIZE => {
+                            if let Some((id, rest)) = frame::split_id(&payload) {
+                                execs.input(kind, id, rest);
                             }
                         }
                         frame::WINSIZE if payload.len() == 4 && master >= 0 => {
@@ -449,7 +477,8 @@ fn relay(
                 }
             }
         }
-        // Reap everything; note the workload's end.
+        execs.relay(ch, &mut buf);
+        // Reap everything; note the workload's end, and the execs'.
         loop {
             let mut st = 0;
             // SAFETY: reaping any child without blocking.
@@ -457,20 +486,26 @@ fn relay(
             if r <= 0 {
                 break;
             }
+            let code = if libc::WIFEXITED(st) {
+                libc::WEXITSTATUS(st)
+            } else {
+                128 + libc::WTERMSIG(st)
+            };
             if r == pid {
                 crate::sys::trace("workload reaped");
-                status = Some(if libc::WIFEXITED(st) {
-                    libc::WEXITSTATUS(st)
-                } else {
-                    128 + libc::WTERMSIG(st)
-                });
+                status = Some(code);
+            } else {
+                execs.reaped(r, code);
             }
         }
+        execs.finish(ch);
         if let Some(s) = status {
+            // Without -t the output is on its way already: everything the workload wrote is
+            // queued on the ports, and the host takes it before the EXIT frame that follows. With
+            // -t, what is still in the pty is sent; a background process keeping the pty open
+            // does not hold the VM up for more than a moment.
             let since = *drained_since.get_or_insert_with(std::time::Instant::now);
-            // Output still buffered is sent; a background process keeping the pipes open does
-            // not hold the VM up for more than a moment.
-            if (!open[0] && !open[1]) || since.elapsed() > std::time::Duration::from_millis(500) {
+            if !out_open || since.elapsed() > std::time::Duration::from_millis(500) {
                 return Ok(s);
             }
         }

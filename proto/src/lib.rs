@@ -301,12 +301,48 @@ pub struct Start {
     pub boot_security: bool,
 }
 
-/// The host ↔ guest channel (COM2, a raw byte stream): frames of `[kind u8][len u32 LE][payload]`.
+/// `rvmm exec` in a VM: what the guest needs to start the process, on top of the workload's own
+/// spec (whose root, privileges and limits it shares).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// The whole environment (the workload's with the exec's `-e` on top).
+    pub env: Vec<String>,
+    /// `-u`, resolved by the host; the workload's user when absent.
+    pub user: Option<User>,
+    /// `-w`; the workload's working directory when absent.
+    pub cwd: Option<String>,
+    /// `-t`.
+    pub tty: bool,
+    /// `-i`.
+    pub stdin: bool,
+    /// The terminal's size with `-t`: rows, cols.
+    pub winsize: Option<(u16, u16)>,
+}
+
+/// The ports of the host ↔ guest channel, a multiport virtio-console: the guest finds each one by
+/// its name (/sys/class/virtio-ports/vport*/name). See docs/vm-channel.md.
+pub mod port {
+    /// Frames both ways (`frame`); the host never gets a frame before the output the guest wrote
+    /// on the other ports before sending it.
+    pub const CONTROL: &str = "rvmm.control";
+    /// The workload's stdin (host → guest, raw bytes; the host closing it is EOF).
+    pub const STDIN: &str = "rvmm.stdin";
+    /// The workload's stdout (guest → host, raw bytes; with `-t` everything from the pty).
+    pub const STDOUT: &str = "rvmm.stdout";
+    /// The workload's stderr (guest → host, raw bytes).
+    pub const STDERR: &str = "rvmm.stderr";
+    /// In port order (port 0, 1, ...).
+    pub const ALL: [&str; 4] = [CONTROL, STDIN, STDOUT, STDERR];
+}
+
+/// The frames of the channel's control port (a raw byte stream): `[kind u8][len u32 LE][payload]`.
 /// See docs/vm-channel.md.
 pub mod frame {
-    /// Guest → host: workload stdout bytes.
+    /// Guest → host: workload stdout bytes (unused since the workload's output has ports of its
+    /// own; accepted for compatibility).
     pub const STDOUT: u8 = 1;
-    /// Guest → host: workload stderr bytes.
+    /// Guest → host: workload stderr bytes (unused, as `STDOUT`).
     pub const STDERR: u8 = 2;
     /// Guest → host: the workload's exit status, i32 LE (Docker numbering: 128+n for signal n).
     pub const EXIT: u8 = 3;
@@ -321,14 +357,53 @@ pub mod frame {
     pub const SPEC: u8 = 7;
     /// Host → guest: the `Start` is complete (empty).
     pub const SPEC_END: u8 = 8;
-    /// Host → guest: stdin bytes.
+    /// Host → guest: stdin bytes (unused since stdin has a port of its own).
     pub const STDIN: u8 = 10;
-    /// Host → guest: stdin reached EOF (empty).
+    /// Host → guest: stdin reached EOF (unused: the host closes the stdin port).
     pub const STDIN_EOF: u8 = 11;
     /// Host → guest: deliver a signal to the workload, i32 LE.
     pub const SIGNAL: u8 = 12;
     /// Host → guest: terminal size, rows u16 LE then cols u16 LE.
     pub const WINSIZE: u8 = 13;
+
+    // `rvmm exec` (docs/vm-channel.md). On the channel each exec frame's payload starts with the
+    // exec's id (u32 LE, chosen by the host); between `rvmm exec` and the run's process (the
+    // run directory's exec.sock) the same kinds go without it.
+    /// Host → guest: start a process, JSON [`crate::ExecRequest`].
+    pub const EXEC: u8 = 14;
+    /// Host → guest: bytes for its stdin.
+    pub const EXEC_STDIN: u8 = 15;
+    /// Host → guest: its stdin ended (empty).
+    pub const EXEC_STDIN_EOF: u8 = 16;
+    /// Host → guest: deliver a signal to it, i32 LE.
+    pub const EXEC_SIGNAL: u8 = 17;
+    /// Host → guest: its terminal size, rows u16 LE then cols u16 LE.
+    pub const EXEC_WINSIZE: u8 = 18;
+    /// Guest → host: it started (empty).
+    pub const EXEC_STARTED: u8 = 19;
+    /// Guest → host: its stdout bytes (with a tty: everything).
+    pub const EXEC_STDOUT: u8 = 20;
+    /// Guest → host: its stderr bytes.
+    pub const EXEC_STDERR: u8 = 21;
+    /// Guest → host: its exit status, i32 LE (Docker numbering); the exec's last frame.
+    pub const EXEC_EXIT: u8 = 22;
+    /// Guest → host: it could not start: u8 status (125/126/127) then a UTF-8 message; the
+    /// exec's last frame.
+    pub const EXEC_FAILED: u8 = 23;
+
+    /// Prefixes `payload` with an exec id.
+    pub fn with_id(id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(4 + payload.len());
+        v.extend_from_slice(&id.to_le_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Splits an exec frame's payload into its id and the rest.
+    pub fn split_id(payload: &[u8]) -> Option<(u32, &[u8])> {
+        let id = le32_at(payload, 0).map(u32::from_le_bytes)?;
+        Some((id, &payload[4..]))
+    }
 
     /// Largest payload either side sends or accepts.
     pub const MAX_PAYLOAD: usize = 64 * 1024;

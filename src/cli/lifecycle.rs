@@ -395,11 +395,6 @@ pub struct ExecArgs {
 /// `rvmm exec`: a new process in a running workload, with its privileges.
 pub fn exec(args: ExecArgs, global: &Global) -> anyhow::Result<u8> {
     let r = find(global, &args.run)?;
-    if r.isolation == state::Isolation::Vm {
-        bail!(
-            "exec into a VM run is not supported yet (it needs an exec stream on the VM channel)"
-        );
-    }
     if !r.alive() {
         bail!("{} is not running", args.run);
     }
@@ -423,6 +418,32 @@ pub fn exec(args: ExecArgs, global: &Global) -> anyhow::Result<u8> {
             bail!("the working directory {w:?} is not absolute");
         }
         spec.cwd = w.clone();
+    }
+    if r.isolation == state::Isolation::Vm {
+        // The user is looked up in the image (the guest's root is out of reach from here).
+        let user = match &args.user {
+            Some(u) => {
+                let store = rvmm::image::Store::open(&global.root)?;
+                let image = rvmm::image::resolve_with(
+                    &store,
+                    &r.image,
+                    &Default::default(),
+                    rvmm::image::PullPolicy::Never,
+                )?;
+                Some(rvmm::runspec::resolve_user(u, &image.layers)?.0)
+            }
+            None => None,
+        };
+        let req = rvmm_proto::ExecRequest {
+            argv: spec.argv,
+            env: spec.env,
+            user,
+            cwd: args.workdir.clone(),
+            tty: args.tty,
+            stdin: args.interactive,
+            winsize: None,
+        };
+        return rvmm::vm::exec::exec(&r.dir, &args.run, req);
     }
     if let Some(u) = &args.user {
         // The user is looked up in the workload's own root, as it is now.

@@ -85,6 +85,7 @@ pub fn exec(args: Args, _global: &Global) -> anyhow::Result<u8> {
                 mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(i as u8)],
             })
             .collect(),
+        ports: Vec::new(),
     };
 
     // SIGINT/SIGTERM: blocked in every thread, received by one waiter that stops the VM.

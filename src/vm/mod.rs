@@ -3,7 +3,8 @@
 //!
 //! The guest gets: the kernel from guest-kernel/, an initramfs holding rvmm-init as /init, the
 //! image's erofs disk read-only as /dev/vda, COM1 for kernel messages (to the run dir's
-//! console.log, never mixed with output), COM2 as the channel (docs/vm-channel.md), and with
+//! console.log, never mixed with output), a multiport virtio-console as the channel
+//! (docs/vm-channel.md), and with
 //! `--network bridge` a virtio-net device on a TAP in `rvmm0`.
 //!
 //! Warm starts (docs/snapshots.md): rvmm-init says READY before anything run-specific exists, and
@@ -27,8 +28,9 @@ use crate::image::ResolvedImage;
 use crate::run::stdio::{pipe, winsize, RawMode};
 use crate::run::{Isolation, RunOptions};
 use crate::runspec::RunSpec;
-use crate::vmm::{Channel, Console, DiskConfig, NetConfig, TapSource, Vm, VmConfig, VmExit};
+use crate::vmm::{Console, DiskConfig, NetConfig, PortBackend, TapSource, Vm, VmConfig, VmExit};
 
+pub mod exec;
 pub mod snapshots;
 
 /// Guest RAM when `--memory` is not given.
@@ -194,10 +196,17 @@ pub fn prewarm(
             existed: true,
         });
     }
-    let (cfg, _to_guest, from_guest) = machine.config(Some(machine.initrd(work.path())?))?;
+    let (cfg, ends) = machine.config(Some(machine.initrd(work.path())?))?;
     let vm = Vm::new(cfg).context("creating the microVM")?;
     let ctl = vm.controller();
     let vm_thread = std::thread::spawn(move || vm.run());
+    let HostEnds {
+        from_guest,
+        to_guest: _to_guest,
+        stdin: _stdin,
+        stdout: _stdout,
+        stderr: _stderr,
+    } = ends;
     let rx = frame_reader(from_guest);
     let not_ready = |why: &str| {
         anyhow::anyhow!(
@@ -263,13 +272,49 @@ struct Machine {
     console: PathBuf,
 }
 
+/// rvmm's ends of the channel's ports (docs/vm-channel.md): frames to and from rvmm-init, and
+/// the workload's stdin, stdout and stderr.
+struct HostEnds {
+    to_guest: OwnedFd,
+    from_guest: OwnedFd,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// A pipe with room for 1 MiB (as much as the host allows): fewer rounds through the event
+/// thread when a VM streams output.
+fn big_pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::AsRawFd;
+    let (r, w) = pipe()?;
+    // SAFETY: fcntl on a pipe we own; failing leaves the default size.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    Ok((r, w))
+}
+
 impl Machine {
     /// The VM configuration, with fresh channel pipes each time (a failed restore consumed the
-    /// last ones): (config, host end to the guest, host end from the guest). The disk slot starts
-    /// empty: the run's disk is attached right before the `Start`.
-    fn config(&self, initrd: Option<PathBuf>) -> anyhow::Result<(VmConfig, OwnedFd, OwnedFd)> {
+    /// last ones), and rvmm's ends of them. The disk slot starts empty: the run's disk is
+    /// attached right before the `Start`.
+    fn config(&self, initrd: Option<PathBuf>) -> anyhow::Result<(VmConfig, HostEnds)> {
         let (to_guest_r, to_guest_w) = pipe()?;
         let (from_guest_r, from_guest_w) = pipe()?;
+        let (stdin_r, stdin_w) = big_pipe()?;
+        let (stdout_r, stdout_w) = big_pipe()?;
+        let (stderr_r, stderr_w) = big_pipe()?;
+        let port = |name: &str, input, output, barrier| PortBackend {
+            name: name.into(),
+            input,
+            output,
+            barrier,
+        };
+        use rvmm_proto::port;
+        let ports = vec![
+            port(port::CONTROL, Some(to_guest_r), Some(from_guest_w), true),
+            port(port::STDIN, Some(stdin_r), None, false),
+            port(port::STDOUT, None, Some(stdout_w), false),
+            port(port::STDERR, None, Some(stderr_w), false),
+        ];
         let cfg = VmConfig {
             kernel: self.kernel.clone(),
             initrd,
@@ -281,10 +326,8 @@ impl Machine {
                 read_only: true,
             }],
             console: Console::File(self.console.clone()),
-            channel: Some(Channel {
-                input: to_guest_r,
-                output: from_guest_w,
-            }),
+            channel: None,
+            ports,
             net: self
                 .taps
                 .iter()
@@ -294,12 +337,19 @@ impl Machine {
                 })
                 .collect(),
         };
-        Ok((cfg, to_guest_w, from_guest_r))
+        let ends = HostEnds {
+            to_guest: to_guest_w,
+            from_guest: from_guest_r,
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+        };
+        Ok((cfg, ends))
     }
 
     /// The snapshot identity (text), tag and key of this machine.
     fn identity(&self) -> anyhow::Result<(String, String, String)> {
-        let (cfg, _, _) = self.config(None)?;
+        let (cfg, _) = self.config(None)?;
         let identity = snapshots::identity(&self.kernel, &self.init, &cfg.cmdline, &self.security);
         let tag = snapshots::hash(&identity);
         let key = snapshots::key(&tag, &cfg.layout());
@@ -357,6 +407,57 @@ fn frame_reader(from_guest: OwnedFd) -> std::sync::mpsc::Receiver<Result<(u8, Ve
         }
     });
     rx
+}
+
+/// Copies a port's pipe to `to` (our stdout or stderr) on a thread of its own, until the pipe
+/// ends, or is empty once `done` is set.
+fn relay_output(
+    from: OwnedFd,
+    to: std::os::fd::RawFd,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: fcntl on a pipe end we own.
+    unsafe {
+        let fl = libc::fcntl(from.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(from.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    let t = std::thread::Builder::new()
+        .name("rvmm-output".into())
+        .spawn(move || {
+            // SAFETY: `to` is our stdout or stderr, open for the whole process; ManuallyDrop
+            // never closes it.
+            let mut out = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(to) });
+            let mut from = std::fs::File::from(from);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut broken = false;
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        // A closed stdout drops the rest, as a container's would fail to write.
+                        if !broken && out.write_all(&buf[..n]).is_err() {
+                            broken = true;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if done.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let mut p = libc::pollfd {
+                            fd: from.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: polling one valid pollfd.
+                        unsafe { libc::poll(&mut p, 1, 20) };
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        })?;
+    Ok(t)
 }
 
 /// N bytes from the kernel's CSPRNG.
@@ -474,9 +575,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     let mut warm = None;
     if !opts.cold {
         if let Some(sdir) = snaps.find(&key) {
-            let (cfg, tg, fg) = machine.config(None)?;
+            let (cfg, ends) = machine.config(None)?;
             match Vm::restore(cfg, &sdir, &tag) {
-                Ok(vm) => warm = Some((vm, tg, fg)),
+                Ok(vm) => warm = Some((vm, ends)),
                 Err(e) => {
                     eprintln!("rvmm: not using snapshot {key} ({e}); booting the kernel instead");
                     snaps.remove(&key);
@@ -485,13 +586,20 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
         }
     }
     let is_warm = warm.is_some();
-    let (vm, to_guest_w, from_guest_r) = match warm {
+    let (vm, ends) = match warm {
         Some(w) => w,
         None => {
-            let (cfg, tg, fg) = machine.config(Some(machine.initrd(&dir)?))?;
-            (Vm::new(cfg).context("creating the microVM")?, tg, fg)
+            let (cfg, ends) = machine.config(Some(machine.initrd(&dir)?))?;
+            (Vm::new(cfg).context("creating the microVM")?, ends)
         }
     };
+    let HostEnds {
+        to_guest: to_guest_w,
+        from_guest: from_guest_r,
+        stdin: stdin_w,
+        stdout: stdout_r,
+        stderr: stderr_r,
+    } = ends;
     // Take a snapshot at READY: a cold boot of a kind that has none yet, unless --cold.
     let mut snapshot_at_ready = !opts.cold && !is_warm && snaps.find(&key).is_none();
     let ctl = vm.controller();
@@ -533,24 +641,23 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     } else {
         None
     };
-    let send_winsize = |to_guest: &mut std::fs::File| {
+    let send_winsize = |to_guest: &exec::GuestWriter| {
         if let Some(ws) = winsize() {
             let mut p = ws.ws_row.to_le_bytes().to_vec();
             p.extend_from_slice(&ws.ws_col.to_le_bytes());
-            let _ = to_guest.write_all(&frame::encode(frame::WINSIZE, &p));
+            to_guest.try_send(frame::encode(frame::WINSIZE, &p));
         }
     };
 
-    let mut to_guest = std::fs::File::from(to_guest_w);
-    // Attaches the disk and sends the `Start` (on a thread: a guest that stops reading must not
-    // block this one).
-    let send_start = |frames: Vec<u8>, to_guest: &std::fs::File| -> anyhow::Result<()> {
+    // Frames to the guest go through one writer thread: a guest that stops reading must not
+    // block this one.
+    let to_guest = exec::GuestWriter::new(to_guest_w);
+    let mut exec_server = None;
+    // Attaches the disk and sends the `Start`.
+    let send_start = |frames: Vec<u8>, to_guest: &exec::GuestWriter| -> anyhow::Result<()> {
         ctl.replace_disk(0, &disk)
             .context("attaching the image disk")?;
-        let mut tg = to_guest.try_clone()?;
-        std::thread::spawn(move || {
-            let _ = tg.write_all(&frames);
-        });
+        to_guest.try_send(frames);
         Ok(())
     };
     if is_warm {
@@ -558,34 +665,38 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             send_start(f, &to_guest)?;
         }
     }
-    // stdin → guest, once the guest listens: bytes sent before rvmm-init has put its end of the
-    // channel in raw mode would be echoed back by the tty layer and corrupt the stream.
+    // stdin → the stdin port, once the workload runs: nothing of this run may reach the guest
+    // before a cold boot's snapshot at READY. Closing the pipe is the workload's EOF. Without
+    // `-i` the pipe stays open and unused (the workload's stdin is /dev/null).
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
-    if spec.stdin {
-        let mut tg = to_guest.try_clone()?;
+    let _stdin_unused = if spec.stdin {
+        let mut tg = std::fs::File::from(stdin_w);
         std::thread::spawn(move || {
             if started_rx.recv().is_err() {
                 return;
             }
-            let mut buf = vec![0u8; 16 * 1024];
+            let mut buf = vec![0u8; 256 * 1024];
             loop {
                 match std::io::stdin().read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tg.write_all(&frame::encode(frame::STDIN_EOF, &[]));
-                        return;
-                    }
+                    Ok(0) | Err(_) => return,
                     Ok(n) => {
-                        if tg
-                            .write_all(&frame::encode(frame::STDIN, &buf[..n]))
-                            .is_err()
-                        {
+                        if tg.write_all(&buf[..n]).is_err() {
                             return;
                         }
                     }
                 }
             }
         });
-    }
+        None
+    } else {
+        Some(stdin_w)
+    };
+    // The stdout and stderr ports → our stdout and stderr.
+    let output_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relays = [
+        relay_output(stdout_r, libc::STDOUT_FILENO, output_done.clone())?,
+        relay_output(stderr_r, libc::STDERR_FILENO, output_done.clone())?,
+    ];
 
     // guest → host, on its own thread so the main one can watch signals.
     let rx = frame_reader(from_guest_r);
@@ -605,7 +716,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                 killed = Some(libc::SIGKILL);
             } else if sig == libc::SIGWINCH {
                 if started_at.is_some() {
-                    send_winsize(&mut to_guest);
+                    send_winsize(&to_guest);
                 }
             } else if started_at.is_none() {
                 // Nothing to forward to yet: Ctrl-C or TERM during the boot stops the VM.
@@ -614,7 +725,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                     killed = Some(sig);
                 }
             } else {
-                let _ = to_guest.write_all(&frame::encode(frame::SIGNAL, &sig.to_le_bytes()));
+                to_guest.try_send(frame::encode(frame::SIGNAL, &sig.to_le_bytes()));
             }
         }
         // Checked every round, not only when the channel is quiet: a guest that keeps sending
@@ -652,13 +763,23 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
                     }
                 }
             }
+            Ok(Ok((kind, payload))) if exec::is_exec_frame(kind) => {
+                if let Some(s) = &exec_server {
+                    exec::ExecServer::deliver(s, kind, &payload);
+                }
+            }
             Ok(Ok((kind, payload))) => {
                 if report.apply(kind, &payload) {
                     started_at = Some(t0.elapsed());
                     run.started();
                     let _ = started_tx.send(());
                     if spec.tty {
-                        send_winsize(&mut to_guest);
+                        send_winsize(&to_guest);
+                    }
+                    // `rvmm exec` from now on.
+                    match exec::serve(&dir, to_guest.clone()) {
+                        Ok(s) => exec_server = Some(s),
+                        Err(e) => log::warn!("rvmm exec will not reach this run: {e}"),
                     }
                     if let (Some(p), Some(addr)) = (publisher.take(), run.address()) {
                         p.start(addr);
@@ -695,8 +816,15 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             break;
         }
     }
-    let _ = std::io::stdout().flush();
+    drop(exec_server);
     let vm_result = vm_thread.join();
+    // Everything the workload wrote before its EXIT is in the pipes now (the VMM writes the
+    // control port's frames only after the output queued before them): copy it out and stop.
+    output_done.store(true, Ordering::SeqCst);
+    for r in relays {
+        let _ = r.join();
+    }
+    let _ = std::io::stdout().flush();
     let total = t0.elapsed();
     log::info!(
         "vm run: disk ready {:?}, vmm set up {:?}, workload started {:?}, exit {:?}",

@@ -21,11 +21,12 @@ use super::config::{layout_of, Channel, Console, VmConfig, CONSOLE_FILE_LIMIT};
 use super::control::{Control, Controller, ExitReason, Pause, Shared};
 use super::snapshot::{self, Snapshot};
 use super::{boot, events, ioctl_err, kvm, layout, pvm_cmdline_additions, vcpu, Error, Vm};
-use super::{DiskConfig, HostKind, NetConfig, TapSource};
+use super::{DiskConfig, HostKind, NetConfig, PortBackend, TapSource};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::SerialDevice;
 use crate::devices::tap::Tap;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::console::Console as VirtioConsole;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::VirtioDevice;
@@ -84,8 +85,9 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         console,
         channel,
         net,
+        ports,
     } = cfg;
-    let devices = open_backends(&disks, net)?;
+    let devices = open_backends(&disks, net, ports)?;
 
     let kvm = kvm::open()?;
     let vm = create_vm(&kvm)?;
@@ -171,7 +173,7 @@ fn validate(cfg: &VmConfig, booting: bool) -> Result<(), Error> {
     if cfg.vcpus == 0 || cfg.vcpus > layout::MAX_VCPUS {
         return Err(Error::Vcpus(cfg.vcpus));
     }
-    let ndev = cfg.disks.len() + cfg.net.len();
+    let ndev = cfg.disks.len() + cfg.net.len() + usize::from(!cfg.ports.is_empty());
     if ndev > layout::MAX_VIRTIO_DEVICES as usize {
         return Err(Error::TooManyDevices(ndev));
     }
@@ -187,13 +189,15 @@ fn validate(cfg: &VmConfig, booting: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// A virtio device and the backend fd the event thread polls for it (a tap).
-type DeviceWithBackend = (Box<dyn VirtioDevice>, Option<std::os::fd::RawFd>);
+/// A virtio device and the backend fds the event thread polls for it: (fd, is an input).
+type DeviceWithBackend = (Box<dyn VirtioDevice>, Vec<(std::os::fd::RawFd, bool)>);
 
-/// Step 1 (cont.): every disk image and tap opens (read-only disks read-only), in MMIO order.
+/// Step 1 (cont.): every disk image, tap and channel port opens (read-only disks read-only), in
+/// MMIO order: disks, network devices, the console.
 fn open_backends(
     disks: &[DiskConfig],
     net: Vec<NetConfig>,
+    ports: Vec<PortBackend>,
 ) -> Result<Vec<DeviceWithBackend>, Error> {
     let mut devices: Vec<DeviceWithBackend> = Vec::new();
     for (i, d) in disks.iter().enumerate() {
@@ -207,7 +211,7 @@ fn open_backends(
                 b
             }
         };
-        devices.push((Box::new(block), None));
+        devices.push((Box::new(block), Vec::new()));
     }
     for n in net {
         let tap = match n.tap {
@@ -216,7 +220,12 @@ fn open_backends(
         };
         let dev = Net::new(tap, n.mac);
         let fd = dev.tap_fd();
-        devices.push((Box::new(dev), Some(fd)));
+        devices.push((Box::new(dev), vec![(fd, true)]));
+    }
+    if !ports.is_empty() {
+        let console = VirtioConsole::new(ports)?;
+        let fds = console.backend_fds();
+        devices.push((Box::new(console), fds));
     }
     Ok(devices)
 }
@@ -385,7 +394,7 @@ impl Builder<'_> {
         devices: Vec<DeviceWithBackend>,
     ) -> Result<Vec<Arc<Mutex<MmioTransport>>>, Error> {
         let mut transports = Vec::new();
-        for (i, (dev, backend_fd)) in devices.into_iter().enumerate() {
+        for (i, (mut dev, backend_fds)) in devices.into_iter().enumerate() {
             let idx = i as u32;
             let addr = layout::virtio_mmio_addr(idx);
             let gsi = layout::virtio_irq(idx);
@@ -394,6 +403,9 @@ impl Builder<'_> {
                 None => MmioTransport::new(dev, self.mem.clone(), irq).map_err(Error::Queue)?,
                 Some(s) => {
                     let ts = s.transports[i].clone();
+                    if let Some(d) = ts.device {
+                        dev.restore_state(d).map_err(Error::Snapshot)?;
+                    }
                     let queues = ts.queues.into_iter().map(Into::into).collect();
                     MmioTransport::restore(dev, self.mem.clone(), irq, ts.state, queues)
                         .map_err(Error::Snapshot)?
@@ -412,8 +424,12 @@ impl Builder<'_> {
                     .map_err(ioctl_err("KVM_IOEVENTFD"))?;
                 self.handler.add_notify(evt, t.clone(), q);
             }
-            if let Some(fd) = backend_fd {
-                self.handler.add_backend(fd, t.clone());
+            for (fd, input) in backend_fds {
+                if input {
+                    self.handler.add_backend(fd, t.clone());
+                } else {
+                    self.handler.add_backend_output(fd, t.clone());
+                }
             }
             self.mmio
                 .insert(addr, layout::VIRTIO_MMIO_SIZE, t.clone())

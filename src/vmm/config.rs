@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use super::kvm::{self, HostKind};
 use super::snapshot::{Layout, Slot};
+use crate::devices::virtio::console::PortBackend;
 
 /// What to boot.
 #[derive(Debug)]
@@ -26,6 +27,9 @@ pub struct VmConfig {
     pub channel: Option<Channel>,
     /// virtio-net devices (eth0, eth1, ...), after the disks on the MMIO bus.
     pub net: Vec<NetConfig>,
+    /// The ports of a multiport virtio-console, after the network devices on the MMIO bus (no
+    /// device when empty): the host ↔ guest channel (docs/vm-channel.md).
+    pub ports: Vec<PortBackend>,
 }
 
 /// A virtio-net device backed by a TAP.
@@ -62,6 +66,7 @@ impl VmConfig {
             console: Console::Stdio,
             channel: None,
             net: Vec::new(),
+            ports: Vec::new(),
         }
     }
 }
@@ -111,6 +116,9 @@ pub(crate) fn layout_of(cfg: &VmConfig, kind: HostKind) -> Layout {
                 read_only: d.read_only,
             })
             .chain(cfg.net.iter().map(|_| Slot::Net))
+            .chain((!cfg.ports.is_empty()).then_some(Slot::Console {
+                ports: cfg.ports.len() as u32,
+            }))
             .collect(),
         channel: cfg.channel.is_some(),
         host: kind.name().into(),

@@ -178,6 +178,7 @@ impl Controller {
                     TransportSnap {
                         state,
                         queues: queues.into_iter().map(Into::into).collect(),
+                        device: t.device_state(),
                     }
                 })
                 .collect(),

@@ -52,7 +52,7 @@ pub struct Handler {
     exit: EventFd,
     inputs: Vec<Input>,
     notifies: Vec<Notify>,
-    backends: Vec<(RawFd, Arc<Mutex<MmioTransport>>)>,
+    backends: Vec<(RawFd, Arc<Mutex<MmioTransport>>, EventSet)>,
 }
 
 impl Handler {
@@ -90,9 +90,14 @@ impl Handler {
         });
     }
 
-    /// A device backend fd (e.g. a tap), polled edge-triggered; the device drains it.
+    /// A device backend fd (e.g. a tap), polled edge-triggered for input; the device drains it.
     pub fn add_backend(&mut self, fd: RawFd, transport: Arc<Mutex<MmioTransport>>) {
-        self.backends.push((fd, transport));
+        self.backends.push((fd, transport, EventSet::IN));
+    }
+
+    /// A device backend fd the device writes to, polled edge-triggered for room.
+    pub fn add_backend_output(&mut self, fd: RawFd, transport: Arc<Mutex<MmioTransport>>) {
+        self.backends.push((fd, transport, EventSet::OUT));
     }
 
     fn input_events(i: usize, inp: &Input) -> Events {
@@ -159,11 +164,11 @@ impl MutEventSubscriber for Handler {
                 self.inputs[i].paused = true;
             }
         }
-        for (k, (fd, _)) in self.backends.iter().enumerate() {
+        for (k, (fd, _, set)) in self.backends.iter().enumerate() {
             let ev = Events::with_data_raw(
                 *fd,
                 BACKEND_BASE + k as u32,
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                *set | EventSet::EDGE_TRIGGERED,
             );
             if let Err(e) = ops.add(ev) {
                 log::warn!("cannot poll device backend fd {fd}: {e:?}");
@@ -185,8 +190,8 @@ impl MutEventSubscriber for Handler {
             return;
         }
         if token >= BACKEND_BASE {
-            if let Some((_, t)) = self.backends.get(token as usize - BACKEND_BASE as usize) {
-                let again = lock(t).backend_event();
+            if let Some((fd, t, _)) = self.backends.get(token as usize - BACKEND_BASE as usize) {
+                let again = lock(t).backend_event(*fd);
                 // The device stopped after a ring's worth: the rest goes through that queue's
                 // notification, after the other events.
                 if let Some(n) = again.and_then(|q| {

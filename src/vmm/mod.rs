@@ -33,6 +33,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable};
 use crate::devices::virtio::block;
 use crate::devices::{lock, Bus};
 
+pub use crate::devices::virtio::console::PortBackend;
 pub use config::{
     Channel, Console, DiskConfig, NetConfig, TapSource, VmConfig, CONSOLE_FILE_LIMIT,
     DEFAULT_CMDLINE,
@@ -86,6 +87,8 @@ pub enum Error {
     Disk(#[from] block::Error),
     #[error(transparent)]
     Tap(#[from] crate::devices::tap::Error),
+    #[error(transparent)]
+    Ports(#[from] crate::devices::virtio::console::Error),
     #[error("cannot set up a device")]
     Device(#[source] crate::devices::Error),
     #[error("cannot create virtio queues")]

@@ -28,7 +28,7 @@ use crate::devices::virtio::mmio::TransportState;
 /// First field of every snapshot.
 pub const MAGIC: &str = "rvmm-snapshot";
 /// Bumped whenever the saved state changes shape or meaning.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 pub const STATE_FILE: &str = "snapshot.json";
 pub const MEMORY_FILE: &str = "memory";
 
@@ -133,8 +133,14 @@ pub struct VcpuState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Slot {
-    Block { read_only: bool },
+    Block {
+        read_only: bool,
+    },
     Net,
+    /// A multiport virtio-console with this many ports.
+    Console {
+        ports: u32,
+    },
 }
 
 /// What a restore must provide the same way.
@@ -158,6 +164,7 @@ impl std::fmt::Display for Layout {
                 Slot::Block { read_only: true } => "disk(ro)",
                 Slot::Block { read_only: false } => "disk",
                 Slot::Net => "net",
+                Slot::Console { .. } => "console",
             })
             .collect();
         write!(
@@ -224,6 +231,9 @@ impl From<QueueSnap> for virtio_queue::QueueState {
 pub struct TransportSnap {
     pub state: TransportState,
     pub queues: Vec<QueueSnap>,
+    /// The device's own state, for devices that have one (virtio-console).
+    #[serde(default)]
+    pub device: Option<serde_json::Value>,
 }
 
 /// vm-superio's `SerialState` (which has no serde).

@@ -191,50 +191,65 @@ impl MmioTransport {
         if !self.state.activated {
             return false;
         }
-        let Some(q) = self.queues.get_mut(index) else {
-            return false;
-        };
-        if !q.ready() {
+        if !self.queues.get(index).is_some_and(|q| q.ready()) {
             return false;
         }
-        let before = q.next_avail();
-        let used = self.device.process_queue(index, q, &self.mem);
-        let again = q.next_avail().wrapping_sub(before) >= q.size();
-        if used {
-            let needs = q.needs_notification(&self.mem).unwrap_or(true);
-            if needs {
-                self.state.interrupt_status |= INT_VRING;
-                self.irq.trigger();
-            }
-        }
-        again
+        let before = self.avail_positions();
+        let used = self.device.process(index, &mut self.queues, &self.mem);
+        self.signal_used(used);
+        let more = self.device.take_more();
+        self.exhausted(&before).or(more).is_some()
     }
 
-    /// The device's backend has work (e.g. frames waiting on a tap). Returns the queue to
+    /// Where each queue's available ring stands (see [`Self::exhausted`]).
+    fn avail_positions(&self) -> Vec<u16> {
+        self.queues.iter().map(|q| q.next_avail()).collect()
+    }
+
+    /// The first queue the device took a whole ring's worth from since `before`: the device
+    /// stopped at its budget there and more may be waiting.
+    fn exhausted(&self, before: &[u16]) -> Option<usize> {
+        self.queues
+            .iter()
+            .zip(before)
+            .position(|(q, b)| q.size() > 0 && q.next_avail().wrapping_sub(*b) >= q.size())
+    }
+
+    /// The device's backend fd `fd` has work (e.g. frames waiting on a tap). Returns the queue to
     /// notify again when the device used its whole budget on it (see [`Self::notify`]).
-    pub fn backend_event(&mut self) -> Option<usize> {
+    pub fn backend_event(&mut self, fd: std::os::fd::RawFd) -> Option<usize> {
         if !self.state.activated {
             return None;
         }
-        let before: Vec<u16> = self.queues.iter().map(|q| q.next_avail()).collect();
-        let used = self.device.backend_event(&mut self.queues, &self.mem);
-        let again = self
-            .queues
-            .iter()
-            .zip(before)
-            .position(|(q, b)| q.next_avail().wrapping_sub(b) >= q.size());
-        if let Some(i) = used {
-            let needs = self
-                .queues
-                .get_mut(i)
-                .map(|q| q.needs_notification(&self.mem).unwrap_or(true))
-                .unwrap_or(false);
-            if needs {
-                self.state.interrupt_status |= INT_VRING;
-                self.irq.trigger();
+        let before = self.avail_positions();
+        let used = self
+            .device
+            .backend_fd_event(fd, &mut self.queues, &self.mem);
+        self.signal_used(used);
+        let more = self.device.take_more();
+        self.exhausted(&before).or(more)
+    }
+
+    /// Interrupts the guest if one of the queues in `used` (bit i = queue i) wants it.
+    fn signal_used(&mut self, used: u64) {
+        if used == 0 {
+            return;
+        }
+        let mut needs = false;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if i < 64 && used & (1 << i) != 0 {
+                needs |= q.needs_notification(&self.mem).unwrap_or(true);
             }
         }
-        again
+        if needs {
+            self.state.interrupt_status |= INT_VRING;
+            self.irq.trigger();
+        }
+    }
+
+    /// The device state beyond the transport's (for snapshots).
+    pub fn device_state(&self) -> Option<serde_json::Value> {
+        self.device.save_state()
     }
 
     fn reset(&mut self) {

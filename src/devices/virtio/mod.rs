@@ -1,6 +1,7 @@
 //! Virtio devices over the virtio-mmio transport (virtio 1.x, split virtqueues from virtio-queue).
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod net;
 
@@ -25,6 +26,7 @@ pub mod status {
 /// Device type ids.
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
 
 /// The guest memory type devices work on.
 pub type Mem = GuestMemoryMmap<()>;
@@ -47,6 +49,19 @@ pub trait VirtioDevice: Send {
     /// Handles the available buffers of queue `index`. Returns true when it put buffers on the used
     /// ring (the transport then interrupts the guest if the queue wants it).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &Mem) -> bool;
+    /// Handles a notification of queue `index` with every queue at hand (a device whose queues
+    /// depend on each other overrides this). Returns the mask of queues (bit i = queue i) it put
+    /// buffers on the used ring of.
+    fn process(&mut self, index: usize, queues: &mut [Queue], mem: &Mem) -> u64 {
+        let Some(q) = queues.get_mut(index) else {
+            return 0;
+        };
+        if self.process_queue(index, q, mem) {
+            1u64.checked_shl(index as u32).unwrap_or(0)
+        } else {
+            0
+        }
+    }
     /// Called on a device reset (status 0).
     fn reset(&mut self) {}
     /// Replaces a disk's backing file with `file` of `size` bytes (the transport then announces
@@ -57,5 +72,28 @@ pub trait VirtioDevice: Send {
     /// The device's backend (e.g. a tap) became ready; returns the queue it used, if any.
     fn backend_event(&mut self, _queues: &mut [Queue], _mem: &Mem) -> Option<usize> {
         None
+    }
+    /// Backend fd `fd` is ready; returns the mask of queues used (see [`VirtioDevice::process`]).
+    fn backend_fd_event(
+        &mut self,
+        _fd: std::os::fd::RawFd,
+        queues: &mut [Queue],
+        mem: &Mem,
+    ) -> u64 {
+        self.backend_event(queues, mem)
+            .map_or(0, |i| 1u64.checked_shl(i as u32).unwrap_or(0))
+    }
+    /// A queue the last call stopped on at its budget with work left that the ring indices do
+    /// not show (e.g. a long chain taken in pieces): the transport notifies it again later.
+    fn take_more(&mut self) -> Option<usize> {
+        None
+    }
+    /// Device state beyond the transport's and the queues', for snapshots.
+    fn save_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Puts back what [`VirtioDevice::save_state`] saved.
+    fn restore_state(&mut self, _state: serde_json::Value) -> Result<(), String> {
+        Ok(())
     }
 }

@@ -9,9 +9,20 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-
+use crate::error::{IoContext, IoError};
 use crate::runspec::Limits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("no cgroup2 mount")]
+    NoUnified,
+    #[error("the {0} cgroup controller is not mounted")]
+    NoController(&'static str),
+    #[error("--memory-swap needs swap accounting (swapaccount=1)")]
+    NoSwapAccounting(#[source] IoError),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Version {
@@ -51,9 +62,8 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn detect() -> anyhow::Result<Layout> {
-        let mi =
-            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    pub fn detect() -> Result<Layout, Error> {
+        let mi = fs::read_to_string("/proc/self/mountinfo").at(|| "reading /proc/self/mountinfo")?;
         Ok(Layout::parse(&mi, |p| {
             fs::read_to_string(p.join("cgroup.controllers")).ok()
         }))
@@ -132,14 +142,14 @@ pub fn create(
     limits: &Limits,
     all_devices: bool,
     devices: &[rvmm_proto::DeviceNode],
-) -> anyhow::Result<Cgroup> {
+) -> Result<Cgroup, Error> {
     let cg = match layout.version() {
         Version::V1 => {
             let mut dirs = Vec::new();
             for (ctrl, mp) in &layout.v1 {
                 let d = mp.join("rvmm").join(id);
                 fs::create_dir_all(&d)
-                    .with_context(|| format!("creating cgroup {}", d.display()))?;
+                    .at(|| format!("creating cgroup {}", d.display()))?;
                 dirs.push((ctrl.clone(), d));
             }
             Cgroup {
@@ -148,9 +158,9 @@ pub fn create(
             }
         }
         Version::V2 => {
-            let root = layout.unified.clone().context("no cgroup2 mount")?;
+            let root = layout.unified.clone().ok_or(Error::NoUnified)?;
             let parent = root.join("rvmm");
-            fs::create_dir_all(&parent)?;
+            fs::create_dir_all(&parent).at(|| format!("creating cgroup {}", parent.display()))?;
             let avail = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
             let want: Vec<String> = ["memory", "pids", "cpu"]
                 .iter()
@@ -161,7 +171,7 @@ pub fn create(
                 let _ = fs::write(d.join("cgroup.subtree_control"), want.join(" "));
             }
             let d = parent.join(id);
-            fs::create_dir_all(&d).with_context(|| format!("creating cgroup {}", d.display()))?;
+            fs::create_dir_all(&d).at(|| format!("creating cgroup {}", d.display()))?;
             Cgroup {
                 version: Version::V2,
                 dirs: vec![("unified".into(), d)],
@@ -175,9 +185,8 @@ pub fn create(
     Ok(cg)
 }
 
-fn write(dir: &Path, file: &str, value: &str) -> anyhow::Result<()> {
-    fs::write(dir.join(file), value)
-        .with_context(|| format!("writing {value:?} to {}", dir.join(file).display()))
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), IoError> {
+    fs::write(dir.join(file), value).at(|| format!("writing {value:?} to {}", dir.join(file).display()))
 }
 
 impl Cgroup {
@@ -193,7 +202,7 @@ impl Cgroup {
         l: &Limits,
         all_devices: bool,
         devices: &[rvmm_proto::DeviceNode],
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Error> {
         match self.version {
             Version::V1 => {
                 if let (true, Some(d)) = (all_devices, self.dir("devices")) {
@@ -227,13 +236,13 @@ impl Cgroup {
                 if let Some(m) = l.memory_bytes {
                     let d = self
                         .dir("memory")
-                        .context("the memory cgroup controller is not mounted")?;
+                        .ok_or(Error::NoController("memory"))?;
                     write(d, "memory.limit_in_bytes", &m.to_string())?;
                     // No swap beyond the limit unless --memory-swap says otherwise.
                     match l.memory_swap {
                         Some(u64::MAX) => {}
                         Some(s) => write(d, "memory.memsw.limit_in_bytes", &s.to_string())
-                            .context("--memory-swap needs swap accounting (swapaccount=1)")?,
+                            .map_err(Error::NoSwapAccounting)?,
                         None => {
                             let _ = fs::write(d.join("memory.memsw.limit_in_bytes"), m.to_string());
                         }
@@ -242,19 +251,19 @@ impl Cgroup {
                 if let Some(sh) = l.cpu_shares {
                     let d = self
                         .dir("cpu")
-                        .context("the cpu cgroup controller is not mounted")?;
+                        .ok_or(Error::NoController("cpu"))?;
                     write(d, "cpu.shares", &sh.to_string())?;
                 }
                 if let Some(p) = l.pids {
                     let d = self
                         .dir("pids")
-                        .context("the pids cgroup controller is not mounted")?;
+                        .ok_or(Error::NoController("pids"))?;
                     write(d, "pids.max", &p.to_string())?;
                 }
                 if let Some(c) = l.cpus {
                     let d = self
                         .dir("cpu")
-                        .context("the cpu cgroup controller is not mounted")?;
+                        .ok_or(Error::NoController("cpu"))?;
                     write(d, "cpu.cfs_period_us", "100000")?;
                     write(
                         d,
@@ -295,7 +304,7 @@ impl Cgroup {
     }
 
     /// Moves `pid` into every directory of the run.
-    pub fn add(&self, pid: i32) -> anyhow::Result<()> {
+    pub fn add(&self, pid: i32) -> Result<(), Error> {
         for (_, d) in &self.dirs {
             write(d, "cgroup.procs", &pid.to_string())?;
         }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cgroups;
 pub mod container;
 pub mod devices;
+pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;

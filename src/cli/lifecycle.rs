@@ -356,7 +356,7 @@ pub struct SuperviseArgs {
 }
 
 pub fn supervise(a: SuperviseArgs) -> anyhow::Result<u8> {
-    rvmm::run::supervise::supervise(&a.root, &a.id, &a.args)
+    Ok(rvmm::run::supervise::supervise(&a.root, &a.id, &a.args)?)
 }
 
 /// `rm -f`: stops a running run first (SIGKILL, as Docker does).

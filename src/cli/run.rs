@@ -370,7 +370,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     }
     if args.detach && !supervised {
         // The image is here and the flags are good: the rest runs under a supervisor.
-        return supervise::detach(&global.root, &id);
+        return Ok(supervise::detach(&global.root, &id)?);
     }
     let opts = RunOptions {
         root: global.root.clone(),

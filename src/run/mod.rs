@@ -16,7 +16,34 @@ pub mod supervise;
 use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use crate::error::{IoContext, IoError};
+
+/// What can go wrong in a run's prologue and plumbing, the same for both isolations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("the name {0:?} is already in use by another run")]
+    NameInUse(String),
+    #[error("-p needs --network bridge")]
+    PortsNeedBridge,
+    #[error("--add-host host-gateway needs --network bridge")]
+    HostGatewayNeedsBridge,
+    #[error(transparent)]
+    Store(#[from] crate::image::store::Error),
+    #[error(transparent)]
+    Net(#[from] crate::net::Error),
+    #[error(transparent)]
+    Cgroups(#[from] crate::cgroups::Error),
+    #[error(transparent)]
+    Security(#[from] crate::security::Error),
+    #[error("the run's state cannot be encoded")]
+    StateJson(#[source] serde_json::Error),
+    #[error("the run's supervisor ended without starting the run")]
+    SupervisorGone,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 use crate::runspec::{NetworkMode, RunSpec};
 pub use state::{Isolation, RunState, Status};
@@ -115,18 +142,18 @@ pub fn prepare(
     spec: &RunSpec,
     opts: &RunOptions,
     isolation: Isolation,
-) -> anyhow::Result<Prepared> {
+) -> Result<Prepared> {
     state::gc(&opts.root);
     if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
-        bail!("the name {:?} is already in use by another run", opts.name);
+        return Err(Error::NameInUse(opts.name.clone()));
     }
     if spec.network.mode != NetworkMode::Bridge && !spec.network.ports.is_empty() {
-        bail!("-p needs --network bridge");
+        return Err(Error::PortsNeedBridge);
     }
     let store = crate::image::Store::open(&opts.root)?;
     let layers = store.use_layers()?;
     let dir = state::run_dir(&opts.root, &opts.id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).at(|| format!("creating {}", dir.display()))?;
     let mut cleanup = Cleanup {
         state: RunState::new(opts, spec, isolation, &dir),
         lease: None,
@@ -163,7 +190,7 @@ fn complete_spec(
     spec: &mut RunSpec,
     isolation: Isolation,
     privileges: &crate::security::Request,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     // MKNOD is safe to grant where something still stands between a device node and the host:
     // the guest kernel, or the devices cgroup of a v1 host.
     let allow_mknod = match isolation {
@@ -194,7 +221,7 @@ fn complete_spec(
             spec.network
                 .gateway
                 .as_deref()
-                .context("--add-host host-gateway needs --network bridge")?
+                .ok_or(Error::HostGatewayNeedsBridge)?
         } else {
             a
         };

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RunOptions;
 use crate::cgroups::Cgroup;
+use crate::error::IoContext;
 use crate::runspec::RunSpec;
 
 /// Which isolation runs the workload.
@@ -174,8 +175,8 @@ impl RunState {
 
     /// Writes state.json and, while the run is running, its host-wide registration (so the host
     /// resources of a run are found even when its `--root` is gone).
-    pub fn save(&self) -> anyhow::Result<()> {
-        let json = serde_json::to_vec_pretty(self)?;
+    pub fn save(&self) -> super::Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(super::Error::StateJson)?;
         if self.status == Status::Running {
             let reg = registry_dir();
             let _ = std::fs::create_dir_all(&reg);
@@ -185,8 +186,9 @@ impl RunState {
             }
         }
         let tmp = self.dir.join("state.json.tmp");
-        std::fs::write(&tmp, &json)?;
-        std::fs::rename(&tmp, self.dir.join("state.json"))?;
+        std::fs::write(&tmp, &json).at(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.dir.join("state.json"))
+            .at(|| format!("writing {}", self.dir.join("state.json").display()))?;
         Ok(())
     }
 
@@ -302,7 +304,7 @@ pub fn run_is_live(id: &str) -> bool {
 }
 
 /// Every run recorded under `root`.
-pub fn list(root: &Path) -> anyhow::Result<Vec<RunState>> {
+pub fn list(root: &Path) -> super::Result<Vec<RunState>> {
     let mut out = Vec::new();
     for d in run_dirs(root) {
         if let Ok(b) = std::fs::read(d.join("state.json")) {

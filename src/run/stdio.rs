@@ -2,14 +2,14 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
-use anyhow::Context;
+use crate::error::{last_os_error, IoError};
 
 /// A close-on-exec pipe: (read end, write end).
-pub fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+pub fn pipe() -> Result<(OwnedFd, OwnedFd), IoError> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2");
+        return Err(last_os_error("pipe2"));
     }
     // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })

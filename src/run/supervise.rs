@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use crate::error::IoContext;
 
 use super::logs;
 use super::state;
@@ -39,8 +39,8 @@ const MAX_REPORT: usize = 64 << 10;
 /// `rvmm run -d`: starts the supervisor of run `id` with this process's own arguments and waits
 /// until the workload has started (prints the ID, status 0) or the run failed (its stderr and
 /// status, as an attached run would have given them).
-pub fn detach(root: &Path, id: &str) -> anyhow::Result<u8> {
-    let exe = std::env::current_exe().context("locating rvmm")?;
+pub fn detach(root: &Path, id: &str) -> super::Result<u8> {
+    let exe = std::env::current_exe().at(|| "locating rvmm")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let (r, w) = super::stdio::pipe()?;
     let wfd = w.as_raw_fd();
@@ -60,7 +60,7 @@ pub fn detach(root: &Path, id: &str) -> anyhow::Result<u8> {
             fd_at(wfd, REPORT_FD)
         });
     }
-    let mut child = cmd.spawn().context("starting the run's supervisor")?;
+    let mut child = cmd.spawn().at(|| "starting the run's supervisor")?;
     drop(w);
     let mut report = Vec::new();
     let _ = std::fs::File::from(r).read_to_end(&mut report);
@@ -82,18 +82,18 @@ pub fn detach(root: &Path, id: &str) -> anyhow::Result<u8> {
                 .and_then(|c| c.parse::<u8>().ok())
                 .unwrap_or(125))
         }
-        _ => bail!("the run's supervisor ended without starting the run"),
+        _ => Err(super::Error::SupervisorGone),
     }
 }
 
 /// The supervisor (`rvmm __supervise ROOT ID -- ARGS`): runs `rvmm ARGS` attached, logs its
 /// output, reports the start or the failure on fd 3, and waits for the run to end.
-pub fn supervise(root: &Path, id: &str, args: &[OsString]) -> anyhow::Result<u8> {
+pub fn supervise(root: &Path, id: &str, args: &[OsString]) -> super::Result<u8> {
     // SAFETY: fd 3 was set up by `detach` for this process alone.
     let mut report = Some(std::fs::File::from(unsafe {
         OwnedFd::from_raw_fd(REPORT_FD)
     }));
-    let exe = std::env::current_exe().context("locating rvmm")?;
+    let exe = std::env::current_exe().at(|| "locating rvmm")?;
     let (start_r, start_w) = super::stdio::pipe()?;
     let swfd = start_w.as_raw_fd();
     let mut cmd = Command::new(exe);
@@ -108,7 +108,7 @@ pub fn supervise(root: &Path, id: &str, args: &[OsString]) -> anyhow::Result<u8>
     unsafe {
         cmd.pre_exec(move || fd_at(swfd, REPORT_FD));
     }
-    let mut child = cmd.spawn().context("starting the run")?;
+    let mut child = cmd.spawn().at(|| "starting the run")?;
     drop(start_w);
     // The run writes one byte there when its workload starts (and closes it when it exits).
     let start_r = std::fs::File::from(start_r);

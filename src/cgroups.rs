@@ -63,7 +63,8 @@ pub struct Layout {
 
 impl Layout {
     pub fn detect() -> Result<Layout, Error> {
-        let mi = fs::read_to_string("/proc/self/mountinfo").at(|| "reading /proc/self/mountinfo")?;
+        let mi =
+            fs::read_to_string("/proc/self/mountinfo").at(|| "reading /proc/self/mountinfo")?;
         Ok(Layout::parse(&mi, |p| {
             fs::read_to_string(p.join("cgroup.controllers")).ok()
         }))
@@ -148,8 +149,7 @@ pub fn create(
             let mut dirs = Vec::new();
             for (ctrl, mp) in &layout.v1 {
                 let d = mp.join("rvmm").join(id);
-                fs::create_dir_all(&d)
-                    .at(|| format!("creating cgroup {}", d.display()))?;
+                fs::create_dir_all(&d).at(|| format!("creating cgroup {}", d.display()))?;
                 dirs.push((ctrl.clone(), d));
             }
             Cgroup {
@@ -186,7 +186,8 @@ pub fn create(
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), IoError> {
-    fs::write(dir.join(file), value).at(|| format!("writing {value:?} to {}", dir.join(file).display()))
+    fs::write(dir.join(file), value)
+        .at(|| format!("writing {value:?} to {}", dir.join(file).display()))
 }
 
 impl Cgroup {
@@ -234,9 +235,7 @@ impl Cgroup {
                     }
                 }
                 if let Some(m) = l.memory_bytes {
-                    let d = self
-                        .dir("memory")
-                        .ok_or(Error::NoController("memory"))?;
+                    let d = self.dir("memory").ok_or(Error::NoController("memory"))?;
                     write(d, "memory.limit_in_bytes", &m.to_string())?;
                     // No swap beyond the limit unless --memory-swap says otherwise.
                     match l.memory_swap {
@@ -249,21 +248,15 @@ impl Cgroup {
                     }
                 }
                 if let Some(sh) = l.cpu_shares {
-                    let d = self
-                        .dir("cpu")
-                        .ok_or(Error::NoController("cpu"))?;
+                    let d = self.dir("cpu").ok_or(Error::NoController("cpu"))?;
                     write(d, "cpu.shares", &sh.to_string())?;
                 }
                 if let Some(p) = l.pids {
-                    let d = self
-                        .dir("pids")
-                        .ok_or(Error::NoController("pids"))?;
+                    let d = self.dir("pids").ok_or(Error::NoController("pids"))?;
                     write(d, "pids.max", &p.to_string())?;
                 }
                 if let Some(c) = l.cpus {
-                    let d = self
-                        .dir("cpu")
-                        .ok_or(Error::NoController("cpu"))?;
+                    let d = self.dir("cpu").ok_or(Error::NoController("cpu"))?;
                     write(d, "cpu.cfs_period_us", "100000")?;
                     write(
                         d,

@@ -41,3 +41,16 @@ pub fn last_os_error(what: impl Display) -> IoError {
         source: std::io::Error::last_os_error(),
     }
 }
+
+/// An error and its causes on one line, "a: b: c" (what anyhow's `{:#}` prints), for the places
+/// that report an error and go on.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1090,14 +1090,7 @@ fn a_detached_vm_logs_stops_and_waits() {
     // With -t the process has a terminal in the guest (whatever ours is).
     let e = rvmm(
         root,
-        &[
-            "exec",
-            "-t",
-            "bgvm",
-            "sh",
-            "-c",
-            "test -t 1 && echo tty",
-        ],
+        &["exec", "-t", "bgvm", "sh", "-c", "test -t 1 && echo tty"],
         None,
     );
     assert_eq!((e.code, e.stdout.as_str()), (0, "tty\r\n"), "{}", e.stderr);

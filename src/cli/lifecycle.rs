@@ -443,7 +443,7 @@ pub fn exec(args: ExecArgs, global: &Global) -> anyhow::Result<u8> {
             stdin: args.interactive,
             winsize: None,
         };
-        return rvmm::vm::exec::exec(&r.dir, &args.run, req);
+        return Ok(rvmm::vm::exec::exec(&r.dir, &args.run, req)?);
     }
     if let Some(u) = &args.user {
         // The user is looked up in the workload's own root, as it is now.

@@ -391,6 +391,6 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     match args.isolation {
         Isolation::Container => container::run(&spec, &resolved, &opts),
-        Isolation::Vm => rvmm::vm::run(&spec, &resolved, &opts),
+        Isolation::Vm => Ok(rvmm::vm::run(&spec, &resolved, &opts)?),
     }
 }

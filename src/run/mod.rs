@@ -138,11 +138,7 @@ impl Prepared {
 /// The prologue of every run: frees what dead runs left, checks the name, creates the run's
 /// directory and state, locks the image layers, takes an address and binds the published ports
 /// (bridge network), and fills in what the spec still lacks, the same for both isolations.
-pub fn prepare(
-    spec: &RunSpec,
-    opts: &RunOptions,
-    isolation: Isolation,
-) -> Result<Prepared> {
+pub fn prepare(spec: &RunSpec, opts: &RunOptions, isolation: Isolation) -> Result<Prepared> {
     state::gc(&opts.root);
     if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
         return Err(Error::NameInUse(opts.name.clone()));

@@ -194,17 +194,20 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 /// `rvmm exec` into the VM run whose directory is `dir`: returns the process's status.
-pub fn exec(dir: &Path, name: &str, mut req: ExecRequest) -> anyhow::Result<u8> {
-    use anyhow::Context;
-    let (_d, short) = short_path(dir).with_context(|| format!("{name} is not running"))?;
-    let mut conn = UnixStream::connect(&short)
-        .map_err(|_| anyhow::anyhow!("{name} is not running (or does not accept exec)"))?;
+pub fn exec(dir: &Path, name: &str, mut req: ExecRequest) -> super::Result<u8> {
+    use crate::error::IoContext;
+    let not_running = |_| super::Error::NotRunning(name.to_string());
+    let (_d, short) = short_path(dir).map_err(not_running)?;
+    let mut conn = UnixStream::connect(&short).map_err(not_running)?;
     if req.tty {
         req.winsize = crate::run::stdio::winsize().map(|w| (w.ws_row, w.ws_col));
     }
-    conn.write_all(&frame::encode(frame::EXEC, &serde_json::to_vec(&req)?))
-        .context("sending the exec request")?;
-    let writer = Arc::new(Mutex::new(conn.try_clone()?));
+    let json = serde_json::to_vec(&req).map_err(super::Error::Json)?;
+    conn.write_all(&frame::encode(frame::EXEC, &json))
+        .at(|| "sending the exec request")?;
+    let writer = Arc::new(Mutex::new(
+        conn.try_clone().at(|| "cloning the exec socket")?,
+    ));
     let send = {
         let w = writer.clone();
         move |kind: u8, p: &[u8]| {
@@ -274,7 +277,7 @@ pub fn exec(dir: &Path, name: &str, mut req: ExecRequest) -> anyhow::Result<u8> 
             Ok(Some((frame::EXEC_FAILED, p))) if !p.is_empty() => {
                 let msg = String::from_utf8_lossy(&p[1..]).into_owned();
                 if p[0] == 125 {
-                    anyhow::bail!("{msg}");
+                    return Err(super::Error::Exec(msg));
                 }
                 eprintln!("rvmm: {msg}");
                 return Ok(p[0]);

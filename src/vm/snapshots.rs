@@ -14,7 +14,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use super::Error;
+use crate::error::IoContext;
 use sha2::{Digest, Sha256};
 
 use crate::vmm::snapshot::{self, Layout};
@@ -76,13 +77,13 @@ impl Snapshots {
         run_id: &str,
         identity: &str,
         take: impl FnOnce(&Path) -> Result<u64, crate::vmm::Error>,
-    ) -> anyhow::Result<u64> {
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+    ) -> Result<u64, Error> {
+        std::fs::create_dir_all(&self.dir).at(|| format!("creating {}", self.dir.display()))?;
         let tmp = self.dir.join(format!(".tmp-{run_id}"));
         let _ = std::fs::remove_dir_all(&tmp);
-        let bytes = match take(&tmp).map_err(anyhow::Error::from).and_then(|b| {
-            std::fs::write(tmp.join(IDENTITY_FILE), identity)?;
+        let bytes = match take(&tmp).map_err(Error::Snapshot).and_then(|b| {
+            let p = tmp.join(IDENTITY_FILE);
+            std::fs::write(&p, identity).at(|| format!("writing {}", p.display()))?;
             Ok(b)
         }) {
             Ok(b) => b,

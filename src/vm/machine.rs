@@ -1,0 +1,182 @@
+//! The machine a VM run gets: its configuration (vCPUs, memory, the image disk slot, taps, the
+//! channel's ports and rvmm's ends of them), its snapshot identity, its initramfs, and the choice
+//! between restoring the warm-start snapshot and booting.
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use super::{cpio, guest_cmdline, snapshots, Error};
+use crate::error::{IoContext, IoError};
+use crate::run::stdio::pipe;
+use crate::vmm::{Console, DiskConfig, NetConfig, PortBackend, TapSource, Vm, VmConfig};
+
+/// The machine a VM run gets, cold or warm.
+pub(super) struct Machine {
+    pub(super) kernel: PathBuf,
+    pub(super) init: PathBuf,
+    /// The workload privileges every run of this host gets (JSON), carried by the initramfs.
+    pub(super) security: Vec<u8>,
+    pub(super) vcpus: u8,
+    pub(super) mem_mib: u32,
+    pub(super) taps: Vec<String>,
+    pub(super) mac: [u8; 6],
+    pub(super) console: PathBuf,
+}
+
+/// rvmm's ends of the channel's ports (docs/vm-channel.md): frames to and from rvmm-init, and
+/// the workload's stdin, stdout and stderr.
+pub(super) struct HostEnds {
+    pub(super) to_guest: OwnedFd,
+    pub(super) from_guest: OwnedFd,
+    pub(super) stdin: OwnedFd,
+    pub(super) stdout: OwnedFd,
+    pub(super) stderr: OwnedFd,
+}
+
+/// A pipe with room for 1 MiB (as much as the host allows): fewer rounds through the event
+/// thread when a VM streams output.
+fn big_pipe() -> Result<(OwnedFd, OwnedFd), IoError> {
+    use std::os::fd::AsRawFd;
+    let (r, w) = pipe()?;
+    // SAFETY: fcntl on a pipe we own; failing leaves the default size.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    Ok((r, w))
+}
+
+impl Machine {
+    /// The VM configuration, with fresh channel pipes each time (a failed restore consumed the
+    /// last ones), and rvmm's ends of them. The disk slot starts empty: the run's disk is
+    /// attached right before the `Start`.
+    pub(super) fn config(&self, initrd: Option<PathBuf>) -> Result<(VmConfig, HostEnds), Error> {
+        let (to_guest_r, to_guest_w) = pipe()?;
+        let (from_guest_r, from_guest_w) = pipe()?;
+        let (stdin_r, stdin_w) = big_pipe()?;
+        let (stdout_r, stdout_w) = big_pipe()?;
+        let (stderr_r, stderr_w) = big_pipe()?;
+        let port = |name: &str, input, output, barrier| PortBackend {
+            name: name.into(),
+            input,
+            output,
+            barrier,
+        };
+        use rvmm_proto::port;
+        let ports = vec![
+            port(port::CONTROL, Some(to_guest_r), Some(from_guest_w), true),
+            port(port::STDIN, Some(stdin_r), None, false),
+            port(port::STDOUT, None, Some(stdout_w), false),
+            port(port::STDERR, None, Some(stderr_w), false),
+        ];
+        let cfg = VmConfig {
+            kernel: self.kernel.clone(),
+            initrd,
+            cmdline: guest_cmdline(),
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            disks: vec![DiskConfig {
+                path: None,
+                read_only: true,
+            }],
+            console: Console::File(self.console.clone()),
+            channel: None,
+            ports,
+            net: self
+                .taps
+                .iter()
+                .map(|t| NetConfig {
+                    tap: TapSource::Name(t.clone()),
+                    mac: self.mac,
+                })
+                .collect(),
+        };
+        let ends = HostEnds {
+            to_guest: to_guest_w,
+            from_guest: from_guest_r,
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+        };
+        Ok((cfg, ends))
+    }
+
+    /// The snapshot identity (text), tag and key of this machine.
+    pub(super) fn identity(&self) -> Result<(String, String, String), Error> {
+        let (cfg, _) = self.config(None)?;
+        let identity = snapshots::identity(&self.kernel, &self.init, &cfg.cmdline, &self.security);
+        let tag = snapshots::hash(&identity);
+        let key = snapshots::key(&tag, &cfg.layout());
+        Ok((identity, tag, key))
+    }
+
+    /// Writes the initramfs (rvmm-init as /init, nothing run-specific) into `dir`.
+    pub(super) fn initrd(&self, dir: &Path) -> Result<PathBuf, Error> {
+        let initrd = dir.join("initrd.cpio");
+        let init_bytes =
+            std::fs::read(&self.init).at(|| format!("reading {}", self.init.display()))?;
+        let writing = || format!("writing {}", initrd.display());
+        let file = std::fs::File::create(&initrd).at(writing)?;
+        let mut w = cpio::Writer::new(std::io::BufWriter::new(file));
+        (|| {
+            for d in ["dev", "proc", "sys"] {
+                w.dir(d)?;
+            }
+            w.file("init", 0o755, &init_bytes)?;
+            w.dir("rvmm")?;
+            w.file("rvmm/security.json", 0o600, &self.security)?;
+            w.finish()
+        })()
+        .at(writing)?;
+        Ok(initrd)
+    }
+}
+
+/// N bytes from the kernel's CSPRNG.
+pub(super) fn random_bytes<const N: usize>() -> Result<[u8; N], IoError> {
+    let mut b = [0u8; N];
+    let mut f = std::fs::File::open("/dev/urandom").at(|| "opening /dev/urandom")?;
+    f.read_exact(&mut b).at(|| "reading /dev/urandom")?;
+    Ok(b)
+}
+
+/// A VM ready to run, restored or about to boot, and rvmm's ends of its channel.
+pub(super) struct Started {
+    pub(super) vm: Vm,
+    pub(super) ends: HostEnds,
+    pub(super) warm: bool,
+}
+
+/// Restores the machine's warm-start snapshot (unless `cold`), or builds it to boot with a
+/// fresh initramfs in `dir`. A snapshot that cannot be restored is removed, with one line.
+pub(super) fn restore_or_boot(
+    machine: &Machine,
+    snaps: &snapshots::Snapshots,
+    key: &str,
+    tag: &str,
+    cold: bool,
+    dir: &Path,
+) -> Result<Started, Error> {
+    if !cold {
+        if let Some(sdir) = snaps.find(key) {
+            let (cfg, ends) = machine.config(None)?;
+            match Vm::restore(cfg, &sdir, tag) {
+                Ok(vm) => {
+                    return Ok(Started {
+                        vm,
+                        ends,
+                        warm: true,
+                    })
+                }
+                Err(e) => {
+                    eprintln!("rvmm: not using snapshot {key} ({e}); booting the kernel instead");
+                    snaps.remove(key);
+                }
+            }
+        }
+    }
+    let (cfg, ends) = machine.config(Some(machine.initrd(dir)?))?;
+    Ok(Started {
+        vm: Vm::new(cfg).map_err(Error::Create)?,
+        ends,
+        warm: false,
+    })
+}

@@ -3,7 +3,19 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use crate::error::{IoContext, IoError};
+
+/// A run flag or an image setting that cannot be used, or a file the spec needs that cannot be
+/// read. The message is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Io(#[from] IoError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 pub use rvmm_proto::{Limits, Mount, Network, NetworkMode, PortMapping, Protocol, RunSpec, User};
 
 use crate::image::ImageConfig;
@@ -89,7 +101,7 @@ pub fn build(
     layers: &[PathBuf],
     flags: &RunFlags,
     default_hostname: &str,
-) -> anyhow::Result<RunSpec> {
+) -> Result<RunSpec> {
     // argv: Docker's entrypoint/cmd rules.
     let (entrypoint, cmd) = match &flags.entrypoint {
         Some(e) => {
@@ -111,7 +123,7 @@ pub fn build(
     };
     let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
     if argv.is_empty() {
-        bail!("no command specified: the image has no Entrypoint or Cmd; give one after the image name");
+        return Err(Error::Invalid("no command specified: the image has no Entrypoint or Cmd; give one after the image name".into()));
     }
 
     let hostname = flags
@@ -119,7 +131,7 @@ pub fn build(
         .clone()
         .unwrap_or_else(|| default_hostname.to_string());
     if hostname.is_empty() || hostname.len() > 64 || hostname.contains('/') {
-        bail!("invalid hostname {hostname:?}");
+        return Err(Error::Invalid(format!("invalid hostname {hostname:?}")));
     }
 
     // Environment: image, then env files, then -e; later entries win.
@@ -133,8 +145,7 @@ pub fn build(
         put(&mut env, e.clone());
     }
     for f in &flags.env_files {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("reading env file {}", f.display()))?;
+        let text = std::fs::read_to_string(f).at(|| format!("reading env file {}", f.display()))?;
         for line in text.lines() {
             let line = line.trim_start();
             if line.is_empty() || line.starts_with('#') {
@@ -176,15 +187,16 @@ pub fn build(
         .or_else(|| image.working_dir.clone())
         .unwrap_or_else(|| "/".into());
     if !cwd.starts_with('/') {
-        bail!("working directory {cwd:?} must be absolute");
+        return Err(Error::Invalid(format!(
+            "working directory {cwd:?} must be absolute"
+        )));
     }
 
     let stop_signal = match (&flags.stop_signal, &image.stop_signal) {
         (Some(s), _) => signal_number(s)
-            .with_context(|| format!("invalid --stop-signal {s:?}: not a signal"))?,
-        (None, Some(s)) => {
-            signal_number(s).with_context(|| format!("image StopSignal {s:?} is not a signal"))?
-        }
+            .ok_or_else(|| Error::Invalid(format!("invalid --stop-signal {s:?}: not a signal")))?,
+        (None, Some(s)) => signal_number(s)
+            .ok_or_else(|| Error::Invalid(format!("image StopSignal {s:?} is not a signal")))?,
         (None, None) => libc::SIGTERM,
     };
     let mut labels = image.labels.clone();
@@ -267,9 +279,11 @@ pub fn default_rlimits() -> Vec<rvmm_proto::Rlimit> {
 }
 
 /// `KEY=VALUE` as is; `KEY` alone takes rvmm's own value (and is dropped if unset... as Docker keeps it out).
-fn env_entry(e: &str) -> anyhow::Result<String> {
+fn env_entry(e: &str) -> Result<String> {
     if e.starts_with('=') || e.is_empty() {
-        bail!("invalid environment variable {e:?}");
+        return Err(Error::Invalid(format!(
+            "invalid environment variable {e:?}"
+        )));
     }
     if e.contains('=') {
         return Ok(e.to_string());
@@ -279,7 +293,7 @@ fn env_entry(e: &str) -> anyhow::Result<String> {
 
 /// Resolves `user[:group]` (names or numbers) against the image's /etc/passwd and /etc/group.
 /// Returns the identity and the home directory.
-pub fn resolve_user(spec: &str, layers: &[PathBuf]) -> anyhow::Result<(User, Option<String>)> {
+pub fn resolve_user(spec: &str, layers: &[PathBuf]) -> Result<(User, Option<String>)> {
     let passwd =
         read_image_file(layers, "etc/passwd").map(|b| String::from_utf8_lossy(&b).into_owned());
     let group =
@@ -310,8 +324,10 @@ pub fn resolve_user(spec: &str, layers: &[PathBuf]) -> anyhow::Result<(User, Opt
             None => (n, 0, None, None),
         },
         Err(_) => {
-            let (uid, gid, name, home) = pw_entry(&|f| f[0] == u).with_context(|| {
-                format!("unable to find user {u}: no matching entries in the image's /etc/passwd")
+            let (uid, gid, name, home) = pw_entry(&|f| f[0] == u).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unable to find user {u}: no matching entries in the image's /etc/passwd"
+                ))
             })?;
             (uid, gid, Some(name), Some(home))
         }
@@ -341,10 +357,10 @@ pub fn resolve_user(spec: &str, layers: &[PathBuf]) -> anyhow::Result<(User, Opt
                 .iter()
                 .find(|e| e.0 == g)
                 .map(|e| e.1)
-                .with_context(|| {
-                    format!(
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
                         "unable to find group {g}: no matching entries in the image's /etc/group"
-                    )
+                    ))
                 })?,
         };
     }
@@ -367,7 +383,7 @@ pub fn resolve_user(spec: &str, layers: &[PathBuf]) -> anyhow::Result<(User, Opt
 }
 
 /// A `--group-add` value: a number, or a name in the image's /etc/group.
-pub fn resolve_group(g: &str, layers: &[PathBuf]) -> anyhow::Result<u32> {
+pub fn resolve_group(g: &str, layers: &[PathBuf]) -> Result<u32> {
     if let Ok(n) = g.parse::<u32>() {
         return Ok(n);
     }
@@ -381,16 +397,18 @@ pub fn resolve_group(g: &str, layers: &[PathBuf]) -> anyhow::Result<u32> {
             let f: Vec<&str> = l.split(':').collect();
             (f.len() >= 3 && f[0] == g).then(|| f[2].parse().ok())?
         })
-        .with_context(|| {
-            format!("unable to find group {g}: no matching entries in the image's /etc/group")
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "unable to find group {g}: no matching entries in the image's /etc/group"
+            ))
         })
 }
 
 /// `--ulimit TYPE=SOFT[:HARD]` (Docker's names; -1 is unlimited).
-pub fn parse_ulimit(s: &str) -> anyhow::Result<rvmm_proto::Rlimit> {
-    let (name, vals) = s
-        .split_once('=')
-        .with_context(|| format!("invalid ulimit {s:?}: expected TYPE=SOFT[:HARD]"))?;
+pub fn parse_ulimit(s: &str) -> Result<rvmm_proto::Rlimit> {
+    let (name, vals) = s.split_once('=').ok_or_else(|| {
+        Error::Invalid(format!("invalid ulimit {s:?}: expected TYPE=SOFT[:HARD]"))
+    })?;
     let resource = match name {
         "cpu" => libc::RLIMIT_CPU,
         "fsize" => libc::RLIMIT_FSIZE,
@@ -408,13 +426,19 @@ pub fn parse_ulimit(s: &str) -> anyhow::Result<rvmm_proto::Rlimit> {
         "nice" => libc::RLIMIT_NICE,
         "rtprio" => libc::RLIMIT_RTPRIO,
         "rttime" => libc::RLIMIT_RTTIME,
-        _ => bail!("invalid ulimit {s:?}: unknown type {name:?}"),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "invalid ulimit {s:?}: unknown type {name:?}"
+            )))
+        }
     };
-    let num = |v: &str| -> anyhow::Result<u64> {
+    let num = |v: &str| -> Result<u64> {
         match v.parse::<i64>() {
             Ok(-1) => Ok(libc::RLIM_INFINITY),
             Ok(n) if n >= 0 => Ok(n as u64),
-            _ => bail!("invalid ulimit {s:?}: {v:?} is not a limit"),
+            _ => Err(Error::Invalid(format!(
+                "invalid ulimit {s:?}: {v:?} is not a limit"
+            ))),
         }
     };
     let (soft, hard) = match vals.split_once(':') {
@@ -422,7 +446,9 @@ pub fn parse_ulimit(s: &str) -> anyhow::Result<rvmm_proto::Rlimit> {
         None => (num(vals)?, num(vals)?),
     };
     if soft > hard {
-        bail!("invalid ulimit {s:?}: the soft limit is above the hard limit");
+        return Err(Error::Invalid(format!(
+            "invalid ulimit {s:?}: the soft limit is above the hard limit"
+        )));
     }
     Ok(rvmm_proto::Rlimit {
         resource: resource as u32,
@@ -432,30 +458,36 @@ pub fn parse_ulimit(s: &str) -> anyhow::Result<rvmm_proto::Rlimit> {
 }
 
 /// `--add-host NAME:ADDR` (or `NAME=ADDR`); ADDR is an IP address or `host-gateway`.
-pub fn parse_add_host(s: &str) -> anyhow::Result<(String, String)> {
+pub fn parse_add_host(s: &str) -> Result<(String, String)> {
     let (name, addr) = s
         .split_once('=')
         .or_else(|| s.split_once(':'))
-        .with_context(|| format!("invalid --add-host {s:?}: expected NAME:ADDRESS"))?;
+        .ok_or_else(|| {
+            Error::Invalid(format!("invalid --add-host {s:?}: expected NAME:ADDRESS"))
+        })?;
     let addr = addr.trim_start_matches('[').trim_end_matches(']');
     if name.is_empty() || name.contains(char::is_whitespace) {
-        bail!("invalid --add-host {s:?}: bad host name");
+        return Err(Error::Invalid(format!(
+            "invalid --add-host {s:?}: bad host name"
+        )));
     }
     if addr != "host-gateway" && addr.parse::<std::net::IpAddr>().is_err() {
-        bail!("invalid --add-host {s:?}: {addr:?} is not an IP address");
+        return Err(Error::Invalid(format!(
+            "invalid --add-host {s:?}: {addr:?} is not an IP address"
+        )));
     }
     Ok((name.to_string(), addr.to_string()))
 }
 
 /// `--dns ADDR`: an IP address.
-pub fn parse_dns(s: &str) -> anyhow::Result<String> {
+pub fn parse_dns(s: &str) -> Result<String> {
     s.parse::<std::net::IpAddr>()
         .map(|a| a.to_string())
-        .map_err(|_| anyhow::anyhow!("invalid --dns {s:?}: not an IP address"))
+        .map_err(|_| Error::Invalid(format!("invalid --dns {s:?}: not an IP address")))
 }
 
 /// `--dns-search DOMAIN` (`.` for none).
-pub fn parse_dns_search(s: &str) -> anyhow::Result<String> {
+pub fn parse_dns_search(s: &str) -> Result<String> {
     let ok = s == "."
         || (!s.is_empty()
             && s.len() <= 253
@@ -465,7 +497,9 @@ pub fn parse_dns_search(s: &str) -> anyhow::Result<String> {
                     && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
             }));
     if !ok {
-        bail!("invalid --dns-search {s:?}: not a domain name");
+        return Err(Error::Invalid(format!(
+            "invalid --dns-search {s:?}: not a domain name"
+        )));
     }
     Ok(s.to_string())
 }
@@ -489,40 +523,46 @@ pub fn namespaced_sysctl(key: &str) -> bool {
 
 /// `--sysctl KEY=VALUE`. `vm`: the workload has its own kernel, so any key is its own; in a
 /// container only namespaced ones are (the others would change the host).
-pub fn parse_sysctl(s: &str, vm: bool) -> anyhow::Result<(String, String)> {
+pub fn parse_sysctl(s: &str, vm: bool) -> Result<(String, String)> {
     let (k, v) = s
         .split_once('=')
-        .with_context(|| format!("invalid --sysctl {s:?}: expected KEY=VALUE"))?;
+        .ok_or_else(|| Error::Invalid(format!("invalid --sysctl {s:?}: expected KEY=VALUE")))?;
     let k = k.trim().replace('/', ".");
     if k.is_empty()
         || k.split('.')
             .any(|c| c.is_empty() || c == ".." || !c.chars().all(|ch| ch.is_ascii_graphic()))
     {
-        bail!("invalid --sysctl {s:?}: bad key");
+        return Err(Error::Invalid(format!("invalid --sysctl {s:?}: bad key")));
     }
     if !vm && !namespaced_sysctl(&k) {
-        bail!("--sysctl {k} is not namespaced: in a container it would change the host (it is allowed with --isolation=vm)");
+        return Err(Error::Invalid(format!("--sysctl {k} is not namespaced: in a container it would change the host (it is allowed with --isolation=vm)")));
     }
     if vm && k == "kernel.hostname" {
-        bail!("--sysctl kernel.hostname: use --hostname");
+        return Err(Error::Invalid(
+            "--sysctl kernel.hostname: use --hostname".into(),
+        ));
     }
     Ok((k, v.to_string()))
 }
 
 /// `--cpuset-cpus 0-2,4` → [0, 1, 2, 4]; every CPU must be below `available`.
-pub fn parse_cpuset(s: &str, available: u32) -> anyhow::Result<Vec<u32>> {
+pub fn parse_cpuset(s: &str, available: u32) -> Result<Vec<u32>> {
     let mut v = Vec::new();
     for part in s.split(',') {
         let (a, b) = part.split_once('-').unwrap_or((part, part));
         let (a, b) = match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
             (Ok(a), Ok(b)) if a <= b => (a, b),
-            _ => bail!("invalid --cpuset-cpus {s:?}: expected a list like 0-2,4"),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "invalid --cpuset-cpus {s:?}: expected a list like 0-2,4"
+                )))
+            }
         };
         if b >= available {
-            bail!(
+            return Err(Error::Invalid(format!(
                 "--cpuset-cpus {s}: CPU {b} is not available (0 to {})",
                 available.saturating_sub(1)
-            );
+            )));
         }
         v.extend(a..=b);
     }
@@ -532,7 +572,7 @@ pub fn parse_cpuset(s: &str, available: u32) -> anyhow::Result<Vec<u32>> {
 }
 
 /// `--device HOST[:CONTAINER][:PERMISSIONS]`: the host node's kind, numbers, mode and owner.
-pub fn parse_device(s: &str) -> anyhow::Result<rvmm_proto::DeviceNode> {
+pub fn parse_device(s: &str) -> Result<rvmm_proto::DeviceNode> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let parts: Vec<&str> = s.split(':').collect();
     let perms = |p: &str| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| "rwm".contains(c));
@@ -541,19 +581,27 @@ pub fn parse_device(s: &str) -> anyhow::Result<rvmm_proto::DeviceNode> {
         [h, p] if perms(p) => (*h, *h, *p),
         [h, c] => (*h, *c, "rwm"),
         [h, c, p] if perms(p) => (*h, *c, *p),
-        _ => bail!("invalid --device {s:?}: expected HOST[:CONTAINER][:rwm]"),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "invalid --device {s:?}: expected HOST[:CONTAINER][:rwm]"
+            )))
+        }
     };
     if !cont.starts_with('/') || cont.split('/').any(|c| c == "..") {
-        bail!("invalid --device {s:?}: the container path must be absolute, without ..");
+        return Err(Error::Invalid(format!(
+            "invalid --device {s:?}: the container path must be absolute, without .."
+        )));
     }
-    let m = std::fs::metadata(host).with_context(|| format!("--device {host}"))?;
+    let m = std::fs::metadata(host).at(|| format!("--device {host}"))?;
     let ft = m.file_type();
     let kind = if ft.is_char_device() {
         'c'
     } else if ft.is_block_device() {
         'b'
     } else {
-        bail!("--device {host}: not a device node (directories of devices are not supported)");
+        return Err(Error::Invalid(format!(
+            "--device {host}: not a device node (directories of devices are not supported)"
+        )));
     };
     let rdev = m.rdev();
     Ok(rvmm_proto::DeviceNode {
@@ -569,7 +617,7 @@ pub fn parse_device(s: &str) -> anyhow::Result<rvmm_proto::DeviceNode> {
 }
 
 /// `--memory-swap`: bytes, or -1 for unlimited swap.
-pub fn parse_memory_swap(s: &str) -> anyhow::Result<u64> {
+pub fn parse_memory_swap(s: &str) -> Result<u64> {
     if s.trim() == "-1" {
         return Ok(u64::MAX);
     }
@@ -577,16 +625,18 @@ pub fn parse_memory_swap(s: &str) -> anyhow::Result<u64> {
 }
 
 /// `--label KEY[=VALUE]`.
-pub fn parse_label(s: &str) -> anyhow::Result<(String, String)> {
+pub fn parse_label(s: &str) -> Result<(String, String)> {
     let (k, v) = s.split_once('=').unwrap_or((s, ""));
     if k.is_empty() || k.contains(char::is_whitespace) {
-        bail!("invalid --label {s:?}: expected KEY[=VALUE]");
+        return Err(Error::Invalid(format!(
+            "invalid --label {s:?}: expected KEY[=VALUE]"
+        )));
     }
     Ok((k.to_string(), v.to_string()))
 }
 
 /// `--platform`: rvmm runs linux/amd64 images only.
-pub fn check_platform(s: &str) -> anyhow::Result<()> {
+pub fn check_platform(s: &str) -> Result<()> {
     let p = s.to_ascii_lowercase();
     if matches!(
         p.as_str(),
@@ -594,7 +644,9 @@ pub fn check_platform(s: &str) -> anyhow::Result<()> {
     ) {
         return Ok(());
     }
-    bail!("--platform {s}: rvmm runs linux/amd64 only")
+    Err(Error::Invalid(format!(
+        "--platform {s}: rvmm runs linux/amd64 only"
+    )))
 }
 
 /// `SIGTERM`, `TERM` or `15` → 15.
@@ -633,45 +685,62 @@ pub fn signal_name(n: i32) -> String {
 }
 
 /// Parses `-p [ip:]hostport:containerport[/tcp|udp]` (the ip must be empty, 0.0.0.0 or 127.0.0.1).
-pub fn parse_port(s: &str) -> anyhow::Result<PortMapping> {
+pub fn parse_port(s: &str) -> Result<PortMapping> {
     let (spec, proto) = match s.rsplit_once('/') {
         Some((a, "tcp")) => (a, Protocol::Tcp),
         Some((a, "udp")) => (a, Protocol::Udp),
-        Some(_) => bail!("invalid port mapping {s:?}: protocol must be tcp or udp"),
+        Some(_) => {
+            return Err(Error::Invalid(format!(
+                "invalid port mapping {s:?}: protocol must be tcp or udp"
+            )))
+        }
         None => (s, Protocol::Tcp),
     };
     let parts: Vec<&str> = spec.split(':').collect();
     let (h, c) = match parts.as_slice() {
         [h, c] => (*h, *c),
         [_ip, h, c] => (*h, *c),
-        _ => bail!("invalid port mapping {s:?}: expected HOSTPORT:CONTAINERPORT[/tcp|udp]"),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "invalid port mapping {s:?}: expected HOSTPORT:CONTAINERPORT[/tcp|udp]"
+            )))
+        }
     };
     let port = |p: &str| p.parse::<u16>().ok().filter(|&n| n > 0);
     Ok(PortMapping {
-        host_port: port(h).with_context(|| format!("invalid host port in {s:?}"))?,
-        container_port: port(c).with_context(|| format!("invalid container port in {s:?}"))?,
+        host_port: port(h).ok_or_else(|| Error::Invalid(format!("invalid host port in {s:?}")))?,
+        container_port: port(c)
+            .ok_or_else(|| Error::Invalid(format!("invalid container port in {s:?}")))?,
         protocol: proto,
     })
 }
 
 /// Parses `-v HOSTPATH:PATH[:ro|rw]`.
-pub fn parse_volume(s: &str) -> anyhow::Result<Mount> {
+pub fn parse_volume(s: &str) -> Result<Mount> {
     let parts: Vec<&str> = s.split(':').collect();
     let (src, dst, ro) = match parts.as_slice() {
         [a, b] => (*a, *b, false),
         [a, b, "ro"] => (*a, *b, true),
         [a, b, "rw"] => (*a, *b, false),
-        _ => bail!("invalid volume {s:?}: expected HOSTPATH:PATH[:ro]"),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "invalid volume {s:?}: expected HOSTPATH:PATH[:ro]"
+            )))
+        }
     };
     if !dst.starts_with('/') {
-        bail!("invalid volume {s:?}: the container path must be absolute");
+        return Err(Error::Invalid(format!(
+            "invalid volume {s:?}: the container path must be absolute"
+        )));
     }
     if dst.split('/').any(|c| c == "..") {
-        bail!("invalid volume {s:?}: the container path must not contain ..");
+        return Err(Error::Invalid(format!(
+            "invalid volume {s:?}: the container path must not contain .."
+        )));
     }
     let src = Path::new(src)
         .canonicalize()
-        .with_context(|| format!("volume source {src} does not exist"))?;
+        .at(|| format!("volume source {src} does not exist"))?;
     Ok(Mount {
         source: src.display().to_string(),
         destination: dst.to_string(),
@@ -680,7 +749,7 @@ pub fn parse_volume(s: &str) -> anyhow::Result<Mount> {
 }
 
 /// `512m`, `1g`, `1048576` → bytes.
-pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
+pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.strip_suffix('b').unwrap_or(&t);
     let (num, mult) = match t.chars().last() {
@@ -693,7 +762,7 @@ pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
         .parse()
         .ok()
         .filter(|n: &f64| *n > 0.0)
-        .with_context(|| format!("invalid size {s:?}"))?;
+        .ok_or_else(|| Error::Invalid(format!("invalid size {s:?}")))?;
     Ok((n * mult as f64) as u64)
 }
 

@@ -212,17 +212,17 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .publish
             .iter()
             .map(|p| runspec::parse_port(p))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
         mounts: args
             .volume
             .iter()
             .map(|v| runspec::parse_volume(v))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
         ulimits: args
             .ulimit
             .iter()
             .map(|u| runspec::parse_ulimit(u))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
         shm_size: args
             .shm_size
             .as_deref()
@@ -233,27 +233,27 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .add_host
             .iter()
             .map(|h| runspec::parse_add_host(h))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
         dns: args
             .dns
             .iter()
             .map(|d| runspec::parse_dns(d))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
         dns_search: args
             .dns_search
             .iter()
             .map(|d| runspec::parse_dns_search(d))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
         sysctls: args
             .sysctl
             .iter()
             .map(|s| runspec::parse_sysctl(s, args.isolation == Isolation::Vm))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
         labels: args
             .label
             .iter()
             .map(|l| runspec::parse_label(l))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
         stop_signal: args.stop_signal.clone(),
         stop_timeout: args.stop_timeout,
         init: args.init,
@@ -275,7 +275,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .device
             .iter()
             .map(|d| runspec::parse_device(d))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, runspec::Error>>()?,
     };
     if args.isolation == Isolation::Vm {
         if !flags.devices.is_empty() {

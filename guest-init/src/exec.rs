@@ -8,6 +8,7 @@ use rvmm_proto::{frame, ExecRequest, RunSpec};
 
 use crate::sys::write_all;
 use crate::Channel;
+use rvmm_workload::Failure;
 
 /// Execs running at once; a request beyond it fails with 125.
 const MAX_EXECS: usize = 32;
@@ -113,7 +114,7 @@ impl Execs {
                 });
                 ch.send(frame::EXEC_STARTED, &frame::with_id(id, &[]));
             }
-            Err((code, msg)) => fail(ch, code, &msg),
+            Err(f) => fail(ch, f.status, &f.message),
         }
     }
 
@@ -279,17 +280,12 @@ impl Execs {
 }
 
 /// Forks the exec's process: (pid, stdout or pty master, stderr, stdin or pty master), -1 for
-/// what it does not have. Errors are (status, message) as the workload's.
+/// what it does not have. A failure has the workload's statuses (125, 126, 127).
 fn spawn(
     spec: &RunSpec,
     winsize: Option<(u16, u16)>,
-) -> Result<(libc::pid_t, libc::c_int, libc::c_int, libc::c_int), (u8, String)> {
-    let os = |what: &str| {
-        (
-            125u8,
-            format!("{what}: {}", std::io::Error::last_os_error()),
-        )
-    };
+) -> Result<(libc::pid_t, libc::c_int, libc::c_int, libc::c_int), Failure> {
+    let os = |what: &str| Failure::os(what);
     let err_pipe = pipe().ok_or_else(|| os("pipe"))?;
     let mut close_later = vec![err_pipe[0], err_pipe[1]];
     let result = (|| {
@@ -384,7 +380,10 @@ fn spawn(
                 unsafe { libc::close(fd) };
             }
         }
-        return Err((msg[0], String::from_utf8_lossy(&msg[1..]).into_owned()));
+        return Err(Failure {
+            status: msg[0],
+            message: String::from_utf8_lossy(&msg[1..]).into_owned(),
+        });
     }
     let stdin = if spec.tty {
         if spec.stdin {

@@ -460,5 +460,5 @@ pub fn exec(args: ExecArgs, global: &Global) -> anyhow::Result<u8> {
             }
         }
     }
-    rvmm::container::exec::exec(&r, &spec)
+    Ok(rvmm::container::exec::exec(&r, &spec)?)
 }

@@ -390,7 +390,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     // SAFETY: changing a signal disposition; no handler runs.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     match args.isolation {
-        Isolation::Container => container::run(&spec, &resolved, &opts),
+        Isolation::Container => Ok(container::run(&spec, &resolved, &opts)?),
         Isolation::Vm => Ok(rvmm::vm::run(&spec, &resolved, &opts)?),
     }
 }

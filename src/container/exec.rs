@@ -6,7 +6,8 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use anyhow::{bail, Context};
+use super::{sys, Error, Result};
+use crate::error::{last_os_error, IoContext};
 
 use crate::run::state::RunState;
 use crate::run::stdio::pipe;
@@ -34,29 +35,29 @@ const NAMESPACES: &[(&str, libc::c_int)] = &[
 
 /// Runs `spec` (the run's own spec with the exec's argv, env, user and cwd) in the container of
 /// `run`; returns its exit status (Docker's numbering: 126/127 when it cannot be executed).
-pub fn exec(run: &RunState, spec: &RunSpec) -> anyhow::Result<u8> {
+pub fn exec(run: &RunState, spec: &RunSpec) -> Result<u8> {
     if !run.alive() || run.pid <= 0 {
-        bail!("{} is not running", run.name);
+        return Err(Error::NotRunning(run.name.clone()));
     }
     let pid = run.pid;
     // Every namespace file first: a workload that exits now fails here, not half way in.
     let open = |ns: &str| {
         std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
-            .with_context(|| format!("opening the {ns} namespace of {}", run.name))
+            .at(|| format!("opening the {ns} namespace of {}", run.name))
     };
     let pidns = open("pid")?;
     let others = NAMESPACES
         .iter()
         .map(|(n, f)| open(n).map(|file| (file, *f)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     // SAFETY: setns on a namespace fd we opened; a pid namespace only applies to children.
     if unsafe { libc::setns(pidns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("joining the pid namespace");
+        return Err(last_os_error("joining the pid namespace").into());
     }
     let pty = if spec.tty {
         Some(
             nix::pty::openpty(crate::run::stdio::winsize().as_ref(), None)
-                .context("allocating a pseudo-terminal")?,
+                .map_err(sys("allocating a pseudo-terminal"))?,
         )
     } else {
         None
@@ -66,7 +67,7 @@ pub fn exec(run: &RunState, spec: &RunSpec) -> anyhow::Result<u8> {
     // (no lock can be held: no other thread exists) and execs or _exits.
     let child = unsafe { libc::fork() };
     if child < 0 {
-        return Err(std::io::Error::last_os_error()).context("fork");
+        return Err(last_os_error("fork").into());
     }
     if child == 0 {
         drop(err_r);
@@ -116,7 +117,10 @@ pub fn exec(run: &RunState, spec: &RunSpec) -> anyhow::Result<u8> {
         let (code, text) = msg.split_once('\t').unwrap_or(("125", msg.as_str()));
         let code: u8 = code.parse().unwrap_or(125);
         if code == 125 {
-            bail!("exec in {}: {text}", run.name);
+            return Err(Error::Exec {
+                run: run.name.clone(),
+                text: text.to_string(),
+            });
         }
         eprintln!("rvmm: {text}");
         return Ok(code);

@@ -16,7 +16,46 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use anyhow::{bail, Context};
+use crate::error::{IoContext, IoError};
+
+/// What can go wrong in container isolation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Run(#[from] crate::run::Error),
+    #[error(transparent)]
+    Cgroups(#[from] crate::cgroups::Error),
+    #[error(transparent)]
+    Net(#[from] crate::net::Error),
+    #[error("container isolation needs root (rootless containers are not supported yet)")]
+    NotRoot,
+    #[error("{what}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+    #[error("the store path must not contain ',' or ':' (overlayfs options)")]
+    StorePath,
+    #[error("too many layers for one overlayfs mount ({0})")]
+    TooManyLayers(usize),
+    #[error("starting the container: {0}")]
+    Start(String),
+    #[error("{0} is not running")]
+    NotRunning(String),
+    #[error("exec in {run}: {text}")]
+    Exec { run: String, text: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> Error {
+    move |source| Error::Sys { what, source }
+}
 
 use crate::cgroups;
 use crate::image::ResolvedImage;
@@ -49,15 +88,14 @@ fn install_forwarding() {
 }
 
 /// Runs the spec in a container; returns the workload's exit status (Docker's numbering).
-pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::Result<u8> {
+pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u8> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("container isolation needs root (rootless containers are not supported yet)");
+        return Err(Error::NotRoot);
     }
     let mut run = crate::run::prepare(spec, opts, Isolation::Container)?;
     let dir = run.dir.clone();
     for d in ["upper", "work", "rootfs"] {
-        std::fs::create_dir_all(dir.join(d))
-            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir.join(d)).at(|| format!("creating {}", dir.display()))?;
     }
     // The host's cgroup mounts, read once: where the run's cgroup goes, and what the container
     // mounts under /sys/fs/cgroup.
@@ -75,13 +113,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     // The /etc files the spec describes, bound into the container from the run directory.
     for (name, body) in run.spec.etc.entries() {
         std::fs::write(dir.join(name), body)
-            .with_context(|| format!("writing {}", dir.join(name).display()))?;
+            .at(|| format!("writing {}", dir.join(name).display()))?;
     }
 
     // The terminal.
     let pty = if run.spec.tty {
-        let p =
-            nix::pty::openpty(winsize().as_ref(), None).context("allocating a pseudo-terminal")?;
+        let p = nix::pty::openpty(winsize().as_ref(), None)
+            .map_err(sys("allocating a pseudo-terminal"))?;
         Some(p)
     } else {
         None
@@ -116,7 +154,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             Some(libc::SIGCHLD),
         )
     }
-    .context("clone: creating the container's namespaces")?;
+    .map_err(sys("clone: creating the container's namespaces"))?;
     let pid = pid.as_raw();
     drop(sync_r);
     drop(err_w);
@@ -131,7 +169,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
     CHILD.store(pid, Ordering::SeqCst);
     install_forwarding();
 
-    let started = (|| -> anyhow::Result<()> {
+    let started = (|| -> Result<()> {
         cg.add(pid)?;
         if let Some(addr) = run.address() {
             let veth = crate::net::attach_container(&opts.id, pid, addr)?;
@@ -139,7 +177,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
             run.cleanup.state.save()?;
         }
         let mut w = std::fs::File::from(sync_w);
-        w.write_all(b"g").context("starting the container")?;
+        w.write_all(b"g").at(|| "starting the container")?;
         Ok(())
     })();
     if let Err(e) = started {
@@ -191,10 +229,10 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> anyhow::
 
 /// The workload could not be started (status 125 setup, 126 cannot execute, 127 not found): a
 /// setup failure is an error; 126 and 127 are the workload's status, with the reason on stderr.
-pub(crate) fn not_started(run: Prepared, code: u8, text: &str, remove: bool) -> anyhow::Result<u8> {
+pub(crate) fn not_started(run: Prepared, code: u8, text: &str, remove: bool) -> Result<u8> {
     if code == 125 {
         run.fail(remove);
-        bail!("starting the container: {text}");
+        return Err(Error::Start(text.to_string()));
     }
     eprintln!("rvmm: {text}");
     Ok(run.finish(i32::from(code), remove))
@@ -257,8 +295,8 @@ pub(crate) fn tty_relay(master: OwnedFd, stdin: bool) -> (std::thread::JoinHandl
     (h, raw)
 }
 
-fn cstr(s: &str) -> anyhow::Result<CString> {
-    CString::new(s).with_context(|| format!("{s:?} contains a NUL byte"))
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Nul(s.to_string()))
 }
 
 fn make_plan(
@@ -269,7 +307,7 @@ fn make_plan(
     tty_slave: Option<RawFd>,
     sync_fd: RawFd,
     err_fd: RawFd,
-) -> anyhow::Result<child::Plan> {
+) -> Result<child::Plan> {
     let lower: Vec<String> = image
         .layers
         .iter()
@@ -277,7 +315,7 @@ fn make_plan(
         .map(|p| p.display().to_string())
         .collect();
     if lower.iter().any(|l| l.contains(',') || l.contains(':')) {
-        bail!("the store path must not contain ',' or ':' (overlayfs options)");
+        return Err(Error::StorePath);
     }
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
@@ -286,10 +324,7 @@ fn make_plan(
         dir.join("work").display()
     );
     if opts.len() > 4000 {
-        bail!(
-            "too many layers for one overlayfs mount ({})",
-            image.layers.len()
-        );
+        return Err(Error::TooManyLayers(image.layers.len()));
     }
     // Strings the child passes to system calls must hold no NUL: refused here, in the parent.
     for s in spec
@@ -314,12 +349,12 @@ fn make_plan(
                     format!("/etc/{f}"),
                 ))
             })
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_>>()?,
         volumes: spec
             .mounts
             .iter()
             .map(|m| Ok((cstr(&m.source)?, m.destination.clone(), m.read_only)))
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_>>()?,
         tty_slave,
         tty_path: tty_slave
             .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok())

@@ -475,10 +475,10 @@ fn exit_status(
         });
     }
     match (report.failure, report.exit, out.killed) {
-        (Some((125, msg)), _, _) => Err(Error::StartFailed(msg)),
-        (Some((code, msg)), _, _) => {
-            eprintln!("rvmm: {msg}");
-            Ok(i32::from(code))
+        (Some(f), _, _) if f.status == 125 => Err(Error::StartFailed(f.message)),
+        (Some(f), _, _) => {
+            eprintln!("rvmm: {}", f.message);
+            Ok(i32::from(f.status))
         }
         (None, Some(c), _) => Ok(c),
         (None, None, Some(sig)) => Ok(128 + sig),

@@ -130,7 +130,7 @@ pub(crate) struct GuestReport {
     /// arrived.
     pub(super) guest_times: Option<(u32, u32, u32)>,
     /// The workload could not start: status (125/126/127) and message.
-    pub(super) failure: Option<(u8, String)>,
+    pub(super) failure: Option<rvmm_workload::Failure>,
 }
 
 impl GuestReport {
@@ -154,10 +154,10 @@ impl GuestReport {
                 return true;
             }
             frame::FAILED if !payload.is_empty() => {
-                self.failure = Some((
-                    payload[0],
-                    String::from_utf8_lossy(&payload[1..]).into_owned(),
-                ));
+                self.failure = Some(rvmm_workload::Failure {
+                    status: payload[0],
+                    message: String::from_utf8_lossy(&payload[1..]).into_owned(),
+                });
             }
             frame::EXIT if payload.len() == 4 => {
                 self.exit = frame::le32_at(payload, 0).map(i32::from_le_bytes);

@@ -662,20 +662,21 @@ pub fn cold(opts: &Options, env: &Env, rec: &mut Recorder) {
     // The image as an OCI layout (hard links into the warm store): every cold run imports it
     // into an empty store, unpacking its layers (and, for VMs, building the root disk).
     let layout = env.work.path().join("cold-layout");
-    let exported = (|| -> anyhow::Result<()> {
+    let exported = (|| -> Result<(), Box<dyn std::error::Error>> {
         let store = crate::image::Store::open(&opts.root)?;
         let image = store
             .find(&opts.image)?
-            .ok_or_else(|| anyhow::anyhow!("{} is not in the store", opts.image))?;
+            .ok_or_else(|| format!("{} is not in the store", opts.image))?;
         Ok(store.export_layout(&image, &layout, "latest")?)
-    })();
+    })()
+    .map_err(|e| crate::error::chain(&*e));
     if let Err(e) = exported {
         for name in ["rvmm container", "rvmm vm"] {
             rec.failure(
                 Scenario::Cold,
                 name,
                 "true",
-                format!("exporting the image: {e:#}"),
+                format!("exporting the image: {e}"),
             );
         }
         return;

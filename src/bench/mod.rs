@@ -267,7 +267,7 @@ pub fn run(opts: &Options) -> Result<PathBuf, Error> {
 
 /// Flattens `image` (as the store at `root` resolves it) into the plain directory `dest`.
 fn image_rootfs(root: &std::path::Path, image: &str, dest: &std::path::Path) -> Result<(), String> {
-    let export = || -> anyhow::Result<()> {
+    let export = || -> Result<(), Box<dyn std::error::Error>> {
         let store = crate::image::Store::open(root)?;
         let opts = crate::image::PullOptions {
             quiet: true,
@@ -276,7 +276,7 @@ fn image_rootfs(root: &std::path::Path, image: &str, dest: &std::path::Path) -> 
         let resolved = crate::image::resolve(&store, image, &opts)?;
         Ok(crate::image::disk::export_rootfs(&resolved, dest)?)
     };
-    export().map_err(|e| format!("{e:#}"))
+    export().map_err(|e| crate::error::chain(&*e))
 }
 
 /// What a peer VMM must add to the kernel command line on this host (rvmm vm adds it itself).

@@ -54,6 +54,9 @@ impl GuestWriter {
 
 type Routes = Arc<Mutex<HashMap<u32, SyncSender<(u8, Vec<u8>)>>>>;
 
+/// How long the run loop waits for an exec client that does not read its output.
+const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The exec server of one VM run.
 pub(crate) struct ExecServer {
     path: PathBuf,
@@ -107,10 +110,27 @@ impl ExecServer {
             return true;
         };
         let mut routes = crate::devices::lock(&self.routes);
-        let last = kind == frame::EXEC_EXIT || kind == frame::EXEC_FAILED;
+        let mut last = kind == frame::EXEC_EXIT || kind == frame::EXEC_FAILED;
         if let Some(tx) = routes.get(&id) {
-            // Blocks only while that client's 64 frames are unread: its own backpressure.
-            let _ = tx.send((kind, rest.to_vec()));
+            // At most 64 frames wait for a client. One that does not read them (or a guest that
+            // floods an exec faster than its client reads) holds the run loop for at most
+            // CLIENT_STALL, then loses its exec: host memory stays bounded and the run goes on.
+            let mut item = (kind, rest.to_vec());
+            let t0 = std::time::Instant::now();
+            loop {
+                match tx.try_send(item) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(back)) if t0.elapsed() < CLIENT_STALL => {
+                        item = back;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(_) => {
+                        log::warn!("exec {id}: its client does not read its output; it is cut off");
+                        last = true;
+                        break;
+                    }
+                }
+            }
         }
         if last {
             routes.remove(&id);

@@ -8,7 +8,7 @@
 //! kexec, reboot, swapon, init_module, userfaultfd, …) fails with EPERM.
 
 mod profile;
-mod syscalls;
+pub mod syscalls;
 
 use caps::{Capability, CapsHashSet};
 use seccompiler::BpfProgram;

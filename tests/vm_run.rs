@@ -1268,3 +1268,158 @@ fn channel_streams_stay_apart_and_unread_stdin_does_not_block() {
         (7, "not reading\n", "")
     );
 }
+
+/// The pid of the VMM process (`rvmm __vmm`) whose parent is `parent`.
+fn vmm_process_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        (ppid == parent && cmdline.windows(5).any(|w| w == b"__vmm")).then_some(pid)
+    })
+}
+
+fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} in\n{status}"))
+}
+
+/// Issue 18: seen from the host, a running VM's VMM is a process of its own with an
+/// unprivileged uid and gid, no capability at all, no_new_privs, a seccomp filter on every
+/// thread, a root holding only /dev/kvm and what it was given, a network namespace with nothing
+/// but lo (its tap came as a descriptor), and a cgroup capping its memory and tasks.
+#[test]
+fn the_vmm_runs_jailed_unprivileged_and_filtered() {
+    let Some(env) = setup() else { return };
+    let child = start_ready(&env, &[], "echo ready; while :; do sleep 1; done");
+    let pid = vmm_process_of(child.0.id()).expect("a VMM process under rvmm run");
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    for key in ["Uid", "Gid"] {
+        let ids: Vec<u32> = status_field(&status, key)
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 4, "{key}");
+        assert!(
+            ids.iter().all(|&i| i == ids[0] && i >= 1000),
+            "{key}: {ids:?}"
+        );
+    }
+    assert_eq!(status_field(&status, "Groups"), "");
+    for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(&status, key), "0000000000000000", "{key}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    let mut names = Vec::new();
+    for t in std::fs::read_dir(proc_dir.join("task")).unwrap().flatten() {
+        let Ok(st) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        names.push(status_field(&st, "Name").to_string());
+        assert_eq!(
+            status_field(&st, "Seccomp"),
+            "2",
+            "thread {}",
+            status_field(&st, "Name")
+        );
+    }
+    names.sort();
+    assert_eq!(names, ["rvmm-control", "rvmm-event", "rvmm-vcpu0"]);
+    // Its root: /dev with kvm alone, and what a warm start needs (the snapshot, read-only).
+    let root = proc_dir.join("root");
+    let mut top = common::run::ls(&root);
+    top.sort();
+    assert_eq!(top, ["dev", "snapshot"], "the VMM's root");
+    assert_eq!(common::run::ls(&root.join("dev")), ["kvm"]);
+    assert!(std::fs::write(root.join("snapshot/x"), b"x").is_err());
+    // Its network namespace: lo only.
+    let net = std::fs::read_to_string(proc_dir.join("net/dev")).unwrap();
+    let links: Vec<&str> = net
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(links, ["lo"]);
+    // Its own PID namespace, mount namespace and cgroup.
+    let ns = |p: &Path, n: &str| std::fs::read_link(p.join("ns").join(n)).unwrap();
+    let me = Path::new("/proc/self");
+    for n in ["pid", "mnt", "net", "ipc", "uts"] {
+        assert_ne!(ns(&proc_dir, n), ns(me, n), "{n} namespace");
+    }
+    let cgroups = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap();
+    let (memory_file, memory_path) = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+            if ctrl.split(',').any(|c| c == "memory") {
+                Some((
+                    "memory.limit_in_bytes",
+                    format!("/sys/fs/cgroup/memory{path}"),
+                ))
+            } else if ctrl.is_empty() && path.contains("/rvmm/") {
+                Some(("memory.max", format!("/sys/fs/cgroup{path}")))
+            } else {
+                None
+            }
+        })
+        .expect("a memory cgroup");
+    assert!(memory_path.contains("/rvmm/"), "{memory_path}");
+    let limit: u64 = std::fs::read_to_string(Path::new(&memory_path).join(memory_file))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(limit, (256 << 20) + rvmm::vm::jail::VMM_MEMORY_ALLOWANCE);
+    drop(child);
+}
+
+/// Issue 18: a VMM thread that makes a call its filter forbids (a hook of debug builds) takes
+/// the VMM process down; the run says which thread and which call in one line, status 125, and
+/// leaves nothing behind (RunEnv's checks).
+#[test]
+fn a_forbidden_system_call_kills_the_vmm_with_one_line() {
+    let Some(env) = setup() else { return };
+    for (thread, name) in [
+        ("vcpu", "vcpu0"),
+        ("event", "event"),
+        ("control", "control"),
+    ] {
+        let o = Command::new(common::rvmm_bin())
+            .arg("--root")
+            .arg(env.store.path())
+            .args([
+                "run",
+                "--rm",
+                "--isolation=vm",
+                "--network=none",
+                BB,
+                "true",
+            ])
+            .env("RVMM_TEST_SECCOMP_VIOLATION", thread)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{thread}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{thread}: {stderr}");
+        assert!(
+            stderr.contains(&format!("VMM's {name} thread"))
+                && stderr.contains("(socket, 41)")
+                && stderr.contains("seccomp"),
+            "{thread}: {stderr}"
+        );
+    }
+}

@@ -81,6 +81,18 @@ pub fn exec(_args: Args, global: &Global) -> anyhow::Result<u8> {
             );
         }
     }
+    match rvmm::vm::jail::host_check() {
+        Ok(what) => line(Level::Ok, "VMM jail", &what, ""),
+        Err(e) => {
+            missing += 1;
+            line(
+                Level::Missing,
+                "VMM jail",
+                &e,
+                "VM isolation runs its VMM jailed (docs/security.md); RVMM_NO_JAIL=1 is for debugging only",
+            )
+        }
+    }
     let cg = cgroup_layout();
     line(
         if cg == "v2" { Level::Ok } else { Level::Warn },

@@ -83,6 +83,9 @@ pub enum Command {
     /// The supervisor of a detached run (started by `run -d`).
     #[command(name = "__supervise", hide = true)]
     Supervise(lifecycle::SuperviseArgs),
+    /// The jailed VMM process of a VM run (started by rvmm itself).
+    #[command(name = "__vmm", hide = true)]
+    Vmm,
     /// Remove what dead runs left behind (mounts, cgroups, taps, veths, rules, run dirs).
     Gc(gc::Args),
     /// Warm-start snapshots of VM isolation (ls, rm, gc, prewarm).
@@ -124,6 +127,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Inspect(a) => lifecycle::inspect(a, &global),
         Command::Exec(a) => lifecycle::exec(a, &global),
         Command::Supervise(a) => lifecycle::supervise(a),
+        Command::Vmm => Ok(rvmm::vm::jail::vmm_main()),
         Command::Gc(a) => gc::exec(a, &global),
         Command::Vm(a) => vm::exec(a, &global),
         Command::Kernel(c) => kernel::exec(c, &global),

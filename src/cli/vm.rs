@@ -2,9 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use nix::sys::signal::{SigSet, Signal};
-use rvmm::vmm::{Console, DiskConfig, NetConfig, TapSource, Vm, VmConfig, VmExit, DEFAULT_CMDLINE};
+use rvmm::vmm::{Console, DiskConfig, NetConfig, TapSource, VmConfig, VmExit, DEFAULT_CMDLINE};
 
 use super::Global;
 
@@ -88,23 +86,8 @@ pub fn exec(args: Args, _global: &Global) -> anyhow::Result<u8> {
         ports: Vec::new(),
     };
 
-    // SIGINT/SIGTERM: blocked in every thread, received by one waiter that stops the VM.
-    let mut sigs = SigSet::empty();
-    sigs.add(Signal::SIGINT);
-    sigs.add(Signal::SIGTERM);
-    sigs.thread_block().context("cannot block signals")?;
-
-    let vm = Vm::new(cfg)?;
-    let stop = vm.stop_handle();
-    std::thread::Builder::new()
-        .name("rvmm-signals".into())
-        .spawn(move || {
-            if sigs.wait().is_ok() {
-                stop.stop();
-            }
-        })
-        .context("cannot start the signal thread")?;
-    match vm.run()? {
+    // The VMM runs jailed in a process of its own (docs/security.md); SIGINT/SIGTERM stop it.
+    match rvmm::vm::run_direct(cfg)? {
         VmExit::Reset | VmExit::Shutdown => Ok(0),
         VmExit::Stopped => Ok(130),
     }

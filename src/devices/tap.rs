@@ -72,6 +72,11 @@ impl Tap {
         })
     }
 
+    /// The tap's file descriptor, to hand to another process (a jailed VMM).
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.file)
+    }
+
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

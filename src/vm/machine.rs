@@ -6,10 +6,10 @@ use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use super::{cpio, guest_cmdline, snapshots, Error};
+use super::{cpio, guest_cmdline, jail, snapshots, Error};
 use crate::error::{IoContext, IoError};
 use crate::run::stdio::pipe;
-use crate::vmm::{Console, DiskConfig, NetConfig, PortBackend, TapSource, Vm, VmConfig};
+use crate::vmm::{Console, DiskConfig, NetConfig, PortBackend, TapSource, VmConfig};
 
 /// The machine a VM run gets, cold or warm.
 pub(super) struct Machine {
@@ -138,11 +138,42 @@ pub(super) fn random_bytes<const N: usize>() -> Result<[u8; N], IoError> {
     Ok(b)
 }
 
-/// A VM ready to run, restored or about to boot, and rvmm's ends of its channel.
+/// A VM ready to run, restored or about to boot, in its VMM process, and rvmm's ends of its
+/// channel.
 pub(super) struct Started {
-    pub(super) vm: Vm,
+    pub(super) vmm: jail::Vmm,
     pub(super) ends: HostEnds,
     pub(super) warm: bool,
+}
+
+/// Where a run's VMM process goes (see `jail::Request`).
+pub(super) struct Place<'a> {
+    pub(super) jail_dir: &'a Path,
+    pub(super) id: &'a str,
+    pub(super) cgroup: Option<&'a crate::cgroups::Cgroup>,
+    /// Where a booted VMM may write the snapshot it is asked for (a restored one gets none).
+    pub(super) snapshot_out: Option<&'a Path>,
+}
+
+impl<'a> Place<'a> {
+    fn request<'b>(
+        &self,
+        cfg: VmConfig,
+        restore: Option<(&'b Path, &'b str)>,
+        snapshot_out: Option<&'b Path>,
+    ) -> jail::Request<'b>
+    where
+        'a: 'b,
+    {
+        jail::Request {
+            cfg,
+            restore,
+            snapshot_out,
+            jail_dir: self.jail_dir,
+            id: self.id,
+            cgroup: self.cgroup,
+        }
+    }
 }
 
 /// Restores the machine's warm-start snapshot (unless `cold`), or builds it to boot with a
@@ -154,28 +185,32 @@ pub(super) fn restore_or_boot(
     tag: &str,
     cold: bool,
     dir: &Path,
+    place: &Place,
 ) -> Result<Started, Error> {
     if !cold {
         if let Some(sdir) = snaps.find(key) {
             let (cfg, ends) = machine.config(None)?;
-            match Vm::restore(cfg, &sdir, tag) {
-                Ok(vm) => {
+            match jail::spawn(place.request(cfg, Some((sdir.as_path(), tag)), None)) {
+                Ok(vmm) => {
                     return Ok(Started {
-                        vm,
+                        vmm,
                         ends,
                         warm: true,
                     })
                 }
-                Err(e) => {
+                Err(jail::SpawnError::Restore(e)) => {
                     eprintln!("rvmm: not using snapshot {key} ({e}); booting the kernel instead");
                     snaps.remove(key);
                 }
+                Err(jail::SpawnError::Other(e)) => return Err(Error::Create(e)),
             }
         }
     }
     let (cfg, ends) = machine.config(Some(machine.initrd(dir)?))?;
+    let vmm = jail::spawn(place.request(cfg, None, place.snapshot_out))
+        .map_err(|e| Error::Create(e.to_string()))?;
     Ok(Started {
-        vm: Vm::new(cfg).map_err(Error::Create)?,
+        vmm,
         ends,
         warm: false,
     })

@@ -19,6 +19,7 @@
 
 mod cpio;
 pub mod exec;
+pub mod jail;
 mod machine;
 mod session;
 pub mod snapshots;
@@ -32,7 +33,7 @@ use crate::error::{IoContext, IoError};
 use crate::image::ResolvedImage;
 use crate::run::{Isolation, RunOptions};
 use crate::runspec::RunSpec;
-use crate::vmm::{Vm, VmExit};
+use crate::vmm::VmExit;
 use machine::{HostEnds, Machine};
 pub(crate) use session::GuestReport;
 
@@ -57,10 +58,12 @@ pub enum Error {
     NoKvm(#[source] std::io::Error),
     #[error("-v is not supported with --isolation=vm yet")]
     VolumesUnsupported,
-    #[error("creating the microVM")]
-    Create(#[source] crate::vmm::Error),
-    #[error("attaching the image disk")]
-    AttachDisk(#[source] crate::vmm::Error),
+    #[error("creating the microVM: {0}")]
+    Create(String),
+    #[error("attaching the image disk: {0}")]
+    AttachDisk(String),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroups::Error),
     #[error("saving the snapshot")]
     Snapshot(#[source] crate::vmm::Error),
     #[error("encoding the guest's start message")]
@@ -250,9 +253,29 @@ pub fn prewarm(
         });
     }
     let (cfg, ends) = machine.config(Some(machine.initrd(work.path())?))?;
-    let vm = Vm::new(cfg).map_err(Error::Create)?;
-    let ctl = vm.controller();
-    let vm_thread = std::thread::spawn(move || vm.run());
+    let jail_dir = work.path().join("vmm-root");
+    let staging = work.path().join("snapshot-out");
+    for d in [&jail_dir, &staging] {
+        std::fs::create_dir_all(d).at(|| format!("creating {}", d.display()))?;
+    }
+    let cg_id = format!("prewarm-{id}");
+    let cg = vmm_cgroup(&cg_id, vcpus, mem_mib)?;
+    let vmm = jail::spawn(jail::Request {
+        cfg,
+        restore: None,
+        snapshot_out: Some(&staging),
+        jail_dir: &jail_dir,
+        id: &id,
+        cgroup: Some(&cg),
+    });
+    let vmm = match vmm {
+        Ok(v) => v,
+        Err(e) => {
+            cg.remove();
+            return Err(Error::Create(e.to_string()));
+        }
+    };
+    let ctl = vmm.controller();
     let HostEnds {
         from_guest,
         to_guest: _to_guest,
@@ -266,7 +289,7 @@ pub fn prewarm(
         log: machine.console.clone(),
     };
     let ready = loop {
-        if vm_thread.is_finished() {
+        if vmm.is_finished() {
             break Err(not_ready("the VM stopped"));
         }
         if t0.elapsed() >= PREWARM_TIMEOUT {
@@ -287,12 +310,17 @@ pub fn prewarm(
             }
         }
     };
-    let saved = ready.and_then(|()| snaps.save(&key, &id, &identity, |d| ctl.snapshot(d, &tag)));
+    let saved = ready.and_then(|()| {
+        snaps.save(&key, &id, &identity, |d| {
+            ctl.snapshot(d, &tag).map_err(crate::vmm::Error::Snapshot)
+        })
+    });
     if saved.is_ok() {
         snaps.gc();
     }
     ctl.stop();
-    let _ = vm_thread.join();
+    let _ = vmm.wait();
+    cg.remove();
     if saved.is_err() {
         // Keep the kernel log the error points at (`rvmm snapshot gc` removes it).
         let _ = work.keep();
@@ -304,6 +332,52 @@ pub fn prewarm(
         took: t0.elapsed(),
         existed: false,
     })
+}
+
+/// `rvmm vm`: boots `cfg` in a jailed VMM process (a cgroup and a root of its own) until the
+/// guest resets or powers off, or SIGINT/SIGTERM stops it (`VmExit::Stopped`).
+pub fn run_direct(cfg: crate::vmm::VmConfig) -> Result<VmExit> {
+    use nix::sys::signal::{SigSet, Signal};
+    // Blocked here, before any thread exists, so that one waiter receives them.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block().map_err(|e| IoError {
+        what: "blocking SIGINT and SIGTERM".into(),
+        source: e.into(),
+    })?;
+    let id = crate::run::new_id();
+    let work = tempfile::Builder::new()
+        .prefix("rvmm-vm-")
+        .tempdir()
+        .at(|| "creating a temporary directory")?;
+    let jail_dir = work.path().join("root");
+    std::fs::create_dir(&jail_dir).at(|| format!("creating {}", jail_dir.display()))?;
+    let cg = vmm_cgroup(&format!("vm-{}", &id[..16]), cfg.vcpus, cfg.mem_mib)?;
+    let vmm = jail::spawn(jail::Request {
+        cfg,
+        restore: None,
+        snapshot_out: None,
+        jail_dir: &jail_dir,
+        id: &id,
+        cgroup: Some(&cg),
+    });
+    let end = match vmm {
+        Ok(vmm) => {
+            let ctl = vmm.controller();
+            let _ = std::thread::Builder::new()
+                .name("rvmm-signals".into())
+                .spawn(move || {
+                    if sigs.wait().is_ok() {
+                        ctl.stop();
+                    }
+                });
+            vmm.wait().map_err(Error::Create)
+        }
+        Err(e) => Err(Error::Create(e.to_string())),
+    };
+    cg.remove();
+    end
 }
 
 /// The guest identity `rvmm run --isolation=vm` would use now (None when the kernel or
@@ -363,7 +437,25 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     };
     let snaps = snapshots::Snapshots::new(&opts.root);
     let (identity, tag, key) = machine.identity()?;
-    let started = machine::restore_or_boot(&machine, &snaps, &key, &tag, opts.cold, &dir)?;
+    // The VMM process: its cgroup, the mount point of its root, and (unless --cold) where a
+    // boot writes the warm-start snapshot before rvmm moves it into place.
+    let cg = vmm_cgroup(&opts.id, vcpus, mem_mib)?;
+    run.cleanup.state.cgroup = Some(cg.clone());
+    run.cleanup.state.save()?;
+    let jail_dir = dir.join("vmm-root");
+    std::fs::create_dir_all(&jail_dir).at(|| format!("creating {}", jail_dir.display()))?;
+    let staging = if opts.cold {
+        None
+    } else {
+        Some(snapshot_staging(&snaps, &opts.id)?)
+    };
+    let place = machine::Place {
+        jail_dir: &jail_dir,
+        id: &opts.id,
+        cgroup: Some(&cg),
+        snapshot_out: staging.as_ref().map(|t| t.path()),
+    };
+    let started = machine::restore_or_boot(&machine, &snaps, &key, &tag, opts.cold, &dir, &place)?;
     let warm = started.warm;
     let t_setup = t0.elapsed();
     let start = start_frames(&spec, use_boot, mac)?;
@@ -380,17 +472,17 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     let session = session::Session {
         spec: &spec,
         dir: dir.clone(),
-        ctl: started.vm.controller(),
-        stop: started.vm.stop_handle(),
+        vmm: started.vmm.controller(),
         disk,
         start,
         warm,
         snapshot,
         t0,
     };
-    let out = session.run(started.vm, started.ends, publisher, address, || {
+    let out = session.run(started.vmm, started.ends, publisher, address, || {
         run.started()
     })?;
+    drop(staging);
 
     let total = t0.elapsed();
     log::info!(
@@ -418,6 +510,39 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
             Err(e)
         }
     }
+}
+
+/// The cgroup of a VMM process (`rvmm/ID`): guest RAM plus the VMM's allowance, and a task
+/// for each vCPU plus its few other threads.
+fn vmm_cgroup(id: &str, vcpus: u8, mem_mib: u32) -> Result<crate::cgroups::Cgroup> {
+    let layout = crate::cgroups::Layout::detect()?;
+    let limits = rvmm_proto::Limits {
+        memory_bytes: Some((u64::from(mem_mib) << 20) + jail::VMM_MEMORY_ALLOWANCE),
+        pids: Some(u64::from(vcpus) + 8),
+        ..Default::default()
+    };
+    let kvm = rvmm_proto::DeviceNode {
+        path: "/dev/kvm".into(),
+        kind: 'c',
+        major: 10,
+        minor: 232,
+        mode: 0o600,
+        uid: 0,
+        gid: 0,
+        access: "rwm".into(),
+    };
+    Ok(crate::cgroups::create(&layout, id, &limits, false, &[kvm])?)
+}
+
+/// The directory a booted VMM writes its snapshot into (`.tmp-ID-vmm` among the snapshots,
+/// removed when dropped; `rvmm snapshot gc` removes one a dead run left).
+fn snapshot_staging(snaps: &snapshots::Snapshots, id: &str) -> Result<tempfile::TempDir> {
+    std::fs::create_dir_all(snaps.dir()).at(|| format!("creating {}", snaps.dir().display()))?;
+    Ok(tempfile::Builder::new()
+        .prefix(&format!(".tmp-{id}-vmm"))
+        .rand_bytes(0)
+        .tempdir_in(snaps.dir())
+        .at(|| format!("creating a directory in {}", snaps.dir().display()))?)
 }
 
 /// The `Start` (what makes this run this run) as channel frames. Docker's default privileges
@@ -490,10 +615,9 @@ fn exit_status(
                 });
             }
             let why = match out.vm_result {
-                Ok(Ok(VmExit::Stopped)) => "it was stopped".to_string(),
-                Ok(Ok(e)) => format!("it ended ({e:?})"),
-                Ok(Err(e)) => crate::error::chain(&e),
-                Err(_) => "the VMM thread panicked".into(),
+                Ok(VmExit::Stopped) => "it was stopped".to_string(),
+                Ok(e) => format!("it ended ({e:?})"),
+                Err(e) => e,
             };
             Err(Error::NoExitStatus { why, log })
         }

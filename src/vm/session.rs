@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use rvmm_proto::frame;
 
 use super::exec::{self, GuestWriter};
+use super::jail::{Vmm, VmmControl};
 use super::machine::HostEnds;
 use super::snapshots::Snapshots;
 use super::Error;
 use crate::error::IoError;
 use crate::run::stdio::{winsize, RawMode};
 use crate::runspec::RunSpec;
-use crate::vmm::{Controller, StopHandle, VmExit};
+use crate::vmm::VmExit;
 
 /// Reads the guest's channel on a thread of its own: every frame, in order, then an `Err` if
 /// the stream turns out corrupt. The receiver disconnects when the channel closes.
@@ -181,8 +182,7 @@ pub(super) struct SnapshotAtReady<'a> {
 pub(super) struct Session<'a> {
     pub(super) spec: &'a RunSpec,
     pub(super) dir: PathBuf,
-    pub(super) ctl: Controller,
-    pub(super) stop: StopHandle,
+    pub(super) vmm: VmmControl,
     /// The image disk, attached right before the `Start`.
     pub(super) disk: PathBuf,
     /// The `Start`, as frames; sent at READY (a restored guest is past READY: at once).
@@ -201,7 +201,8 @@ pub(super) struct Outcome {
     pub(super) start_deadline: Duration,
     /// The channel turned out corrupt.
     pub(super) corrupt: Option<String>,
-    pub(super) vm_result: std::thread::Result<Result<VmExit, crate::vmm::Error>>,
+    /// How the VMM process ended.
+    pub(super) vm_result: Result<VmExit, String>,
     pub(super) started_at: Option<Duration>,
     pub(super) snapshot_took: Option<Duration>,
     pub(super) exit_frame_at: Option<Duration>,
@@ -226,7 +227,7 @@ impl Session<'_> {
     /// workload runs.
     pub(super) fn run(
         &self,
-        vm: crate::vmm::Vm,
+        vm: Vmm,
         ends: HostEnds,
         publisher: Option<crate::net::Publisher>,
         address: Option<std::net::Ipv4Addr>,
@@ -239,7 +240,6 @@ impl Session<'_> {
             stdout,
             stderr,
         } = ends;
-        let vm_thread = std::thread::spawn(move || vm.run());
         // The start watchdog counts from here: building the image disk is not the guest's time.
         let vm_started = Instant::now();
         crate::run::install_handler(on_signal, crate::run::RELAYED_SIGNALS);
@@ -274,7 +274,7 @@ impl Session<'_> {
                 start_timed_out: false,
                 start_deadline: super::start_timeout(self.warm),
                 corrupt: None,
-                vm_result: Ok(Ok(VmExit::Stopped)),
+                vm_result: Ok(VmExit::Stopped),
                 started_at: None,
                 snapshot_took: None,
                 exit_frame_at: None,
@@ -295,10 +295,10 @@ impl Session<'_> {
                 Ok(Err(e)) => {
                     // Reported as the run's one line if the guest sent no status before it.
                     l.out.corrupt = Some(e);
-                    self.stop.stop();
+                    self.vmm.stop();
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if vm_thread.is_finished() {
+                    if vm.is_finished() {
                         // Drain what is left, then stop.
                         while let Ok(Ok((kind, payload))) =
                             rx.recv_timeout(Duration::from_millis(20))
@@ -309,7 +309,7 @@ impl Session<'_> {
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    if vm_thread.is_finished() {
+                    if vm.is_finished() {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -321,12 +321,12 @@ impl Session<'_> {
                 // guest RAM). Stop the VM now rather than wait for the guest's own sync and
                 // power-off.
                 l.out.exit_frame_at = Some(self.t0.elapsed());
-                self.stop.stop();
+                self.vmm.stop();
                 break;
             }
         }
         drop(l.exec_server.take());
-        l.out.vm_result = vm_thread.join();
+        l.out.vm_result = vm.wait();
         // Everything the workload wrote before its EXIT is in the pipes now (the VMM writes the
         // control port's frames only after the output queued before them): copy it out, stop.
         output_done.store(true, Ordering::SeqCst);
@@ -344,11 +344,14 @@ impl Loop<'_, '_> {
         let Some(frames) = self.start.take() else {
             return;
         };
-        match self.s.ctl.replace_disk(0, &self.s.disk) {
+        match self.s.vmm.replace_disk(0, &self.s.disk) {
             Ok(()) => self.to_guest.try_send(frames),
             Err(e) => {
-                eprintln!("rvmm: {}", crate::error::chain(&Error::AttachDisk(e)));
-                self.s.stop.stop();
+                // A VMM that died says why in the run's one line instead.
+                if !self.s.vmm.has_ended() {
+                    eprintln!("rvmm: {}", crate::error::chain(&Error::AttachDisk(e)));
+                }
+                self.s.vmm.stop();
             }
         }
     }
@@ -371,7 +374,7 @@ impl Loop<'_, '_> {
         let started = self.out.started_at.is_some();
         if STOPS.load(Ordering::SeqCst) >= 2 {
             // Second Ctrl-C/TERM: the VM goes, as `docker kill` would.
-            self.s.stop.stop();
+            self.s.vmm.stop();
             self.out.killed = Some(libc::SIGKILL);
         } else if sig == libc::SIGWINCH {
             if started {
@@ -380,7 +383,7 @@ impl Loop<'_, '_> {
         } else if !started {
             // Nothing to forward to yet: Ctrl-C or TERM during the boot stops the VM.
             if sig == libc::SIGINT || sig == libc::SIGTERM {
-                self.s.stop.stop();
+                self.s.vmm.stop();
                 self.out.killed = Some(sig);
             }
         } else {
@@ -400,7 +403,7 @@ impl Loop<'_, '_> {
             && vm_started.elapsed() > o.start_deadline
         {
             o.start_timed_out = true;
-            self.s.stop.stop();
+            self.s.vmm.stop();
         }
     }
 
@@ -440,7 +443,10 @@ impl Loop<'_, '_> {
         if let Some(snap) = self.snapshot.take() {
             let t = Instant::now();
             let saved = snap.snaps.save(snap.key, snap.run_id, snap.identity, |d| {
-                self.s.ctl.snapshot(d, snap.tag)
+                self.s
+                    .vmm
+                    .snapshot(d, snap.tag)
+                    .map_err(crate::vmm::Error::Snapshot)
             });
             match saved {
                 Ok(bytes) => {

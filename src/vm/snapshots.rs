@@ -134,6 +134,8 @@ impl Snapshots {
                 let Some(run) = name.strip_prefix(".tmp-") else {
                     continue;
                 };
+                // A run's VMM writes its snapshot into `.tmp-ID-vmm` first.
+                let run = run.strip_suffix("-vmm").unwrap_or(run);
                 // A save in progress belongs to a live run of the host-wide registry.
                 if !crate::run::state::run_is_live(run) && std::fs::remove_dir_all(e.path()).is_ok()
                 {

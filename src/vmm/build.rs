@@ -159,6 +159,7 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         kind,
         cmdline,
         control,
+        filters: Default::default(),
     })
 }
 
@@ -192,6 +193,17 @@ fn validate(cfg: &VmConfig, booting: bool) -> Result<(), Error> {
 /// A virtio device and the backend fds the event thread polls for it: (fd, is an input).
 type DeviceWithBackend = (Box<dyn VirtioDevice>, Vec<(std::os::fd::RawFd, bool)>);
 
+/// An empty file of no path.
+fn empty_file() -> Result<File, Error> {
+    // SAFETY: memfd_create with a valid C string; the fd is ours.
+    let fd = unsafe { libc::memfd_create(c"rvmm-empty-slot".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::EventFd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor nobody else owns.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// Step 1 (cont.): every disk image, tap and channel port opens (read-only disks read-only), in
 /// MMIO order: disks, network devices, the console.
 fn open_backends(
@@ -205,11 +217,8 @@ fn open_backends(
         let block = match &d.path {
             Some(p) => Block::open(p, d.read_only, &id)?,
             // An empty slot: no sectors until `Controller::replace_disk`.
-            None => {
-                let mut b = Block::open(Path::new("/dev/null"), true, &id)?;
-                b.set_read_only(d.read_only);
-                b
-            }
+            // (An empty memfd: a jailed VMM has no /dev/null.)
+            None => Block::from_file(empty_file()?, 0, d.read_only, &id),
         };
         devices.push((Box::new(block), Vec::new()));
     }
@@ -351,6 +360,13 @@ impl Builder<'_> {
             Console::File(p) => Box::new(crate::devices::serial::Capped::new(
                 File::create(p).map_err(|source| Error::Console {
                     path: p.clone(),
+                    source,
+                })?,
+                CONSOLE_FILE_LIMIT,
+            )),
+            Console::Fd(f) => Box::new(crate::devices::serial::Capped::new(
+                f.try_clone().map_err(|source| Error::Console {
+                    path: "(passed in)".into(),
                     source,
                 })?,
                 CONSOLE_FILE_LIMIT,

@@ -92,6 +92,9 @@ pub enum Console {
     Stdio,
     /// Guest output to a file (created or truncated, at most [`CONSOLE_FILE_LIMIT`] bytes); no input.
     File(PathBuf),
+    /// Guest output to this open file (at most [`CONSOLE_FILE_LIMIT`] bytes); no input. A
+    /// jailed VMM gets its console this way: it opens no path of the host.
+    Fd(std::sync::Arc<std::fs::File>),
     /// Discarded; no input.
     Null,
 }

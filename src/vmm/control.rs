@@ -245,14 +245,34 @@ impl Controller {
     /// Points disk `index` (in `VmConfig::disks` order) at `path` and tells the guest its new
     /// capacity (a configuration-change interrupt).
     pub fn replace_disk(&self, index: usize, path: &Path) -> Result<(), Error> {
+        let read_only = self.disk_slot(index)?;
+        let (file, size) = block::open_backing(path, read_only)?;
+        self.put_disk(index, file, size)
+    }
+
+    /// Points disk `index` at an open file (a jailed VMM opens no host path): its size is its
+    /// length, or for a block device where its end is.
+    pub fn replace_disk_file(&self, index: usize, file: std::fs::File) -> Result<(), Error> {
+        use std::io::Seek;
+        self.disk_slot(index)?;
+        let size = (&file)
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|e| Error::Snapshot(format!("the disk for slot {index}: {e}")))?;
+        self.put_disk(index, file, size)
+    }
+
+    /// Whether disk `index` exists and is read-only.
+    fn disk_slot(&self, index: usize) -> Result<bool, Error> {
+        match self.0.layout.devices.get(index) {
+            Some(Slot::Block { read_only }) if index < self.0.transports.len() => Ok(*read_only),
+            _ => Err(Error::Snapshot(format!("device {index} is not a disk"))),
+        }
+    }
+
+    fn put_disk(&self, index: usize, file: std::fs::File, size: u64) -> Result<(), Error> {
         let Some(t) = self.0.transports.get(index) else {
             return Err(Error::Snapshot(format!("there is no disk {index}")));
         };
-        let read_only = match self.0.layout.devices.get(index) {
-            Some(Slot::Block { read_only }) => *read_only,
-            _ => return Err(Error::Snapshot(format!("device {index} is not a disk"))),
-        };
-        let (file, size) = block::open_backing(path, read_only)?;
         if !lock(t).replace_disk(file, size) {
             return Err(Error::Snapshot(format!("device {index} is not a disk")));
         }

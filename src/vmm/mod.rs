@@ -127,6 +127,20 @@ pub struct Vm {
     kind: HostKind,
     cmdline: String,
     control: Controller,
+    filters: ThreadFilters,
+}
+
+/// Seccomp programs the VM's threads install on themselves before they touch the guest
+/// (docs/security.md): each vCPU thread before its first KVM_RUN, the event thread before its
+/// loop. A thread that cannot install its filter stops the VM.
+#[derive(Default, Clone)]
+pub struct ThreadFilters {
+    pub vcpu: Option<seccompiler::BpfProgram>,
+    pub event: Option<seccompiler::BpfProgram>,
+    /// Called on a vCPU thread, and on the event thread, right after its filter is installed
+    /// (the test that proves a forbidden call kills the VMM process).
+    pub after_vcpu: Option<fn()>,
+    pub after_event: Option<fn()>,
 }
 
 /// How long `run` waits for vCPU threads to stop.
@@ -159,6 +173,11 @@ impl Vm {
         &self.mem
     }
 
+    /// The seccomp filters `run` installs on the VM's threads.
+    pub fn set_thread_filters(&mut self, filters: ThreadFilters) {
+        self.filters = filters;
+    }
+
     /// Runs the VM until the guest resets or powers off, a vCPU fails, or a stop handle fires.
     pub fn run(self) -> Result<VmExit, Error> {
         static KICK: Once = Once::new();
@@ -176,15 +195,29 @@ impl Vm {
             shared,
             events,
             control,
+            filters,
             ..
         } = self;
         let mut threads = Vec::new();
         for (id, fd) in vcpus.into_iter().enumerate() {
             let (pio, mmio, sh) = (pio.clone(), mmio.clone(), shared.clone());
+            let filter = filters.vcpu.clone();
+            let after = filters.after_vcpu;
             let t = std::thread::Builder::new()
                 .name(format!("rvmm-vcpu{id}"))
                 .spawn(move || {
                     let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
+                    if let Some(f) = filter {
+                        if let Err(e) = seccompiler::apply_filter(&f) {
+                            sh.request_exit(ExitReason::Error(format!(
+                                "cannot install the vCPU thread's seccomp filter: {e}"
+                            )));
+                            return;
+                        }
+                    }
+                    if let Some(f) = after {
+                        f();
+                    }
                     vcpu::run_loop(fd, id as u8, &pio, &mmio, &sh);
                 });
             match t {
@@ -199,6 +232,16 @@ impl Vm {
                     break;
                 }
             }
+        }
+        if let Some(f) = &filters.event {
+            if let Err(e) = seccompiler::apply_filter(f) {
+                shared.request_exit(ExitReason::Error(format!(
+                    "cannot install the event thread's seccomp filter: {e}"
+                )));
+            }
+        }
+        if let Some(f) = filters.after_event {
+            f();
         }
         let loop_result = events::run(events, &shared);
         if loop_result.is_err() {

@@ -164,7 +164,7 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
 }
 
 /// Step 1: machine size and device count in range, the kernel an ELF file, the initrd there.
-fn validate(cfg: &VmConfig, booting: bool) -> Result<(), Error> {
+pub(crate) fn validate(cfg: &VmConfig, booting: bool) -> Result<(), Error> {
     if cfg.mem_mib < layout::MIN_MEM_MIB {
         return Err(Error::MemoryTooSmall(cfg.mem_mib));
     }

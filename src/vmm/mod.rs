@@ -13,6 +13,7 @@
 
 pub mod boot;
 mod build;
+pub(crate) use build::validate;
 mod config;
 mod control;
 mod events;

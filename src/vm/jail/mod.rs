@@ -139,6 +139,10 @@ pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
     let jailed = jail_enabled();
     let id = jail_id(req.id);
     let cfg = req.cfg;
+    // What can be checked here is, so that a bad kernel, initramfs or size is reported as it
+    // is rather than as a bind into the jail that failed.
+    crate::vmm::validate(&cfg, req.restore.is_none())
+        .map_err(|e| SpawnError::Other(crate::error::chain(&e)))?;
     let mut fds: Vec<OwnedFd> = Vec::new();
     let console = match &cfg.console {
         Console::File(p) => File::create(p).map_err(io(&format!("creating {}", p.display())))?,
@@ -206,8 +210,15 @@ pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
         });
         Path::new("/").join(name)
     };
-    let kernel = place(&cfg.kernel, "kernel", false);
-    let initrd = cfg.initrd.as_deref().map(|p| place(p, "initrd", false));
+    // A restore reads the snapshot only: the kernel and initramfs stay out of its root.
+    let (kernel, initrd) = if req.restore.is_none() {
+        (
+            place(&cfg.kernel, "kernel", false),
+            cfg.initrd.as_deref().map(|p| place(p, "initrd", false)),
+        )
+    } else {
+        (cfg.kernel.clone(), cfg.initrd.clone())
+    };
     let restore = req
         .restore
         .map(|(dir, tag)| (place(dir, "snapshot", false), tag.to_string()));

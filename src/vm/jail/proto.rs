@@ -145,6 +145,8 @@ pub(super) fn recv<T: DeserializeOwned>(
                 break (r.bytes, r.flags, fds);
             }
             Err(nix::errno::Errno::EINTR) => continue,
+            // The peer died with messages of ours unread (a VMM killed mid-request): as closed.
+            Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     };

@@ -1,4 +1,4 @@
-//! cgroups for `--memory`, `--cpus`, `--pids-limit` on v1, v2 and hybrid hosts.
+//! cgroups for `--memory`, `--cpus`, `--pids-limit`, `--cpuset-cpus` on v1, v2 and hybrid hosts.
 //!
 //! Hybrid (v1 controllers plus a cgroup2 mount, e.g. /sys/fs/cgroup/unified holding only hugetlb)
 //! is treated as v1: limits go where the controllers are. On v1 the devices controller also gets
@@ -20,6 +20,8 @@ pub enum Error {
     NoUnified,
     #[error("the {0} cgroup controller is not mounted")]
     NoController(&'static str),
+    #[error("--cpuset-cpus: the cpuset cgroup controller is not available")]
+    NoCpuset,
     #[error("--memory-swap needs swap accounting (swapaccount=1)")]
     NoSwapAccounting(#[source] IoError),
 }
@@ -114,7 +116,7 @@ impl Layout {
                 }
                 "cgroup" => {
                     for c in opts.split(',') {
-                        if matches!(c, "memory" | "pids" | "cpu" | "devices") {
+                        if matches!(c, "memory" | "pids" | "cpu" | "cpuset" | "devices") {
                             l.v1.push((c.to_string(), PathBuf::from(mount_point)));
                         }
                     }
@@ -134,35 +136,102 @@ impl Layout {
     }
 }
 
+/// The CPUs a run's cpuset may hold: the cpuset root's effective CPUs (v1 `cpuset.effective_cpus`,
+/// v2 `cpuset.cpus.effective`), where rvmm's cgroups live. None when there is no cpuset controller.
+pub fn available_cpus(layout: &Layout) -> Option<Vec<u32>> {
+    let file = match layout.version() {
+        Version::V1 => layout
+            .v1
+            .iter()
+            .find(|(c, _)| c == "cpuset")?
+            .1
+            .join("cpuset.effective_cpus"),
+        Version::V2 => layout.unified.as_ref()?.join("cpuset.cpus.effective"),
+    };
+    parse_cpu_list(fs::read_to_string(file).ok()?.trim())
+}
+
+/// The kernel's CPU list format (`0-2,4`); None for anything else.
+pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
+    let mut v = Vec::new();
+    if s.is_empty() {
+        return Some(v);
+    }
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b) = (a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?);
+        if a > b || b >= 1 << 16 {
+            return None;
+        }
+        v.extend(a..=b);
+    }
+    v.sort_unstable();
+    v.dedup();
+    Some(v)
+}
+
+/// A v1 cpuset cgroup starts with empty `cpuset.cpus` and `cpuset.mems`, and no task can join it
+/// until both are set: each empty one gets its parent's (as Docker does), from the top down.
+fn inherit_cpuset(mount: &Path, dir: &Path) -> Result<(), IoError> {
+    let rel = dir.strip_prefix(mount).unwrap_or(dir);
+    let mut cur = mount.to_path_buf();
+    for part in rel.components() {
+        let parent = cur.clone();
+        cur.push(part);
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let mine = fs::read_to_string(cur.join(file)).unwrap_or_default();
+            if mine.trim().is_empty() {
+                let theirs = fs::read_to_string(parent.join(file))
+                    .at(|| format!("reading {}", parent.join(file).display()))?;
+                write(&cur, file, theirs.trim())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates the run's cgroup(s) under `rvmm/<id>` in `layout` and applies the limits.
 /// `all_devices` (`--privileged`): the devices controller allows every device; else Docker's
-/// default list and `devices` (`--device`).
+/// default list and `devices` (`--device`). `cpus` (`--cpuset-cpus`): the cpuset's CPUs (empty:
+/// the parent's).
 pub fn create(
     layout: &Layout,
     id: &str,
     limits: &Limits,
+    cpus: &[u32],
     all_devices: bool,
     devices: &[rvmm_proto::DeviceNode],
 ) -> Result<Cgroup, Error> {
     let cg = match layout.version() {
         Version::V1 => {
-            let mut dirs = Vec::new();
+            let mut cg = Cgroup {
+                version: Version::V1,
+                dirs: Vec::new(),
+            };
             for (ctrl, mp) in &layout.v1 {
                 let d = mp.join("rvmm").join(id);
-                fs::create_dir_all(&d).at(|| format!("creating cgroup {}", d.display()))?;
-                dirs.push((ctrl.clone(), d));
+                if let Err(e) = fs::create_dir_all(&d) {
+                    cg.remove();
+                    return Err(e)
+                        .at(|| format!("creating cgroup {}", d.display()))
+                        .map_err(Error::from);
+                }
+                cg.dirs.push((ctrl.clone(), d.clone()));
+                if ctrl == "cpuset" {
+                    if let Err(e) = inherit_cpuset(mp, &d) {
+                        cg.remove();
+                        return Err(e.into());
+                    }
+                }
             }
-            Cgroup {
-                version: Version::V1,
-                dirs,
-            }
+            cg
         }
         Version::V2 => {
             let root = layout.unified.clone().ok_or(Error::NoUnified)?;
             let parent = root.join("rvmm");
             fs::create_dir_all(&parent).at(|| format!("creating cgroup {}", parent.display()))?;
             let avail = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-            let want: Vec<String> = ["memory", "pids", "cpu"]
+            let want: Vec<String> = ["memory", "pids", "cpu", "cpuset"]
                 .iter()
                 .filter(|c| avail.split_whitespace().any(|a| a == **c))
                 .map(|c| format!("+{c}"))
@@ -178,7 +247,7 @@ pub fn create(
             }
         }
     };
-    if let Err(e) = cg.apply(limits, all_devices, devices) {
+    if let Err(e) = cg.apply(limits, cpus, all_devices, devices) {
         cg.remove();
         return Err(e);
     }
@@ -201,9 +270,15 @@ impl Cgroup {
     fn apply(
         &self,
         l: &Limits,
+        cpus: &[u32],
         all_devices: bool,
         devices: &[rvmm_proto::DeviceNode],
     ) -> Result<(), Error> {
+        if !cpus.is_empty() {
+            let d = self.dir("cpuset").ok_or(Error::NoCpuset)?;
+            let list: Vec<String> = cpus.iter().map(u32::to_string).collect();
+            write(d, "cpuset.cpus", &list.join(","))?;
+        }
         match self.version {
             Version::V1 => {
                 if let (true, Some(d)) = (all_devices, self.dir("devices")) {

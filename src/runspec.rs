@@ -545,30 +545,39 @@ pub fn parse_sysctl(s: &str, vm: bool) -> Result<(String, String)> {
     Ok((k, v.to_string()))
 }
 
-/// `--cpuset-cpus 0-2,4` → [0, 1, 2, 4]; every CPU must be below `available`.
-pub fn parse_cpuset(s: &str, available: u32) -> Result<Vec<u32>> {
-    let mut v = Vec::new();
-    for part in s.split(',') {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b) = match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
-            (Ok(a), Ok(b)) if a <= b => (a, b),
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "invalid --cpuset-cpus {s:?}: expected a list like 0-2,4"
-                )))
-            }
-        };
-        if b >= available {
-            return Err(Error::Invalid(format!(
-                "--cpuset-cpus {s}: CPU {b} is not available (0 to {})",
-                available.saturating_sub(1)
-            )));
-        }
-        v.extend(a..=b);
+/// `--cpuset-cpus 0-2,4` → [0, 1, 2, 4]; every CPU must be one of `available` (sorted).
+pub fn parse_cpuset(s: &str, available: &[u32]) -> Result<Vec<u32>> {
+    let Some(v) = crate::cgroups::parse_cpu_list(s).filter(|v| !v.is_empty()) else {
+        return Err(Error::Invalid(format!(
+            "invalid --cpuset-cpus {s:?}: expected a list like 0-2,4"
+        )));
+    };
+    if let Some(c) = v.iter().find(|c| available.binary_search(c).is_err()) {
+        return Err(Error::Invalid(format!(
+            "--cpuset-cpus {s}: CPU {c} is not available (available: {})",
+            cpu_list(available)
+        )));
     }
-    v.sort_unstable();
-    v.dedup();
     Ok(v)
+}
+
+/// [0, 1, 2, 4] → "0-2,4".
+pub fn cpu_list(cpus: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
 }
 
 /// `--device HOST[:CONTAINER][:PERMISSIONS]`: the host node's kind, numbers, mode and owner.
@@ -884,13 +893,19 @@ mod tests {
         for bad in ["nofile", "nope=1", "nofile=2:1", "nofile=x", "nofile=-2"] {
             assert!(parse_ulimit(bad).is_err(), "{bad}");
         }
+        let eight: Vec<u32> = (0..8).collect();
         assert_eq!(
-            parse_cpuset("0-2,4,1", 8).expect("cpuset"),
+            parse_cpuset("0-2,4,1", &eight).expect("cpuset"),
             vec![0, 1, 2, 4]
         );
-        for bad in ["", "2-1", "8", "a", "0-"] {
-            assert!(parse_cpuset(bad, 8).is_err(), "{bad}");
+        for bad in ["", "2-1", "8", "a", "0-", ",", "0,,1"] {
+            assert!(parse_cpuset(bad, &eight).is_err(), "{bad}");
         }
+        let e = parse_cpuset("1-3", &[0, 1, 4]).expect_err("not available");
+        assert_eq!(
+            e.to_string(),
+            "--cpuset-cpus 1-3: CPU 2 is not available (available: 0-1,4)"
+        );
         assert_eq!(
             parse_sysctl("net/ipv4/ip_forward=1", false).expect("sysctl"),
             ("net.ipv4.ip_forward".into(), "1".into())

@@ -259,15 +259,23 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         init: args.init,
         cpus_allowed: match &args.cpuset_cpus {
             Some(s) => {
-                let available = match args.isolation {
+                let available: Vec<u32> = match args.isolation {
                     // The guest's vCPUs (⌈--cpus⌉, at least 1).
-                    Isolation::Vm => args.cpus.map_or(1, |c| c.ceil().clamp(1.0, 32.0) as u32),
-                    // SAFETY: sysconf with a constant.
-                    Isolation::Container => unsafe {
-                        libc::sysconf(libc::_SC_NPROCESSORS_CONF).max(1) as u32
-                    },
+                    Isolation::Vm => {
+                        (0..args.cpus.map_or(1, |c| c.ceil().clamp(1.0, 32.0) as u32)).collect()
+                    }
+                    // The CPUs of the cpuset the run's cgroup goes under (else every CPU).
+                    Isolation::Container => rvmm::cgroups::Layout::detect()
+                        .ok()
+                        .and_then(|l| rvmm::cgroups::available_cpus(&l))
+                        .filter(|v| !v.is_empty())
+                        .unwrap_or_else(|| {
+                            // SAFETY: sysconf with a constant.
+                            let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+                            (0..n.max(1) as u32).collect()
+                        }),
                 };
-                runspec::parse_cpuset(s, available)?
+                runspec::parse_cpuset(s, &available)?
             }
             None => Vec::new(),
         },

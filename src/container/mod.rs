@@ -104,6 +104,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         &layout,
         &opts.id,
         &run.spec.limits,
+        &run.spec.cpus_allowed,
         run.spec.privileged,
         &run.spec.devices,
     )?;

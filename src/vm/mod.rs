@@ -531,7 +531,14 @@ fn vmm_cgroup(id: &str, vcpus: u8, mem_mib: u32) -> Result<crate::cgroups::Cgrou
         gid: 0,
         access: "rwm".into(),
     };
-    Ok(crate::cgroups::create(&layout, id, &limits, false, &[kvm])?)
+    Ok(crate::cgroups::create(
+        &layout,
+        id,
+        &limits,
+        &[],
+        false,
+        &[kvm],
+    )?)
 }
 
 /// The directory a booted VMM writes its snapshot into (`.tmp-ID-vmm` among the snapshots,

@@ -69,7 +69,7 @@ pub fn ls(p: &Path) -> Vec<String> {
 impl HostState {
     pub fn now(root: &Path) -> HostState {
         let mut cgroups = Vec::new();
-        for c in ["memory", "pids", "cpu", "devices"] {
+        for c in ["memory", "pids", "cpu", "cpuset", "devices"] {
             for d in ls(&Path::new("/sys/fs/cgroup").join(c).join("rvmm")) {
                 if d.len() == 64 {
                     cgroups.push(format!("{c}/{d}"));

@@ -266,6 +266,7 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
             &prog,
             &p.spec.argv,
             &p.spec.env,
+            p.tty_slave.is_some(),
             started,
         ));
     }

@@ -318,10 +318,15 @@ pub fn exec(prog: &CString, argv: &[String], env: &[String]) -> Failure {
 /// catchable signal to it, reaps every child, and exits with the workload's status (128+n for a
 /// signal) once it ends. Returns only when the workload could not be exec'd (its failure).
 /// `started` runs in this process once the exec succeeded (to close the runtime's error pipe).
+/// `terminal` (`-t`: this process leads the session of the terminal on its stdio): the workload
+/// gets its own process group and becomes the terminal's foreground group, as tini and
+/// docker-init do, so that Ctrl-C, Ctrl-Z and job control reach it (and not the init); the init
+/// ignores SIGTTOU and SIGTTIN.
 pub fn exec_with_init(
     prog: &CString,
     argv: &[String],
     env: &[String],
+    terminal: bool,
     started: impl FnOnce(),
 ) -> Failure {
     let mut p = [0; 2];
@@ -346,6 +351,18 @@ pub fn exec_with_init(
         return Failure::os("init: fork");
     }
     if pid == 0 {
+        if terminal {
+            // SAFETY: plain syscalls on our own process and stdio. Every signal is still blocked,
+            // so tcsetpgrp from what is now a background group does not stop us with SIGTTOU.
+            unsafe {
+                libc::setpgid(0, 0);
+                for fd in 0..3 {
+                    if libc::tcsetpgrp(fd, libc::getpid()) == 0 {
+                        break;
+                    }
+                }
+            }
+        }
         // SAFETY: restoring the mask and closing our read end in the child.
         unsafe {
             libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
@@ -360,6 +377,22 @@ pub fn exec_with_init(
     }
     // SAFETY: closing the child's write end.
     unsafe { libc::close(p[1]) };
+    if terminal {
+        // SAFETY: plain syscalls on our own child and signal dispositions. setpgid as well as the
+        // child (whichever runs first; EACCES once it has exec'd). The init is now in a background
+        // group of the terminal: SIGTTOU and SIGTTIN are ignored (and not forwarded), as in tini.
+        unsafe {
+            libc::setpgid(pid, pid);
+            let mut ttys: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut ttys);
+            for sig in [libc::SIGTTOU, libc::SIGTTIN] {
+                libc::signal(sig, libc::SIG_IGN);
+                libc::sigaddset(&mut ttys, sig);
+                libc::sigdelset(&mut all, sig);
+            }
+            libc::sigprocmask(libc::SIG_UNBLOCK, &ttys, std::ptr::null_mut());
+        }
+    }
     let mut msg = Vec::new();
     let mut buf = [0u8; 1024];
     loop {

@@ -632,6 +632,29 @@ fn init_cpu_and_device_flags() {
         &["sh", "-c", INIT_SCRIPT],
     );
     assert_eq!(o.stdout, INIT_WANT, "{}", o.stderr);
+    // --cpuset-cpus is the cgroup's cpuset (cpuset.mems inherited), as in Docker: the workload
+    // reads it in its cgroup, and widening its own affinity (taskset) stays within it.
+    let o = run(
+        &env,
+        &["--cpuset-cpus", "0"],
+        BB,
+        &[
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/cpuset/cpuset.cpus /sys/fs/cgroup/cpuset/cpuset.mems 2>/dev/null \
+             || cat /sys/fs/cgroup/cpuset.cpus.effective /sys/fs/cgroup/cpuset.mems.effective; \
+             taskset -p ffff $$ >/dev/null; grep Cpus_allowed_list /proc/self/status",
+        ],
+    );
+    let mems = std::fs::read_to_string("/sys/fs/cgroup/cpuset/cpuset.effective_mems")
+        .or_else(|_| std::fs::read_to_string("/sys/fs/cgroup/cpuset.mems.effective"))
+        .expect("the host's cpuset.mems");
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, format!("0\n{mems}Cpus_allowed_list:\t0\n").as_str()),
+        "{}",
+        o.stderr
+    );
     // --init forwards a signal to the program, whose status comes back.
     let mut child = Command::new(common::rvmm_bin())
         .arg("--root")
@@ -695,6 +718,8 @@ fn init_cpu_and_device_flags() {
     for bad in [
         &["--cpuset-cpus", "4096"][..],
         &["--cpuset-cpus", "a-b"],
+        &["--cpuset-cpus", "0,"],
+        &["--cpuset-cpus", ""],
         &["--cpu-shares", "1"],
         &["--memory-swap", "10m"],
         &["--memory", "20m", "--memory-swap", "10m"],
@@ -707,6 +732,58 @@ fn init_cpu_and_device_flags() {
         assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
     }
 }
+
+/// `-t --init`: the program leads its own process group, which is the terminal's foreground
+/// group (tini's setpgid + tcsetpgrp), so Ctrl-C typed on the terminal reaches it (130 through
+/// the init) and the init itself is out of the way.
+#[test]
+fn init_with_a_terminal() {
+    let Some(env) = setup() else { return };
+    let mut child = Command::new(common::rvmm_bin())
+        .arg("--root")
+        .arg(env.store.path())
+        .args([
+            "run",
+            "--rm",
+            "--isolation=container",
+            "--network=none",
+            "-i",
+            "-t",
+            "--init",
+            BB,
+        ])
+        .args(["sh", "-c", TTY_INIT_SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rvmm");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        let n = std::io::Read::read(&mut out, &mut buf).expect("read");
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Ctrl-C, as a terminal sends it.
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"\x03").expect("write ^C");
+    std::io::Read::read_to_end(&mut out, &mut seen).expect("read");
+    let status = child.wait().expect("wait");
+    let seen = String::from_utf8_lossy(&seen);
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.starts_with(TTY_INIT_WANT), "{seen:?}");
+    assert!(!seen.contains("not-interrupted"), "{seen:?}");
+}
+
+/// The program's PID, process group and the terminal's foreground group (/proc/PID/stat fields
+/// 1, 5 and 8) are one, and the init (PID 1) is not in it.
+const TTY_INIT_SCRIPT: &str =
+    "set -- $(cat /proc/$$/stat); test $1 = $5 && test $5 = $8 && echo foreground; \
+     set -- $(cat /proc/1/stat); test $5 != $8 && echo init-in-background; \
+     echo ready; sleep 10; echo not-interrupted";
+const TTY_INIT_WANT: &str = "foreground\r\ninit-in-background\r\nready\r\n";
 
 /// With `--init --cpuset-cpus 0` (tests/vm_run.rs runs the same in a VM): the program's PID is
 /// not 1, an orphan left by a shell that exits is reaped, and only CPU 0 is allowed.

@@ -530,6 +530,43 @@ fn init_and_cpu_flags_on_a_vm() {
     }
 }
 
+/// Every flag of issue 24 with a bad value is refused on a VM run as on a container: one line,
+/// 125, before anything is created (no guest starts; RunEnv checks nothing is left).
+#[test]
+fn bad_flag_values_are_refused_before_a_vm_starts() {
+    let Some(env) = setup() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let existing = dir.path().join("cid");
+    std::fs::write(&existing, "x").unwrap();
+    let cid = existing.display().to_string();
+    for bad in [
+        &["--cap-add", "NOT_A_CAP"][..],
+        &["--cap-drop", "CAP_"],
+        &["--security-opt", "bogus"],
+        &["--security-opt", "seccomp=/nonexistent.json"],
+        &["--ulimit", "nofile=10:5"],
+        &["--shm-size", "lots"],
+        &["--group-add", "nosuchgroup"],
+        &["--add-host", "db.test:300.1.1.1"],
+        &["--dns", "resolver"],
+        &["--dns-search", "bad domain"],
+        &["--sysctl", "noequals"],
+        &["--sysctl", "kernel.hostname=x"],
+        &["--label", "=x"],
+        &["--stop-signal", "SIGNOPE"],
+        &["--stop-timeout", "-5"],
+        &["--cidfile", &cid],
+        &["--pull", "sometimes"],
+        &["--cpuset-cpus", "a-b"],
+    ] {
+        let mut f = vec!["--network=none"];
+        f.extend_from_slice(bad);
+        let o = run(&env, "vm", &f, &["true"], None);
+        assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
+    }
+}
+
 /// As in tests/container.rs.
 const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 &'; sleep 0.5; \
      cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l; grep Cpus_allowed_list /proc/self/status";

@@ -409,29 +409,10 @@ pub fn parse_ulimit(s: &str) -> Result<rvmm_proto::Rlimit> {
     let (name, vals) = s.split_once('=').ok_or_else(|| {
         Error::Invalid(format!("invalid ulimit {s:?}: expected TYPE=SOFT[:HARD]"))
     })?;
-    let resource = match name {
-        "cpu" => libc::RLIMIT_CPU,
-        "fsize" => libc::RLIMIT_FSIZE,
-        "data" => libc::RLIMIT_DATA,
-        "stack" => libc::RLIMIT_STACK,
-        "core" => libc::RLIMIT_CORE,
-        "rss" => libc::RLIMIT_RSS,
-        "nproc" => libc::RLIMIT_NPROC,
-        "nofile" => libc::RLIMIT_NOFILE,
-        "memlock" => libc::RLIMIT_MEMLOCK,
-        "as" => libc::RLIMIT_AS,
-        "locks" => libc::RLIMIT_LOCKS,
-        "sigpending" => libc::RLIMIT_SIGPENDING,
-        "msgqueue" => libc::RLIMIT_MSGQUEUE,
-        "nice" => libc::RLIMIT_NICE,
-        "rtprio" => libc::RLIMIT_RTPRIO,
-        "rttime" => libc::RLIMIT_RTTIME,
-        _ => {
-            return Err(Error::Invalid(format!(
-                "invalid ulimit {s:?}: unknown type {name:?}"
-            )))
-        }
-    };
+    let resource = rvmm_proto::RLIMIT_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .ok_or_else(|| Error::Invalid(format!("invalid ulimit {s:?}: unknown type {name:?}")))?;
     let num = |v: &str| -> Result<u64> {
         match v.parse::<i64>() {
             Ok(-1) => Ok(libc::RLIM_INFINITY),

@@ -465,6 +465,21 @@ fn resource_and_name_flags() {
         assert_eq!(o.code, 125, "{bad:?}: {}", o.stderr);
         assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
     }
+    // A limit the kernel refuses (above fs.nr_open): one line naming it, 125.
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .expect("fs.nr_open")
+        .trim()
+        .parse()
+        .expect("a number");
+    let over = format!("nofile={0}:{0}", nr_open + 1);
+    let o = run(&env, &["--ulimit", &over], BB, &["true"]);
+    assert_eq!(o.code, 125, "{}", o.stderr);
+    assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains(&format!("--ulimit {over}")),
+        "{}",
+        o.stderr
+    );
 }
 
 /// What RESOURCE_SCRIPT prints under RESOURCE_FLAGS: the limits, /dev/shm's size, root's groups

@@ -88,6 +88,27 @@ pub struct DeviceNode {
     pub access: String,
 }
 
+/// Docker's `--ulimit` names, indexed by Linux's RLIMIT_* numbers (x86_64 and the generic
+/// numbering): `RLIMIT_NAMES[RLIMIT_NOFILE] == "nofile"`.
+pub const RLIMIT_NAMES: [&str; 16] = [
+    "cpu",
+    "fsize",
+    "data",
+    "stack",
+    "core",
+    "rss",
+    "nproc",
+    "nofile",
+    "memlock",
+    "as",
+    "locks",
+    "sigpending",
+    "msgqueue",
+    "nice",
+    "rtprio",
+    "rttime",
+];
+
 /// One resource limit: `resource` is the RLIMIT_* number.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rlimit {

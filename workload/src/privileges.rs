@@ -122,25 +122,10 @@ pub fn set_rlimits(limits: &[Rlimit]) -> Result<(), Failure> {
         // SAFETY: setrlimit with a filled struct.
         let r = unsafe { libc::setrlimit(l.resource as _, &rl) };
         check(r, || {
-            let names = [
-                "cpu",
-                "fsize",
-                "data",
-                "stack",
-                "core",
-                "rss",
-                "nproc",
-                "nofile",
-                "memlock",
-                "as",
-                "locks",
-                "sigpending",
-                "msgqueue",
-                "nice",
-                "rtprio",
-                "rttime",
-            ];
-            let name = names.get(l.resource as usize).copied().unwrap_or("?");
+            let name = rvmm_proto::RLIMIT_NAMES
+                .get(l.resource as usize)
+                .copied()
+                .unwrap_or("?");
             format!(
                 "--ulimit {name}={}:{} (a hard limit above rvmm's own needs CAP_SYS_RESOURCE)",
                 l.soft as i64, l.hard as i64

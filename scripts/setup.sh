@@ -12,6 +12,8 @@ PKGS=(
   # images, root disks, peers and test fixtures
   busybox-static umoci skopeo docker-registry apache2-utils e2fsprogs erofs-utils debootstrap
   crun runc qemu-system-x86
+  # peers the lifecycle figures compare with (docs/benchmarks/lifecycle.md): podman + conmon over crun
+  podman conmon
   # networking
   iptables iproute2
 )

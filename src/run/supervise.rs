@@ -104,9 +104,23 @@ pub fn supervise(root: &Path, id: &str, args: &[OsString]) -> super::Result<u8> 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: between fork and exec only dup2 and fcntl, which are async-signal-safe.
+    // The run dies with its supervisor (as an attached run's workload dies with its rvmm): a
+    // supervisor killed with SIGKILL leaves no run behind that nobody logs or waits for, and
+    // `rvmm gc` then frees what it held.
+    let supervisor = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec only prctl, getppid, dup2 and fcntl, which are
+    // async-signal-safe.
     unsafe {
-        cmd.pre_exec(move || fd_at(swfd, REPORT_FD));
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != supervisor {
+                // The supervisor died before the line above took effect.
+                libc::_exit(137);
+            }
+            fd_at(swfd, REPORT_FD)
+        });
     }
     let mut child = cmd.spawn().at(|| "starting the run")?;
     drop(start_w);

@@ -46,6 +46,10 @@ pub fn exec(run: &RunState, spec: &RunSpec) -> Result<u8> {
             .at(|| format!("opening the {ns} namespace of {}", run.name))
     };
     let pidns = open("pid")?;
+    // Ours, to go back to after the fork: a process whose children go to another pid namespace
+    // cannot create threads (clone fails with EINVAL), and `-t` relays the pty on threads.
+    let own_pidns =
+        std::fs::File::open("/proc/self/ns/pid").at(|| "opening rvmm's own pid namespace")?;
     let others = NAMESPACES
         .iter()
         .map(|(n, f)| open(n).map(|file| (file, *f)))
@@ -93,6 +97,16 @@ pub fn exec(run: &RunState, spec: &RunSpec) -> Result<u8> {
         }
     }
     drop(err_w);
+    // SAFETY: setns back to the pid namespace this process is in.
+    if unsafe { libc::setns(own_pidns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        let e = last_os_error("returning to rvmm's own pid namespace");
+        // SAFETY: killing and reaping the child we just forked; nothing will use its output.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        return Err(e.into());
+    }
     CHILD.store(child, Ordering::SeqCst);
     crate::run::install_handler(forward, crate::run::RELAYED_SIGNALS);
     let relay = pty.map(|p| {

@@ -1179,3 +1179,36 @@ fn detached_runs_logs_stop_kill_wait_inspect() {
         (a.code, "", a.stderr.as_str())
     );
 }
+
+/// A detached busybox httpd on `-p 127.0.0.1:PORT:80`: `logs -f` while a request is made, `exec`
+/// reading and writing the server's files (exit 3), `exec -t`, two execs at once, `kill -s
+/// USR1` to a trap, `inspect`, and `stop -t 2` of a workload that ignores SIGTERM (`wait`: 137).
+/// The checks are tests/common/lifecycle.rs's, the same as for a VM.
+#[test]
+fn detached_httpd_logs_follow_exec_usr1_and_stop_after_grace() {
+    let Some(env) = setup() else { return };
+    common::lifecycle::detached_httpd(env.store.path(), "container");
+}
+
+/// `setsid sh -c 'rvmm run -d ...'`: the run outlives the shell and its session; then SIGKILL
+/// to its supervisor takes the run with it and `rvmm gc` leaves nothing behind (no process,
+/// mount, cgroup, veth, lease or run directory).
+#[test]
+fn detached_run_survives_its_shell_and_gc_cleans_after_a_killed_supervisor() {
+    let Some(env) = setup() else { return };
+    common::lifecycle::survives_its_shell_then_gc_after_a_killed_supervisor(
+        env.store.path(),
+        "container",
+    );
+}
+
+/// The Debian minbase userland detached: `logs -f`, `exec -u` (exit 3), `exec -t`, `exec -i`,
+/// `kill -s SIGUSR1`, and `rm -f` of the running run.
+#[test]
+fn detached_debian_exec_logs_and_rm_f() {
+    let Some(env) = setup() else { return };
+    if !common::have_tools(&["debootstrap"]) {
+        return;
+    }
+    common::lifecycle::debian_exec_logs_and_rm_f(env.store.path(), "container");
+}

@@ -1492,4 +1492,34 @@ fn a_forbidden_system_call_kills_the_vmm_with_one_line() {
             "{thread}: {stderr}"
         );
     }
+
+/// As tests/container.rs's test of the same checks (tests/common/lifecycle.rs), in a VM restored
+/// from the shared snapshot of a machine with a network device: a detached busybox httpd on
+/// `-p 127.0.0.1:PORT:80`, `logs -f` while a request is made, `exec` reading and writing the
+/// server's files (exit 3), `exec -t`, two execs at once, `kill -s USR1` to a trap through the
+/// channel, `inspect`, and `stop -t 2` of a workload that ignores SIGTERM (`wait`: 137).
+#[test]
+fn a_detached_vm_serves_httpd_follows_logs_and_is_killed_after_grace() {
+    let Some(env) = setup() else { return };
+    common::lifecycle::detached_httpd(env.store.path(), "vm");
+}
+
+/// `setsid sh -c 'rvmm run -d --isolation=vm ...'`: the VM outlives the shell and its session;
+/// SIGKILL to its supervisor takes the VMM with it, and `rvmm gc` frees the tap, lease and run
+/// directory (RunEnv's drop checks them).
+#[test]
+fn a_detached_vm_survives_its_shell_and_gc_cleans_after_a_killed_supervisor() {
+    let Some(env) = setup() else { return };
+    common::lifecycle::survives_its_shell_then_gc_after_a_killed_supervisor(env.store.path(), "vm");
+}
+
+/// The Debian minbase userland in a detached VM: `logs -f`, `exec -u` (exit 3), `exec -t`,
+/// `exec -i`, `kill -s SIGUSR1`, and `rm -f` of the running VM.
+#[test]
+fn a_detached_debian_vm_execs_logs_and_is_removed_running() {
+    let Some(env) = setup() else { return };
+    if !common::have_tools(&["debootstrap"]) {
+        return;
+    }
+    common::lifecycle::debian_exec_logs_and_rm_f(env.store.path(), "vm");
 }

@@ -6,6 +6,7 @@
 
 pub mod guest;
 pub mod images;
+pub mod lifecycle;
 pub mod run;
 
 use std::path::PathBuf;

@@ -3,6 +3,8 @@
 //! tests/container.rs and tests/vm_run.rs. Each check takes a store the caller's `RunEnv` holds,
 //! whose drop compares the host (mounts, cgroups, links, leases, run dirs) with before.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -99,11 +101,14 @@ pub fn http_get(port: u16, path: &str, want: &str, limit: Duration) -> String {
     body
 }
 
+/// Bytes a reader thread collects.
+type Collected = Arc<Mutex<Vec<u8>>>;
+
 /// `rvmm logs -f RUN` in the background, its stdout and stderr collected as they come.
 pub struct Follow {
     child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    err: Arc<Mutex<Vec<u8>>>,
+    out: Collected,
+    err: Collected,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -120,7 +125,7 @@ impl Follow {
             .expect("rvmm logs -f");
         let (out, err) = (Arc::default(), Arc::default());
         let mut readers = Vec::new();
-        let pipes: [(Box<dyn Read + Send>, &Arc<Mutex<Vec<u8>>>); 2] = [
+        let pipes: [(Box<dyn Read + Send>, &Collected); 2] = [
             (Box::new(child.stdout.take().expect("stdout")), &out),
             (Box::new(child.stderr.take().expect("stderr")), &err),
         ];

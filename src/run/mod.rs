@@ -140,6 +140,9 @@ impl Prepared {
 /// (bridge network), and fills in what the spec still lacks, the same for both isolations.
 pub fn prepare(spec: &RunSpec, opts: &RunOptions, isolation: Isolation) -> Result<Prepared> {
     state::gc(&opts.root);
+    // The name check and the run's first state write under one lock: two runs started at once
+    // with one name must not both pass the check.
+    let names_lock = state::lock_names(&opts.root)?;
     if state::list(&opts.root)?.iter().any(|s| s.name == opts.name) {
         return Err(Error::NameInUse(opts.name.clone()));
     }
@@ -155,6 +158,7 @@ pub fn prepare(spec: &RunSpec, opts: &RunOptions, isolation: Isolation) -> Resul
         lease: None,
     };
     cleanup.state.save()?;
+    drop(names_lock);
 
     let mut spec = spec.clone();
     let mut publisher = None;

@@ -303,6 +303,25 @@ pub fn run_is_live(id: &str) -> bool {
         .is_some_and(|s| s.alive())
 }
 
+/// An exclusive flock on ROOT/names.lock (released on drop): held from a new run's name
+/// check until its state.json is written, so no two runs get one name.
+pub fn lock_names(root: &Path) -> super::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(root).at(|| format!("creating {}", root.display()))?;
+    let path = root.join("names.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .at(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(crate::error::last_os_error(format!("locking {}", path.display())).into());
+    }
+    Ok(f)
+}
+
 /// Every run recorded under `root`.
 pub fn list(root: &Path) -> super::Result<Vec<RunState>> {
     let mut out = Vec::new();
@@ -355,4 +374,37 @@ pub fn gc(root: &Path) -> usize {
         }
     }
     n
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A second `lock_names` on the same root waits until the first is dropped (flock is per open
+    /// file, so this holds within one process too).
+    #[test]
+    fn lock_names_is_exclusive() {
+        let root = tempfile::tempdir().unwrap();
+        let first = super::lock_names(root.path()).unwrap();
+        let got = Arc::new(AtomicBool::new(false));
+        let second = {
+            let (root, got) = (root.path().to_path_buf(), Arc::clone(&got));
+            std::thread::spawn(move || {
+                let l = super::lock_names(&root).unwrap();
+                got.store(true, Ordering::SeqCst);
+                drop(l);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !got.load(Ordering::SeqCst),
+            "a second holder while the first holds it"
+        );
+        drop(first);
+        second.join().unwrap();
+        assert!(got.load(Ordering::SeqCst));
+    }
 }

@@ -1492,6 +1492,7 @@ fn a_forbidden_system_call_kills_the_vmm_with_one_line() {
             "{thread}: {stderr}"
         );
     }
+}
 
 /// As tests/container.rs's test of the same checks (tests/common/lifecycle.rs), in a VM restored
 /// from the shared snapshot of a machine with a network device: a detached busybox httpd on

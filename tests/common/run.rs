@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// A store holding the named test-image layouts, held by one test at a time (runs compare
 /// host-wide state), that checks on drop that the test left nothing behind.
@@ -140,4 +141,128 @@ impl Drop for RemoveRuns<'_> {
                 .status();
         }
     }
+}
+
+/// What `rvmm gc` must have removed after the runs `ids` of the store `root` ended (killed or
+/// not): no process, mount, cgroup, link, lease, host-wide registration, run directory, store
+/// temp file, VM disk build leftover or snapshot save leftover of theirs, no store lock held, and
+/// a consistent store. Only what those runs created is looked at (`before`: the host before
+/// them), so other engineers' runs may come and go meanwhile.
+pub fn assert_clean(store: &Path, snapshots: &Path, ids: &[String], before: &HostState, ctx: &str) {
+    let root = store.display().to_string();
+    // Processes: none with the store in its command line, root or cwd (workloads, VMMs);
+    // they may take a moment to exit after their cgroup was killed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = procs_using(&root);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ctx}: processes left: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&root))
+        .map(str::to_string)
+        .collect();
+    assert!(mounts.is_empty(), "{ctx}: mounts left: {mounts:?}");
+    let now = HostState::now(store);
+    let new = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|x| !b.contains(x)).cloned().collect()
+    };
+    // Only what this harness created (other engineers' runs come and go meanwhile): cgroups
+    // and leases of our run IDs, links named after them.
+    let ours = |x: &String| {
+        ids.iter()
+            .any(|id| x.contains(id.as_str()) || x.contains(&id[..8.min(id.len())]))
+    };
+    let cg = new(&now.cgroups, &before.cgroups);
+    assert!(!cg.iter().any(ours), "{ctx}: cgroups left: {cg:?}");
+    let links = new(&now.links, &before.links);
+    let link_names: Vec<String> = ids.iter().map(|id| rvmm::net::veth_name(id)).collect();
+    assert!(
+        !links.iter().any(|l| link_names.contains(l) || ours(l)),
+        "{ctx}: links left: {links:?}"
+    );
+    for l in new(&now.leases, &before.leases) {
+        let owner =
+            std::fs::read_to_string(Path::new("/run/rvmm/ipam").join(&l)).unwrap_or_default();
+        assert!(
+            !ids.iter().any(|id| owner.starts_with(id.as_str())),
+            "{ctx}: lease {l} of our run left"
+        );
+    }
+    for id in ids {
+        assert!(
+            !Path::new("/run/rvmm/runs").join(id).exists(),
+            "{ctx}: registration of run {id} left"
+        );
+        let tmp = ls(Path::new("/run/rvmm/ipam.tmp"));
+        assert!(
+            !tmp.iter().any(|t| t.starts_with(id.as_str())),
+            "{ctx}: lease temp file left: {tmp:?}"
+        );
+    }
+    assert_eq!(
+        now.runs,
+        Vec::<String>::new(),
+        "{ctx}: run directories left"
+    );
+    assert_eq!(
+        ls(&store.join("tmp")),
+        Vec::<String>::new(),
+        "{ctx}: store temp files left"
+    );
+    let disk_tmp: Vec<String> = ls(&store.join("disks"))
+        .into_iter()
+        .filter(|n| n.ends_with(".tmp") || n.ends_with(".lock"))
+        .collect();
+    assert!(
+        disk_tmp.is_empty(),
+        "{ctx}: VM disk leftovers: {disk_tmp:?}"
+    );
+    let snap_tmp: Vec<String> = ls(snapshots)
+        .into_iter()
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert!(
+        snap_tmp.is_empty(),
+        "{ctx}: snapshot save leftovers: {snap_tmp:?}"
+    );
+    // No lock held.
+    let st = Command::new("flock")
+        .args(["-n", "-x"])
+        .arg(store.join("lock"))
+        .arg("true")
+        .status()
+        .expect("flock");
+    assert!(st.success(), "{ctx}: the store lock is still held");
+    let (code, out, err) = super::images::rvmm(store, &["gc", "--check"]);
+    assert_eq!(code, 0, "{ctx}: store inconsistent: {out}{err}");
+}
+
+/// Processes whose command line, root or cwd mention `root`.
+pub fn procs_using(root: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for pid in ls(Path::new("/proc")) {
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let p = Path::new("/proc").join(&pid);
+        let cmd = std::fs::read(p.join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let links = ["root", "cwd"].map(|l| {
+            std::fs::read_link(p.join(l))
+                .map(|t| t.display().to_string())
+                .unwrap_or_default()
+        });
+        if cmd.contains(root) || links.iter().any(|l| l.starts_with(root)) {
+            out.push(format!("{pid}: {cmd}"));
+        }
+    }
+    out
 }

@@ -335,6 +335,7 @@ pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
             "Command": r.command,
             "NetworkSettings": {
                 "IPAddress": r.address.as_deref().and_then(|a| a.split('/').next()),
+                "MacAddress": r.mac,
                 "Ports": r.ports,
             },
             "LogPath": r.dir.join(logs::LOG_FILE),

@@ -175,6 +175,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         if let Some(addr) = run.address() {
             let veth = crate::net::attach_container(&opts.id, pid, addr)?;
             run.cleanup.state.veth = Some(veth);
+            run.cleanup.state.mac = Some(crate::net::mac_string(&crate::net::mac_for(&opts.id)));
             run.cleanup.state.save()?;
         }
         let mut w = std::fs::File::from(sync_w);

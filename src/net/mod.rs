@@ -322,19 +322,40 @@ pub fn gc_leases() -> Vec<String> {
     out
 }
 
+/// The workload's MAC on the bridge, the same derivation for both isolations: locally
+/// administered (02:…) followed by the first five bytes of the run ID, so two live runs never
+/// share one (the IDs are random) and the address is known before the device exists.
+pub fn mac_for(id: &str) -> [u8; 6] {
+    let id = hex::decode(id.get(..10).unwrap_or_default()).unwrap_or_default();
+    let mut m = [0x02, 0, 0, 0, 0, 0];
+    for (m, b) in m[1..].iter_mut().zip(&id) {
+        *m = *b;
+    }
+    m
+}
+
+/// A MAC as text (`02:ab:cd:ef:01:23`).
+pub fn mac_string(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Host-side veth name for a run.
 pub fn veth_name(id: &str) -> String {
     format!("rvh{}", &id[..id.len().min(11)])
 }
 
-/// Creates the veth pair, puts its peer as eth0 into the netns of `pid` with `addr`, and
-/// attaches the host side to the bridge.
+/// Creates the veth pair, puts its peer as eth0 into the netns of `pid` with `addr` and the
+/// run's MAC ([`mac_for`]), and attaches the host side to the bridge.
 pub fn attach_container(id: &str, pid: i32, addr: Ipv4Addr) -> Result<String> {
     let host = veth_name(id);
     let peer = format!("rvc{}", &id[..id.len().min(11)]);
+    let mac = mac_string(&mac_for(id));
     ip_batch(
         None,
-        &format!("link add {host} type veth peer name {peer} netns {pid}\nlink set {host} master {BRIDGE} up\n"),
+        &format!("link add {host} type veth peer name {peer} address {mac} netns {pid}\nlink set {host} master {BRIDGE} up\n"),
     )
     .map_err(|e| Error::Veth(Box::new(e)))?;
     ip_batch(

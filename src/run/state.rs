@@ -77,6 +77,9 @@ pub struct RunState {
     pub address: Option<String>,
     #[serde(default)]
     pub ports: Vec<String>,
+    /// The workload's MAC on the bridge (`net::mac_for`), once its device exists.
+    #[serde(default)]
+    pub mac: Option<String>,
     /// The image's labels and `--label`.
     #[serde(default)]
     pub labels: Vec<(String, String)>,
@@ -156,6 +159,7 @@ impl RunState {
             detached: opts.detached,
             stop_signal: spec.stop_signal,
             address: None,
+            mac: None,
             ports: spec
                 .network
                 .ports

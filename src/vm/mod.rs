@@ -406,13 +406,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     if run.address().is_some() {
         let tap = crate::net::create_tap(&opts.id)?;
         run.cleanup.state.taps.push(tap.clone());
+        let m = crate::net::mac_for(&opts.id);
+        run.cleanup.state.mac = Some(crate::net::mac_string(&m));
         run.cleanup.state.save()?;
-        // A locally administered MAC from the run ID.
-        let id = hex::decode(opts.id.get(..10).unwrap_or_default()).unwrap_or_default();
-        let mut m = [0x02, 0, 0, 0, 0, 0];
-        for (m, b) in m[1..].iter_mut().zip(&id) {
-            *m = *b;
-        }
         taps.push(tap);
         mac = Some(m);
     }

@@ -458,7 +458,10 @@ fn fifty_runs_at_once_share_nothing_and_leave_nothing() {
                 }
                 if r.up && poll_logs {
                     let (_, out, err) = env.run(&["logs", &r.plan.name]);
-                    if let Some(l) = out.lines().find(|l| l.starts_with("ready")) {
+                    if err.contains("ambiguous") || err.contains("more than one") {
+                        // Another run got the same name: counted as a second winner below.
+                        r.ready = Some(format!("a second run with this name: {err}"));
+                    } else if let Some(l) = out.lines().find(|l| l.starts_with("ready")) {
                         r.ready = Some(l.to_string());
                         r.err.lock().expect("lock").push_str(&err);
                     }

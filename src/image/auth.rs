@@ -382,6 +382,7 @@ async fn verify_async(
         url: url.to_string(),
         status: s.as_u16(),
     };
+    super::tls_provider();
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(15))
         .timeout(Duration::from_secs(60))

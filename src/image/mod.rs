@@ -44,6 +44,19 @@ pub mod spec;
 pub mod store;
 pub mod unpack;
 
+/// Makes ring the TLS provider of registry connections (rustls needs one chosen before the first
+/// client is built). Idempotent.
+pub(crate) fn tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider is installed already: that one serves as well. rustls
+        // deprecates ring's provider for its lack of post-quantum key exchange; aws-lc-rs has
+        // it but adds a large C build, and a pull's secrets are registry tokens, not long-lived.
+        #[allow(deprecated)]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 pub use reference::{Reference, Source};
 pub use store::{ImageRecord, Store};
 

@@ -64,6 +64,7 @@ impl RegistryFetcher {
         } else {
             ClientProtocol::Https
         };
+        super::tls_provider();
         let config = ClientConfig {
             protocol,
             connect_timeout: Some(Duration::from_secs(15)),

@@ -928,11 +928,19 @@ fn kill_9_of_rvmm_is_cleaned_up() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert!(up, "the run never showed up in rvmm ps");
-    // This run's cgroup: the new one (other runs on the host may have theirs).
-    let workload_cg = ls(Path::new("/sys/fs/cgroup/pids/rvmm"))
-        .into_iter()
-        .find(|d| d.len() == 64 && !env.before.cgroups.contains(&format!("pids/{d}")))
-        .expect("cgroup");
+    // This run's cgroup: the new one (other runs on the host may have theirs). `ps` lists the
+    // run as soon as its state is written, which is before its cgroup is made: wait for it.
+    let mut workload_cg = None;
+    for _ in 0..100 {
+        workload_cg = ls(Path::new("/sys/fs/cgroup/pids/rvmm"))
+            .into_iter()
+            .find(|d| d.len() == 64 && !env.before.cgroups.contains(&format!("pids/{d}")));
+        if workload_cg.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let workload_cg = workload_cg.expect("cgroup");
     child.kill().expect("kill -9");
     child.wait().expect("wait");
     // The workload dies with rvmm (PDEATHSIG); gc removes the rest.

@@ -190,7 +190,8 @@ const PREWARM_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long `rvmm run` waits, once the VM runs, for the guest to start the workload: a booting
 /// guest (about 11 s on kvm_pvm, well under a second on hardware KVM, longer when many boot at
 /// once) and a restored one (about a second on kvm_pvm). A guest that has not started it by then
-/// is stopped with one line rather than waited for forever. `RVMM_START_TIMEOUT` (seconds)
+/// is stopped with one line rather than waited for forever. Time the VMM spends waiting for a CPU
+/// on a loaded host is not counted, up to ten times the timeout. `RVMM_START_TIMEOUT` (seconds)
 /// overrides both.
 const START_TIMEOUT_COLD: Duration = Duration::from_secs(300);
 const START_TIMEOUT_WARM: Duration = Duration::from_secs(60);
@@ -591,11 +592,17 @@ fn exit_status(
     };
     let report = out.report;
     if out.start_timed_out && report.exit.is_none() {
-        let how = if warm {
+        let mut how = if warm {
             format!("restored from snapshot {key}; `--cold` boots instead")
         } else {
             "booting".to_string()
         };
+        if out.start_cpu_wait >= Duration::from_secs(1) {
+            how += &format!(
+                "; its VMM also waited {:.1} s for a CPU",
+                out.start_cpu_wait.as_secs_f64()
+            );
+        }
         return Err(Error::StartTimeout {
             timeout: out.start_deadline,
             how,

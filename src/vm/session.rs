@@ -199,6 +199,8 @@ pub(super) struct Outcome {
     pub(super) killed: Option<i32>,
     pub(super) start_timed_out: bool,
     pub(super) start_deadline: Duration,
+    /// When the start watchdog fired: how long the VMM had waited for a CPU by then.
+    pub(super) start_cpu_wait: Duration,
     /// The channel turned out corrupt.
     pub(super) corrupt: Option<String>,
     /// How the VMM process ended.
@@ -273,6 +275,7 @@ impl Session<'_> {
                 killed: None,
                 start_timed_out: false,
                 start_deadline: super::start_timeout(self.warm),
+                start_cpu_wait: Duration::ZERO,
                 corrupt: None,
                 vm_result: Ok(VmExit::Stopped),
                 started_at: None,
@@ -393,16 +396,27 @@ impl Loop<'_, '_> {
     }
 
     /// Checked every round, not only when the channel is quiet: a guest that keeps sending
-    /// frames without ever starting the workload is stopped too.
+    /// frames without ever starting the workload is stopped too. The deadline counts the time
+    /// the guest had: the time its VMM spent waiting for a CPU on a loaded host does not count
+    /// (50 VMs restoring at once on 2 cores wait minutes for their turn, and a guest that
+    /// never runs cannot be blamed for not starting), up to ten times the deadline in all.
     fn watchdog(&mut self, vm_started: Instant) {
         let o = &mut self.out;
-        if o.started_at.is_none()
-            && o.report.failure.is_none()
-            && o.killed.is_none()
-            && !o.start_timed_out
-            && vm_started.elapsed() > o.start_deadline
+        if o.started_at.is_some()
+            || o.report.failure.is_some()
+            || o.killed.is_some()
+            || o.start_timed_out
         {
+            return;
+        }
+        let wall = vm_started.elapsed();
+        if wall <= o.start_deadline {
+            return;
+        }
+        let waited = self.s.vmm.cpu_wait();
+        if wall.saturating_sub(waited) > o.start_deadline || wall > o.start_deadline * 10 {
             o.start_timed_out = true;
+            o.start_cpu_wait = waited;
             self.s.vmm.stop();
         }
     }

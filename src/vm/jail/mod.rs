@@ -572,6 +572,22 @@ fn seccomp_audit(pid: i32) -> Option<(String, String)> {
 }
 
 impl VmmControl {
+    /// How long the VMM's most delayed thread has waited for a CPU while runnable (the run queue
+    /// delay of `/proc/PID/task/*/schedstat`): time the guest could have run and did not get.
+    /// Zero when the kernel keeps no scheduler statistics.
+    pub fn cpu_wait(&self) -> Duration {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.0.pid)) else {
+            return Duration::ZERO;
+        };
+        let ns = tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        Duration::from_nanos(ns)
+    }
+
     fn reply(&self, timeout: Duration) -> Result<FromVmm, String> {
         let rx = lock(&self.0.replies);
         match rx.recv_timeout(timeout) {

@@ -161,6 +161,14 @@ pub fn pss_kib(pid: u32) -> Option<u64> {
     field_kib(&text, "Pss:")
 }
 
+/// `Rss:` and the private (unshared) pages, `Private_Clean:` + `Private_Dirty:`, of a process in
+/// KiB, from /proc/PID/smaps_rollup.
+pub fn rss_uss_kib(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let uss = field_kib(&text, "Private_Clean:")? + field_kib(&text, "Private_Dirty:")?;
+    Some((field_kib(&text, "Rss:")?, uss))
+}
+
 fn field_kib(text: &str, key: &str) -> Option<u64> {
     text.lines()
         .find(|l| l.starts_with(key))
@@ -323,6 +331,8 @@ mod tests {
     fn own_memory_is_visible() {
         let me = std::process::id();
         assert!(pss_kib(me).is_some_and(|k| k > 0));
+        let (rss, uss) = rss_uss_kib(me).expect("smaps_rollup");
+        assert!(uss > 0 && uss <= rss, "{uss} {rss}");
         assert!(process_tree(me).contains(&me));
     }
 

@@ -41,7 +41,7 @@ pub enum Error {
     Timeout(Duration),
     #[error("exited with status {code}: {stderr}")]
     Failed { code: i32, stderr: String },
-    #[error("unknown scenario `{0}` (known: startup, cold, memory, density, io, boot)")]
+    #[error("unknown scenario `{0}` (known: startup, cold, memory, density, io, boot, warm)")]
     UnknownScenario(String),
     #[error("cannot write {path}")]
     Write {

@@ -64,6 +64,11 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         );
     }
     let q = args.quick;
+    // The measured rvmm runs from its own copy of the binary: if it ran from this process's file,
+    // the pages of the binary this bench process maps would be shared with it, and its PSS would
+    // count only part of them (a user's rvmm shares its binary with no bench). The copy keeps its
+    // place and mtime between benches, so its warm-start snapshot is reused.
+    let rvmm = private_copy(&global.root.join("bench-bin"))?;
     let opts = Options {
         scenarios,
         runs: args.runs.unwrap_or(if q { 10 } else { 30 }),
@@ -71,7 +76,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         warmup: args.warmup.unwrap_or(if q { 1 } else { 3 }),
         density: args.density.unwrap_or(if q { 4 } else { 10 }),
         image: args.image,
-        rvmm: std::env::current_exe().context("cannot find the rvmm binary")?,
+        rvmm,
         root: global.root.clone(),
         out_dir: args.out,
         timeout: Duration::from_secs(args.timeout),
@@ -83,4 +88,34 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     let report = bench::run(&opts)?;
     println!("report: {}", report.display());
     Ok(0)
+}
+
+/// Copies this rvmm binary (and the rvmm-init it would use) into `dir`, unless the copy there is
+/// already of the same size and modification time; returns the copy's path.
+fn private_copy(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the rvmm binary")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut files = vec![(exe, dir.join("rvmm"))];
+    if let Ok(init) = rvmm::vm::guest_init_path() {
+        files.push((init, dir.join("rvmm-init")));
+    }
+    for (from, to) in &files {
+        let m = std::fs::metadata(from).with_context(|| format!("reading {}", from.display()))?;
+        let same = std::fs::metadata(to)
+            .is_ok_and(|t| t.len() == m.len() && t.modified().ok() == m.modified().ok());
+        if same {
+            continue;
+        }
+        let tmp = to.with_extension("tmp");
+        let copy = || -> std::io::Result<()> {
+            std::fs::copy(from, &tmp)?;
+            std::fs::File::options()
+                .write(true)
+                .open(&tmp)?
+                .set_modified(m.modified()?)?;
+            std::fs::rename(&tmp, to)
+        };
+        copy().with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
+    Ok(files.swap_remove(0).1)
 }

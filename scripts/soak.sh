@@ -10,7 +10,7 @@
 # memory, run directories, leases, snapshots, rvmm cgroups, rvh/rvt links, mounts under the root.
 # Everything lives under its own root (OUTDIR/root) and snapshot dir; its run names start with
 # "soak-", so other engineers' leftover checks can tell them apart. Needs root, KVM and a built
-# rvmm (target/debug/rvmm, copied to OUTDIR so a rebuild does not change the binary under test).
+# rvmm (target/debug/rvmm and rvmm-vmm, copied to OUTDIR so a rebuild does not change the binary under test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-30}
@@ -19,6 +19,7 @@ SAMPLE_EVERY=${SAMPLE_EVERY:-30}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cp target/debug/rvmm "$OUT/rvmm"
+[ -f target/debug/rvmm-vmm ] && cp target/debug/rvmm-vmm "$OUT/rvmm-vmm"
 [ -f target/x86_64-unknown-linux-gnu/release/rvmm-init ] &&
   export RVMM_GUEST_INIT=$(pwd)/target/x86_64-unknown-linux-gnu/release/rvmm-init
 ROOT=$OUT/root

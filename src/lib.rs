@@ -18,3 +18,14 @@ pub mod runspec;
 pub mod security;
 pub mod vm;
 pub mod vmm;
+
+/// The log filter of rvmm's binaries when `RVMM_LOG` is unset: virtio-queue logs errors a guest
+/// provokes at will (a bad avail index), which are not for the user.
+pub const DEFAULT_LOG: &str = "warn,virtio_queue=off";
+
+/// Starts logging to stderr, filtered by `RVMM_LOG` (default [`DEFAULT_LOG`]).
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("RVMM_LOG", DEFAULT_LOG))
+        .format_timestamp_millis()
+        .init();
+}

@@ -1306,7 +1306,25 @@ fn channel_streams_stay_apart_and_unread_stdin_does_not_block() {
     );
 }
 
-/// The pid of the VMM process (`rvmm __vmm`) whose parent is `parent`.
+/// An `rvmm-vmm` from another build (or started by hand) refuses to start, in one line.
+#[test]
+fn a_vmm_binary_from_another_build_refuses_in_one_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rvmm-vmm"))
+        .arg("0123456789abcdef")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("rvmm-vmm: this VMM binary is from another build")
+            && err.contains("asked for 0123456789abcdef"),
+        "{err}"
+    );
+}
+
+/// The pid of the VMM process (`rvmm-vmm`, or `rvmm __vmm` without it) whose parent is `parent`.
 fn vmm_process_of(parent: u32) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
@@ -1319,7 +1337,8 @@ fn vmm_process_of(parent: u32) -> Option<u32> {
             .parse()
             .ok()?;
         let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        (ppid == parent && cmdline.windows(5).any(|w| w == b"__vmm")).then_some(pid)
+        let vmm = cmdline.starts_with(b"rvmm-vmm\0") || cmdline.windows(5).any(|w| w == b"__vmm");
+        (ppid == parent && vmm).then_some(pid)
     })
 }
 
@@ -1345,6 +1364,13 @@ fn the_vmm_runs_jailed_unprivileged_and_filtered() {
     );
     let pid = vmm_process_of(child.0.id()).expect("a VMM process under rvmm run");
     let proc_dir = Path::new("/proc").join(pid.to_string());
+    // The small VMM binary built beside rvmm, not rvmm itself.
+    let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap();
+    assert!(
+        cmdline.starts_with(b"rvmm-vmm\0"),
+        "{:?}",
+        String::from_utf8_lossy(&cmdline)
+    );
     let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
     for key in ["Uid", "Gid"] {
         let ids: Vec<u32> = status_field(&status, key)

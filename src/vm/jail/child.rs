@@ -1,4 +1,4 @@
-//! The VMM process (`rvmm __vmm`, started by [`super::spawn`]): it reads its setup from fd 3,
+//! The VMM process (`rvmm-vmm`, or `rvmm __vmm`; started by [`super::spawn`]): it reads its setup from fd 3,
 //! jails itself (mounts, root, credentials, limits), builds or restores the VM from what it was
 //! handed, then runs it with a seccomp filter on every thread and answers `rvmm run`'s requests
 //! until the VM ends.

@@ -1,6 +1,6 @@
 //! The VMM as a process of its own, jailed (docs/security.md): `rvmm run --isolation=vm` does
 //! the privileged preparation (image disk, tap, cgroup, snapshot choice), then [`spawn`] starts
-//! `rvmm __vmm` in new mount, PID, IPC, UTS and network namespaces and hands it, over a socket,
+//! the VMM process (`rvmm-vmm`, see [`vmm_command`]) in new mount, PID, IPC, UTS and network namespaces and hands it, over a socket,
 //! everything it may use: descriptors for the console, the channel's pipes and the taps, and
 //! read-only binds of the kernel, the initramfs and the snapshot. The process mounts its own
 //! root of those, becomes an unprivileged uid with no capability, installs a seccomp filter per
@@ -23,6 +23,68 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use child::main as vmm_main;
+
+/// A fingerprint of the messages between rvmm and its VMM process (FNV-1a of proto.rs and the
+/// version): an `rvmm-vmm` built from other sources refuses to start rather than misread its
+/// setup.
+const PROTOCOL: u64 = fnv1a(
+    include_bytes!("proto.rs"),
+    fnv1a(env!("CARGO_PKG_VERSION").as_bytes(), 0xcbf2_9ce4_8422_2325),
+);
+
+const fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        h = (h ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+/// The main of the `rvmm-vmm` binary: `rvmm-vmm PROTOCOL`, then [`vmm_main`].
+pub fn vmm_exe_main() -> u8 {
+    let ours = format!("{PROTOCOL:016x}");
+    match std::env::args().nth(1) {
+        Some(theirs) if theirs == ours => vmm_main(),
+        theirs => {
+            eprintln!(
+                "rvmm-vmm: this VMM binary is from another build than the rvmm that started it \
+                 (protocol {ours}, asked for {}): rebuild both (cargo build), or remove rvmm-vmm \
+                 to use `rvmm __vmm`",
+                theirs.as_deref().unwrap_or("none")
+            );
+            2
+        }
+    }
+}
+
+/// The program and arguments of a VMM process: `rvmm-vmm PROTOCOL` when that binary is next to
+/// this rvmm (it maps only the VMM's code: less memory per VM), else `rvmm __vmm` from this
+/// very binary.
+fn vmm_command() -> Result<(CString, Vec<CString>), String> {
+    let own = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("rvmm-vmm")))
+        .filter(|p| p.is_file());
+    let (exe, argv) = match own {
+        Some(p) => (
+            p.into_os_string().into_encoded_bytes(),
+            ["rvmm-vmm".to_string(), format!("{PROTOCOL:016x}")],
+        ),
+        None => (
+            b"/proc/self/exe".to_vec(),
+            ["rvmm".to_string(), "__vmm".to_string()],
+        ),
+    };
+    let c = |b: Vec<u8>| CString::new(b).map_err(|e| e.to_string());
+    Ok((
+        c(exe)?,
+        argv.map(String::into_bytes)
+            .into_iter()
+            .map(c)
+            .collect::<Result<_, _>>()?,
+    ))
+}
 use proto::{Bind, FromVmm, Jail, Port, Setup, ToVmm};
 
 use crate::devices::lock;
@@ -317,16 +379,12 @@ pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
     }
 }
 
-/// Clones `rvmm __vmm` with the control socket as fd 3, in new namespaces when `jailed`; its
+/// Clones the VMM process ([`vmm_command`]) with the control socket as fd 3, in new namespaces when `jailed`; its
 /// stdin is /dev/null unless `keep_stdin`.
 fn clone_vmm(sock: RawFd, jailed: bool, keep_stdin: bool) -> Result<i32, String> {
     use nix::sched::CloneFlags;
     // Everything the child needs is made before the clone: it only dups and execs.
-    let exe = CString::new("/proc/self/exe").unwrap_or_default();
-    let argv_owned = [CString::new("rvmm"), CString::new("__vmm")]
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let (exe, argv_owned) = vmm_command()?;
     let mut env_owned = Vec::new();
     for key in ["RUST_LOG", "RVMM_KVM_KIND"] {
         if let Ok(v) = std::env::var(key) {

@@ -83,6 +83,8 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     for r in shown {
         let status = match (r.status, r.exit_code) {
             (state::Status::Running, _) => match r.started_at {
+                // A VM's workload has no host pid (its state says 0): say nothing rather than 0.
+                Some(t) if r.pid == 0 => format!("Up {}", ago(t)),
                 Some(t) => format!("Up {} (pid {})", ago(t), r.pid),
                 None => "Starting".to_string(),
             },

@@ -10,7 +10,8 @@
 # memory, run directories, leases, snapshots, rvmm cgroups, rvh/rvt links, mounts under the root.
 # Everything lives under its own root (OUTDIR/root) and snapshot dir; its run names start with
 # "soak-", so other engineers' leftover checks can tell them apart. Needs root, KVM and a built
-# rvmm (target/debug/rvmm and rvmm-vmm, copied to OUTDIR so a rebuild does not change the binary under test).
+# rvmm (target/debug/rvmm and rvmm-vmm, copied to OUTDIR so a rebuild does not change the
+# binaries under test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-30}

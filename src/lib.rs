@@ -21,7 +21,7 @@ pub mod vmm;
 
 /// The log filter of rvmm's binaries when `RVMM_LOG` is unset: virtio-queue logs errors a guest
 /// provokes at will (a bad avail index), which are not for the user.
-pub const DEFAULT_LOG: &str = "warn,virtio_queue=off";
+const DEFAULT_LOG: &str = "warn,virtio_queue=off";
 
 /// Starts logging to stderr, filtered by `RVMM_LOG` (default [`DEFAULT_LOG`]).
 pub fn init_logging() {

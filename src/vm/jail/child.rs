@@ -1,7 +1,7 @@
-//! The VMM process (`rvmm-vmm`, or `rvmm __vmm`; started by [`super::spawn`]): it reads its setup from fd 3,
-//! jails itself (mounts, root, credentials, limits), builds or restores the VM from what it was
-//! handed, then runs it with a seccomp filter on every thread and answers `rvmm run`'s requests
-//! until the VM ends.
+//! The VMM process (`rvmm-vmm`, or `rvmm __vmm`; started by [`super::spawn`]): it reads its setup
+//! from fd 3, jails itself (mounts, root, credentials, limits), builds or restores the VM from what
+//! it was handed, then runs it with a seccomp filter on every thread and answers `rvmm run`'s
+//! requests until the VM ends.
 
 use std::fs::File;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};

@@ -1,11 +1,11 @@
-//! The VMM as a process of its own, jailed (docs/security.md): `rvmm run --isolation=vm` does
-//! the privileged preparation (image disk, tap, cgroup, snapshot choice), then [`spawn`] starts
-//! the VMM process (`rvmm-vmm`, see [`vmm_command`]) in new mount, PID, IPC, UTS and network namespaces and hands it, over a socket,
-//! everything it may use: descriptors for the console, the channel's pipes and the taps, and
-//! read-only binds of the kernel, the initramfs and the snapshot. The process mounts its own
-//! root of those, becomes an unprivileged uid with no capability, installs a seccomp filter per
-//! thread, and only then creates the VM. rvmm keeps a [`VmmControl`] to attach the image disk
-//! (a descriptor), take a snapshot and stop it.
+//! The VMM as a process of its own, jailed (docs/security.md): `rvmm run --isolation=vm` does the
+//! privileged preparation (image disk, tap, cgroup, snapshot choice), then [`spawn`] starts the VMM
+//! process (`rvmm-vmm`, see [`vmm_command`]) in new mount, PID, IPC, UTS and network namespaces and
+//! hands it, over a socket, everything it may use: descriptors for the console, the channel's pipes
+//! and the taps, and read-only binds of the kernel, the initramfs and the snapshot. The process
+//! mounts its own root of those, becomes an unprivileged uid with no capability, installs a seccomp
+//! filter per thread, and only then creates the VM. rvmm keeps a [`VmmControl`] to attach the image
+//! disk (a descriptor), take a snapshot and stop it.
 //!
 //! `RVMM_NO_JAIL=1` runs the VMM process unjailed and unfiltered, `RVMM_NO_SECCOMP=1` jailed but
 //! unfiltered: for debugging only.
@@ -23,6 +23,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use child::main as vmm_main;
+use proto::{Bind, FromVmm, Jail, Port, Setup, ToVmm};
+
+use crate::devices::lock;
+use crate::vmm::{Console, TapSource, VmConfig, VmExit};
+
+/// The VMM binary's file name, next to `rvmm`.
+const VMM_BINARY: &str = "rvmm-vmm";
 
 /// A fingerprint of the messages between rvmm and its VMM process (FNV-1a of proto.rs and the
 /// version): an `rvmm-vmm` built from other sources refuses to start rather than misread its
@@ -41,9 +48,14 @@ const fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
     h
 }
 
+/// [`PROTOCOL`] as `rvmm-vmm`'s argument.
+fn protocol_arg() -> String {
+    format!("{PROTOCOL:016x}")
+}
+
 /// The main of the `rvmm-vmm` binary: `rvmm-vmm PROTOCOL`, then [`vmm_main`].
 pub fn vmm_exe_main() -> u8 {
-    let ours = format!("{PROTOCOL:016x}");
+    let ours = protocol_arg();
     match std::env::args().nth(1) {
         Some(theirs) if theirs == ours => vmm_main(),
         theirs => {
@@ -58,18 +70,21 @@ pub fn vmm_exe_main() -> u8 {
     }
 }
 
+/// The `rvmm-vmm` binary next to this rvmm, if there is one (what VM runs start; the bench
+/// copies it with rvmm).
+pub fn vmm_binary_path() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.with_file_name(VMM_BINARY)).filter(|p| p.is_file())
+}
+
 /// The program and arguments of a VMM process: `rvmm-vmm PROTOCOL` when that binary is next to
 /// this rvmm (it maps only the VMM's code: less memory per VM), else `rvmm __vmm` from this
 /// very binary.
 fn vmm_command() -> Result<(CString, Vec<CString>), String> {
-    let own = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("rvmm-vmm")))
-        .filter(|p| p.is_file());
-    let (exe, argv) = match own {
+    let (exe, argv) = match vmm_binary_path() {
         Some(p) => (
             p.into_os_string().into_encoded_bytes(),
-            ["rvmm-vmm".to_string(), format!("{PROTOCOL:016x}")],
+            [VMM_BINARY.to_string(), protocol_arg()],
         ),
         None => (
             b"/proc/self/exe".to_vec(),
@@ -85,10 +100,6 @@ fn vmm_command() -> Result<(CString, Vec<CString>), String> {
             .collect::<Result<_, _>>()?,
     ))
 }
-use proto::{Bind, FromVmm, Jail, Port, Setup, ToVmm};
-
-use crate::devices::lock;
-use crate::vmm::{Console, TapSource, VmConfig, VmExit};
 
 /// The first uid (and gid) of the range VMM processes run as: one per run, picked from the run
 /// ID, owning nothing on the host. `RVMM_JAIL_ID_BASE` moves the range.
@@ -379,8 +390,8 @@ pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
     }
 }
 
-/// Clones the VMM process ([`vmm_command`]) with the control socket as fd 3, in new namespaces when `jailed`; its
-/// stdin is /dev/null unless `keep_stdin`.
+/// Clones the VMM process ([`vmm_command`]) with the control socket as fd 3, in new namespaces
+/// when `jailed`; its stdin is /dev/null unless `keep_stdin`.
 fn clone_vmm(sock: RawFd, jailed: bool, keep_stdin: bool) -> Result<i32, String> {
     use nix::sched::CloneFlags;
     // Everything the child needs is made before the clone: it only dups and execs.

@@ -10,7 +10,7 @@
 # memory, run directories, leases, snapshots, rvmm cgroups, rvh/rvt links, mounts under the root.
 # Everything lives under its own root (OUTDIR/root) and snapshot dir; its run names start with
 # "soak-", so other engineers' leftover checks can tell them apart. Needs root, KVM and a built
-# rvmm (target/debug/rvmm and rvmm-vmm, copied to OUTDIR so a rebuild does not change the
+# rvmm (target/debug/rvmm, rvmm-vmm and rvmm-shim, copied to OUTDIR so a rebuild does not change the
 # binaries under test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ SAMPLE_EVERY=${SAMPLE_EVERY:-30}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cp target/debug/rvmm "$OUT/rvmm"
-[ -f target/debug/rvmm-vmm ] && cp target/debug/rvmm-vmm "$OUT/rvmm-vmm"
+for b in rvmm-vmm rvmm-shim; do [ -f target/debug/$b ] && cp target/debug/$b "$OUT/$b"; done
 [ -f target/x86_64-unknown-linux-gnu/release/rvmm-init ] &&
   export RVMM_GUEST_INIT=$(pwd)/target/x86_64-unknown-linux-gnu/release/rvmm-init
 ROOT=$OUT/root

@@ -16,6 +16,7 @@ pub mod paths;
 pub mod run;
 pub mod runspec;
 pub mod security;
+pub mod sibling;
 pub mod vm;
 pub mod vmm;
 

@@ -1318,7 +1318,7 @@ fn a_vmm_binary_from_another_build_refuses_in_one_line() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.starts_with("rvmm-vmm: this VMM binary is from another build")
+        err.starts_with("rvmm-vmm: this binary is from another build")
             && err.contains("asked for 0123456789abcdef"),
         "{err}"
     );

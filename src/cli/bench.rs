@@ -90,14 +90,18 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Copies this rvmm binary (and the rvmm-vmm and rvmm-init it would use) into `dir`, unless the
-/// copy there is already of the same size and modification time; returns the copy's path.
+/// Copies this rvmm binary (and the rvmm-vmm, rvmm-shim and rvmm-init it would use) into `dir`,
+/// unless the copy there is already of the same size and modification time; returns the copy's
+/// path.
 fn private_copy(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe().context("cannot find the rvmm binary")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut files = vec![(exe, dir.join("rvmm"))];
     if let Some(vmm) = rvmm::vm::jail::vmm_binary_path() {
         files.push((vmm, dir.join("rvmm-vmm")));
+    }
+    if let Some(shim) = rvmm::run::shim::binary_path() {
+        files.push((shim, dir.join(rvmm::run::shim::SHIM_BINARY)));
     }
     if let Ok(init) = rvmm::vm::guest_init_path() {
         files.push((init, dir.join("rvmm-init")));

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use rvmm::run::logs;
 use rvmm::run::state::{self, RunState, Status};
 
@@ -357,7 +357,10 @@ pub struct SuperviseArgs {
 }
 
 pub fn supervise(a: SuperviseArgs) -> anyhow::Result<u8> {
-    Ok(rvmm::run::supervise::supervise(&a.root, &a.id, &a.args)?)
+    let rvmm = std::env::current_exe().context("locating rvmm")?;
+    Ok(rvmm::run::supervise::supervise(
+        &rvmm, &a.root, &a.id, &a.args,
+    )?)
 }
 
 /// `rm -f`: stops a running run first (SIGKILL, as Docker does).

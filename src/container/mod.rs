@@ -202,7 +202,30 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     }
     run.started();
 
-    if let (Some(p), Some(addr)) = (run.publisher.take(), run.address()) {
+    let publisher = run.publisher.take();
+    if pty_master.is_none() {
+        // The rest of the run (waiting, relaying signals and ports, the epilogue) needs none of
+        // rvmm's code: the small shim takes over this process, if it is there.
+        if let Some(shim) = crate::run::shim::binary_path() {
+            let (tcp, udp) = publisher.as_ref().map(|p| p.raw_fds()).unwrap_or_default();
+            let handover = crate::run::shim::Handover {
+                dir: dir.clone(),
+                pid,
+                stops: STOPS.load(Ordering::SeqCst),
+                remove: opts.remove,
+                memory: run.spec.limits.memory_bytes,
+                target: run.address(),
+                tcp,
+                udp,
+            };
+            let e = crate::run::shim::exec_wait(&shim, &handover, &[run.layers_fd()]);
+            log::warn!(
+                "starting {}: {e}; rvmm keeps the run itself",
+                shim.display()
+            );
+        }
+    }
+    if let (Some(p), Some(addr)) = (publisher, run.address()) {
         p.start(addr);
     }
     let relay = pty_master.map(|m| tty_relay(m, run.spec.stdin));
@@ -212,21 +235,73 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     if let Some((out, _raw)) = relay {
         let _ = out.join();
     }
-    let code = match status {
-        Status::Exited(c) => c,
-        Status::Signaled(s) => 128 + s,
+    let code = exit_code(status, Some(&cg), run.spec.limits.memory_bytes);
+    Ok(run.finish(code, opts.remove))
+}
+
+/// The waiting half of a container run, in `rvmm-shim` (see `run::shim`): relays signals and
+/// published ports, waits for the workload, and ends the run from its state file. Returns the
+/// process status.
+pub fn keep(h: &crate::run::shim::Handover) -> u8 {
+    CHILD.store(h.pid, Ordering::SeqCst);
+    STOPS.store(h.stops, Ordering::SeqCst);
+    install_forwarding();
+    // SAFETY: unblocking the signals rvmm blocked before the exec; our handlers are in place.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+    if let Some(target) = h.target {
+        // SAFETY: rvmm made these listening sockets inheritable for this process alone.
+        unsafe { crate::net::Publisher::from_raw_fds(&h.tcp, &h.udp) }.start(target);
+    }
+    let status = match wait_child(h.pid) {
+        Some(s) => s,
+        None => {
+            eprintln!(
+                "{}: process {} is not this process's child",
+                crate::run::shim::SHIM_BINARY,
+                h.pid
+            );
+            return 2;
+        }
     };
-    if matches!(status, Status::Signaled(libc::SIGKILL)) && cg.oom_killed() {
+    CHILD.store(0, Ordering::SeqCst);
+    let mut state = match std::fs::read(h.dir.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::run::RunState>(&b).ok())
+    {
+        Some(s) => s,
+        None => {
+            // Nothing to finish from: `rvmm gc` frees what the run held, as after a kill.
+            eprintln!(
+                "rvmm: the run's state ({}) is unreadable; `rvmm gc` will clean up after it",
+                h.dir.join("state.json").display()
+            );
+            return exit_code(status, None, h.memory).clamp(0, 255) as u8;
+        }
+    };
+    let code = exit_code(status, state.cgroup.as_ref(), h.memory);
+    state.finish(code, h.remove);
+    code.clamp(0, 255) as u8
+}
+
+/// The run's status (Docker numbering) from the workload's, and the line that says the kernel's
+/// OOM killer ended it.
+fn exit_code(status: Status, cg: Option<&cgroups::Cgroup>, memory: Option<u64>) -> i32 {
+    if matches!(status, Status::Signaled(libc::SIGKILL)) && cg.is_some_and(|c| c.oom_killed()) {
         eprintln!(
             "rvmm: the container was killed by the kernel's OOM killer: it ran out of memory (--memory {})",
-            run.spec
-                .limits
-                .memory_bytes
+            memory
                 .map(crate::run::human_bytes)
                 .unwrap_or_else(|| "unlimited".into())
         );
     }
-    Ok(run.finish(code, opts.remove))
+    match status {
+        Status::Exited(c) => c,
+        Status::Signaled(s) => 128 + s,
+    }
 }
 
 /// The workload could not be started (status 125 setup, 126 cannot execute, 127 not found): a
@@ -247,21 +322,30 @@ enum Status {
 }
 
 fn wait(pid: i32) -> Status {
+    wait_child(pid).unwrap_or(Status::Exited(125))
+}
+
+/// Waits for child `pid` to end; None if it is not a child of this process.
+fn wait_child(pid: i32) -> Option<Status> {
     loop {
         let mut st = 0;
         // SAFETY: waiting for our own child with a valid status pointer.
         let r = unsafe { libc::waitpid(pid, &mut st, 0) };
         if r == pid {
             if libc::WIFEXITED(st) {
-                return Status::Exited(libc::WEXITSTATUS(st));
+                return Some(Status::Exited(libc::WEXITSTATUS(st)));
             }
             if libc::WIFSIGNALED(st) {
-                return Status::Signaled(libc::WTERMSIG(st));
+                return Some(Status::Signaled(libc::WTERMSIG(st)));
             }
             continue;
         }
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return Status::Exited(125);
+        if r < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::ECHILD) => return None,
+                _ => return Some(Status::Exited(125)),
+            }
         }
     }
 }

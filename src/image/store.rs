@@ -217,7 +217,13 @@ pub struct Store {
 }
 
 /// An exclusive or shared flock, released on drop.
-pub struct Lock(#[allow(dead_code)] File);
+pub struct Lock(File);
+
+impl Lock {
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
 
 fn flock(path: &Path, op: i32) -> io::Result<Option<Lock>> {
     let f = fs::OpenOptions::new()

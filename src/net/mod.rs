@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -389,6 +390,9 @@ pub fn host_resolv_conf() -> String {
         .collect()
 }
 
+/// A published port's listening socket and the container port it forwards to.
+pub type Forward = (RawFd, u16);
+
 /// Published ports: listening sockets bound before the workload starts (a taken port fails the
 /// run early), proxying to `target` once started.
 pub struct Publisher {
@@ -423,6 +427,36 @@ impl Publisher {
             }
         }
         Ok(p)
+    }
+
+    /// The listening sockets, TCP and UDP, each with its container port (for `rvmm-shim`, which
+    /// takes them over across an exec).
+    pub fn raw_fds(&self) -> (Vec<Forward>, Vec<Forward>) {
+        (
+            self.tcp.iter().map(|(l, p)| (l.as_raw_fd(), *p)).collect(),
+            self.udp.iter().map(|(s, p)| (s.as_raw_fd(), *p)).collect(),
+        )
+    }
+
+    /// The publisher whose sockets [`Publisher::raw_fds`] gave, in the process that inherited
+    /// them.
+    ///
+    /// # Safety
+    /// Each fd must be an open listening socket of that kind that nothing else owns.
+    pub unsafe fn from_raw_fds(tcp: &[Forward], udp: &[Forward]) -> Publisher {
+        // SAFETY: the caller's contract: open sockets of the right kind, owned by nobody else.
+        unsafe {
+            Publisher {
+                tcp: tcp
+                    .iter()
+                    .map(|&(fd, p)| (TcpListener::from_raw_fd(fd), p))
+                    .collect(),
+                udp: udp
+                    .iter()
+                    .map(|&(fd, p)| (UdpSocket::from_raw_fd(fd), p))
+                    .collect(),
+            }
+        }
     }
 
     /// Starts the proxy threads (they live until the process exits).

@@ -9,6 +9,7 @@
 //! and `net`, and (inside the workload's root) in the `rvmm-workload` crate.
 
 pub mod logs;
+pub mod shim;
 pub mod state;
 pub mod stdio;
 pub mod supervise;
@@ -127,6 +128,11 @@ impl Prepared {
         self.cleanup.state.started_at = Some(state::now());
         let _ = self.cleanup.state.save();
         supervise::report_started();
+    }
+
+    /// The lock that keeps the run's image layers (to be inherited by `rvmm-shim`).
+    pub fn layers_fd(&self) -> std::os::fd::RawFd {
+        self._layers.raw_fd()
     }
 
     /// The address the run got on the bridge, if any.

@@ -44,9 +44,21 @@ pub fn detach(root: &Path, id: &str) -> super::Result<u8> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let (r, w) = super::stdio::pipe()?;
     let wfd = w.as_raw_fd();
-    let mut cmd = Command::new(exe);
-    cmd.arg(SUPERVISE)
-        .arg(root)
+    // The supervisor lives as long as the run: `rvmm-shim supervise` when it is next to rvmm
+    // (a few pages of its own), else `rvmm __supervise`.
+    let mut cmd = match super::shim::binary_path() {
+        Some(shim) => {
+            let mut c = Command::new(shim);
+            c.args(super::shim::args("supervise")).arg(&exe);
+            c
+        }
+        None => {
+            let mut c = Command::new(&exe);
+            c.arg(SUPERVISE);
+            c
+        }
+    };
+    cmd.arg(root)
         .arg(id)
         .arg("--")
         .args(args)
@@ -86,17 +98,17 @@ pub fn detach(root: &Path, id: &str) -> super::Result<u8> {
     }
 }
 
-/// The supervisor (`rvmm __supervise ROOT ID -- ARGS`): runs `rvmm ARGS` attached, logs its
-/// output, reports the start or the failure on fd 3, and waits for the run to end.
-pub fn supervise(root: &Path, id: &str, args: &[OsString]) -> super::Result<u8> {
+/// The supervisor (`rvmm-shim supervise RVMM ROOT ID -- ARGS`, or `rvmm __supervise ROOT ID --
+/// ARGS`): runs `RVMM ARGS` attached, logs its output, reports the start or the failure on fd 3,
+/// and waits for the run to end.
+pub fn supervise(rvmm: &Path, root: &Path, id: &str, args: &[OsString]) -> super::Result<u8> {
     // SAFETY: fd 3 was set up by `detach` for this process alone.
     let mut report = Some(std::fs::File::from(unsafe {
         OwnedFd::from_raw_fd(REPORT_FD)
     }));
-    let exe = std::env::current_exe().at(|| "locating rvmm")?;
     let (start_r, start_w) = super::stdio::pipe()?;
     let swfd = start_w.as_raw_fd();
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(rvmm);
     cmd.args(args)
         .env(RUN_ID_ENV, id)
         .env(SUPERVISED_ENV, "1")

@@ -448,9 +448,13 @@ pub fn survives_its_shell_then_gc_after_a_killed_supervisor(root: &Path, isolati
     let workload = st["pid"].as_i64().expect("pid") as i32;
     let supervisor = ppid(run_rvmm).expect("the run's rvmm has a parent");
     let cmdline = std::fs::read(format!("/proc/{supervisor}/cmdline")).unwrap_or_default();
+    // `rvmm-shim PROTOCOL supervise ...`, or `rvmm __supervise ...` without the shim.
     assert!(
-        String::from_utf8_lossy(&cmdline).contains("__supervise"),
-        "the run's rvmm ({run_rvmm}) is not the supervisor's child"
+        cmdline
+            .split(|&b| b == 0)
+            .any(|a| a == b"supervise" || a == b"__supervise"),
+        "the run's process ({run_rvmm}) is not the supervisor's child: {:?}",
+        String::from_utf8_lossy(&cmdline)
     );
     // The supervisor is in a session of its own, not the shell's.
     // SAFETY: getsid on a pid.

@@ -26,6 +26,7 @@ pub use child::main as vmm_main;
 use proto::{Bind, FromVmm, Jail, Port, Setup, ToVmm};
 
 use crate::devices::lock;
+use crate::sibling;
 use crate::vmm::{Console, TapSource, VmConfig, VmExit};
 
 /// The VMM binary's file name, next to `rvmm`.
@@ -34,19 +35,7 @@ const VMM_BINARY: &str = "rvmm-vmm";
 /// A fingerprint of the messages between rvmm and its VMM process (FNV-1a of proto.rs and the
 /// version): an `rvmm-vmm` built from other sources refuses to start rather than misread its
 /// setup.
-const PROTOCOL: u64 = fnv1a(
-    include_bytes!("proto.rs"),
-    fnv1a(env!("CARGO_PKG_VERSION").as_bytes(), 0xcbf2_9ce4_8422_2325),
-);
-
-const fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
-    let mut i = 0;
-    while i < bytes.len() {
-        h = (h ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
-        i += 1;
-    }
-    h
-}
+const PROTOCOL: u64 = sibling::fnv1a(include_bytes!("proto.rs"), sibling::VERSION_FINGERPRINT);
 
 /// [`PROTOCOL`] as `rvmm-vmm`'s argument.
 fn protocol_arg() -> String {
@@ -55,26 +44,18 @@ fn protocol_arg() -> String {
 
 /// The main of the `rvmm-vmm` binary: `rvmm-vmm PROTOCOL`, then [`vmm_main`].
 pub fn vmm_exe_main() -> u8 {
-    let ours = protocol_arg();
-    match std::env::args().nth(1) {
-        Some(theirs) if theirs == ours => vmm_main(),
-        theirs => {
-            eprintln!(
-                "rvmm-vmm: this VMM binary is from another build than the rvmm that started it \
-                 (protocol {ours}, asked for {}): rebuild both (cargo build), or remove rvmm-vmm \
-                 to use `rvmm __vmm`",
-                theirs.as_deref().unwrap_or("none")
-            );
-            2
-        }
+    let theirs = std::env::args().nth(1);
+    if sibling::check_protocol(VMM_BINARY, PROTOCOL, theirs.as_deref()) {
+        vmm_main()
+    } else {
+        2
     }
 }
 
 /// The `rvmm-vmm` binary next to this rvmm, if there is one (what VM runs start; the bench
 /// copies it with rvmm).
 pub fn vmm_binary_path() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    Some(exe.with_file_name(VMM_BINARY)).filter(|p| p.is_file())
+    sibling::binary_path(VMM_BINARY)
 }
 
 /// The program and arguments of a VMM process: `rvmm-vmm PROTOCOL` when that binary is next to

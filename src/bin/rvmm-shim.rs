@@ -1,10 +1,9 @@
-//! What keeps a container run once its workload runs, and the supervisor of a detached run, as
-//! its own small binary: `rvmm` execs or starts it (see `rvmm::run::shim`) so that the processes
-//! alive for a run's whole life map only this code (docs/benchmarks/lean.md).
+//! rvmm's long-lived small process (the `rvmm-shim` crate): what keeps a container run once its
+//! workload runs, and a detached VM run's supervisor. A binary of the rvmm package so that every
+//! build of rvmm builds it beside rvmm; it links nothing of rvmm's library.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    rvmm::init_logging();
-    ExitCode::from(rvmm::run::shim::shim_exe_main())
+    ExitCode::from(rvmm_shim::main())
 }

@@ -347,20 +347,50 @@ pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
     Ok(status)
 }
 
-/// `rvmm __supervise ROOT ID -- ARGS` (started by `run -d`, not by users).
+/// `rvmm __supervise DIR -- ARGS` (started by `run -d` when `rvmm-shim` is missing, not by
+/// users).
 #[derive(clap::Args, Debug)]
 pub struct SuperviseArgs {
-    pub root: std::path::PathBuf,
-    pub id: String,
+    /// The run's directory (ROOT/runs/ID).
+    pub dir: std::path::PathBuf,
     #[arg(last = true)]
     pub args: Vec<std::ffi::OsString>,
 }
 
 pub fn supervise(a: SuperviseArgs) -> anyhow::Result<u8> {
     let rvmm = std::env::current_exe().context("locating rvmm")?;
-    Ok(rvmm::run::supervise::supervise(
-        &rvmm, &a.root, &a.id, &a.args,
-    )?)
+    rvmm_shim::supervise::supervise(&rvmm, &a.dir, &a.args).context("supervising the run")
+}
+
+/// `rvmm __finish DIR STATUS [--rm] [--memory N] [--log]` (exec'd by `rvmm-shim wait` once the
+/// workload ended, in the process that kept the run; not for users).
+#[derive(clap::Args, Debug)]
+pub struct FinishArgs {
+    /// The run's directory (ROOT/runs/ID).
+    pub dir: std::path::PathBuf,
+    /// How the workload ended: exit:N or signal:N.
+    pub status: String,
+    /// Remove the run (`--rm`).
+    #[arg(long)]
+    pub rm: bool,
+    /// The run's --memory, in bytes (for the out-of-memory line).
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// The run is detached: rvmm's last line goes to its log.
+    #[arg(long)]
+    pub log: bool,
+}
+
+pub fn finish(a: FinishArgs) -> anyhow::Result<u8> {
+    let Some(status) = rvmm_shim::keep::parse_status(&a.status) else {
+        bail!(
+            "invalid workload status {:?} (exit:N or signal:N)",
+            a.status
+        );
+    };
+    Ok(rvmm::container::finish_kept(
+        &a.dir, status, a.rm, a.memory, a.log,
+    ))
 }
 
 /// `rm -f`: stops a running run first (SIGKILL, as Docker does).

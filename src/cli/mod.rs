@@ -80,9 +80,12 @@ pub enum Command {
     Inspect(lifecycle::InspectArgs),
     /// Run a command in a running workload (container isolation).
     Exec(lifecycle::ExecArgs),
-    /// The supervisor of a detached run (started by `run -d`).
+    /// The supervisor of a detached run (started by `run -d` when rvmm-shim is missing).
     #[command(name = "__supervise", hide = true)]
     Supervise(lifecycle::SuperviseArgs),
+    /// The end of a container run kept by rvmm-shim (exec'd by the shim).
+    #[command(name = "__finish", hide = true)]
+    Finish(lifecycle::FinishArgs),
     /// The jailed VMM process of a VM run (started by rvmm itself).
     #[command(name = "__vmm", hide = true)]
     Vmm,
@@ -127,6 +130,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Inspect(a) => lifecycle::inspect(a, &global),
         Command::Exec(a) => lifecycle::exec(a, &global),
         Command::Supervise(a) => lifecycle::supervise(a),
+        Command::Finish(a) => lifecycle::finish(a),
         Command::Vmm => Ok(rvmm::vm::jail::vmm_main()),
         Command::Gc(a) => gc::exec(a, &global),
         Command::Vm(a) => vm::exec(a, &global),

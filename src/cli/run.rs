@@ -378,7 +378,11 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     }
     if args.detach && !supervised {
         // The image is here and the flags are good: the rest runs under a supervisor.
-        return Ok(supervise::detach(&global.root, &id)?);
+        return Ok(supervise::detach(
+            &global.root,
+            &id,
+            args.isolation == Isolation::Container && !args.tty,
+        )?);
     }
     let opts = RunOptions {
         root: global.root.clone(),
@@ -391,6 +395,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         image: resolved.reference.clone(),
         cold: args.cold,
         detached: supervised,
+        logs_itself: supervised && std::env::var_os(supervise::LOGS_ITSELF_ENV).is_some(),
         privileges,
     };
     // A run owns host resources (taps, mounts, cgroups): a closed stdout must not kill rvmm before it

@@ -33,6 +33,9 @@ pub struct Plan {
     pub cgroup_mounts: Vec<crate::cgroups::ContainerMount>,
     pub sync_fd: RawFd,
     pub err_fd: RawFd,
+    /// The workload's stdout and stderr when they go to the run's log (a detached run without a
+    /// supervisor), else it keeps rvmm's.
+    pub output: Option<(RawFd, RawFd)>,
 }
 
 const OLD_ROOT_REL: &str = ".rvmm-old";
@@ -248,8 +251,14 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
             if slave > 2 {
                 libc::close(slave);
             }
-        } else if !p.spec.stdin {
-            null_stdin();
+        } else {
+            if !p.spec.stdin {
+                null_stdin();
+            }
+            if let Some((out, err)) = p.output {
+                libc::dup2(out, 1);
+                libc::dup2(err, 2);
+            }
         }
     }
 

@@ -14,7 +14,8 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
+
+use rvmm_shim::signals;
 
 use crate::error::{IoContext, IoError};
 
@@ -63,30 +64,6 @@ use crate::run::stdio::{pipe, winsize, RawMode};
 use crate::run::{Isolation, Prepared, RunOptions};
 use crate::runspec::RunSpec;
 
-static CHILD: AtomicI32 = AtomicI32::new(0);
-static STOPS: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::SeqCst);
-    if pid > 0 {
-        if sig == libc::SIGINT || sig == libc::SIGTERM {
-            // A second Ctrl-C / TERM kills: PID 1 ignores signals it has no handler for.
-            if STOPS.fetch_add(1, Ordering::SeqCst) >= 1 {
-                // SAFETY: kill is async-signal-safe.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                return;
-            }
-        }
-        // SAFETY: kill is async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-fn install_forwarding() {
-    crate::run::install_handler(forward, crate::run::RELAYED_SIGNALS);
-    crate::run::install_handler(forward, &[libc::SIGWINCH]);
-}
-
 /// Runs the spec in a container; returns the workload's exit status (Docker's numbering).
 pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u8> {
     if !nix::unistd::geteuid().is_root() {
@@ -126,9 +103,15 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         None
     };
 
+    // A detached run with no supervisor reading its output: the workload writes into pipes
+    // whose other ends go to the run's log (`run::logs::relay`).
+    let log_pipes = match (&pty, opts.logs_itself) {
+        (None, true) => Some((pipe()?, pipe()?)),
+        _ => None,
+    };
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let plan = make_plan(
+    let mut plan = make_plan(
         &run.spec,
         image,
         &dir,
@@ -137,6 +120,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         sync_r.as_raw_fd(),
         err_w.as_raw_fd(),
     )?;
+    plan.output = log_pipes
+        .as_ref()
+        .map(|((_, o), (_, e))| (o.as_raw_fd(), e.as_raw_fd()));
 
     let flags = nix::sched::CloneFlags::CLONE_NEWNS
         | nix::sched::CloneFlags::CLONE_NEWPID
@@ -159,6 +145,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     let pid = pid.as_raw();
     drop(sync_r);
     drop(err_w);
+    let log_pipes = log_pipes.map(|((out, _), (err, _))| (out, err));
     let pty_master = pty.map(|p| {
         drop(p.slave);
         p.master
@@ -167,8 +154,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     let _ = run.cleanup.state.save();
     // Signals go to the child from now on: one that arrives while the workload starts (its
     // output may already be out) must not kill rvmm before it cleans up.
-    CHILD.store(pid, Ordering::SeqCst);
-    install_forwarding();
+    signals::forward_to(pid, 0);
 
     let started = (|| -> Result<()> {
         cg.add(pid)?;
@@ -183,7 +169,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         Ok(())
     })();
     if let Err(e) = started {
-        CHILD.store(0, Ordering::SeqCst);
+        signals::stop_forwarding();
         // SAFETY: kill/waitpid on our own child.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -195,7 +181,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
     if !msg.is_empty() {
         let _ = wait(pid);
-        CHILD.store(0, Ordering::SeqCst);
+        signals::stop_forwarding();
         let (code, text) = msg.split_once('\t').unwrap_or(("125", msg.as_str()));
         let code: u8 = code.parse().unwrap_or(125);
         return not_started(run, code, text, opts.remove);
@@ -209,14 +195,18 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         if let Some(shim) = crate::run::shim::binary_path() {
             let (tcp, udp) = publisher.as_ref().map(|p| p.raw_fds()).unwrap_or_default();
             let handover = crate::run::shim::Handover {
+                rvmm: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
                 dir: dir.clone(),
                 pid,
-                stops: STOPS.load(Ordering::SeqCst),
+                stops: signals::stops(),
                 remove: opts.remove,
                 memory: run.spec.limits.memory_bytes,
                 target: run.address(),
                 tcp,
                 udp,
+                log: log_pipes
+                    .as_ref()
+                    .map(|(o, e)| (o.as_raw_fd(), e.as_raw_fd())),
             };
             let e = crate::run::shim::exec_wait(&shim, &handover, &[run.layers_fd()]);
             log::warn!(
@@ -229,79 +219,80 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         p.start(addr);
     }
     let relay = pty_master.map(|m| tty_relay(m, run.spec.stdin));
+    let log = log_pipes.map(|(out, err)| crate::run::logs::relay(dir.clone(), out, err));
 
     let status = wait(pid);
-    CHILD.store(0, Ordering::SeqCst);
+    signals::stop_forwarding();
     if let Some((out, _raw)) = relay {
         let _ = out.join();
     }
-    let code = exit_code(status, Some(&cg), run.spec.limits.memory_bytes);
+    if let Some(log) = log {
+        log.finish();
+    }
+    let (code, line) = exit_code(status, Some(&cg), run.spec.limits.memory_bytes);
+    say(&dir, opts.logs_itself, line);
     Ok(run.finish(code, opts.remove))
 }
 
-/// The waiting half of a container run, in `rvmm-shim` (see `run::shim`): relays signals and
-/// published ports, waits for the workload, and ends the run from its state file. Returns the
-/// process status.
-pub fn keep(h: &crate::run::shim::Handover) -> u8 {
-    CHILD.store(h.pid, Ordering::SeqCst);
-    STOPS.store(h.stops, Ordering::SeqCst);
-    install_forwarding();
-    // SAFETY: unblocking the signals rvmm blocked before the exec; our handlers are in place.
-    unsafe {
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-    }
-    if let Some(target) = h.target {
-        // SAFETY: rvmm made these listening sockets inheritable for this process alone.
-        unsafe { crate::net::Publisher::from_raw_fds(&h.tcp, &h.udp) }.start(target);
-    }
-    let status = match wait_child(h.pid) {
-        Some(s) => s,
-        None => {
-            eprintln!(
-                "{}: process {} is not this process's child",
-                crate::run::shim::SHIM_BINARY,
-                h.pid
-            );
-            return 2;
-        }
-    };
-    CHILD.store(0, Ordering::SeqCst);
-    let mut state = match std::fs::read(h.dir.join("state.json"))
+/// `rvmm __finish`: the epilogue of a run kept by `rvmm-shim` once its workload ended with
+/// `status`: the out-of-memory line if that is how it ended (to the log of a detached run,
+/// else to stderr), then the state, host resources and `--rm`, as an attached run ends.
+/// Returns the run's status.
+pub fn finish_kept(
+    dir: &Path,
+    status: signals::Status,
+    remove: bool,
+    memory: Option<u64>,
+    log: bool,
+) -> u8 {
+    let state = std::fs::read(dir.join("state.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice::<crate::run::RunState>(&b).ok())
-    {
-        Some(s) => s,
-        None => {
-            // Nothing to finish from: `rvmm gc` frees what the run held, as after a kill.
-            eprintln!(
-                "rvmm: the run's state ({}) is unreadable; `rvmm gc` will clean up after it",
-                h.dir.join("state.json").display()
-            );
-            return exit_code(status, None, h.memory).clamp(0, 255) as u8;
-        }
+        .and_then(|b| serde_json::from_slice::<crate::run::RunState>(&b).ok());
+    let Some(mut state) = state else {
+        // Nothing to finish from: `rvmm gc` frees what the run held, as after a kill.
+        let line = format!(
+            "rvmm: the run's state ({}) is unreadable; `rvmm gc` will clean up after it\n",
+            dir.join("state.json").display()
+        );
+        say(dir, log, Some(line));
+        return status.code().clamp(0, 255) as u8;
     };
-    let code = exit_code(status, state.cgroup.as_ref(), h.memory);
-    state.finish(code, h.remove);
+    let (code, line) = exit_code(status, state.cgroup.as_ref(), memory);
+    say(dir, log, line);
+    state.finish(code, remove);
     code.clamp(0, 255) as u8
 }
 
-/// The run's status (Docker numbering) from the workload's, and the line that says the kernel's
-/// OOM killer ended it.
-fn exit_code(status: Status, cg: Option<&cgroups::Cgroup>, memory: Option<u64>) -> i32 {
-    if matches!(status, Status::Signaled(libc::SIGKILL)) && cg.is_some_and(|c| c.oom_killed()) {
-        eprintln!(
-            "rvmm: the container was killed by the kernel's OOM killer: it ran out of memory (--memory {})",
+/// rvmm's own last line about a run: to its log (a detached run), else to stderr.
+fn say(dir: &Path, log: bool, line: Option<String>) {
+    let Some(line) = line else { return };
+    if log {
+        if let Ok(mut w) = crate::run::logs::Writer::open(dir) {
+            let _ = w.write("stderr", line.as_bytes());
+        }
+    } else {
+        eprint!("{line}");
+    }
+}
+
+/// The run's status (Docker numbering) from the workload's, and the line (with its newline) that
+/// says the kernel's OOM killer ended it.
+fn exit_code(
+    status: signals::Status,
+    cg: Option<&cgroups::Cgroup>,
+    memory: Option<u64>,
+) -> (i32, Option<String>) {
+    let oom =
+        status == signals::Status::Signaled(libc::SIGKILL) && cg.is_some_and(|c| c.oom_killed());
+    let line = oom.then(|| {
+        format!(
+            "rvmm: the container was killed by the kernel's OOM killer: it ran out of memory (--memory {})\n",
             memory
                 .map(crate::run::human_bytes)
                 .unwrap_or_else(|| "unlimited".into())
-        );
-    }
-    match status {
-        Status::Exited(c) => c,
-        Status::Signaled(s) => 128 + s,
-    }
+        )
+    });
+    (status.code(), line)
 }
 
 /// The workload could not be started (status 125 setup, 126 cannot execute, 127 not found): a
@@ -315,39 +306,8 @@ pub(crate) fn not_started(run: Prepared, code: u8, text: &str, remove: bool) -> 
     Ok(run.finish(i32::from(code), remove))
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Status {
-    Exited(i32),
-    Signaled(i32),
-}
-
-fn wait(pid: i32) -> Status {
-    wait_child(pid).unwrap_or(Status::Exited(125))
-}
-
-/// Waits for child `pid` to end; None if it is not a child of this process.
-fn wait_child(pid: i32) -> Option<Status> {
-    loop {
-        let mut st = 0;
-        // SAFETY: waiting for our own child with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
-        if r == pid {
-            if libc::WIFEXITED(st) {
-                return Some(Status::Exited(libc::WEXITSTATUS(st)));
-            }
-            if libc::WIFSIGNALED(st) {
-                return Some(Status::Signaled(libc::WTERMSIG(st)));
-            }
-            continue;
-        }
-        if r < 0 {
-            match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::EINTR) => {}
-                Some(libc::ECHILD) => return None,
-                _ => return Some(Status::Exited(125)),
-            }
-        }
-    }
+fn wait(pid: i32) -> signals::Status {
+    signals::wait_child(pid).unwrap_or(signals::Status::Exited(125))
 }
 
 /// Copies the pty to stdout (until the workload closes it) and, with -i, stdin to the pty.
@@ -449,5 +409,6 @@ fn make_plan(
         cgroup_mounts: layout.mounts,
         sync_fd,
         err_fd,
+        output: None,
     })
 }

@@ -5,8 +5,8 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -438,83 +438,10 @@ impl Publisher {
         )
     }
 
-    /// The publisher whose sockets [`Publisher::raw_fds`] gave, in the process that inherited
-    /// them.
-    ///
-    /// # Safety
-    /// Each fd must be an open listening socket of that kind that nothing else owns.
-    pub unsafe fn from_raw_fds(tcp: &[Forward], udp: &[Forward]) -> Publisher {
-        // SAFETY: the caller's contract: open sockets of the right kind, owned by nobody else.
-        unsafe {
-            Publisher {
-                tcp: tcp
-                    .iter()
-                    .map(|&(fd, p)| (TcpListener::from_raw_fd(fd), p))
-                    .collect(),
-                udp: udp
-                    .iter()
-                    .map(|&(fd, p)| (UdpSocket::from_raw_fd(fd), p))
-                    .collect(),
-            }
-        }
-    }
-
     /// Starts the proxy threads (they live until the process exits).
     pub fn start(self, target: Ipv4Addr) {
-        for (l, port) in self.tcp {
-            std::thread::spawn(move || {
-                for c in l.incoming() {
-                    let Ok(client) = c else { continue };
-                    std::thread::spawn(move || {
-                        let Ok(upstream) = TcpStream::connect((target, port)) else {
-                            return;
-                        };
-                        splice_streams(client, upstream);
-                    });
-                }
-            });
-        }
-        for (sock, port) in self.udp {
-            std::thread::spawn(move || {
-                let Ok(up) = UdpSocket::bind("0.0.0.0:0") else {
-                    return;
-                };
-                let Ok(up2) = up.try_clone() else { return };
-                let Ok(sock2) = sock.try_clone() else { return };
-                let last = std::sync::Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
-                let last2 = last.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 65536];
-                    while let Ok(n) = up2.recv(&mut buf) {
-                        if let Some(a) = *last2.lock().unwrap_or_else(|e| e.into_inner()) {
-                            let _ = sock2.send_to(&buf[..n], a);
-                        }
-                    }
-                });
-                let _ = up.connect((target, port));
-                let mut buf = [0u8; 65536];
-                while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-                    let _ = up.send(&buf[..n]);
-                }
-            });
-        }
+        rvmm_shim::forward::start(self.tcp, self.udp, target);
     }
-}
-
-fn splice_streams(a: TcpStream, b: TcpStream) {
-    let (Ok(mut a2), Ok(mut b2)) = (a.try_clone(), b.try_clone()) else {
-        return;
-    };
-    let t = std::thread::spawn(move || {
-        let mut a = a;
-        let mut b = b;
-        let _ = io::copy(&mut a, &mut b);
-        let _ = b.shutdown(std::net::Shutdown::Write);
-    });
-    let _ = io::copy(&mut b2, &mut a2);
-    let _ = a2.shutdown(std::net::Shutdown::Write);
-    let _ = t.join();
 }
 
 /// Creates a persistent TAP for a VM run, attached to the bridge and up.

@@ -3,16 +3,13 @@
 //! ROOT/runs/ID/log.json. When the file passes [`MAX_LOG_BYTES`] it is rotated once to
 //! log.json.1, so a chatty workload keeps at most twice that on disk.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// Size at which the log rotates.
-pub const MAX_LOG_BYTES: u64 = 16 << 20;
-pub const LOG_FILE: &str = "log.json";
+pub use rvmm_shim::log::{relay, rfc3339, Relay, Writer, LOG_FILE, MAX_LOG_BYTES};
 
 /// One record.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -26,56 +23,6 @@ impl Record {
     /// The record's time as nanoseconds since the epoch (0 when unreadable).
     pub fn nanos(&self) -> u128 {
         parse_rfc3339(&self.time).unwrap_or(0)
-    }
-}
-
-/// Appends records to a run's log, rotating it when it grows past the limit.
-pub struct Writer {
-    path: PathBuf,
-    file: File,
-    size: u64,
-    limit: u64,
-}
-
-impl Writer {
-    pub fn open(dir: &Path) -> std::io::Result<Writer> {
-        Writer::with_limit(dir, MAX_LOG_BYTES)
-    }
-
-    pub fn with_limit(dir: &Path, limit: u64) -> std::io::Result<Writer> {
-        let path = dir.join(LOG_FILE);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let size = file.metadata()?.len();
-        Ok(Writer {
-            path,
-            file,
-            size,
-            limit,
-        })
-    }
-
-    /// Writes `bytes` from `stream` ("stdout" or "stderr") as one record (invalid UTF-8 is
-    /// replaced, as Docker does).
-    pub fn write(&mut self, stream: &str, bytes: &[u8]) -> std::io::Result<()> {
-        let rec = Record {
-            log: String::from_utf8_lossy(bytes).into_owned(),
-            stream: stream.to_string(),
-            time: rfc3339(SystemTime::now()),
-        };
-        let mut line = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        if self.size > 0 && self.size + line.len() as u64 > self.limit {
-            let old = self.path.with_extension("json.1");
-            std::fs::rename(&self.path, &old)?;
-            self.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)?;
-            self.size = 0;
-        }
-        self.file.write_all(&line)?;
-        self.size += line.len() as u64;
-        Ok(())
     }
 }
 
@@ -108,21 +55,6 @@ pub fn read_from(r: &mut impl BufRead) -> Vec<Record> {
         }
     }
     out
-}
-
-/// `t` as RFC 3339 in UTC with nanoseconds, as Docker writes log times.
-pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, dd) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_nanos()
-    )
 }
 
 /// Nanoseconds since the epoch of an RFC 3339 time (`Z` or `±hh:mm`, any fraction).
@@ -165,20 +97,6 @@ pub fn parse_rfc3339(s: &str) -> Option<u128> {
     Some(secs * 1_000_000_000 + nanos)
 }
 
-/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// Days since 1970-01-01 of a civil date.
 fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -194,7 +112,8 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::io::Write;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn times_round_trip() {
@@ -251,5 +170,26 @@ mod tests {
             .write_all(b"{\"log\":\"torn")
             .unwrap();
         assert_eq!(read(d.path()).len(), recs.len());
+    }
+
+    /// The shim writes records by hand: whatever a workload prints reads back as it was (invalid
+    /// UTF-8 replaced).
+    #[test]
+    fn any_output_reads_back_from_the_log() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(d.path()).unwrap();
+        let mut all: Vec<u8> = (0u8..=255).collect();
+        all.extend_from_slice("quote \" back\\slash \u{7f} é 日本 🚀\n".as_bytes());
+        let chunks: Vec<&[u8]> = vec![b"", b"plain\n", b"\x00\x01\x1f\t\r\n", b"\xff\xfe", &all];
+        for c in &chunks {
+            w.write("stdout", c).unwrap();
+        }
+        let recs = read(d.path());
+        assert_eq!(recs.len(), chunks.len());
+        for (r, c) in recs.iter().zip(&chunks) {
+            assert_eq!(r.log, String::from_utf8_lossy(c), "{c:?}");
+            assert_eq!(r.stream, "stdout");
+            assert!(r.nanos() > 0, "{}", r.time);
+        }
     }
 }

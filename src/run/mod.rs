@@ -64,6 +64,9 @@ pub struct RunOptions {
     pub cold: bool,
     /// Run under a supervisor (`run -d`): the output goes to the run's log.
     pub detached: bool,
+    /// A detached container run with no supervisor process reading its output: it writes the
+    /// workload's output to the run's log itself (see `supervise::detach`).
+    pub logs_itself: bool,
     /// What the flags ask of the workload's privileges; [`prepare`] turns it into the spec's
     /// `security` once the isolation is known.
     pub privileges: crate::security::Request,
@@ -270,28 +273,7 @@ fn resolv_conf(host: &str, dns: &[String], search: &[String]) -> String {
 }
 
 /// Signals rvmm relays to the workload (both isolations).
-pub const RELAYED_SIGNALS: &[libc::c_int] = &[
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
-
-/// Installs `handler` for `sigs`. The handler must only use async-signal-safe calls.
-pub fn install_handler(handler: extern "C" fn(libc::c_int), sigs: &[libc::c_int]) {
-    for &sig in sigs {
-        // SAFETY: installing a handler that only calls async-signal-safe functions (the caller's
-        // contract).
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
+pub use rvmm_shim::signals::{install_handler, RELAYED as RELAYED_SIGNALS};
 
 /// Human-readable byte counts as `--memory` takes them (for messages).
 pub fn human_bytes(b: u64) -> String {

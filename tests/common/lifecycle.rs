@@ -446,20 +446,39 @@ pub fn survives_its_shell_then_gc_after_a_killed_supervisor(root: &Path, isolati
     let st = state_of(root, &id);
     let run_rvmm = st["rvmm_pid"].as_i64().expect("rvmm_pid") as i32;
     let workload = st["pid"].as_i64().expect("pid") as i32;
-    let supervisor = ppid(run_rvmm).expect("the run's rvmm has a parent");
-    let cmdline = std::fs::read(format!("/proc/{supervisor}/cmdline")).unwrap_or_default();
-    // `rvmm-shim PROTOCOL supervise ...`, or `rvmm __supervise ...` without the shim.
-    assert!(
-        cmdline
+    let args = |pid: i32| -> Vec<String> {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
             .split(|&b| b == 0)
-            .any(|a| a == b"supervise" || a == b"__supervise"),
-        "the run's process ({run_rvmm}) is not the supervisor's child: {:?}",
-        String::from_utf8_lossy(&cmdline)
-    );
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect()
+    };
+    // A container run is kept by one process, `rvmm-shim PROTOCOL wait ...`, which is its own
+    // supervisor; a VM run's rvmm has a supervisor parent, `rvmm-shim PROTOCOL supervise ...`
+    // (`rvmm __supervise ...` without the shim).
+    let kept = args(run_rvmm);
+    let supervisor = if isolation == "container" {
+        assert!(
+            kept[0].ends_with("rvmm-shim") && kept[2] == "wait",
+            "the run is not kept by rvmm-shim: {kept:?}"
+        );
+        run_rvmm
+    } else {
+        let supervisor = ppid(run_rvmm).expect("the run's rvmm has a parent");
+        let sup = args(supervisor);
+        assert!(
+            sup.iter().any(|a| a == "supervise" || a == "__supervise"),
+            "the run's process ({run_rvmm}) is not the supervisor's child: {sup:?}"
+        );
+        supervisor
+    };
     // The supervisor is in a session of its own, not the shell's.
     // SAFETY: getsid on a pid.
     assert_ne!(unsafe { libc::getsid(supervisor) }, sid);
-    let mut pids = vec![supervisor, run_rvmm];
+    let mut pids = vec![supervisor];
+    if supervisor != run_rvmm {
+        pids.push(run_rvmm);
+    }
     if isolation == "container" {
         // The workload's pid as the host sees it (a VM's workload has none: 0).
         assert!(alive(workload), "workload pid {workload}");

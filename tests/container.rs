@@ -1220,3 +1220,76 @@ fn detached_debian_exec_logs_and_rm_f() {
     }
     common::lifecycle::debian_exec_logs_and_rm_f(env.store.path(), "container");
 }
+
+/// Once its workload has run a moment, an attached container run is kept by `rvmm-shim` in the
+/// same process (not by the big rvmm binary, which is no longer mapped): signals still reach the
+/// workload, an out-of-memory kill is still named, and the run still ends clean (`--rm`).
+#[test]
+fn a_running_container_is_kept_by_rvmm_shim_alone() {
+    let Some(env) = setup() else { return };
+    let start = |extra: &[&str], script: &str| {
+        Command::new(common::rvmm_bin())
+            .arg("--root")
+            .arg(env.store.path())
+            .args(["run", "--rm", "--isolation=container", "--network=none"])
+            .args(extra)
+            .args([BB, "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("rvmm")
+    };
+    let kept_by_shim = |pid: u32| {
+        let shim = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|e| e.to_string_lossy().ends_with("/rvmm-shim"));
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        shim && !maps.lines().any(|l| l.ends_with("/rvmm"))
+    };
+    let mut child = start(
+        &[],
+        "trap 'exit 9' TERM; echo ready; while :; do sleep 0.1; done",
+    );
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut seen).expect("ready");
+    assert!(
+        common::lifecycle::wait_until(std::time::Duration::from_secs(5), || kept_by_shim(
+            child.id()
+        )),
+        "the run is not kept by rvmm-shim: {:?}",
+        std::fs::read_link(format!("/proc/{}/exe", child.id()))
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(
+        o.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The kernel's OOM killer, after the handover: rvmm __finish names it.
+    let child = start(
+        &["--memory", "16m", "--memory-swap", "16m"],
+        "sleep 0.5; x=$(head -c 64m /dev/zero | tr '\\0' a); echo survived",
+    );
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(137), "{err}");
+    assert!(err.contains("killed by the kernel's OOM killer"), "{err}");
+    let ps = rvmm(env.store.path(), &["ps", "-aq"], None);
+    assert!(ps.stdout.trim().is_empty(), "--rm left {}", ps.stdout);
+    // A shim from another build refuses in one line.
+    let o = Command::new(env!("CARGO_BIN_EXE_rvmm-shim"))
+        .args(["0123456789abcdef", "wait", "dir=/", "pid=1"])
+        .output()
+        .expect("rvmm-shim");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("rvmm-shim: this binary is from another build"),
+        "{err}"
+    );
+}

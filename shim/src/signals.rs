@@ -1,6 +1,7 @@
 //! Relaying signals to a run's workload: what an attached `rvmm run` does, and what `rvmm stop`
 //! and `rvmm kill` rely on (they signal the process that keeps the run).
 
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The signals a run passes on to its workload (Ctrl-C, `rvmm stop`, `rvmm kill -s ...`).
@@ -117,6 +118,35 @@ pub fn is_child(pid: i32) -> bool {
             &mut info,
             libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
         ) == 0
+    }
+}
+
+/// Waits at most `limit` for child `pid` to end (None: still running, or no pidfd to wait on).
+/// Signals that interrupt the wait are handled and the wait goes on.
+pub fn wait_child_for(pid: i32, limit: std::time::Duration) -> Option<Status> {
+    // SAFETY: pidfd_open(2) with a pid and no flags; the result is a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open returned a descriptor nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis() as libc::c_int) };
+        match n {
+            1 => return wait_child(pid),
+            0 => return None,
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return None,
+        }
     }
 }
 

@@ -429,6 +429,11 @@ impl Publisher {
         Ok(p)
     }
 
+    /// No port is published.
+    pub fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.udp.is_empty()
+    }
+
     /// The listening sockets, TCP and UDP, each with its container port (for `rvmm-shim`, which
     /// takes them over across an exec).
     pub fn raw_fds(&self) -> (Vec<Forward>, Vec<Forward>) {

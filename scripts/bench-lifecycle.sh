@@ -23,6 +23,11 @@ imgs=target/test-images/bench-lifecycle
 bash scripts/make-test-images.sh "$imgs" >/dev/null
 mkdir -p "$T/bin"
 for b in rvmm rvmm-shim rvmm-vmm; do cp "target/release/$b" "$T/bin/$b"; done
+init=target/x86_64-unknown-linux-gnu/release/rvmm-init
+if [ "$VM" = 1 ]; then
+  [ -f "$init" ] || { echo "bench-lifecycle: $init is not built (scripts/setup.sh builds it; VM=0 skips the VM column)" >&2; exit 1; }
+  cp "$init" "$T/bin/rvmm-init"
+fi
 rvmm() { "$T/bin/rvmm" --root "$T/root" "$@"; }
 cleanup() {
   rvmm rm -f lc-c lc-v >/dev/null 2>&1 || true

@@ -8,8 +8,6 @@
 //!   signal work as before. The shim relays signals, forwards the published ports, writes the
 //!   workload's output to the run's log (a detached run), waits for the workload, and execs
 //!   `rvmm __finish` for the run's epilogue (state, cgroup, network, `--rm`).
-//! - `rvmm-shim PROTOCOL supervise RVMM DIR -- ARGS` ([`supervise`]): the supervisor of a
-//!   detached VM run.
 //!
 //! The fingerprint of this crate's sources is the first argument: a shim from another build
 //! refuses in one line instead of misreading what it was given.
@@ -18,7 +16,6 @@ pub mod forward;
 pub mod keep;
 pub mod log;
 pub mod signals;
-pub mod supervise;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::net::Ipv4Addr;
@@ -44,15 +41,12 @@ pub const VERSION_FINGERPRINT: u64 =
     fnv1a(env!("CARGO_PKG_VERSION").as_bytes(), 0xcbf2_9ce4_8422_2325);
 
 /// A fingerprint of what rvmm and the shim hand each other: the shim's arguments (this file),
-/// `rvmm __finish`'s (keep.rs), the supervisor's pipes and the log it writes.
+/// `rvmm __finish`'s (keep.rs), and the log it writes.
 const PROTOCOL: u64 = fnv1a(
     include_bytes!("lib.rs"),
     fnv1a(
         include_bytes!("keep.rs"),
-        fnv1a(
-            include_bytes!("supervise.rs"),
-            fnv1a(include_bytes!("log.rs"), VERSION_FINGERPRINT),
-        ),
+        fnv1a(include_bytes!("log.rs"), VERSION_FINGERPRINT),
     ),
 );
 
@@ -235,7 +229,7 @@ fn set_cloexec(fds: &[RawFd], on: bool) {
     }
 }
 
-/// The main of the `rvmm-shim` binary.
+/// The main of the `rvmm-shim` binary: `rvmm-shim PROTOCOL wait KEY=VALUE...`.
 pub fn main() -> u8 {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let theirs = args.first().and_then(|a| a.to_str());
@@ -250,18 +244,6 @@ pub fn main() -> u8 {
         Some("wait") => match Handover::from_args(&args[2..]) {
             Ok(h) => keep::keep(&h),
             Err(why) => usage(&why),
-        },
-        Some("supervise") => match &args[2..] {
-            [rvmm, dir, dashes, run_args @ ..] if dashes == "--" => {
-                match supervise::supervise(Path::new(rvmm), Path::new(dir), run_args) {
-                    Ok(code) => code,
-                    Err(e) => {
-                        eprintln!("{BINARY}: supervising the run: {e}");
-                        125
-                    }
-                }
-            }
-            _ => usage("supervise needs RVMM DIR -- ARGS"),
         },
         _ => usage("unknown mode"),
     }

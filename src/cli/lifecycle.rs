@@ -347,8 +347,7 @@ pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
     Ok(status)
 }
 
-/// `rvmm __supervise DIR -- ARGS` (started by `run -d` when `rvmm-shim` is missing, not by
-/// users).
+/// `rvmm __supervise DIR -- ARGS` (started by `run -d`, not by users).
 #[derive(clap::Args, Debug)]
 pub struct SuperviseArgs {
     /// The run's directory (ROOT/runs/ID).
@@ -359,7 +358,7 @@ pub struct SuperviseArgs {
 
 pub fn supervise(a: SuperviseArgs) -> anyhow::Result<u8> {
     let rvmm = std::env::current_exe().context("locating rvmm")?;
-    rvmm_shim::supervise::supervise(&rvmm, &a.dir, &a.args).context("supervising the run")
+    Ok(rvmm::run::supervise::supervise(&rvmm, &a.dir, &a.args)?)
 }
 
 /// `rvmm __finish DIR STATUS [--rm] [--memory N] [--log]` (exec'd by `rvmm-shim wait` once the

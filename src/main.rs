@@ -12,12 +12,15 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     rvmm::init_logging();
     let cli = cli::Cli::parse();
-    match cli::dispatch(cli) {
-        Ok(code) => ExitCode::from(code),
+    let code = match cli::dispatch(cli) {
+        Ok(code) => code,
         Err(e) => {
             // One clear line: the error and its causes, each once.
             eprintln!("rvmm: {e:#}");
-            ExitCode::from(cli::EXIT_RVMM_FAILED)
+            cli::EXIT_RVMM_FAILED
         }
-    }
+    };
+    // A detached run that wrote its own log: all of it (this line included) is in the log now.
+    rvmm::run::supervise::close_own_log();
+    ExitCode::from(code)
 }

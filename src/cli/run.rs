@@ -378,11 +378,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
     }
     if args.detach && !supervised {
         // The image is here and the flags are good: the rest runs under a supervisor.
-        return Ok(supervise::detach(
-            &global.root,
-            &id,
-            args.isolation == Isolation::Container && !args.tty,
-        )?);
+        return Ok(supervise::detach(&global.root, &id, !args.tty)?);
     }
     let opts = RunOptions {
         root: global.root.clone(),

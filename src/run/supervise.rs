@@ -1,9 +1,9 @@
-//! Detached runs (`rvmm run -d`). A container run needs no supervisor process: started here in a
-//! session of its own, it becomes `rvmm-shim wait` once its workload runs and writes the
-//! workload's output to the run's log itself (one small process per detached container, the
-//! role conmon plays for podman). A VM run (or any run without `rvmm-shim`) gets a supervisor,
-//! `rvmm __supervise`, which starts `rvmm run` again, attached, logs its output and reports its
-//! start. The run itself (state, cleanup, signals, exit status) is the same code as an attached
+//! Detached runs (`rvmm run -d`). A run without a terminal needs no supervisor process: started
+//! here in a session of its own, it writes the workload's output to the run's log itself
+//! ([`OwnLog`]; a container run becomes `rvmm-shim wait` once its workload runs: one small
+//! process per detached container, the role conmon plays for podman). A terminal run (`-dt`)
+//! gets a supervisor, `rvmm __supervise`, which starts `rvmm run` again, attached, logs its
+//! output and reports its start. The run itself (state, cleanup, signals, exit status) is the same code as an attached
 //! run's, in either isolation; `rvmm stop`, `kill` and `wait` talk to it through its state file
 //! and signals.
 
@@ -27,7 +27,7 @@ pub const RUN_ID_ENV: &str = "RVMM_RUN_ID";
 /// Set for the attached `rvmm run` a supervisor starts: it is the supervised run (so `-d` means
 /// nothing more to it).
 pub const SUPERVISED_ENV: &str = "RVMM_SUPERVISED";
-/// Set for a detached container run that has no supervisor process: it writes its log itself.
+/// Set for a detached run that has no supervisor process: it writes its log itself.
 pub const LOGS_ITSELF_ENV: &str = "RVMM_LOGS_ITSELF";
 /// Names the fd on which the supervised run reports that its workload started.
 pub const START_FD_ENV: &str = "RVMM_START_FD";
@@ -44,14 +44,14 @@ const MAX_REPORT: usize = 64 << 10;
 /// until the workload has started (prints the ID, status 0) or the run failed (its stderr and
 /// status, as an attached run would have given them).
 ///
-/// A container run (`one_process`, no terminal) needs no supervisor process when `rvmm-shim` is
-/// there: the run itself, in a session of its own, becomes the shim once its workload runs and
-/// writes the workload's output to the log (one small process per detached container, as conmon
-/// is for podman).
-pub fn detach(root: &Path, id: &str, one_process: bool) -> super::Result<u8> {
+/// A run without a terminal (`alone`) needs no supervisor process: the run itself, in a session
+/// of its own, writes the workload's output to its log (a container run as `rvmm-shim` once its
+/// workload runs: one small process per detached container, as conmon is for podman). A terminal
+/// run gets a supervisor that reads the terminal.
+pub fn detach(root: &Path, id: &str, alone: bool) -> super::Result<u8> {
     let exe = std::env::current_exe().at(|| "locating rvmm")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    if one_process && super::shim::binary_path().is_some() {
+    if alone {
         return detach_alone(&exe, id, &args);
     }
     let (r, w) = super::stdio::pipe()?;
@@ -99,9 +99,9 @@ pub fn detach(root: &Path, id: &str, one_process: bool) -> super::Result<u8> {
     }
 }
 
-/// `rvmm run -d` of a container: the run, started here in a session of its own, reports its
-/// workload's start on fd 3 (then becomes `rvmm-shim`, which keeps it and its log) or fails with
-/// its status and stderr, which are passed on as an attached run would give them.
+/// `rvmm run -d` without a terminal: the run, started here in a session of its own, reports its
+/// workload's start on fd 3 (and goes on alone, writing its log) or fails with its status and
+/// stderr, which are passed on as an attached run would give them.
 fn detach_alone(exe: &Path, id: &str, args: &[OsString]) -> super::Result<u8> {
     let (r, w) = super::stdio::pipe()?;
     let wfd = w.as_raw_fd();
@@ -331,6 +331,64 @@ pub fn report_started() {
         let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         let _ = f.write_all(b"S");
     });
+}
+
+/// The log of a detached run that has no supervisor process (`run -d` without a terminal): pipes
+/// whose read ends a thread of this process copies into the run's log. The workload's output is
+/// written to the write ends from the start; once the workload runs, this process's own stdout
+/// and stderr go there too ([`OwnLog::take_over_stdio`]), so rvmm's last line about the run is
+/// in the log, as a supervisor would have put it there.
+pub struct OwnLog {
+    out: OwnedFd,
+    err: OwnedFd,
+}
+
+/// The relay of this process's [`OwnLog`], joined by [`close_own_log`].
+static OWN_LOG: std::sync::Mutex<Option<rvmm_shim::log::Relay>> = std::sync::Mutex::new(None);
+
+impl OwnLog {
+    pub fn open(dir: &Path) -> super::Result<OwnLog> {
+        let (out_r, out) = super::stdio::pipe()?;
+        let (err_r, err) = super::stdio::pipe()?;
+        let relay = logs::relay(dir.to_path_buf(), out_r, err_r);
+        *OWN_LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay);
+        Ok(OwnLog { out, err })
+    }
+
+    /// The write ends: (stdout, stderr).
+    pub fn fds(&self) -> (std::os::fd::RawFd, std::os::fd::RawFd) {
+        (self.out.as_raw_fd(), self.err.as_raw_fd())
+    }
+
+    /// From now on this process's stdout and stderr go to the log (the `rvmm run -d` that
+    /// started it has returned).
+    pub fn take_over_stdio(&self) {
+        // SAFETY: dup2 of descriptors we own onto this process's stdout and stderr.
+        unsafe {
+            libc::dup2(self.out.as_raw_fd(), 1);
+            libc::dup2(self.err.as_raw_fd(), 2);
+        }
+    }
+}
+
+/// At the end of a process that wrote its own log: closes its stdout and stderr (the last write
+/// ends) and waits until everything is in the log. Nothing to do in other processes.
+pub fn close_own_log() {
+    let relay = OWN_LOG.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(relay) = relay {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: moving /dev/null onto this process's stdout and stderr.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            if null >= 0 {
+                libc::dup2(null, 1);
+                libc::dup2(null, 2);
+                libc::close(null);
+            }
+        }
+        relay.finish();
+    }
 }
 
 /// The run's directory as the supervisor sees it (for tests and tools).

@@ -466,6 +466,11 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
             identity: &identity,
             run_id: &opts.id,
         });
+    // A detached run without a supervisor writes the workload's output to its log itself.
+    let own_log = opts
+        .logs_itself
+        .then(|| crate::run::supervise::OwnLog::open(&dir))
+        .transpose()?;
     let session = session::Session {
         spec: &spec,
         dir: dir.clone(),
@@ -475,10 +480,15 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         warm,
         snapshot,
         t0,
+        output: own_log.as_ref().map(|l| l.fds()),
     };
     let out = session.run(started.vmm, started.ends, publisher, address, || {
-        run.started()
+        run.started();
+        if let Some(l) = &own_log {
+            l.take_over_stdio();
+        }
     })?;
+    drop(own_log);
     drop(staging);
 
     let total = t0.elapsed();

@@ -58,8 +58,8 @@ pub(super) fn frame_reader(from_guest: OwnedFd) -> Receiver<Result<(u8, Vec<u8>)
     rx
 }
 
-/// Copies a port's pipe to `to` (our stdout or stderr) on a thread of its own, until the pipe
-/// ends, or is empty once `done` is set.
+/// Copies a port's pipe to `to` (our stdout or stderr, or the run's log) on a thread of its own,
+/// until the pipe ends, or is empty once `done` is set.
 fn relay_output(
     from: OwnedFd,
     to: std::os::fd::RawFd,
@@ -74,8 +74,8 @@ fn relay_output(
     let t = std::thread::Builder::new()
         .name("rvmm-output".into())
         .spawn(move || {
-            // SAFETY: `to` is our stdout or stderr, open for the whole process; ManuallyDrop
-            // never closes it.
+            // SAFETY: `to` is our stdout or stderr, or the log's pipe, open until this thread is
+            // joined; ManuallyDrop never closes it.
             let mut out = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(to) });
             let mut from = std::fs::File::from(from);
             let mut buf = vec![0u8; 256 * 1024];
@@ -190,6 +190,9 @@ pub(super) struct Session<'a> {
     pub(super) warm: bool,
     pub(super) snapshot: Option<SnapshotAtReady<'a>>,
     pub(super) t0: Instant,
+    /// Where the workload's stdout and stderr go: the run's log (a detached run,
+    /// `run::supervise::OwnLog`), else this process's stdout and stderr.
+    pub(super) output: Option<(std::os::fd::RawFd, std::os::fd::RawFd)>,
 }
 
 /// How the loop ended.
@@ -253,11 +256,14 @@ impl Session<'_> {
         };
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let _stdin_unused = feed_stdin(self.spec.stdin, stdin, started_rx);
-        // The stdout and stderr ports → our stdout and stderr.
+        // The stdout and stderr ports → our stdout and stderr (or the run's log).
+        let (to_out, to_err) = self
+            .output
+            .unwrap_or((libc::STDOUT_FILENO, libc::STDERR_FILENO));
         let output_done = Arc::new(AtomicBool::new(false));
         let relays = [
-            relay_output(stdout, libc::STDOUT_FILENO, output_done.clone())?,
-            relay_output(stderr, libc::STDERR_FILENO, output_done.clone())?,
+            relay_output(stdout, to_out, output_done.clone())?,
+            relay_output(stderr, to_err, output_done.clone())?,
         ];
         // guest → host, on its own thread so this one can watch signals.
         let rx = frame_reader(from_guest);

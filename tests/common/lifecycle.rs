@@ -453,32 +453,28 @@ pub fn survives_its_shell_then_gc_after_a_killed_supervisor(root: &Path, isolati
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect()
     };
-    // A container run is kept by one process, `rvmm-shim PROTOCOL wait ...`, which is its own
-    // supervisor; a VM run's rvmm has a supervisor parent, `rvmm-shim PROTOCOL supervise ...`
-    // (`rvmm __supervise ...` without the shim).
+    // A detached run is its own supervisor: one process keeps it and writes its log, in a session
+    // of its own (a container's is `rvmm-shim PROTOCOL wait ...` once its workload runs, a VM's
+    // stays `rvmm run ...`), with no supervisor process above it.
     let kept = args(run_rvmm);
-    let supervisor = if isolation == "container" {
+    if isolation == "container" {
         assert!(
             kept[0].ends_with("rvmm-shim") && kept[2] == "wait",
             "the run is not kept by rvmm-shim: {kept:?}"
         );
-        run_rvmm
     } else {
-        let supervisor = ppid(run_rvmm).expect("the run's rvmm has a parent");
-        let sup = args(supervisor);
-        assert!(
-            sup.iter().any(|a| a == "supervise" || a == "__supervise"),
-            "the run's process ({run_rvmm}) is not the supervisor's child: {sup:?}"
-        );
-        supervisor
-    };
+        assert!(kept.iter().any(|a| a == "run"), "{kept:?}");
+    }
+    let parent = args(ppid(run_rvmm).expect("the run's process has a parent"));
+    assert!(
+        !parent.iter().any(|a| a == "__supervise"),
+        "a supervisor process keeps the run: {parent:?}"
+    );
+    let supervisor = run_rvmm;
     // The supervisor is in a session of its own, not the shell's.
     // SAFETY: getsid on a pid.
     assert_ne!(unsafe { libc::getsid(supervisor) }, sid);
     let mut pids = vec![supervisor];
-    if supervisor != run_rvmm {
-        pids.push(run_rvmm);
-    }
     if isolation == "container" {
         // The workload's pid as the host sees it (a VM's workload has none: 0).
         assert!(alive(workload), "workload pid {workload}");

@@ -89,7 +89,15 @@ if [ "$VM" = 1 ]; then
   for _ in 1 2; do rvmm exec lc-v true; done
   v_exec=$(for _ in $(seq "$N_VM"); do ms rvmm exec lc-v true; done | median)
   vm_exec="$v_exec ms"
-  vm_mem="$(kib_mib "$v_over") MiB beyond guest RAM (supervisor $(kib_mib "$(pss $sup)") + run $(kib_mib "$(pss "$keeper")") + VMM $(kib_mib "$(($(pss "$vmm") - ${guest:-0}))"))"
+  v_keep=$(pss "$keeper")
+  v_vmm=$((v_over - v_keep))
+  if [ -n "$sup" ]; then
+    v_keep_what="supervisor $(kib_mib "$(pss $sup)") + run $(kib_mib "$v_keep")"
+    v_vmm=$((v_vmm - $(pss $sup)))
+  else
+    v_keep_what="$(name_of "$keeper") run $(kib_mib "$v_keep"), one process"
+  fi
+  vm_mem="$(kib_mib "$v_over") MiB beyond guest RAM ($v_keep_what + VMM $(kib_mib "$v_vmm"))"
   rvmm rm -f lc-v >/dev/null
 fi
 

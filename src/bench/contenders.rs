@@ -181,7 +181,8 @@ impl Env {
                 Err(e) => rec.failure(Scenario::Warm, "rvmm vm", "prewarm", e),
             }
         }
-        if opts.scenarios.contains(&Scenario::Boot) {
+        // The direct-boot VMMs run in the boot scenario, and idle in the memory one.
+        if opts.scenarios.contains(&Scenario::Boot) || opts.scenarios.contains(&Scenario::Memory) {
             rec.progress("preparing the boot disk");
             match make_boot_files(opts, env.work.path()) {
                 Ok(b) => env.boot = Some(b),
@@ -851,6 +852,11 @@ pub fn memory(opts: &Options, env: &Env, rec: &mut Recorder) {
         );
         rec.value(s, c.name(), "total PSS", "MiB", total as f64 / 1024.0);
     }
+    // The VMMs side by side, each booted directly with the same kernel and disk, guest idle.
+    for c in DIRECT_BOOT {
+        env.reap_peers();
+        vm_memory(opts, env, rec, c);
+    }
 }
 
 pub fn density(opts: &Options, env: &Env, rec: &mut Recorder) {
@@ -981,12 +987,7 @@ pub fn io_rates_mb_s(line: &str) -> Option<(f64, f64)> {
 }
 
 pub fn boot(opts: &Options, env: &mut Env, rec: &mut Recorder) {
-    let all = [
-        Contender::RvmmVmDirect,
-        Contender::QemuMicrovm,
-        Contender::Firecracker,
-        Contender::CloudHypervisor,
-    ];
+    let all = DIRECT_BOOT;
     let local = Options {
         runs: opts.vm_runs,
         warmup: 0,
@@ -1001,10 +1002,15 @@ pub fn boot(opts: &Options, env: &mut Env, rec: &mut Recorder) {
         Workload::True,
         Some(BOOT_MARKER),
     );
-    for c in all {
-        vm_memory(opts, env, rec, c);
-    }
 }
+
+/// The VMMs of the boot scenario, each booting the same kernel and disk.
+const DIRECT_BOOT: [Contender; 4] = [
+    Contender::RvmmVmDirect,
+    Contender::QemuMicrovm,
+    Contender::Firecracker,
+    Contender::CloudHypervisor,
+];
 
 /// Records the RSS and USS (private pages only) of all the instance's processes beside their PSS:
 /// PSS splits a page among the processes that map it, USS counts only what is theirs alone, RSS

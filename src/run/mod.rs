@@ -91,6 +91,12 @@ pub struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        if self.state.status == Status::Running {
+            // The run failed on a path that returned early (an error from the VMM's restore, a
+            // panic): it is recorded as a setup failure, and `--rm` removes it, as `fail` would.
+            let remove = self.state.remove;
+            self.state.finish(125, remove);
+        }
         self.state.release_host_resources();
         if let Some(l) = &self.lease {
             l.release();

@@ -33,6 +33,8 @@ pub struct Plan {
     pub cgroup_mounts: Vec<crate::cgroups::ContainerMount>,
     pub sync_fd: RawFd,
     pub err_fd: RawFd,
+    /// The run's cgroup, which the child joins itself (`Cgroup::join_self`).
+    pub cgroup: crate::cgroups::Cgroup,
     /// The workload's stdout and stderr when they go to the run's log (a detached run without a
     /// supervisor), else it keeps rvmm's.
     pub output: Option<(RawFd, RawFd)>,
@@ -111,6 +113,11 @@ fn mount_cgroups(mounts: &[crate::cgroups::ContainerMount]) -> Result<(), Failur
 fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Into the run's cgroup first, while the parent attaches the network: from inside, a v1
+    // join costs no RCU grace period (this process has one thread).
+    p.cgroup
+        .join_self()
+        .map_err(|e| Failure::setup(format!("joining the run's cgroup: {e}")))?;
     let mut b = [0u8; 1];
     // SAFETY: reading one byte into a local buffer.
     if unsafe { libc::read(p.sync_fd, b.as_mut_ptr().cast(), 1) } != 1 {
@@ -120,7 +127,7 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     }
     // SAFETY: closing our copy of the sync pipe.
     unsafe { libc::close(p.sync_fd) };
-    // Our own cgroup namespace, now that the parent has put us in the run's cgroup: the workload
+    // Our own cgroup namespace, now that we are in the run's cgroup: the workload
     // sees that cgroup as "/".
     // SAFETY: unshare with a flag constant.
     check(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }, || {

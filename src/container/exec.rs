@@ -157,9 +157,7 @@ fn in_child(
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if let Some(cg) = &run.cgroup {
-        // SAFETY: getpid has no preconditions.
-        let me = unsafe { libc::getpid() };
-        if let Err(e) = cg.add(me) {
+        if let Err(e) = cg.join_self() {
             return Failure::setup(format!("joining the run's cgroup: {e:#}"));
         }
     }

@@ -120,10 +120,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         &run.spec,
         image,
         &dir,
-        layout,
+        (layout, &cg),
         pty.as_ref().map(|p| p.slave.as_raw_fd()),
-        sync_r.as_raw_fd(),
-        err_w.as_raw_fd(),
+        (sync_r.as_raw_fd(), err_w.as_raw_fd()),
     )?;
     plan.output = log_pipes
         .as_ref()
@@ -162,15 +161,16 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     signals::forward_to(pid, 0);
 
     let started = (|| -> Result<()> {
-        cg.add(pid)?;
+        // The child joins the cgroup itself (container::child).
         if let Some(addr) = run.address() {
             let veth = crate::net::attach_container(&opts.id, pid, addr)?;
             run.cleanup.state.veth = Some(veth);
             run.cleanup.state.mac = Some(crate::net::mac_string(&crate::net::mac_for(&opts.id)));
             run.cleanup.state.save()?;
         }
-        let mut w = std::fs::File::from(sync_w);
-        w.write_all(b"g").at(|| "starting the container")?;
+        // A child that failed before it read this (joining its cgroup) has said why on the error
+        // pipe, which is read next.
+        let _ = std::fs::File::from(sync_w).write_all(b"g");
         Ok(())
     })();
     if let Err(e) = started {
@@ -363,10 +363,9 @@ fn make_plan(
     spec: &RunSpec,
     image: &ResolvedImage,
     dir: &Path,
-    layout: cgroups::Layout,
+    (layout, cgroup): (cgroups::Layout, &cgroups::Cgroup),
     tty_slave: Option<RawFd>,
-    sync_fd: RawFd,
-    err_fd: RawFd,
+    (sync_fd, err_fd): (RawFd, RawFd),
 ) -> Result<child::Plan> {
     let lower: Vec<String> = image
         .layers
@@ -423,6 +422,7 @@ fn make_plan(
         cgroup_mounts: layout.mounts,
         sync_fd,
         err_fd,
+        cgroup: cgroup.clone(),
         output: None,
     })
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    rvmm::run::timings::mark_process_start();
     // Die quietly on a closed pipe (`rvmm images | head`), as command-line tools do.
     // SAFETY: setting a signal disposition to its default before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };

@@ -74,7 +74,10 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
+    let mut times = crate::run::timings::Timings::start();
+    times.mark("resolved");
     let mut run = crate::run::prepare(spec, opts, Isolation::Container)?;
+    times.mark("prepared");
     let dir = run.dir.clone();
     for d in ["upper", "work", "rootfs"] {
         std::fs::create_dir_all(dir.join(d)).at(|| format!("creating {}", dir.display()))?;
@@ -92,6 +95,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     )?;
     run.cleanup.state.cgroup = Some(cg.clone());
     run.cleanup.state.save()?;
+    times.mark("cgroup");
 
     // The /etc files the spec describes, bound into the container from the run directory.
     for (name, body) in run.spec.etc.entries() {
@@ -147,6 +151,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     }
     .map_err(sys("clone: creating the container's namespaces"))?;
     let pid = pid.as_raw();
+    times.mark("cloned");
     drop(sync_r);
     drop(err_w);
     let log_pipes = log_pipes.map(|((out, _), (err, _))| (out, err));
@@ -192,6 +197,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         return not_started(run, code, text, opts.remove);
     }
     run.started();
+    times.mark("exec");
 
     let publisher = run.publisher.take();
     let mut ended = None;
@@ -222,6 +228,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
                     .as_ref()
                     .map(|(o, e)| (o.as_raw_fd(), e.as_raw_fd())),
             };
+            times.mark("handover");
+            times.report("container");
             let e = crate::run::shim::exec_wait(&shim, &handover, &[run.layers_fd()]);
             log::warn!(
                 "starting {}: {e}; rvmm keeps the run itself",
@@ -245,7 +253,11 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     }
     let (code, line) = exit_code(status, Some(&cg), run.spec.limits.memory_bytes);
     say(&dir, opts.logs_itself, line);
-    Ok(run.finish(code, opts.remove))
+    times.mark("exited");
+    let code = run.finish(code, opts.remove);
+    times.mark("finished");
+    times.report("container");
+    Ok(code)
 }
 
 /// `rvmm __finish`: the epilogue of a run kept by `rvmm-shim` once its workload ended with

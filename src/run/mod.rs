@@ -13,6 +13,7 @@ pub mod shim;
 pub mod state;
 pub mod stdio;
 pub mod supervise;
+pub mod timings;
 
 use std::io::Read;
 use std::path::PathBuf;

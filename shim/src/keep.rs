@@ -5,7 +5,7 @@
 
 use std::ffi::OsString;
 use std::net::{TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::signals::{self, Status};
 use crate::{forward, log, Handover};
@@ -42,7 +42,7 @@ pub fn keep(h: &Handover) -> u8 {
         Some((out, err)) => {
             // Nobody reads this process's own stdout and stderr any more (the `rvmm run -d`
             // that started it has returned): what it has to say goes to the log.
-            null_stdio();
+            crate::null_stdio();
             // SAFETY: adopting the pipes rvmm made inheritable for this process alone.
             let (out, err) = unsafe { (OwnedFd::from_raw_fd(out), OwnedFd::from_raw_fd(err)) };
             wait_logging(h, out, err)
@@ -67,16 +67,12 @@ pub fn keep(h: &Handover) -> u8 {
 /// Waits for the workload while its output goes to the log, until both have ended: on one
 /// thread (poll on the pipes and a pidfd) where the kernel has pidfds, else with a relay thread.
 fn wait_logging(h: &Handover, out: OwnedFd, err: OwnedFd) -> Option<Status> {
-    // SAFETY: pidfd_open(2) with a pid and no flags; the result is a new descriptor or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, h.pid, 0) } as RawFd;
-    if pidfd < 0 {
+    let Some(pidfd) = signals::pidfd(h.pid) else {
         let relay = log::relay(h.dir.clone(), out, err);
         let status = signals::wait_child(h.pid);
         relay.finish();
         return status;
-    }
-    // SAFETY: pidfd_open returned a descriptor nobody else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    };
     let mut status = None;
     let mut reap = || status = signals::wait_child(h.pid);
     log::pump(&h.dir, out, err, Some((pidfd.as_raw_fd(), &mut reap)));
@@ -120,28 +116,11 @@ pub fn parse_status(s: &str) -> Option<Status> {
 
 /// One line of the shim's own, to the log of a detached run, else to stderr.
 fn say(h: &Handover, what: &str) {
-    let line = format!("{}: {what}\n", crate::BINARY);
-    match h.log {
-        Some(_) => {
-            if let Ok(mut w) = log::Writer::open(&h.dir) {
-                let _ = w.write("stderr", line.as_bytes());
-            }
-        }
-        None => eprint!("{line}"),
-    }
-}
-
-/// Moves /dev/null onto fds 1 and 2.
-fn null_stdio() {
-    // SAFETY: opening /dev/null and moving it onto this process's stdout and stderr.
-    unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-        if null >= 0 {
-            libc::dup2(null, 1);
-            libc::dup2(null, 2);
-            libc::close(null);
-        }
-    }
+    log::say(
+        &h.dir,
+        h.log.is_some(),
+        &format!("{}: {what}\n", crate::BINARY),
+    );
 }
 
 #[cfg(test)]

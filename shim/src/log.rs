@@ -84,6 +84,18 @@ fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// A line (with its newline) of rvmm's own about a run: to the run's log in `dir` as a stderr
+/// record when `to_log` (a detached run: nobody reads its stderr), else to stderr.
+pub fn say(dir: &Path, to_log: bool, line: &str) {
+    if to_log {
+        if let Ok(mut w) = Writer::open(dir) {
+            let _ = w.write("stderr", line.as_bytes());
+        }
+    } else {
+        eprint!("{line}");
+    }
+}
+
 /// `t` as RFC 3339 in UTC with nanoseconds, as Docker writes log times.
 pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -1,7 +1,7 @@
 //! Relaying signals to a run's workload: what an attached `rvmm run` does, and what `rvmm stop`
 //! and `rvmm kill` rely on (they signal the process that keeps the run).
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The signals a run passes on to its workload (Ctrl-C, `rvmm stop`, `rvmm kill -s ...`).
@@ -121,16 +121,18 @@ pub fn is_child(pid: i32) -> bool {
     }
 }
 
+/// A pidfd of `pid` (readable once it has ended), where the kernel has pidfds.
+pub fn pidfd(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open(2) with a pid and no flags; the result is a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    // SAFETY: pidfd_open returned a descriptor nobody else owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Waits at most `limit` for child `pid` to end (None: still running, or no pidfd to wait on).
 /// Signals that interrupt the wait are handled and the wait goes on.
 pub fn wait_child_for(pid: i32, limit: std::time::Duration) -> Option<Status> {
-    // SAFETY: pidfd_open(2) with a pid and no flags; the result is a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: pidfd_open returned a descriptor nobody else owns.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let fd = pidfd(pid)?;
     let deadline = std::time::Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

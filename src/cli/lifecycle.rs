@@ -44,9 +44,7 @@ fn for_each_run(
 
 /// The run's state as it is now on disk (None once it is removed, e.g. by `--rm`).
 fn reread(r: &RunState) -> Option<RunState> {
-    std::fs::read(r.dir.join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    RunState::load(&r.dir)
 }
 
 #[derive(clap::Args, Debug)]

@@ -84,7 +84,7 @@ pub enum Command {
     #[command(name = "__supervise", hide = true)]
     Supervise(lifecycle::SuperviseArgs),
     /// The end of a container run kept by rvmm-shim (exec'd by the shim).
-    #[command(name = "__finish", hide = true)]
+    #[command(name = rvmm_shim::keep::FINISH, hide = true)]
     Finish(lifecycle::FinishArgs),
     /// The jailed VMM process of a VM run (started by rvmm itself).
     #[command(name = "__vmm", hide = true)]

@@ -271,10 +271,7 @@ pub fn finish_kept(
     memory: Option<u64>,
     log: bool,
 ) -> u8 {
-    let state = std::fs::read(dir.join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<crate::run::RunState>(&b).ok());
-    let Some(mut state) = state else {
+    let Some(mut state) = crate::run::RunState::load(dir) else {
         // Nothing to finish from: `rvmm gc` frees what the run held, as after a kill.
         let line = format!(
             "rvmm: the run's state ({}) is unreadable; `rvmm gc` will clean up after it\n",
@@ -289,15 +286,10 @@ pub fn finish_kept(
     code.clamp(0, 255) as u8
 }
 
-/// rvmm's own last line about a run: to its log (a detached run), else to stderr.
+/// rvmm's own last line about a run, if any: to its log (a detached run), else to stderr.
 fn say(dir: &Path, log: bool, line: Option<String>) {
-    let Some(line) = line else { return };
-    if log {
-        if let Ok(mut w) = crate::run::logs::Writer::open(dir) {
-            let _ = w.write("stderr", line.as_bytes());
-        }
-    } else {
-        eprint!("{line}");
+    if let Some(line) = line {
+        crate::run::logs::say(dir, log, &line);
     }
 }
 

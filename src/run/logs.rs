@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use rvmm_shim::log::{relay, rfc3339, Relay, Writer, LOG_FILE, MAX_LOG_BYTES};
+pub use rvmm_shim::log::{relay, rfc3339, say, Relay, Writer, LOG_FILE, MAX_LOG_BYTES};
 
 /// One record.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -177,6 +177,12 @@ impl RunState {
         }
     }
 
+    /// The state recorded in run directory `dir`, if it is there and readable.
+    pub fn load(dir: &Path) -> Option<RunState> {
+        let b = std::fs::read(dir.join("state.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
     /// Writes state.json and, while the run is running, its host-wide registration (so the host
     /// resources of a run are found even when its `--root` is gone).
     pub fn save(&self) -> super::Result<()> {
@@ -328,14 +334,10 @@ pub fn lock_names(root: &Path) -> super::Result<std::fs::File> {
 
 /// Every run recorded under `root`.
 pub fn list(root: &Path) -> super::Result<Vec<RunState>> {
-    let mut out = Vec::new();
-    for d in run_dirs(root) {
-        if let Ok(b) = std::fs::read(d.join("state.json")) {
-            if let Ok(s) = serde_json::from_slice::<RunState>(&b) {
-                out.push(s);
-            }
-        }
-    }
+    let mut out: Vec<RunState> = run_dirs(root)
+        .iter()
+        .filter_map(|d| RunState::load(d))
+        .collect();
     out.sort_by_key(|s| std::cmp::Reverse(s.created));
     Ok(out)
 }
@@ -353,10 +355,7 @@ pub fn gc(root: &Path) -> usize {
             let _ = remove_dir(&dir);
             continue;
         }
-        let state = std::fs::read(dir.join("state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<RunState>(&b).ok());
-        match state {
+        match RunState::load(&dir) {
             Some(mut s) if s.status == Status::Running && !s.alive() => {
                 s.finish(137, s.remove);
                 n += 1;

@@ -54,8 +54,6 @@ pub fn detach(root: &Path, id: &str, alone: bool) -> super::Result<u8> {
     if alone {
         return detach_alone(&exe, id, &args);
     }
-    let (r, w) = super::stdio::pipe()?;
-    let wfd = w.as_raw_fd();
     // The supervisor is rvmm itself: it maps the same pages as the run it keeps (a VM run's
     // `rvmm run` stays), so it costs little beyond its own heap and stack.
     let mut cmd = Command::new(&exe);
@@ -66,17 +64,7 @@ pub fn detach(root: &Path, id: &str, alone: bool) -> super::Result<u8> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid, dup2, fcntl.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            fd_at(wfd, REPORT_FD)
-        });
-    }
-    let mut child = cmd.spawn().at(|| "starting the run's supervisor")?;
-    drop(w);
-    let mut report = Vec::new();
-    let _ = std::fs::File::from(r).read_to_end(&mut report);
+    let (mut child, report) = spawn_reporting(cmd, "starting the run's supervisor")?;
     // The supervisor goes on alone; reap it if it is already gone.
     let _ = child.try_wait();
     match report.split_first() {
@@ -103,8 +91,6 @@ pub fn detach(root: &Path, id: &str, alone: bool) -> super::Result<u8> {
 /// workload's start on fd 3 (and goes on alone, writing its log) or fails with its status and
 /// stderr, which are passed on as an attached run would give them.
 fn detach_alone(exe: &Path, id: &str, args: &[OsString]) -> super::Result<u8> {
-    let (r, w) = super::stdio::pipe()?;
-    let wfd = w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .env(RUN_ID_ENV, id)
@@ -114,21 +100,11 @@ fn detach_alone(exe: &Path, id: &str, args: &[OsString]) -> super::Result<u8> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid, dup2, fcntl.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            fd_at(wfd, REPORT_FD)
-        });
-    }
-    let mut child = cmd.spawn().at(|| "starting the run")?;
-    drop(w);
+    let (mut child, report) = spawn_reporting(cmd, "starting the run")?;
     let mut stderr = child
         .stderr
         .take()
         .map(|e| std::fs::File::from(OwnedFd::from(e)));
-    let mut report = Vec::new();
-    let _ = std::fs::File::from(r).read_to_end(&mut report);
     if report.first() == Some(&b'S') {
         // Started: what it said so far (warnings) is passed on; it goes on alone.
         if let Some(e) = stderr.as_mut() {
@@ -151,6 +127,28 @@ fn detach_alone(exe: &Path, id: &str, args: &[OsString]) -> super::Result<u8> {
         Some(c) => Ok(c.clamp(0, 255) as u8),
         None => Err(super::Error::SupervisorGone),
     }
+}
+
+/// Starts `cmd` in a session of its own with the write end of a new pipe as its fd 3, and reads
+/// that pipe to its end: the child, and what it reported there (its start, or nothing).
+fn spawn_reporting(
+    mut cmd: Command,
+    what: &'static str,
+) -> super::Result<(std::process::Child, Vec<u8>)> {
+    let (r, w) = super::stdio::pipe()?;
+    let wfd = w.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, dup2, fcntl.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            fd_at(wfd, REPORT_FD)
+        });
+    }
+    let child = cmd.spawn().at(|| what)?;
+    drop(w);
+    let mut report = Vec::new();
+    let _ = std::fs::File::from(r).read_to_end(&mut report);
+    Ok((child, report))
 }
 
 /// The supervisor (`rvmm __supervise DIR -- ARGS`) of the run in directory `dir` (ROOT/runs/ID):
@@ -378,15 +376,7 @@ pub fn close_own_log() {
     if let Some(relay) = relay {
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        // SAFETY: moving /dev/null onto this process's stdout and stderr.
-        unsafe {
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-            if null >= 0 {
-                libc::dup2(null, 1);
-                libc::dup2(null, 2);
-                libc::close(null);
-            }
-        }
+        rvmm_shim::null_stdio();
         relay.finish();
     }
 }

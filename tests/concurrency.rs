@@ -491,14 +491,37 @@ fn many_runs_at_once_share_nothing_and_leave_nothing() {
         if runs.iter().all(|r| r.ready.is_some() || r.failed.is_some()) {
             break;
         }
-        assert!(
-            t0.elapsed() < READY_DEADLINE,
-            "runs not up after {READY_DEADLINE:?}: {:?}",
-            runs.iter()
+        if t0.elapsed() >= READY_DEADLINE {
+            // What each run that is not up said, and where it is, for the failure message.
+            let stuck: Vec<String> = runs
+                .iter()
                 .filter(|r| r.ready.is_none() && r.failed.is_none())
-                .map(|r| &r.plan.name)
-                .collect::<Vec<_>>()
-        );
+                .map(|r| {
+                    let (code, out, err) = env.run(&["logs", &r.plan.name]);
+                    format!(
+                        "{:?} run -d returned: {}\n  stdout: {}\n  stderr: {}\n  logs ({code}): {out}{err}",
+                        r.plan,
+                        r.up,
+                        r.out.lock().expect("lock"),
+                        r.err.lock().expect("lock"),
+                    )
+                })
+                .collect();
+            let ps = Command::new("ps")
+                .args(["-eo", "pid,ppid,stat,wchan:20,args"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let ps: Vec<&str> = ps
+                .lines()
+                .filter(|l| l.contains("rvmm") || l.contains("sleep"))
+                .collect();
+            panic!(
+                "runs not up after {READY_DEADLINE:?}:\n{}\nprocesses:\n{}",
+                stuck.join("\n"),
+                ps.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     let all_up = t0.elapsed();

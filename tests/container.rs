@@ -1188,6 +1188,49 @@ fn detached_runs_logs_stop_kill_wait_inspect() {
     );
 }
 
+/// `rvmm run -d` stops reading the run's stderr once the workload runs: what rvmm says after
+/// that (here its `RVMM_TIMINGS` line, written as the run is handed to rvmm-shim) goes to the
+/// run's log, and the run goes on. (Under load, such a write into the abandoned pipe used to end
+/// the run before its output reached the log.)
+#[test]
+fn a_detached_container_says_the_rest_into_its_log() {
+    let Some(env) = setup() else { return };
+    let root = env.store.path();
+    let _cleanup = common::run::RemoveRuns {
+        root,
+        names: &["said"],
+    };
+    let o = Command::new(common::rvmm_bin())
+        .arg("--root")
+        .arg(root)
+        .args([
+            "run",
+            "-d",
+            "--isolation=container",
+            "--network=none",
+            "--name",
+            "said",
+        ])
+        .args([BB, "sh", "-c", "echo ready; sleep 1; echo done"])
+        .env("RVMM_TIMINGS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("rvmm run -d");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("rvmm-timings"), "said to run -d: {err}");
+    let w = rvmm(root, &["wait", "said"], None);
+    assert_eq!((w.code, w.stdout.as_str()), (0, "0\n"), "{}", w.stderr);
+    let logs = rvmm(root, &["logs", "said"], None);
+    assert_eq!(logs.stdout, "ready\ndone\n", "{}", logs.stderr);
+    assert!(
+        logs.stderr.starts_with("rvmm-timings isolation=container ")
+            && logs.stderr.contains(" handover_ms="),
+        "{}",
+        logs.stderr
+    );
+}
+
 /// A detached busybox httpd on `-p 127.0.0.1:PORT:80`: `logs -f` while a request is made, `exec`
 /// reading and writing the server's files (exit 3), `exec -t`, two execs at once, `kill -s
 /// USR1` to a trap, `inspect`, and `stop -t 2` of a workload that ignores SIGTERM (`wait`: 137).

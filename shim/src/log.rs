@@ -92,7 +92,8 @@ pub fn say(dir: &Path, to_log: bool, line: &str) {
             let _ = w.write("stderr", line.as_bytes());
         }
     } else {
-        eprint!("{line}");
+        // Not eprint!: a stderr nobody reads any more is no reason to panic.
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     }
 }
 

@@ -196,6 +196,12 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         let code: u8 = code.parse().unwrap_or(125);
         return not_started(run, code, text, opts.remove);
     }
+    if opts.logs_itself {
+        // `rvmm run -d` stops reading this process's stdout and stderr once the start is
+        // reported: what rvmm still has to say goes to the run's log (`say`), and nothing it
+        // writes may meet a pipe without a reader (a broken pipe ended runs under load).
+        rvmm_shim::null_stdio();
+    }
     run.started();
     times.mark("exec");
 
@@ -229,12 +235,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
                     .map(|(o, e)| (o.as_raw_fd(), e.as_raw_fd())),
             };
             times.mark("handover");
-            times.report("container");
+            say(&dir, opts.logs_itself, times.line("container"));
             let e = crate::run::shim::exec_wait(&shim, &handover, &[run.layers_fd()]);
-            log::warn!(
-                "starting {}: {e}; rvmm keeps the run itself",
+            let line = format!(
+                "rvmm: warning: starting {}: {e}; rvmm keeps the run itself\n",
                 shim.display()
             );
+            say(&dir, opts.logs_itself, Some(line));
         }
     }
     if let (Some(p), Some(addr)) = (publisher, run.address()) {
@@ -256,7 +263,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     times.mark("exited");
     let code = run.finish(code, opts.remove);
     times.mark("finished");
-    times.report("container");
+    say(&dir, opts.logs_itself, times.line("container"));
     Ok(code)
 }
 

@@ -35,16 +35,17 @@ impl Timings {
         }
     }
 
-    /// Prints the line (once the run's last phase is marked).
-    pub fn report(&self, isolation: &str) {
-        if self.t0.is_none() {
-            return;
-        }
+    /// The line, with its newline (once the run's last phase is marked), if timings are on.
+    pub fn line(&self, isolation: &str) -> Option<String> {
+        self.t0?;
         let phases: Vec<String> = self
             .marks
             .iter()
             .map(|(k, d)| format!("{k}_ms={:.2}", d.as_secs_f64() * 1e3))
             .collect();
-        eprintln!("rvmm-timings isolation={isolation} {}", phases.join(" "));
+        Some(format!(
+            "rvmm-timings isolation={isolation} {}\n",
+            phases.join(" ")
+        ))
     }
 }

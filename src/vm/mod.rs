@@ -483,10 +483,12 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         output: own_log.as_ref().map(|l| l.fds()),
     };
     let out = session.run(started.vmm, started.ends, publisher, address, || {
-        run.started();
+        // Into the log before the start is reported: `rvmm run -d` stops reading this
+        // process's stderr then, and a write to a pipe without a reader would end the run.
         if let Some(l) = &own_log {
             l.take_over_stdio();
         }
+        run.started();
     })?;
     drop(own_log);
     drop(staging);

@@ -11,6 +11,10 @@
 # OUTDIR/multi              OCI layout, tag latest: busybox plus three layers exercising whiteouts
 #                           (/etc/motd deleted), an opaque directory (/data/dir holds only z),
 #                           a hardlink and a symlink; WorkingDir /data, User app
+# OUTDIR/links              OCI layout: busybox plus symlinks aimed out of the root as a container
+#                           runtime sees it while it sets up mounts: /mnt/escape -> /.rvmm-old/tmp
+#                           (the host's /tmp while the host's root is still attached there),
+#                           /mnt/up -> ../../../../tmp
 # OUTDIR/zstd               OCI layout: busybox with zstd-compressed layers
 # OUTDIR/index              OCI layout whose index.json points at an image index (linux/amd64 + a
 #                           linux/arm64 entry that must not be chosen)
@@ -127,6 +131,24 @@ for l in l1 l2 l3; do umoci raw add-layer --image "$M:latest" "$work/$l.tar"; do
 umoci config --image "$M:latest" --config.workingdir /data --config.user app \
   --config.env RVMM_IMAGE=multi
 umoci gc --layout "$M"
+
+# --- links: symlinks aimed at the host ------------------------------------------------------------
+K=$out/links
+cp -a "$L" "$K"
+python3 - "$work" <<'EOF'
+import sys, tarfile
+work = sys.argv[1]
+with tarfile.open(f"{work}/links.tar", "w", format=tarfile.PAX_FORMAT) as t:
+    for name, kind, link in [("mnt", tarfile.DIRTYPE, ""),
+                             ("mnt/escape", tarfile.SYMTYPE, "/.rvmm-old/tmp"),
+                             ("mnt/up", tarfile.SYMTYPE, "../../../../tmp")]:
+        ti = tarfile.TarInfo(name); ti.type = kind; ti.linkname = link
+        ti.mode = 0o755; ti.mtime = 1700000000
+        t.addfile(ti)
+EOF
+umoci raw add-layer --image "$K:latest" "$work/links.tar"
+umoci config --image "$K:latest" --config.env RVMM_IMAGE=links
+umoci gc --layout "$K"
 
 # --- zstd layers -----------------------------------------------------------------------------
 skopeo copy -q --dest-compress-format zstd --dest-compress oci:"$L":latest oci:"$out/zstd":latest

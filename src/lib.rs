@@ -19,6 +19,7 @@ pub mod security;
 pub mod sibling;
 pub mod vm;
 pub mod vmm;
+pub mod volume;
 
 /// The log filter of rvmm's binaries when `RVMM_LOG` is unset: virtio-queue logs errors a guest
 /// provokes at will (a bad avail index), which are not for the user.

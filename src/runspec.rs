@@ -16,7 +16,9 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-pub use rvmm_proto::{Limits, Mount, Network, NetworkMode, PortMapping, Protocol, RunSpec, User};
+pub use rvmm_proto::{
+    Limits, Mount, MountKind, Network, NetworkMode, PortMapping, Protocol, RunSpec, User,
+};
 
 use crate::image::ImageConfig;
 
@@ -705,37 +707,217 @@ pub fn parse_port(s: &str) -> Result<PortMapping> {
     })
 }
 
-/// Parses `-v HOSTPATH:PATH[:ro|rw]`.
+/// `-v`, as Docker reads it: `HOST:PATH[:OPTS]` (a bind of a host path, absolute or starting with
+/// `.`; made as a directory when missing), `NAME:PATH[:OPTS]` (a named volume, made on first use)
+/// or `PATH` (an anonymous volume). OPTS: `ro`, `rw`, `nocopy` (volumes), and SELinux and
+/// propagation options that change nothing here (`z`, `Z`, `private`, `rprivate`).
 pub fn parse_volume(s: &str) -> Result<Mount> {
+    let bad = |why: &str| Error::Invalid(format!("invalid volume {s:?}: {why}"));
     let parts: Vec<&str> = s.split(':').collect();
-    let (src, dst, ro) = match parts.as_slice() {
-        [a, b] => (*a, *b, false),
-        [a, b, "ro"] => (*a, *b, true),
-        [a, b, "rw"] => (*a, *b, false),
-        _ => {
-            return Err(Error::Invalid(format!(
-                "invalid volume {s:?}: expected HOSTPATH:PATH[:ro]"
-            )))
-        }
+    let (src, dst, opts) = match parts.as_slice() {
+        [d] => ("", *d, ""),
+        [a, b] => (*a, *b, ""),
+        [a, b, o] => (*a, *b, *o),
+        _ => return Err(bad("expected HOST:PATH[:ro], NAME:PATH[:ro] or PATH")),
     };
-    if !dst.starts_with('/') {
-        return Err(Error::Invalid(format!(
-            "invalid volume {s:?}: the container path must be absolute"
-        )));
+    let mut read_only = false;
+    let mut copy_up = true;
+    for o in opts.split(',').filter(|o| !o.is_empty()) {
+        match o {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            "nocopy" => copy_up = false,
+            "z" | "Z" | "private" | "rprivate" | "consistent" | "cached" | "delegated" => {}
+            _ => return Err(bad(&format!("unknown option {o:?}"))),
+        }
     }
-    if dst.split('/').any(|c| c == "..") {
-        return Err(Error::Invalid(format!(
-            "invalid volume {s:?}: the container path must not contain .."
+    check_destination(s, dst)?;
+    let kind = if src.starts_with('/') || src.starts_with('.') {
+        if !copy_up {
+            return Err(bad("nocopy is for volumes, not host paths"));
+        }
+        MountKind::Bind
+    } else if src.is_empty() || crate::volume::valid_name(src) {
+        MountKind::Volume
+    } else {
+        return Err(bad(&format!(
+            "{src:?} is neither a host path (/... or ./...) nor a volume name"
         )));
+    };
+    let source = match kind {
+        MountKind::Bind => {
+            // `-v` makes a missing host directory, as Docker does (`--mount` refuses).
+            if std::fs::symlink_metadata(src).is_err() {
+                std::fs::create_dir_all(src).at(|| format!("creating volume source {src}"))?;
+            }
+            bind_source(src)?
+        }
+        _ => src.to_string(),
+    };
+    Ok(Mount {
+        source,
+        destination: dst.to_string(),
+        read_only,
+        kind,
+        options: String::new(),
+        copy_up: kind == MountKind::Volume && copy_up,
+    })
+}
+
+/// `--tmpfs PATH[:OPTS]`: a tmpfs with mount(8)'s tmpfs options (`size=64m,mode=1777,exec,...`)
+/// over Docker's defaults (`nosuid,nodev,noexec`).
+pub fn parse_tmpfs(s: &str) -> Result<Mount> {
+    let (dst, opts) = s.split_once(':').unwrap_or((s, ""));
+    check_destination(s, dst)?;
+    tmpfs(s, dst, opts.to_string(), false)
+}
+
+/// A tmpfs mount whose options were normalised (sizes in bytes) and checked.
+fn tmpfs(s: &str, dst: &str, opts: String, read_only: bool) -> Result<Mount> {
+    let mut norm = Vec::new();
+    for o in opts.split(',').filter(|o| !o.is_empty()) {
+        match o.split_once('=') {
+            Some(("size", v)) if !v.ends_with('%') => {
+                norm.push(format!("size={}", parse_bytes(v)?))
+            }
+            _ => norm.push(o.to_string()),
+        }
     }
-    let src = Path::new(src)
+    let options = norm.join(",");
+    rvmm_workload::mounts::tmpfs_options(&options)
+        .map_err(|e| Error::Invalid(format!("invalid tmpfs {s:?}: {e}")))?;
+    Ok(Mount {
+        source: String::new(),
+        destination: dst.to_string(),
+        read_only,
+        kind: MountKind::Tmpfs,
+        options,
+        copy_up: false,
+    })
+}
+
+/// `--mount type=bind|volume|tmpfs,source=..,target=..[,readonly][,volume-nocopy]
+/// [,tmpfs-size=..][,tmpfs-mode=..]`, as Docker reads it (`src`, `dst`, `destination`, `ro`
+/// are accepted too). A bind source must exist.
+pub fn parse_mount(s: &str) -> Result<Mount> {
+    let bad = |why: String| Error::Invalid(format!("invalid --mount {s:?}: {why}"));
+    let mut kind = MountKind::Volume;
+    let (mut src, mut dst) = (None, None);
+    let mut read_only = false;
+    let mut copy_up = true;
+    let mut tmpfs_opts = Vec::new();
+    let truth = |k: &str, v: Option<&str>| match v {
+        None | Some("1" | "true") => Ok(true),
+        Some("0" | "false") => Ok(false),
+        Some(v) => Err(bad(format!("{k}={v}: expected true or false"))),
+    };
+    for field in s.split(',').filter(|f| !f.is_empty()) {
+        let (k, v) = match field.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (field, None),
+        };
+        match (k, v) {
+            ("type", Some("bind")) => kind = MountKind::Bind,
+            ("type", Some("volume")) => kind = MountKind::Volume,
+            ("type", Some("tmpfs")) => kind = MountKind::Tmpfs,
+            ("type", Some(t)) => {
+                return Err(bad(format!("type {t:?}: expected bind, volume or tmpfs")))
+            }
+            ("source" | "src", Some(v)) => src = Some(v),
+            ("target" | "destination" | "dst", Some(v)) => dst = Some(v),
+            ("readonly" | "ro", v) => read_only = truth(k, v)?,
+            ("volume-nocopy", v) => copy_up = !truth(k, v)?,
+            ("tmpfs-size", Some(v)) => tmpfs_opts.push(format!("size={}", parse_bytes(v)?)),
+            ("tmpfs-mode", Some(v)) => tmpfs_opts.push(format!("mode={v}")),
+            ("bind-propagation", Some("private" | "rprivate")) | ("consistency", Some(_)) => {}
+            ("volume-driver", Some("local")) => {}
+            _ => return Err(bad(format!("unknown or unsupported field {field:?}"))),
+        }
+    }
+    let dst = dst.ok_or_else(|| bad("target is required".into()))?;
+    check_destination(s, dst)?;
+    let wrong_for = |what: &str| bad(format!("{what} is not for type {kind:?}").to_lowercase());
+    if kind != MountKind::Tmpfs && !tmpfs_opts.is_empty() {
+        return Err(wrong_for("tmpfs-size/tmpfs-mode"));
+    }
+    if kind != MountKind::Volume && !copy_up {
+        return Err(wrong_for("volume-nocopy"));
+    }
+    match kind {
+        MountKind::Tmpfs => {
+            if src.is_some() {
+                return Err(bad("a tmpfs has no source".into()));
+            }
+            tmpfs(s, dst, tmpfs_opts.join(","), read_only)
+        }
+        MountKind::Bind => {
+            let src = src.ok_or_else(|| bad("a bind needs a source".into()))?;
+            if std::fs::symlink_metadata(src).is_err() {
+                return Err(bad(format!("bind source path does not exist: {src}")));
+            }
+            Ok(Mount {
+                source: bind_source(src)?,
+                destination: dst.to_string(),
+                read_only,
+                kind,
+                options: String::new(),
+                copy_up: false,
+            })
+        }
+        MountKind::Volume => {
+            let src = src.unwrap_or_default();
+            if !src.is_empty() && !crate::volume::valid_name(src) {
+                return Err(crate::volume::Error::InvalidName(src.to_string()))
+                    .map_err(|e| bad(e.to_string()));
+            }
+            Ok(Mount {
+                source: src.to_string(),
+                destination: dst.to_string(),
+                read_only,
+                kind,
+                options: String::new(),
+                copy_up,
+            })
+        }
+    }
+}
+
+/// A bind source as the host resolves it (absolute, symlinks followed once, here).
+fn bind_source(src: &str) -> Result<String> {
+    let p = Path::new(src)
         .canonicalize()
         .at(|| format!("volume source {src} does not exist"))?;
-    Ok(Mount {
-        source: src.display().to_string(),
-        destination: dst.to_string(),
-        read_only: ro,
-    })
+    Ok(p.display().to_string())
+}
+
+/// A mount's path in the workload: absolute, no `..`, not `/` itself.
+fn check_destination(s: &str, dst: &str) -> Result<()> {
+    let bad = |why: &str| Err(Error::Invalid(format!("invalid mount {s:?}: {why}")));
+    if !dst.starts_with('/') {
+        return bad("the container path must be absolute");
+    }
+    if dst.split('/').any(|c| c == "..") {
+        return bad("the container path must not contain ..");
+    }
+    if dst.split('/').all(str::is_empty) {
+        return bad("the container path must not be /");
+    }
+    Ok(())
+}
+
+/// Two mounts on one path are refused, as Docker does ("Duplicate mount point").
+pub fn check_mounts(mounts: &[Mount]) -> Result<()> {
+    let norm = |d: &str| d.trim_end_matches('/').to_string();
+    let mut seen = std::collections::BTreeSet::new();
+    for m in mounts {
+        if !seen.insert(norm(&m.destination)) {
+            return Err(Error::Invalid(format!(
+                "duplicate mount point: {}",
+                m.destination
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `512m`, `1g`, `1048576` → bytes.
@@ -860,6 +1042,66 @@ mod tests {
         assert!(parse_volume("/tmp:rel").is_err());
         assert!(parse_volume("/tmp:/x/../y").is_err());
         assert!(parse_volume("/tmp:/data:ro").expect("v").read_only);
+    }
+
+    #[test]
+    fn mount_flags_follow_docker() {
+        let v = |s: &str| parse_volume(s).expect(s);
+        let m = v("/tmp:/data:ro,z");
+        assert_eq!(
+            (m.kind, m.read_only, m.copy_up),
+            (MountKind::Bind, true, false)
+        );
+        let m = v("db-data:/var/lib/db");
+        assert_eq!(
+            (m.kind, m.source.as_str(), m.copy_up),
+            (MountKind::Volume, "db-data", true)
+        );
+        let m = v("/cache");
+        assert_eq!((m.kind, m.source.as_str()), (MountKind::Volume, ""));
+        assert!(!v("db:/x:nocopy,ro").copy_up);
+        for bad in [
+            "/tmp:/x:nocopy",
+            "a b:/x",
+            "db:/x:shared",
+            "/",
+            "db:/",
+            "a:b:c:d",
+        ] {
+            assert!(parse_volume(bad).is_err(), "{bad}");
+        }
+        let t = parse_tmpfs("/run:size=64m,mode=1777,exec").expect("tmpfs");
+        assert_eq!(
+            (t.kind, t.destination.as_str(), t.options.as_str()),
+            (MountKind::Tmpfs, "/run", "size=67108864,mode=1777,exec")
+        );
+        assert!(parse_tmpfs("/run:size=x").is_err());
+        assert!(parse_tmpfs("run").is_err());
+        let m = |s: &str| parse_mount(s).expect(s);
+        let b = m("type=bind,source=/tmp,target=/data,readonly");
+        assert_eq!((b.kind, b.read_only), (MountKind::Bind, true));
+        let b = m("type=bind,src=/tmp,dst=/data,ro=false");
+        assert!(!b.read_only);
+        let vol = m("source=db,target=/db,volume-nocopy");
+        assert_eq!((vol.kind, vol.copy_up), (MountKind::Volume, false));
+        assert_eq!(m("type=volume,target=/anon").source, "");
+        let t = m("type=tmpfs,target=/t,tmpfs-size=1m,tmpfs-mode=700");
+        assert_eq!(t.options, "size=1048576,mode=700");
+        for bad in [
+            "type=bind,source=/nonexistent-rvmm-test,target=/x",
+            "type=bind,target=/x",
+            "type=tmpfs,source=x,target=/x",
+            "type=bind,source=/tmp,target=/x,volume-nocopy",
+            "type=volume,target=/x,tmpfs-size=1m",
+            "type=nfs,target=/x",
+            "source=db",
+            "type=volume,source=db,target=/x,readonly=maybe",
+            "type=volume,source=db,target=/x,bogus=1",
+        ] {
+            assert!(parse_mount(bad).is_err(), "{bad}");
+        }
+        assert!(check_mounts(&[v("/a"), v("/b")]).is_ok());
+        assert!(check_mounts(&[v("/a"), parse_tmpfs("/a/").expect("t")]).is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub struct RunSpec {
     pub read_only: bool,
     pub limits: Limits,
     pub network: Network,
-    /// Bind mounts (`-v`).
+    /// Mounts (`-v`, `--mount`, `--tmpfs`), in order.
     pub mounts: Vec<Mount>,
     /// Signal to stop the workload with (image StopSignal), as a number.
     pub stop_signal: i32,
@@ -296,11 +296,37 @@ pub enum Protocol {
     Udp,
 }
 
+/// A mount of the workload's root filesystem (`-v`, `--mount`, `--tmpfs`), in the order given.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Mount {
+    /// A host path (bind), a volume's name (empty: anonymous), or nothing (tmpfs).
     pub source: String,
+    /// An absolute path in the workload's root.
     pub destination: String,
     pub read_only: bool,
+    #[serde(default)]
+    pub kind: MountKind,
+    /// A tmpfs's options as mount(8) takes them (`size=64m,mode=1777,nosuid,...`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub options: String,
+    /// A volume that is still empty is first filled with what the image has at `destination`,
+    /// as Docker does (not with `nocopy`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy_up: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MountKind {
+    /// `source` is a host directory or file.
+    #[default]
+    Bind,
+    /// A volume of rvmm's store: `source` is its name (empty: a new anonymous volume) as the
+    /// flags give it, and the volume's directory (bound as with `Bind`) once the run core has
+    /// made it.
+    Volume,
+    /// A new tmpfs.
+    Tmpfs,
 }
 
 /// What the host hands rvmm-init in `SPEC` frames: the run, and what makes this guest unique

@@ -315,6 +315,32 @@ pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
         );
         config.insert("StopTimeout".into(), r.stop_timeout.into());
         let running = r.alive();
+        // Docker's "Mounts": what the spec mounted, volumes by name.
+        let mounts: Vec<serde_json::Value> = config
+            .get("mounts")
+            .and_then(|m| serde_json::from_value::<Vec<rvmm::runspec::Mount>>(m.clone()).ok())
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                use rvmm::runspec::MountKind;
+                let name = (m.kind == MountKind::Volume)
+                    .then(|| std::path::Path::new(&m.source).parent()?.file_name())
+                    .flatten()
+                    .map(|n| n.to_string_lossy().into_owned());
+                serde_json::json!({
+                    "Type": match m.kind {
+                        MountKind::Bind => "bind",
+                        MountKind::Volume => "volume",
+                        MountKind::Tmpfs => "tmpfs",
+                    },
+                    "Name": name,
+                    "Source": m.source,
+                    "Destination": m.destination,
+                    "Mode": m.options,
+                    "RW": !m.read_only,
+                })
+            })
+            .collect();
         out.push(serde_json::json!({
             "Id": r.id,
             "Name": r.name,
@@ -337,6 +363,7 @@ pub fn inspect(args: InspectArgs, global: &Global) -> anyhow::Result<u8> {
                 "Ports": r.ports,
             },
             "LogPath": r.dir.join(logs::LOG_FILE),
+            "Mounts": mounts,
             "Config": config,
         }));
         Ok(())

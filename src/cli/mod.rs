@@ -19,6 +19,7 @@ mod save;
 mod snapshot;
 mod tag;
 mod vm;
+mod volume;
 
 /// Exit status when rvmm itself fails (as Docker uses 125).
 pub const EXIT_RVMM_FAILED: u8 = 125;
@@ -91,6 +92,9 @@ pub enum Command {
     Vmm,
     /// Remove what dead runs left behind (mounts, cgroups, taps, veths, rules, run dirs).
     Gc(gc::Args),
+    /// Volumes: directories rvmm keeps for workloads (create, ls, inspect, rm, prune).
+    #[command(subcommand)]
+    Volume(volume::Command),
     /// Warm-start snapshots of VM isolation (ls, rm, gc, prewarm).
     #[command(subcommand)]
     Snapshot(snapshot::Command),
@@ -119,6 +123,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Login(a) => login::login(a),
         Command::Logout(a) => login::logout(a),
         Command::Snapshot(c) => snapshot::exec(c, &global),
+        Command::Volume(c) => volume::exec(c, &global),
         Command::Rmi(a) => images::rmi(a, &global),
         Command::Image(c) => images::image(c, &global),
         Command::Ps(a) => ps::exec(a, &global),

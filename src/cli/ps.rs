@@ -114,6 +114,9 @@ pub struct RmArgs {
     /// Stop running runs first (SIGKILL), then remove them.
     #[arg(short, long)]
     pub force: bool,
+    /// Remove the runs' anonymous volumes too.
+    #[arg(short, long)]
+    pub volumes: bool,
     /// Runs to remove (name or ID prefix).
     #[arg(required = true)]
     pub runs: Vec<String>,
@@ -135,6 +138,9 @@ pub fn rm(args: RmArgs, global: &Global) -> anyhow::Result<u8> {
                 if r.dir.exists() {
                     rvmm::image::store::remove_tree(&r.dir)?;
                 }
+                if args.volumes {
+                    rvmm::volume::remove_anonymous(&global.root, &r.volumes);
+                }
                 println!("{want}");
             }
             [r] if r.alive() => {
@@ -143,6 +149,9 @@ pub fn rm(args: RmArgs, global: &Global) -> anyhow::Result<u8> {
             }
             [r] => {
                 rvmm::image::store::remove_tree(&r.dir)?;
+                if args.volumes {
+                    rvmm::volume::remove_anonymous(&global.root, &r.volumes);
+                }
                 println!("{want}");
             }
             [] => {

@@ -88,9 +88,17 @@ pub struct Args {
     /// Publish a port: HOSTPORT:CONTAINERPORT[/tcp|udp].
     #[arg(short, long = "publish", value_name = "HOST:CONTAINER[/PROTO]")]
     pub publish: Vec<String>,
-    /// Bind-mount a host path: HOSTPATH:PATH[:ro].
-    #[arg(short, long = "volume", value_name = "HOST:PATH[:ro]")]
+    /// Mount a host path, a named volume (made on first use, filled from the image) or a new
+    /// anonymous volume: HOSTPATH:PATH[:ro], NAME:PATH[:ro|nocopy] or PATH.
+    #[arg(short, long = "volume", value_name = "SRC:PATH[:OPTS]")]
     pub volume: Vec<String>,
+    /// Mount, in Docker's long form: type=bind|volume|tmpfs,source=..,target=..[,readonly]
+    /// [,volume-nocopy][,tmpfs-size=..][,tmpfs-mode=..].
+    #[arg(long = "mount", value_name = "FIELDS")]
+    pub mount: Vec<String>,
+    /// Mount a new tmpfs: PATH[:OPTS] (size=64m,mode=1777,exec,...; default nosuid,nodev,noexec).
+    #[arg(long, value_name = "PATH[:OPTS]")]
+    pub tmpfs: Vec<String>,
     /// No pull progress output.
     #[arg(short, long)]
     pub quiet: bool,
@@ -213,11 +221,7 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             .iter()
             .map(|p| runspec::parse_port(p))
             .collect::<Result<_, runspec::Error>>()?,
-        mounts: args
-            .volume
-            .iter()
-            .map(|v| runspec::parse_volume(v))
-            .collect::<Result<_, runspec::Error>>()?,
+        mounts: mounts(&args)?,
         ulimits: args
             .ulimit
             .iter()
@@ -402,4 +406,19 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
         Isolation::Container => Ok(container::run(&spec, &resolved, &opts)?),
         Isolation::Vm => Ok(rvmm::vm::run(&spec, &resolved, &opts)?),
     }
+}
+
+/// `-v`, `--mount` and `--tmpfs`, parsed and checked, parents before what is mounted in them (as
+/// Docker orders them).
+fn mounts(args: &Args) -> Result<Vec<runspec::Mount>, runspec::Error> {
+    let mut all = args
+        .volume
+        .iter()
+        .map(|v| runspec::parse_volume(v))
+        .chain(args.mount.iter().map(|m| runspec::parse_mount(m)))
+        .chain(args.tmpfs.iter().map(|t| runspec::parse_tmpfs(t)))
+        .collect::<Result<Vec<_>, _>>()?;
+    runspec::check_mounts(&all)?;
+    all.sort_by_key(|m| m.destination.split('/').filter(|c| !c.is_empty()).count());
+    Ok(all)
 }

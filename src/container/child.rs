@@ -6,9 +6,11 @@
 //! on a successful exec) and exits with CODE: 125 setup, 126 cannot execute, 127 not found.
 //!
 //! Mounts are made *after* pivot_root, so every target resolves inside the container's root (a
-//! symlink in the image cannot point a mount at the host); host-side sources (/etc files,
-//! volumes, the terminal) are opened as O_PATH descriptors before the pivot and mounted from
-//! /proc/self/fd.
+//! symlink in the image cannot point a mount at the host). Host-side sources are taken before the
+//! pivot: the terminal as an O_PATH descriptor (bound while the old root is still attached), the
+//! /etc files and the workload's binds and volumes as detached mount trees (open_tree), attached
+//! only once the old root is gone, so that neither a mount point made for them nor a volume's
+//! copy-up can reach the host through a symlink in the image.
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
@@ -24,8 +26,8 @@ pub struct Plan {
     pub spec: RunSpec,
     /// (host file holding the spec's content, path in the container)
     pub etc_files: Vec<(CString, String)>,
-    /// (host path, container path, read-only)
-    pub volumes: Vec<(CString, String, bool)>,
+    /// The host source of each of `spec.mounts` (empty for a tmpfs), in the same order.
+    pub sources: Vec<CString>,
     pub tty_slave: Option<RawFd>,
     /// The slave's path on the host's devpts (reopened in our mount namespace for /dev/console).
     pub tty_path: Option<CString>,
@@ -52,14 +54,6 @@ fn open_path(p: &CString) -> Result<RawFd, Failure> {
 
 fn fd_path(fd: RawFd) -> String {
     format!("/proc/self/fd/{fd}")
-}
-
-fn is_dir_fd(fd: RawFd) -> bool {
-    // SAFETY: st is plain data filled by fstat.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFDIR
-    }
 }
 
 /// Runs in the cloned child. Never returns on success (the workload replaces it).
@@ -151,18 +145,27 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     )
     .map_err(|f| Failure::setup(format!("{f} (overlayfs of the image layers)")))?;
 
-    // Host-side sources, before the host disappears.
-    let etc_fds: Vec<(RawFd, &str)> = p
+    // Host-side sources, before the host disappears: each bind as a detached mount tree, attached
+    // once the host's root is gone (then no path in the image, a symlink included, can lead a
+    // mount point or a copy out of the container's root).
+    let binds: Vec<Bind> = p
+        .spec
+        .mounts
+        .iter()
+        .zip(&p.sources)
+        .map(|(m, src)| Bind::prepare(m, src))
+        .collect::<Result<_, _>>()?;
+    let etc_trees: Vec<(RawFd, &str)> = p
         .etc_files
         .iter()
-        .map(|(src, dst)| open_path(src).map(|fd| (fd, dst.as_str())))
+        // The workload's own mount on one of these paths wins, as with Docker.
+        .filter(|(_, dst)| !p.spec.mounts.iter().any(|m| &m.destination == dst))
+        .map(|(src, dst)| {
+            rvmm_workload::mounts::clone_tree(&src.to_string_lossy(), false)
+                .map(|fd| (fd, dst.as_str()))
+        })
         .collect::<Result<_, _>>()?;
     let console_fd = p.tty_path.as_ref().map(open_path).transpose()?;
-    let vol_fds: Vec<(RawFd, &str, bool)> = p
-        .volumes
-        .iter()
-        .map(|(src, dst, ro)| open_path(src).map(|fd| (fd, dst.as_str(), *ro)))
-        .collect::<Result<_, _>>()?;
 
     // The old root stays attached under /.rvmm-old until the binds from it are made (a bind
     // source must be in our mount namespace), then goes.
@@ -200,21 +203,6 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
         // SAFETY: closing the O_PATH descriptor we opened.
         unsafe { libc::close(fd) };
     }
-    // /etc/hosts, /etc/hostname, /etc/resolv.conf.
-    for (fd, dst) in &etc_fds {
-        touch(dst);
-        rvmm_workload::bind(&fd_path(*fd), dst, false)?;
-    }
-    // Volumes.
-    for (fd, dst, ro) in &vol_fds {
-        if is_dir_fd(*fd) {
-            mkdir_p(dst);
-        } else {
-            touch(dst);
-        }
-        rvmm_workload::bind(&fd_path(*fd), dst, *ro)?;
-    }
-
     // SAFETY: detaching and removing the old root's mount point.
     unsafe {
         let old = c(OLD_ROOT);
@@ -222,6 +210,15 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
             "detaching the old root".into()
         })?;
         libc::rmdir(old.as_ptr());
+    }
+    // The workload's mounts (-v, --mount, --tmpfs; parents first), then /etc/hosts,
+    // /etc/hostname, /etc/resolv.conf: every path now resolves inside the container's root.
+    for b in binds {
+        b.attach()?;
+    }
+    for (tree, dst) in etc_trees {
+        touch(dst);
+        rvmm_workload::mounts::attach(tree, dst)?;
     }
     if p.spec.read_only {
         mount(
@@ -231,14 +228,6 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
             libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
             "",
         )?;
-    }
-    for fd in etc_fds
-        .iter()
-        .map(|x| x.0)
-        .chain(vol_fds.iter().map(|x| x.0))
-    {
-        // SAFETY: closing descriptors we opened.
-        unsafe { libc::close(fd) };
     }
     rvmm_workload::loopback_up();
 
@@ -287,6 +276,63 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
         ));
     }
     Err(rvmm_workload::exec(&prog, &p.spec.argv, &p.spec.env))
+}
+
+/// One of the workload's mounts, prepared while the host's root is reachable.
+struct Bind<'a> {
+    mount: &'a rvmm_proto::Mount,
+    /// A bind or a volume: the detached copy of its source, whether that is a directory, and for a
+    /// volume to fill from the image (copy-up), a descriptor of its directory.
+    tree: Option<(RawFd, bool, Option<RawFd>)>,
+}
+
+impl<'a> Bind<'a> {
+    fn prepare(mount: &'a rvmm_proto::Mount, src: &CString) -> Result<Bind<'a>, Failure> {
+        use rvmm_proto::MountKind;
+        if mount.kind == MountKind::Tmpfs {
+            return Ok(Bind { mount, tree: None });
+        }
+        let path = src.to_string_lossy();
+        let dir = std::fs::metadata(&*path).is_ok_and(|m| m.is_dir());
+        let copy_up = if mount.kind == MountKind::Volume && mount.copy_up {
+            // SAFETY: NUL-terminated path.
+            let fd = unsafe {
+                libc::open(
+                    src.as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            check(fd, || format!("opening volume {path}"))?;
+            Some(fd)
+        } else {
+            None
+        };
+        let tree = rvmm_workload::mounts::clone_tree(&path, mount.read_only)?;
+        Ok(Bind {
+            mount,
+            tree: Some((tree, dir, copy_up)),
+        })
+    }
+
+    /// Mounts it, in the container's own root.
+    fn attach(self) -> Result<(), Failure> {
+        let dst = &self.mount.destination;
+        let Some((tree, dir, copy_up)) = self.tree else {
+            return rvmm_workload::mounts::tmpfs(dst, &self.mount.options, self.mount.read_only);
+        };
+        if let Some(fd) = copy_up {
+            let r = rvmm_workload::mounts::copy_up("/", dst, fd);
+            // SAFETY: closing the descriptor opened in `prepare`.
+            unsafe { libc::close(fd) };
+            r?;
+        }
+        if dir {
+            mkdir_p(dst);
+        } else {
+            touch(dst);
+        }
+        rvmm_workload::mounts::attach(tree, dst)
+    }
 }
 
 /// # Safety

@@ -420,10 +420,10 @@ fn make_plan(
                 ))
             })
             .collect::<Result<_>>()?,
-        volumes: spec
+        sources: spec
             .mounts
             .iter()
-            .map(|m| Ok((cstr(&m.source)?, m.destination.clone(), m.read_only)))
+            .map(|m| cstr(&m.source))
             .collect::<Result<_>>()?,
         tty_slave,
         tty_path: tty_slave

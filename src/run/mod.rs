@@ -43,6 +43,8 @@ pub enum Error {
     StateJson(#[source] serde_json::Error),
     #[error("the run's supervisor ended without starting the run")]
     SupervisorGone,
+    #[error(transparent)]
+    Volume(#[from] crate::volume::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -177,6 +179,7 @@ pub fn prepare(spec: &RunSpec, opts: &RunOptions, isolation: Isolation) -> Resul
     drop(names_lock);
 
     let mut spec = spec.clone();
+    use_volumes(&mut spec, &opts.root, &mut cleanup.state)?;
     let mut publisher = None;
     if spec.network.mode == NetworkMode::Bridge {
         let (lease, p) = crate::net::attach_run(&mut spec.network, &opts.id)?;
@@ -197,6 +200,29 @@ pub fn prepare(spec: &RunSpec, opts: &RunOptions, isolation: Isolation) -> Resul
         publisher,
         _layers: layers,
     })
+}
+
+/// The spec's volumes, made if they do not exist yet and recorded in the run's state under the
+/// volume store's lock (so none is removed between here and the run's end); each mount's source
+/// becomes the volume's directory.
+fn use_volumes(spec: &mut RunSpec, root: &std::path::Path, state: &mut RunState) -> Result<()> {
+    use crate::runspec::MountKind;
+    if !spec.mounts.iter().any(|m| m.kind == MountKind::Volume) {
+        return Ok(());
+    }
+    let lock = crate::volume::lock(root)?;
+    for m in spec
+        .mounts
+        .iter_mut()
+        .filter(|m| m.kind == MountKind::Volume)
+    {
+        let name = (!m.source.is_empty()).then_some(m.source.as_str());
+        let (v, _) = crate::volume::create(root, name, Default::default(), &lock)?;
+        m.source = crate::volume::data_dir(root, &v.name).display().to_string();
+        state.volumes.push(v.name);
+    }
+    state.save()?;
+    Ok(())
 }
 
 /// What the spec gets once the run's network is known, decided here once for both isolations:

@@ -86,6 +86,9 @@ pub struct RunState {
     /// How long `stop` waits before SIGKILL (None: 10 s; -1: for ever).
     #[serde(default)]
     pub stop_timeout: Option<i32>,
+    /// The volumes the run mounts (by name): in use while the run is recorded.
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 fn default_stop_signal() -> i32 {
@@ -174,6 +177,7 @@ impl RunState {
                 .collect(),
             labels: spec.labels.clone(),
             stop_timeout: spec.stop_timeout,
+            volumes: Vec::new(),
         }
     }
 
@@ -208,6 +212,11 @@ impl RunState {
             && start_time(self.rvmm_pid).is_some_and(|t| t == self.rvmm_start)
     }
 
+    /// The store root the run belongs to (its directory is ROOT/runs/ID).
+    pub fn root(&self) -> Option<PathBuf> {
+        Some(self.dir.parent()?.parent()?.to_path_buf())
+    }
+
     /// Cgroup, network devices, address lease (idempotent).
     pub fn release_host_resources(&mut self) {
         if let Some(cg) = self.cgroup.take() {
@@ -235,6 +244,10 @@ impl RunState {
         self.finished_at = Some(now());
         if remove {
             let _ = remove_dir(&self.dir);
+            // Its anonymous volumes go with it (`--rm`), as with Docker.
+            if let Some(root) = self.root() {
+                crate::volume::remove_anonymous(&root, &self.volumes);
+            }
         } else {
             let _ = std::fs::remove_dir_all(self.dir.join("work"));
             let _ = std::fs::remove_dir(self.dir.join("rootfs"));

@@ -56,7 +56,7 @@ pub enum Error {
         "VM isolation needs /dev/kvm (read-write); use --isolation=container to run without it"
     )]
     NoKvm(#[source] std::io::Error),
-    #[error("-v is not supported with --isolation=vm yet")]
+    #[error("-v, --mount and --tmpfs are not supported with --isolation=vm yet (shared directories need virtio-fs)")]
     VolumesUnsupported,
     #[error("creating the microVM: {0}")]
     Create(String),

@@ -8,6 +8,7 @@
 //! cloned child and in a static PID 1, so it keeps to libc and never panics on input.
 
 pub mod fs;
+pub mod mounts;
 pub mod privileges;
 
 use std::ffi::CString;

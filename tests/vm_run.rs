@@ -422,6 +422,37 @@ fn resource_and_name_flags_match_container_isolation() {
     );
 }
 
+/// `--tmpfs` and `--mount type=tmpfs` (size limit, mode, Docker's default flags) under
+/// `--read-only`: the same in a VM (rvmm-init mounts them in the guest) as in a container.
+#[test]
+fn tmpfs_mounts_match_container_isolation() {
+    let Some(env) = setup() else { return };
+    let flags = [
+        "--network=none",
+        "--read-only",
+        "--tmpfs",
+        "/t:size=1m,mode=1770",
+        "--mount",
+        "type=tmpfs,target=/data/t2,tmpfs-size=512k",
+    ];
+    let script = "grep -E ' /(t|data/t2) ' /proc/mounts | cut -d' ' -f2,4; stat -c %a /t; \
+                  echo x > /t/f && cat /t/f; \
+                  dd if=/dev/zero of=/t/big bs=1k count=2048 2>/dev/null || echo full; \
+                  touch /not-here 2>/dev/null || echo read-only-root";
+    let want = "/t rw,nosuid,nodev,noexec,relatime,size=1024k,mode=1770\n\
+                /data/t2 rw,nosuid,nodev,noexec,relatime,size=512k\n\
+                1770\nx\nfull\nread-only-root\n";
+    for iso in ["container", "vm"] {
+        let o = run(&env, iso, &flags, &["sh", "-c", script], None);
+        assert_eq!(
+            (o.code, o.stdout.as_str()),
+            (0, want),
+            "{iso}: {}",
+            o.stderr
+        );
+    }
+}
+
 /// What RESOURCE_SCRIPT prints under RESOURCE_FLAGS: the limits, /dev/shm's size, root's groups
 /// with staff (50) and the numbers, the extra hosts line, the resolv.conf made of the flags (the
 /// host's options line aside), the two sysctls.

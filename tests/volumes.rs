@@ -1,7 +1,7 @@
 //! Shared directories and volumes (issue 19), container isolation: `-v` binds, named and
 //! anonymous volumes (seeded from the image), `--tmpfs`, `--mount`, `rvmm volume`, and mount
-//! points that an image's symlinks cannot aim at the host. VM isolation refuses these in one line
-//! until it has virtio-fs.
+//! points that an image's symlinks cannot aim at the host. VM isolation refuses binds and volumes
+//! in one line until it has virtio-fs (its tmpfs mounts are tests/vm_run.rs's).
 
 mod common;
 

@@ -15,7 +15,8 @@
 //!    (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay: the per-run writable layer, so
 //!    the cached image disk is never written;
 //! 5. moves the staged /proc, /sys and /dev into it, binds /etc/hosts, /etc/hostname and
-//!    /etc/resolv.conf; loopback and eth0; hostname; then moves it to / (switch_root);
+//!    /etc/resolv.conf; loopback and eth0; hostname; then moves it to / (switch_root), mounts the
+//!    workload's tmpfs mounts and makes / read-only with `--read-only`;
 //! 6. hands the workload to the zygote (or forks it) with the spec's user, env and cwd, and the
 //!    stdin, stdout and stderr ports as its fds 0-2 (its writes go straight to the host, no copy
 //!    through rvmm-init); with -t a pty whose master rvmm-init relays to and from those ports;
@@ -238,15 +239,6 @@ fn run(
             rvmm_workload::touch(&t);
             mount(&format!("/rw/etc/{name}"), &t, "", libc::MS_BIND, "")?;
         }
-        if spec.read_only {
-            mount(
-                "",
-                NEWROOT,
-                "",
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                "",
-            )?;
-        }
         Ok(())
     };
     sys::trace("overlay and /etc");
@@ -283,6 +275,24 @@ fn run(
         )?;
         check(libc::chroot(c(".").as_ptr()), || "chroot".into())?;
         check(libc::chdir(c("/").as_ptr()), || "chdir /".into())?;
+    }
+    // The workload's tmpfs mounts (`--tmpfs`, `--mount type=tmpfs`; parents first), in the new
+    // root, where the image's symlinks resolve; then `--read-only`.
+    for m in spec
+        .mounts
+        .iter()
+        .filter(|m| m.kind == rvmm_proto::MountKind::Tmpfs)
+    {
+        rvmm_workload::mounts::tmpfs(&m.destination, &m.options, m.read_only)?;
+    }
+    if spec.read_only {
+        mount(
+            "",
+            "/",
+            "",
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+            "",
+        )?;
     }
 
     sys::trace("switched root");

@@ -56,7 +56,7 @@ pub enum Error {
         "VM isolation needs /dev/kvm (read-write); use --isolation=container to run without it"
     )]
     NoKvm(#[source] std::io::Error),
-    #[error("-v, --mount and --tmpfs are not supported with --isolation=vm yet (shared directories need virtio-fs)")]
+    #[error("-v and --mount of host paths and volumes are not supported with --isolation=vm yet (shared directories need virtio-fs); --tmpfs works")]
     VolumesUnsupported,
     #[error("creating the microVM: {0}")]
     Create(String),
@@ -392,7 +392,11 @@ pub fn current_tag() -> Option<String> {
 
 /// Runs the spec in a microVM; returns the workload's exit status.
 pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u8> {
-    if !spec.mounts.is_empty() {
+    if spec
+        .mounts
+        .iter()
+        .any(|m| m.kind != crate::runspec::MountKind::Tmpfs)
+    {
         return Err(Error::VolumesUnsupported);
     }
     let t0 = Instant::now();

@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 

@@ -1058,7 +1058,337 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     m[0x100c] = 2;
     s.extend(m);
     v.push(("virtio_console", "used-ring-on-avail-ring".into(), s));
+    v.extend(fs_seeds());
     v
+}
+
+/// Seeds of `virtio_fs`: a guest's mount reading, one changing things, one trying the ways out;
+/// each on a writable and a read-only share.
+fn fs_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use crate::devices::virtio::fs::abi::{self, op, Wire};
+    let mut unique = 0u64;
+    let mut req = |opcode: u32, node: u64, parts: &[&[u8]]| -> Vec<u8> {
+        unique += 1;
+        let body = parts.concat();
+        let mut r = abi::InHeader {
+            len: (40 + body.len()) as u32,
+            opcode,
+            unique,
+            nodeid: node,
+            uid: 1000,
+            gid: 1000,
+            ..Default::default()
+        }
+        .bytes()
+        .to_vec();
+        r.extend(body);
+        // (room / 64, length, bytes)
+        let mut framed = 0x1000u16.to_le_bytes().to_vec();
+        framed.extend((r.len() as u16).to_le_bytes());
+        framed.extend(r);
+        framed
+    };
+    let init = abi::InitIn {
+        major: 7,
+        minor: 41,
+        max_readahead: 1 << 17,
+        flags: u32::MAX,
+    };
+    let open = |flags: i32| abi::OpenIn {
+        flags: flags as u32,
+        open_flags: 0,
+    };
+    let read = |fh: u64, size: u32| abi::ReadIn {
+        fh,
+        size,
+        ..Default::default()
+    };
+    let release = |fh: u64| abi::ReleaseIn {
+        fh,
+        ..Default::default()
+    };
+    let mut sessions: Vec<(&str, Vec<Vec<u8>>)> = Vec::new();
+    sessions.push((
+        "mount-and-read",
+        vec![
+            req(op::INIT, 0, &[init.bytes()]),
+            req(op::LOOKUP, 1, &[b"f\0"]),
+            req(op::OPEN, 2, &[open(libc::O_RDONLY).bytes()]),
+            req(op::READ, 2, &[read(1, 4096).bytes()]),
+            req(op::RELEASE, 2, &[release(1).bytes()]),
+            req(op::GETATTR, 1, &[abi::GetattrIn::default().bytes()]),
+            req(op::STATFS, 1, &[]),
+            req(op::OPENDIR, 1, &[open(0).bytes()]),
+            req(op::READDIR, 1, &[read(2, 4096).bytes()]),
+            req(op::RELEASEDIR, 1, &[release(2).bytes()]),
+            req(op::LOOKUP, 1, &[b"d\0"]),
+            req(op::FORGET, 2, &[abi::ForgetIn { nlookup: 1 }.bytes()]),
+        ],
+    ));
+    let create = abi::CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: 0o644,
+        ..Default::default()
+    };
+    let write = abi::WriteIn {
+        fh: 1,
+        size: 5,
+        ..Default::default()
+    };
+    let setattr = abi::SetattrIn {
+        valid: abi::fattr::SIZE | abi::fattr::MODE | abi::fattr::MTIME | abi::fattr::UID,
+        size: 2,
+        mode: 0o600,
+        uid: 0,
+        ..Default::default()
+    };
+    sessions.push((
+        "change-things",
+        vec![
+            req(op::INIT, 0, &[init.bytes()]),
+            req(op::CREATE, 1, &[create.bytes(), b"new\0"]),
+            req(op::WRITE, 2, &[write.bytes(), b"hello"]),
+            req(op::SETATTR, 2, &[setattr.bytes()]),
+            req(
+                op::MKDIR,
+                1,
+                &[
+                    abi::MkdirIn {
+                        mode: 0o755,
+                        umask: 0,
+                    }
+                    .bytes(),
+                    b"dir\0",
+                ],
+            ),
+            req(op::SYMLINK, 3, &[b"link\0", b"../new\0"]),
+            req(
+                op::LINK,
+                3,
+                &[abi::LinkIn { oldnodeid: 2 }.bytes(), b"hard\0"],
+            ),
+            req(
+                op::RENAME,
+                1,
+                &[abi::RenameIn { newdir: 3 }.bytes(), b"new\0", b"moved\0"],
+            ),
+            req(
+                op::RENAME2,
+                3,
+                &[
+                    abi::Rename2In {
+                        newdir: 1,
+                        flags: 2,
+                        padding: 0,
+                    }
+                    .bytes(),
+                    b"moved\0",
+                    b"f\0",
+                ],
+            ),
+            req(op::UNLINK, 3, &[b"hard\0"]),
+            req(
+                op::MKNOD,
+                1,
+                &[
+                    abi::MknodIn {
+                        mode: libc::S_IFIFO | 0o600,
+                        ..Default::default()
+                    }
+                    .bytes(),
+                    b"fifo\0",
+                ],
+            ),
+            req(
+                op::FSYNC,
+                2,
+                &[abi::FsyncIn {
+                    fh: 1,
+                    fsync_flags: 1,
+                    padding: 0,
+                }
+                .bytes()],
+            ),
+            req(op::RMDIR, 1, &[b"dir\0"]),
+            req(
+                op::BATCH_FORGET,
+                0,
+                &[
+                    abi::BatchForgetIn { count: 2, dummy: 0 }.bytes(),
+                    abi::ForgetOne {
+                        nodeid: 2,
+                        nlookup: 1,
+                    }
+                    .bytes(),
+                    abi::ForgetOne {
+                        nodeid: 3,
+                        nlookup: 9,
+                    }
+                    .bytes(),
+                ],
+            ),
+            req(op::DESTROY, 0, &[]),
+        ],
+    ));
+    sessions.push((
+        "ways-out",
+        vec![
+            req(op::INIT, 0, &[init.bytes()]),
+            req(op::LOOKUP, 1, &[b"out\0"]),
+            req(op::OPEN, 2, &[open(libc::O_RDWR).bytes()]),
+            req(op::LOOKUP, 2, &[b"secret\0"]),
+            req(op::LOOKUP, 1, &[b"up\0"]),
+            req(op::LOOKUP, 1, &[b"..\0"]),
+            req(op::LOOKUP, 1, &[b"p\0"]),
+            req(op::OPEN, 4, &[open(libc::O_RDONLY).bytes()]),
+            req(op::CREATE, 1, &[create.bytes(), b"out\0"]),
+            req(op::CREATE, 2, &[create.bytes(), b"x\0"]),
+            req(
+                op::RENAME,
+                1,
+                &[abi::RenameIn { newdir: 1 }.bytes(), b"f\0", b"../f\0"],
+            ),
+            req(op::LINK, 1, &[abi::LinkIn { oldnodeid: 2 }.bytes(), b"l\0"]),
+            req(
+                op::MKNOD,
+                1,
+                &[
+                    abi::MknodIn {
+                        mode: libc::S_IFCHR | 0o666,
+                        rdev: 0x103,
+                        ..Default::default()
+                    }
+                    .bytes(),
+                    b"null\0",
+                ],
+            ),
+            req(op::READLINK, 2, &[]),
+            req(op::READ, 1, &[read(77, u32::MAX).bytes()]),
+        ],
+    ));
+    let mut v = Vec::new();
+    for (name, reqs) in sessions {
+        for ro in [0u8, 1] {
+            let mut s = vec![ro];
+            for r in &reqs {
+                s.extend(r);
+            }
+            v.push(("virtio_fs", format!("{name}-ro{ro}"), s));
+        }
+    }
+    v
+}
+
+/// Node and handle bounds of the `virtio_fs` target's server (small, so the fuzzer reaches them).
+const FS_LIMITS: crate::devices::virtio::fs::Limits = crate::devices::virtio::fs::Limits {
+    inodes: 32,
+    handles: 8,
+};
+
+/// virtio-fs's FUSE server on a real share: a file, a directory, a FIFO, symlinks pointing out of
+/// the share (absolute and `..`), beside a directory it must never touch. Input: read-only bit,
+/// then requests as (room / 64: u16, length: u16, bytes). Checks: a reply fits its room and its
+/// header says its length and the request's ID; the server holds no more than its limits;
+/// nothing outside the share changes; a read-only share does not change at all.
+pub fn virtio_fs(data: &[u8]) {
+    use crate::devices::virtio::fs::{abi, Server};
+    use abi::Wire;
+    let mut input = Input::new(data);
+    let read_only = input.u8() & 1 == 1;
+    let Ok(t) = tempfile::tempdir() else { return };
+    let (share, outside) = (t.path().join("share"), t.path().join("outside"));
+    let made = (|| -> std::io::Result<()> {
+        std::fs::create_dir(&outside)?;
+        std::fs::write(outside.join("secret"), "secret")?;
+        std::fs::create_dir_all(share.join("d"))?;
+        std::fs::write(share.join("f"), "file")?;
+        std::os::unix::fs::symlink(&outside, share.join("out"))?;
+        std::os::unix::fs::symlink("..", share.join("up"))?;
+        let fifo = std::ffi::CString::new(share.join("p").as_os_str().as_encoded_bytes())
+            .unwrap_or_default();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) };
+        Ok(())
+    })();
+    if made.is_err() {
+        return;
+    }
+    let before = tree_of(t.path());
+    let Ok(mut server) = Server::new(&share, read_only, FS_LIMITS) else {
+        return;
+    };
+    while !input.is_empty() {
+        let room = usize::from(input.u16()) * 64;
+        let len = usize::from(input.u16());
+        let req = input.bytes(len);
+        if let Some(out) = server.handle(req, room) {
+            assert!(
+                out.len() <= room,
+                "a reply of {} bytes in {room}",
+                out.len()
+            );
+            let h = abi::OutHeader::read(&out).expect("a reply has a header");
+            assert_eq!(h.len as usize, out.len());
+            assert_eq!(Some(h.unique), abi::InHeader::read(req).map(|r| r.unique));
+        }
+        let (inodes, handles) = server.held();
+        assert!(inodes <= FS_LIMITS.inodes && handles <= FS_LIMITS.handles);
+    }
+    drop(server);
+    let after = tree_of(t.path());
+    let outside_of = |tree: &[(String, String)]| -> Vec<(String, String)> {
+        tree.iter()
+            .filter(|(p, _)| !p.starts_with("share/"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        outside_of(&before),
+        outside_of(&after),
+        "outside the share changed"
+    );
+    if read_only {
+        assert_eq!(before, after, "a read-only share changed");
+    }
+}
+
+/// Every path under `root` (relative) with its type, mode, owner, size and content digest.
+fn tree_of(root: &Path) -> Vec<(String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let rel = p.strip_prefix(root).unwrap_or(&p).display().to_string();
+            let body = if m.is_file() {
+                std::fs::read(&p)
+                    .map(|b| format!("{:016x}", rvmm_shim::fnv1a(&b, 0xcbf2_9ce4_8422_2325)))
+                    .unwrap_or_default()
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&p)
+                    .map(|l| l.display().to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            out.push((
+                rel,
+                format!("{:o} {}:{} {} {body}", m.mode(), m.uid(), m.gid(), m.len()),
+            ));
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Runs the named target on `data` (for tests and seeds).
@@ -1071,6 +1401,7 @@ pub fn run(target: &str, data: &[u8]) {
         "channel_host" => channel_host(data),
         "snapshot" => snapshot(data),
         "virtio_console" => virtio_console(data),
+        "virtio_fs" => virtio_fs(data),
         // In fuzz/fuzz_targets/guest_start.rs: rvmm-init is not a dependency of this crate.
         "guest_start" => {}
         _ => panic!("no fuzz target {target}"),

@@ -681,6 +681,7 @@ pub fn snapshot(data: &[u8]) {
                 _hosts = hosts;
                 Box::new(Console::new(ports).expect("two ports are allowed"))
             }
+            Slot::Fs => Box::new(crate::devices::virtio::fs::Fs::new(None)),
         };
         // As the VMM's restore does: the device's own state first, refused if it does not fit.
         if let Some(d) = ts.device.clone() {
@@ -756,7 +757,7 @@ pub fn snapshot_seed(sel: u8) -> Vec<u8> {
             },
             queues: match d {
                 Slot::Block { .. } => vec![queue(0)],
-                Slot::Net => vec![queue(1), queue(2)],
+                Slot::Net | Slot::Fs => vec![queue(1), queue(2)],
                 Slot::Console { ports } => (0..2 * (console::MAX_PORTS as u64 + 1))
                     .map(|i| {
                         let mut q = queue(3 + i);

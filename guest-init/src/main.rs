@@ -15,8 +15,10 @@
 //!    (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay: the per-run writable layer, so
 //!    the cached image disk is never written;
 //! 5. moves the staged /proc, /sys and /dev into it, binds /etc/hosts, /etc/hostname and
-//!    /etc/resolv.conf; loopback and eth0; hostname; then moves it to / (switch_root), mounts the
-//!    workload's tmpfs mounts and makes / read-only with `--read-only`;
+//!    /etc/resolv.conf; loopback and eth0; hostname; mounts the host's shared directories
+//!    (virtio-fs); then moves it to / (switch_root), attaches the workload's mounts (shared
+//!    directories, a new volume filled from the image first; tmpfs) and makes / read-only with
+//!    `--read-only`;
 //! 6. hands the workload to the zygote (or forks it) with the spec's user, env and cwd, and the
 //!    stdin, stdout and stderr ports as its fds 0-2 (its writes go straight to the host, no copy
 //!    through rvmm-init); with -t a pty whose master rvmm-init relays to and from those ports;
@@ -36,6 +38,8 @@ use rvmm_workload::{c, check, mkdir_p, mount, Failure};
 /// How long the channel's ports may take to appear after the kernel started PID 1.
 const PORTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 const NEWROOT: &str = "/newroot";
+/// Where the host's shared directories are mounted (virtio-fs), outside the new root.
+const SHARES: &str = "/rvmm-shares";
 
 /// Guest uptime when PID 1 started, for the STARTED frame (the kernel's share of a cold start).
 pub static INIT_UPTIME_MS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -257,6 +261,38 @@ fn run(
     // The guest's own /proc: the workload runs on this kernel.
     rvmm_workload::sysctls("/proc", &spec.sysctls)?;
     sys::trace("hostname and network");
+    // Shared directories (binds and volumes; the host's virtio-fs device serves them as
+    // rvmm:/0, rvmm:/1, ... in the spec's order), taken before the switch and attached after it,
+    // in the new root, with the tmpfs mounts.
+    let shared = spec
+        .mounts
+        .iter()
+        .any(|m| m.kind != rvmm_proto::MountKind::Tmpfs);
+    if shared {
+        mkdir_p(SHARES);
+        mount(
+            "rvmm",
+            SHARES,
+            "virtiofs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "",
+        )
+        .map_err(|e| Failure::setup(format!("{e} (the host's shared directories)")))?;
+    }
+    let mut n = 0;
+    let mounts = spec
+        .mounts
+        .iter()
+        .map(|m| {
+            let source = if m.kind == rvmm_proto::MountKind::Tmpfs {
+                String::new()
+            } else {
+                n += 1;
+                format!("{SHARES}/{}", n - 1)
+            };
+            rvmm_workload::mounts::Prepared::new(m, &source)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     // switch_root: the overlay becomes /.
     // SAFETY: chdir/mount/chroot with NUL-terminated paths.
     unsafe {
@@ -276,14 +312,10 @@ fn run(
         check(libc::chroot(c(".").as_ptr()), || "chroot".into())?;
         check(libc::chdir(c("/").as_ptr()), || "chdir /".into())?;
     }
-    // The workload's tmpfs mounts (`--tmpfs`, `--mount type=tmpfs`; parents first), in the new
-    // root, where the image's symlinks resolve; then `--read-only`.
-    for m in spec
-        .mounts
-        .iter()
-        .filter(|m| m.kind == rvmm_proto::MountKind::Tmpfs)
-    {
-        rvmm_workload::mounts::tmpfs(&m.destination, &m.options, m.read_only)?;
+    // The workload's mounts (parents first), in the new root, where the image's symlinks
+    // resolve; then `--read-only`.
+    for m in mounts {
+        m.attach()?;
     }
     if spec.read_only {
         mount(

@@ -84,6 +84,7 @@ pub fn exec(args: Args, _global: &Global) -> anyhow::Result<u8> {
             })
             .collect(),
         ports: Vec::new(),
+        fs: None,
     };
 
     // The VMM runs jailed in a process of its own (docs/security.md); SIGINT/SIGTERM stop it.

@@ -148,12 +148,12 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
     // Host-side sources, before the host disappears: each bind as a detached mount tree, attached
     // once the host's root is gone (then no path in the image, a symlink included, can lead a
     // mount point or a copy out of the container's root).
-    let binds: Vec<Bind> = p
+    let binds: Vec<rvmm_workload::mounts::Prepared> = p
         .spec
         .mounts
         .iter()
         .zip(&p.sources)
-        .map(|(m, src)| Bind::prepare(m, src))
+        .map(|(m, src)| rvmm_workload::mounts::Prepared::new(m, &src.to_string_lossy()))
         .collect::<Result<_, _>>()?;
     let etc_trees: Vec<(RawFd, &str)> = p
         .etc_files
@@ -276,63 +276,6 @@ fn setup_and_exec(p: &Plan) -> Result<Never, Failure> {
         ));
     }
     Err(rvmm_workload::exec(&prog, &p.spec.argv, &p.spec.env))
-}
-
-/// One of the workload's mounts, prepared while the host's root is reachable.
-struct Bind<'a> {
-    mount: &'a rvmm_proto::Mount,
-    /// A bind or a volume: the detached copy of its source, whether that is a directory, and for a
-    /// volume to fill from the image (copy-up), a descriptor of its directory.
-    tree: Option<(RawFd, bool, Option<RawFd>)>,
-}
-
-impl<'a> Bind<'a> {
-    fn prepare(mount: &'a rvmm_proto::Mount, src: &CString) -> Result<Bind<'a>, Failure> {
-        use rvmm_proto::MountKind;
-        if mount.kind == MountKind::Tmpfs {
-            return Ok(Bind { mount, tree: None });
-        }
-        let path = src.to_string_lossy();
-        let dir = std::fs::metadata(&*path).is_ok_and(|m| m.is_dir());
-        let copy_up = if mount.kind == MountKind::Volume && mount.copy_up {
-            // SAFETY: NUL-terminated path.
-            let fd = unsafe {
-                libc::open(
-                    src.as_ptr(),
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                )
-            };
-            check(fd, || format!("opening volume {path}"))?;
-            Some(fd)
-        } else {
-            None
-        };
-        let tree = rvmm_workload::mounts::clone_tree(&path, mount.read_only)?;
-        Ok(Bind {
-            mount,
-            tree: Some((tree, dir, copy_up)),
-        })
-    }
-
-    /// Mounts it, in the container's own root.
-    fn attach(self) -> Result<(), Failure> {
-        let dst = &self.mount.destination;
-        let Some((tree, dir, copy_up)) = self.tree else {
-            return rvmm_workload::mounts::tmpfs(dst, &self.mount.options, self.mount.read_only);
-        };
-        if let Some(fd) = copy_up {
-            let r = rvmm_workload::mounts::copy_up("/", dst, fd);
-            // SAFETY: closing the descriptor opened in `prepare`.
-            unsafe { libc::close(fd) };
-            r?;
-        }
-        if dir {
-            mkdir_p(dst);
-        } else {
-            touch(dst);
-        }
-        rvmm_workload::mounts::attach(tree, dst)
-    }
 }
 
 /// # Safety

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use super::{cpio, guest_cmdline, jail, snapshots, Error};
 use crate::error::{IoContext, IoError};
 use crate::run::stdio::pipe;
-use crate::vmm::{Console, DiskConfig, NetConfig, PortBackend, TapSource, VmConfig};
+use crate::vmm::{
+    Console, DiskConfig, FsConfig, NetConfig, PortBackend, Share, TapSource, VmConfig,
+};
 
 /// The machine a VM run gets, cold or warm.
 pub(super) struct Machine {
@@ -22,6 +24,8 @@ pub(super) struct Machine {
     pub(super) taps: Vec<String>,
     pub(super) mac: [u8; 6],
     pub(super) console: PathBuf,
+    /// Host directories shared with the guest (virtio-fs; the device is there without any).
+    pub(super) shares: Vec<Share>,
 }
 
 /// rvmm's ends of the channel's ports (docs/vm-channel.md): frames to and from rvmm-init, and
@@ -80,6 +84,10 @@ impl Machine {
             console: Console::File(self.console.clone()),
             channel: None,
             ports,
+            fs: Some(FsConfig {
+                shares: self.shares.clone(),
+                ..Default::default()
+            }),
             net: self
                 .taps
                 .iter()

@@ -56,8 +56,6 @@ pub enum Error {
         "VM isolation needs /dev/kvm (read-write); use --isolation=container to run without it"
     )]
     NoKvm(#[source] std::io::Error),
-    #[error("-v and --mount of host paths and volumes are not supported with --isolation=vm yet (shared directories need virtio-fs); --tmpfs works")]
-    VolumesUnsupported,
     #[error("creating the microVM: {0}")]
     Create(String),
     #[error("attaching the image disk: {0}")]
@@ -243,6 +241,7 @@ pub fn prewarm(
         },
         mac: [0x02, 0, 0, 0, 0, 1],
         console: work.path().join("console.log"),
+        shares: Vec::new(),
     };
     let (identity, tag, key) = machine.identity()?;
     if snaps.find(&key).is_some() {
@@ -390,15 +389,21 @@ pub fn current_tag() -> Option<String> {
     Some(snapshots::tag(&kernel, &init, &guest_cmdline(), &security))
 }
 
+/// The host directories a run shares with its guest (binds and volumes, in the spec's order:
+/// rvmm-init finds share N as the N-th of them).
+fn shares(spec: &RunSpec) -> Vec<crate::vmm::Share> {
+    spec.mounts
+        .iter()
+        .filter(|m| m.kind != crate::runspec::MountKind::Tmpfs)
+        .map(|m| crate::vmm::Share {
+            source: m.source.clone().into(),
+            read_only: m.read_only,
+        })
+        .collect()
+}
+
 /// Runs the spec in a microVM; returns the workload's exit status.
 pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u8> {
-    if spec
-        .mounts
-        .iter()
-        .any(|m| m.kind != crate::runspec::MountKind::Tmpfs)
-    {
-        return Err(Error::VolumesUnsupported);
-    }
     let t0 = Instant::now();
     let (kernel, init) = vm_prerequisites()?;
     let mut run = crate::run::prepare(spec, opts, Isolation::Vm)?;
@@ -435,6 +440,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         taps,
         mac: mac.unwrap_or_default(),
         console: dir.join("console.log"),
+        shares: shares(&spec),
     };
     let snaps = snapshots::Snapshots::new(&opts.root);
     let (identity, tag, key) = machine.identity()?;

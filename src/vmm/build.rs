@@ -17,7 +17,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::config::{layout_of, Channel, Console, VmConfig, CONSOLE_FILE_LIMIT};
+use super::config::{layout_of, Channel, Console, FsConfig, VmConfig, CONSOLE_FILE_LIMIT};
 use super::control::{Control, Controller, ExitReason, Pause, Shared};
 use super::snapshot::{self, Snapshot};
 use super::{boot, events, ioctl_err, kvm, layout, pvm_cmdline_additions, vcpu, Error, Vm};
@@ -27,6 +27,7 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::tap::Tap;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console as VirtioConsole;
+use crate::devices::virtio::fs::{Fs, Server};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::VirtioDevice;
@@ -86,8 +87,9 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         channel,
         net,
         ports,
+        fs,
     } = cfg;
-    let devices = open_backends(&disks, net, ports)?;
+    let devices = open_backends(&disks, net, ports, fs)?;
 
     let kvm = kvm::open()?;
     let vm = create_vm(&kvm)?;
@@ -112,6 +114,7 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         pio: Bus::new(),
         mmio: Bus::new(),
         handler: events::Handler::new(shared.clone()).map_err(Error::EventFd)?,
+        fs_handler: events::Handler::new(shared.clone()).map_err(Error::EventFd)?,
         cmdline: command_line(&base_cmdline, kind),
     };
     let serials = b.serial_ports(&console, channel)?;
@@ -134,6 +137,7 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         pio,
         mmio,
         handler,
+        fs_handler,
         cmdline,
         ..
     } = b;
@@ -156,6 +160,7 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         mmio,
         shared,
         events: handler,
+        fs_events: fs_handler,
         kind,
         cmdline,
         control,
@@ -174,7 +179,10 @@ pub(crate) fn validate(cfg: &VmConfig, booting: bool) -> Result<(), Error> {
     if cfg.vcpus == 0 || cfg.vcpus > layout::MAX_VCPUS {
         return Err(Error::Vcpus(cfg.vcpus));
     }
-    let ndev = cfg.disks.len() + cfg.net.len() + usize::from(!cfg.ports.is_empty());
+    let ndev = cfg.disks.len()
+        + cfg.net.len()
+        + usize::from(!cfg.ports.is_empty())
+        + usize::from(cfg.fs.is_some());
     if ndev > layout::MAX_VIRTIO_DEVICES as usize {
         return Err(Error::TooManyDevices(ndev));
     }
@@ -205,11 +213,12 @@ fn empty_file() -> Result<File, Error> {
 }
 
 /// Step 1 (cont.): every disk image, tap and channel port opens (read-only disks read-only), in
-/// MMIO order: disks, network devices, the console.
+/// MMIO order: disks, network devices, the console, the shared directories.
 fn open_backends(
     disks: &[DiskConfig],
     net: Vec<NetConfig>,
     ports: Vec<PortBackend>,
+    fs: Option<FsConfig>,
 ) -> Result<Vec<DeviceWithBackend>, Error> {
     let mut devices: Vec<DeviceWithBackend> = Vec::new();
     for (i, d) in disks.iter().enumerate() {
@@ -236,7 +245,43 @@ fn open_backends(
         let fds = console.backend_fds();
         devices.push((Box::new(console), fds));
     }
+    if let Some(f) = fs {
+        let server = match (f.root, f.proc_self_fd) {
+            (None, _) => None,
+            (Some(root), None) => Some(Server::new(&root, false, fs_limits())),
+            (Some(root), Some(proc)) => Some(
+                open_dir(&root)
+                    .and_then(|r| Ok(Server::with_fds(r, proc.try_clone()?, false, fs_limits()))),
+            ),
+        }
+        .transpose()
+        .map_err(Error::Shares)?;
+        devices.push((Box::new(Fs::new(server)), Vec::new()));
+    }
     Ok(devices)
+}
+
+/// `path`, a directory, as an O_PATH descriptor.
+fn open_dir(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(path)
+        .map(Into::into)
+}
+
+/// What a guest can make a virtio-fs server hold: node descriptors within the VMM's open-file
+/// limit (less what the VMM itself needs), open handles.
+fn fs_limits() -> crate::devices::virtio::fs::Limits {
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let room = nofile.saturating_sub(512) as usize;
+    crate::devices::virtio::fs::Limits {
+        inodes: room * 7 / 8,
+        handles: (room / 8).max(16),
+    }
 }
 
 /// Step 4: the VM with its TSS, in-kernel irqchip and PIT.
@@ -307,6 +352,8 @@ struct Builder<'a> {
     pio: Bus,
     mmio: Bus,
     handler: events::Handler,
+    /// The virtio-fs device's queue notifications: served on a thread of their own.
+    fs_handler: events::Handler,
     cmdline: String,
 }
 
@@ -415,6 +462,7 @@ impl Builder<'_> {
             let addr = layout::virtio_mmio_addr(idx);
             let gsi = layout::virtio_irq(idx);
             let irq = Arc::new(self.irq(gsi)?);
+            let is_fs = dev.device_type() == crate::devices::virtio::fs::TYPE_FS;
             let t = match self.saved {
                 None => MmioTransport::new(dev, self.mem.clone(), irq).map_err(Error::Queue)?,
                 Some(s) => {
@@ -438,7 +486,11 @@ impl Builder<'_> {
                         q as u32,
                     )
                     .map_err(ioctl_err("KVM_IOEVENTFD"))?;
-                self.handler.add_notify(evt, t.clone(), q);
+                if is_fs {
+                    self.fs_handler.add_notify(evt, t.clone(), q);
+                } else {
+                    self.handler.add_notify(evt, t.clone(), q);
+                }
             }
             for (fd, input) in backend_fds {
                 if input {

@@ -30,6 +30,30 @@ pub struct VmConfig {
     /// The ports of a multiport virtio-console, after the network devices on the MMIO bus (no
     /// device when empty): the host ↔ guest channel (docs/vm-channel.md).
     pub ports: Vec<PortBackend>,
+    /// A virtio-fs device, last on the MMIO bus (issue 19): shared host directories.
+    pub fs: Option<FsConfig>,
+}
+
+/// The virtio-fs device of a VM: present from boot (a warm snapshot has it) whether or not
+/// anything is shared yet.
+#[derive(Debug, Clone, Default)]
+pub struct FsConfig {
+    /// The directories to share, in order (as the host names them): a jailed VMM binds each
+    /// into its root as `shares/N` and serves that directory.
+    pub shares: Vec<Share>,
+    /// The directory the device serves, as the VMM process sees it (None: nothing, every
+    /// request fails); set by the VMM process itself.
+    pub root: Option<PathBuf>,
+    /// /proc/self/fd, opened before the jail left /proc behind (the server reopens nodes
+    /// through it); None: opened by path.
+    pub proc_self_fd: Option<std::sync::Arc<OwnedFd>>,
+}
+
+/// One shared directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Share {
+    pub source: PathBuf,
+    pub read_only: bool,
 }
 
 /// A virtio-net device backed by a TAP.
@@ -67,6 +91,7 @@ impl VmConfig {
             channel: None,
             net: Vec::new(),
             ports: Vec::new(),
+            fs: None,
         }
     }
 }
@@ -122,6 +147,7 @@ pub(crate) fn layout_of(cfg: &VmConfig, kind: HostKind) -> Layout {
             .chain((!cfg.ports.is_empty()).then_some(Slot::Console {
                 ports: cfg.ports.len() as u32,
             }))
+            .chain(cfg.fs.as_ref().map(|_| Slot::Fs))
             .collect(),
         channel: cfg.channel.is_some(),
         host: kind.name().into(),

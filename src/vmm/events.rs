@@ -82,6 +82,11 @@ impl Handler {
         });
     }
 
+    /// Nothing to wait for (no device's notifications were added).
+    pub fn is_empty(&self) -> bool {
+        self.notifies.is_empty() && self.inputs.is_empty() && self.backends.is_empty()
+    }
+
     pub fn add_notify(&mut self, evt: EventFd, transport: Arc<Mutex<MmioTransport>>, queue: usize) {
         self.notifies.push(Notify {
             evt,

@@ -36,8 +36,8 @@ use crate::devices::{lock, Bus};
 
 pub use crate::devices::virtio::console::PortBackend;
 pub use config::{
-    Channel, Console, DiskConfig, NetConfig, TapSource, VmConfig, CONSOLE_FILE_LIMIT,
-    DEFAULT_CMDLINE,
+    Channel, Console, DiskConfig, FsConfig, NetConfig, Share, TapSource, VmConfig,
+    CONSOLE_FILE_LIMIT, DEFAULT_CMDLINE,
 };
 use control::{kick_signal, ExitReason, Shared};
 pub use control::{Controller, StopHandle};
@@ -110,6 +110,8 @@ pub enum Error {
     Guest(String),
     #[error("{0}")]
     Snapshot(String),
+    #[error("cannot open the shared directories")]
+    Shares(#[source] std::io::Error),
 }
 
 fn ioctl_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -125,6 +127,8 @@ pub struct Vm {
     mmio: Bus,
     shared: Arc<Shared>,
     events: events::Handler,
+    /// The virtio-fs device's notifications (empty without one): their own thread.
+    fs_events: events::Handler,
     kind: HostKind,
     cmdline: String,
     control: Controller,
@@ -142,6 +146,13 @@ pub struct ThreadFilters {
     /// (the test that proves a forbidden call kills the VMM process).
     pub after_vcpu: Option<fn()>,
     pub after_event: Option<fn()>,
+    /// The virtio-fs thread's filter.
+    pub fs: Option<seccompiler::BpfProgram>,
+    /// Called first on every vCPU thread and on the event thread (a jailed VMM drops there
+    /// the capabilities only the virtio-fs thread keeps), and on the virtio-fs thread (which
+    /// raises them); an error stops the VM.
+    pub on_start: Option<fn() -> Result<(), String>>,
+    pub on_fs_start: Option<fn() -> Result<(), String>>,
 }
 
 /// How long `run` waits for vCPU threads to stop.
@@ -195,6 +206,7 @@ impl Vm {
             mmio,
             shared,
             events,
+            fs_events,
             control,
             filters,
             ..
@@ -204,10 +216,15 @@ impl Vm {
             let (pio, mmio, sh) = (pio.clone(), mmio.clone(), shared.clone());
             let filter = filters.vcpu.clone();
             let after = filters.after_vcpu;
+            let on_start = filters.on_start;
             let t = std::thread::Builder::new()
                 .name(format!("rvmm-vcpu{id}"))
                 .spawn(move || {
                     let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
+                    if let Some(Err(e)) = on_start.map(|f| f()) {
+                        sh.request_exit(ExitReason::Error(e));
+                        return;
+                    }
                     if let Some(f) = filter {
                         if let Err(e) = seccompiler::apply_filter(&f) {
                             sh.request_exit(ExitReason::Error(format!(
@@ -233,6 +250,39 @@ impl Vm {
                     break;
                 }
             }
+        }
+        if !fs_events.is_empty() {
+            let (sh, filter, on_fs_start) =
+                (shared.clone(), filters.fs.clone(), filters.on_fs_start);
+            // Not joined: it sleeps in its own loop, which the VM's end wakes, and holds nothing
+            // the process needs afterwards.
+            let t = std::thread::Builder::new()
+                .name("rvmm-fs".into())
+                .spawn(move || {
+                    if let Some(Err(e)) = on_fs_start.map(|f| f()) {
+                        sh.request_exit(ExitReason::Error(e));
+                        return;
+                    }
+                    if let Some(f) = filter {
+                        if let Err(e) = seccompiler::apply_filter(&f) {
+                            sh.request_exit(ExitReason::Error(format!(
+                                "cannot install the virtio-fs thread's seccomp filter: {e}"
+                            )));
+                            return;
+                        }
+                    }
+                    if events::run(fs_events, &sh).is_err() {
+                        sh.request_exit(ExitReason::Error("the virtio-fs loop failed".into()));
+                    }
+                });
+            if let Err(e) = t {
+                shared.request_exit(ExitReason::Error(format!(
+                    "cannot start the virtio-fs thread: {e}"
+                )));
+            }
+        }
+        if let Some(Err(e)) = filters.on_start.map(|f| f()) {
+            shared.request_exit(ExitReason::Error(e));
         }
         if let Some(f) = &filters.event {
             if let Err(e) = seccompiler::apply_filter(f) {

@@ -141,6 +141,8 @@ pub enum Slot {
     Console {
         ports: u32,
     },
+    /// A virtio-fs device.
+    Fs,
 }
 
 /// What a restore must provide the same way.
@@ -165,6 +167,7 @@ impl std::fmt::Display for Layout {
                 Slot::Block { read_only: false } => "disk",
                 Slot::Net => "net",
                 Slot::Console { .. } => "console",
+                Slot::Fs => "fs",
             })
             .collect();
         write!(

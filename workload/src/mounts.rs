@@ -154,6 +154,66 @@ pub fn attach(tree: RawFd, target: &str) -> Result<(), Failure> {
     r.map_or(Ok(()), Err)
 }
 
+/// One of the workload's mounts (`-v`, `--mount`, `--tmpfs`), taken while its source can be
+/// reached (a container's host root, a VM's shared directories) and attached once the
+/// workload's root is the only one left ([`Prepared::attach`]).
+pub struct Prepared<'a> {
+    mount: &'a rvmm_proto::Mount,
+    /// A bind or a volume: the detached copy of its source, whether that is a directory, and
+    /// for a volume to fill from the image (copy-up), a descriptor of its directory.
+    tree: Option<(RawFd, bool, Option<RawFd>)>,
+}
+
+impl<'a> Prepared<'a> {
+    /// Takes `mount`'s source, `source` as this process sees it now (unused for a tmpfs).
+    pub fn new(mount: &'a rvmm_proto::Mount, source: &str) -> Result<Prepared<'a>, Failure> {
+        use rvmm_proto::MountKind;
+        if mount.kind == MountKind::Tmpfs {
+            return Ok(Prepared { mount, tree: None });
+        }
+        let dir = std::fs::metadata(source).is_ok_and(|m| m.is_dir());
+        let copy_up = if mount.kind == MountKind::Volume && mount.copy_up {
+            // SAFETY: NUL-terminated path.
+            let fd = unsafe {
+                libc::open(
+                    c(source).as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            check(fd, || format!("opening volume {source}"))?;
+            Some(fd)
+        } else {
+            None
+        };
+        let tree = clone_tree(source, mount.read_only)?;
+        Ok(Prepared {
+            mount,
+            tree: Some((tree, dir, copy_up)),
+        })
+    }
+
+    /// Mounts it at its destination in the current root (a new volume filled from what the
+    /// root has there first).
+    pub fn attach(self) -> Result<(), Failure> {
+        let dst = &self.mount.destination;
+        let Some((tree, dir, copy_up)) = self.tree else {
+            return tmpfs(dst, &self.mount.options, self.mount.read_only);
+        };
+        if let Some(fd) = copy_up {
+            let r = self::copy_up("/", dst, fd);
+            // SAFETY: closing the descriptor opened in `new`.
+            unsafe { libc::close(fd) };
+            r?;
+        }
+        if dir {
+            mkdir_p(dst);
+        } else {
+            crate::touch(dst);
+        }
+        attach(tree, dst)
+    }
+}
+
 /// Is the directory `dir` (a descriptor) empty?
 pub fn is_empty_dir(dir: RawFd) -> bool {
     let mut empty = true;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use super::filters::{self, Thread};
 use super::proto::{self, FromVmm, Jail, Setup, ToVmm};
 use crate::vmm::{
-    Console, Controller, DiskConfig, NetConfig, PortBackend, TapSource, ThreadFilters, Vm,
-    VmConfig, VmExit,
+    Console, Controller, DiskConfig, FsConfig, NetConfig, PortBackend, TapSource, ThreadFilters,
+    Vm, VmConfig, VmExit,
 };
 
 /// The descriptor the setup and the requests arrive on.
@@ -96,8 +96,21 @@ fn build_inner(setup: &Setup, fds: Vec<OwnedFd>) -> Result<Vm, (bool, String)> {
     for &i in &setup.disk_files {
         disk_files.push((i, File::from(next("a disk").map_err(fail)?)));
     }
+    let sharing = setup.fs.as_ref().is_some_and(|s| !s.is_empty());
+    // The jail has no /proc: the virtio-fs server reopens nodes through this descriptor.
+    let proc_self_fd = if sharing {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open("/proc/self/fd")
+            .map_err(|e| fail(format!("opening /proc/self/fd: {e}")))?;
+        Some(Arc::new(OwnedFd::from(f)))
+    } else {
+        None
+    };
     if let Some(j) = &setup.jail {
-        enter(j).map_err(|e| fail(format!("jailing the VMM: {e}")))?;
+        enter(j, sharing).map_err(|e| fail(format!("jailing the VMM: {e}")))?;
     }
     let cfg = VmConfig {
         kernel: setup.kernel.clone(),
@@ -121,6 +134,11 @@ fn build_inner(setup: &Setup, fds: Vec<OwnedFd>) -> Result<Vm, (bool, String)> {
         channel: None,
         net,
         ports,
+        fs: setup.fs.as_ref().map(|_| FsConfig {
+            shares: Vec::new(),
+            root: sharing.then(|| Path::new("/").join(proto::SHARES)),
+            proc_self_fd,
+        }),
     };
     let vm = match &setup.restore {
         Some((dir, tag)) => {
@@ -138,8 +156,9 @@ fn build_inner(setup: &Setup, fds: Vec<OwnedFd>) -> Result<Vm, (bool, String)> {
 }
 
 /// Mounts the jail's root and moves into it, then gives up every privilege: an unprivileged
-/// uid and gid, no capability (bounding set included), no_new_privs, limits.
-fn enter(j: &Jail) -> Result<(), String> {
+/// uid and gid, no capability (bounding set included; with shared directories the process
+/// keeps [`FS_CAPS`] permitted for the virtio-fs thread alone), no_new_privs, limits.
+fn enter(j: &Jail, sharing: bool) -> Result<(), String> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
     let none: Option<&str> = None;
     // Nothing we mount reaches the host's namespace.
@@ -155,6 +174,10 @@ fn enter(j: &Jail) -> Result<(), String> {
     .map_err(sys("mounting the jail's root"))?;
     for b in &j.binds {
         let target = j.root.join(&b.target);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
         if b.source.is_dir() {
             std::fs::create_dir(&target)
         } else {
@@ -211,10 +234,35 @@ fn enter(j: &Jail) -> Result<(), String> {
     )
     .map_err(sys("making the jail's root read-only"))?;
     let _ = nix::unistd::sethostname("rvmm-vmm");
-    drop_privileges(j)
+    drop_privileges(j, sharing)
 }
 
-fn drop_privileges(j: &Jail) -> Result<(), String> {
+/// What the virtio-fs thread may do beyond an unprivileged uid, on the files of the shared
+/// directories (the only writable ones in the jail): give a new file the guest caller's owner,
+/// read and write files whatever their owner and mode (the guest kernel checked the caller's
+/// permissions), set times and modes of files it does not own, keep set-id bits.
+const FS_CAPS: [caps::Capability; 4] = [
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_FSETID,
+];
+
+/// First thing on every thread but the virtio-fs one: no capability at all, permitted included.
+fn drop_fs_caps() -> Result<(), String> {
+    caps::clear(None, caps::CapSet::Effective)
+        .and_then(|()| caps::clear(None, caps::CapSet::Permitted))
+        .map_err(|e| format!("dropping capabilities: {e}"))
+}
+
+/// First thing on the virtio-fs thread: [`FS_CAPS`] effective (they are all it has).
+fn raise_fs_caps() -> Result<(), String> {
+    let set: caps::CapsHashSet = FS_CAPS.into_iter().collect();
+    caps::set(None, caps::CapSet::Effective, &set)
+        .map_err(|e| format!("raising the virtio-fs thread's capabilities: {e}"))
+}
+
+fn drop_privileges(j: &Jail, sharing: bool) -> Result<(), String> {
     use nix::sys::resource::{setrlimit, Resource};
     // SAFETY: plain prctl/setres*id/setgroups calls on this process; failures are checked.
     unsafe {
@@ -227,6 +275,11 @@ fn drop_privileges(j: &Jail) -> Result<(), String> {
                     std::io::Error::last_os_error()
                 ));
             }
+        }
+        // With shared directories the permitted capabilities survive the uid change (for the
+        // virtio-fs thread; every other thread drops them as it starts).
+        if sharing && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+            return Err("keeping capabilities for the virtio-fs thread".into());
         }
         if libc::setgroups(0, std::ptr::null()) != 0
             || libc::setresgid(j.gid, j.gid, j.gid) != 0
@@ -253,8 +306,15 @@ fn drop_privileges(j: &Jail) -> Result<(), String> {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
     caps::clear(None, caps::CapSet::Inheritable).map_err(|e| e.to_string())?;
+    let keep: caps::CapsHashSet = if sharing {
+        FS_CAPS.into_iter().collect()
+    } else {
+        caps::CapsHashSet::new()
+    };
+    caps::clear(None, caps::CapSet::Effective).map_err(|e| e.to_string())?;
+    caps::set(None, caps::CapSet::Permitted, &keep).map_err(|e| e.to_string())?;
     if caps::read(None, caps::CapSet::Effective).map_or(true, |c| !c.is_empty())
-        || caps::read(None, caps::CapSet::Permitted).map_or(true, |c| !c.is_empty())
+        || caps::read(None, caps::CapSet::Permitted).map_or(true, |c| c != keep)
     {
         return Err("capabilities are left after becoming unprivileged".into());
     }
@@ -281,11 +341,15 @@ fn run(mut vm: Vm, setup: &Setup, sock: &OwnedFd, seccomp: bool) -> Result<(), S
     let control = filter(Thread::Control)?;
     let violation = test_violation(setup);
     let hook = |t| (violation == Some(t)).then_some(forbidden_call as fn());
+    let sharing = setup.fs.as_ref().is_some_and(|s| !s.is_empty()) && setup.jail.is_some();
     vm.set_thread_filters(ThreadFilters {
         vcpu: filter(Thread::Vcpu)?,
         event: filter(Thread::Event)?,
         after_vcpu: hook(Thread::Vcpu),
         after_event: hook(Thread::Event),
+        fs: filter(Thread::Fs)?,
+        on_start: sharing.then_some(drop_fs_caps as fn() -> Result<(), String>),
+        on_fs_start: sharing.then_some(raise_fs_caps as fn() -> Result<(), String>),
     });
     let ctl = vm.controller();
     let out = setup.snapshot_out.clone();
@@ -295,6 +359,13 @@ fn run(mut vm: Vm, setup: &Setup, sock: &OwnedFd, seccomp: bool) -> Result<(), S
     std::thread::Builder::new()
         .name("rvmm-control".into())
         .spawn(move || {
+            if sharing {
+                if let Err(e) = drop_fs_caps() {
+                    log::error!("{e}");
+                    ctl.stop();
+                    return;
+                }
+            }
             if let Some(f) = control {
                 if let Err(e) = seccompiler::apply_filter(&f) {
                     log::error!("cannot install the control thread's seccomp filter: {e}");

@@ -188,6 +188,16 @@ impl std::fmt::Display for SpawnError {
     }
 }
 
+/// RLIMIT_NOFILE of a VMM that shares directories (each node the guest has looked up is a
+/// descriptor), at most the hard limit rvmm has.
+const SHARING_NOFILE: u64 = 1 << 16;
+
+fn hard_nofile() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard)
+        .unwrap_or(1024)
+}
+
 /// Starts the VMM process and waits until it has built (or restored) the VM; the VM then runs.
 pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
     let jailed = jail_enabled();
@@ -277,6 +287,16 @@ pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
         .restore
         .map(|(dir, tag)| (place(dir, "snapshot", false), tag.to_string()));
     let snapshot_out = req.snapshot_out.map(|d| place(d, "snapshot-out", true));
+    let shares = cfg.fs.as_ref().map(|f| f.shares.clone());
+    let sharing = shares.as_ref().is_some_and(|s| !s.is_empty());
+    if sharing && !jailed {
+        return Err(SpawnError::Other(
+            "shared directories need the VMM's jail (RVMM_NO_JAIL is set)".into(),
+        ));
+    }
+    for (i, sh) in shares.iter().flatten().enumerate() {
+        place(&sh.source, &format!("{}/{i}", proto::SHARES), !sh.read_only);
+    }
     let vcpus = cfg.vcpus;
     let setup = Setup {
         kernel,
@@ -291,15 +311,26 @@ pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
         macs,
         restore,
         snapshot_out,
+        fs: shares,
         jail: jailed.then(|| Jail {
             root: req.jail_dir.to_owned(),
             binds,
             uid: id,
             gid: id,
-            nofile: 256,
-            // A snapshot's memory file is guest RAM.
-            fsize: (u64::from(cfg.mem_mib) << 20) + (16 << 20),
-            nproc: u64::from(vcpus) + 8,
+            // A server of shared directories holds a descriptor per node the guest knows.
+            nofile: if sharing {
+                SHARING_NOFILE.min(hard_nofile())
+            } else {
+                256
+            },
+            // A snapshot's memory file is guest RAM; files in a shared directory are the
+            // guest's own to size.
+            fsize: if sharing {
+                libc::RLIM_INFINITY
+            } else {
+                (u64::from(cfg.mem_mib) << 20) + (16 << 20)
+            },
+            nproc: u64::from(vcpus) + 9,
             seccomp: seccomp_enabled(),
         }),
         test_violation: std::env::var("RVMM_TEST_SECCOMP_VIOLATION").ok(),

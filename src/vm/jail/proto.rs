@@ -40,6 +40,9 @@ pub(super) struct Setup {
     /// Where [`ToVmm::Snapshot`] writes (as the VMM process sees it).
     pub snapshot_out: Option<PathBuf>,
     pub jail: Option<Jail>,
+    /// A virtio-fs device (`Some`), serving these directories (bound into the jail as
+    /// `shares/N`; the device serves `shares`).
+    pub fs: Option<Vec<crate::vmm::Share>>,
     /// Debug builds only: make this thread ("vcpu", "event" or "control") call something its
     /// filter forbids, for the test that proves the filters kill.
     pub test_violation: Option<String>,
@@ -80,6 +83,9 @@ pub(super) struct Bind {
     pub target: String,
     pub writable: bool,
 }
+
+/// The directory of the jail's root that holds the shared directories (`shares/0`, ...).
+pub(crate) const SHARES: &str = "shares";
 
 /// `rvmm run` → VMM.
 #[derive(Serialize, Deserialize, Debug)]

@@ -191,7 +191,8 @@ impl MutEventSubscriber for Handler {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let token = events.data();
         if token == TOKEN_EXIT {
-            let _ = self.exit.read();
+            // Not read: it stays readable, so every loop waiting on it (the event thread's and
+            // the virtio-fs thread's) wakes and sees `stopping`, which is set before the write.
             return;
         }
         if token >= BACKEND_BASE {

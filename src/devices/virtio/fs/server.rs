@@ -309,6 +309,8 @@ impl Server {
             // A newer major gets only the version (the kernel then asks again with ours).
             let want = abi::init::ASYNC_READ
                 | abi::init::BIG_WRITES
+                | abi::init::DO_READDIRPLUS
+                | abi::init::READDIRPLUS_AUTO
                 | abi::init::PARALLEL_DIROPS
                 | abi::init::MAX_PAGES;
             out.max_readahead = i.max_readahead;
@@ -581,17 +583,32 @@ impl Server {
                 })?;
                 Ok(Vec::new())
             }
-            op::READDIR => {
+            op::READDIR | op::READDIRPLUS => {
                 let r = b.take::<abi::ReadIn>().ok_or(libc::EINVAL)?;
                 let fd = match self.handles.get(&r.fh) {
                     Some(Handle::Dir(fd)) => fd.as_raw_fd(),
                     _ => return Err(libc::EBADF),
                 };
-                read_dir(
-                    fd,
-                    r.offset,
-                    (r.size as usize).min(room).min(MAX_WRITE as usize),
-                )
+                let limit = (r.size as usize).min(room).min(MAX_WRITE as usize);
+                let entries = read_dir(fd, r.offset, limit, h.opcode == op::READDIRPLUS)?;
+                if h.opcode == op::READDIR {
+                    return Ok(entries.concat());
+                }
+                // Each entry with its node and attributes (a lookup the guest will FORGET), so
+                // that listing a directory does not cost a round trip per name; "." and ".."
+                // and names that cannot be looked up go without (node 0).
+                let mut out = Vec::with_capacity(limit);
+                for e in entries {
+                    let d = abi::Dirent::read(&e).unwrap_or_default();
+                    let name = &e[24..24 + d.namelen as usize];
+                    let entry = component(name)
+                        .ok()
+                        .and_then(|n| self.lookup(node, &n).ok())
+                        .unwrap_or_else(|| abi::EntryOut::default().bytes().to_vec());
+                    out.extend_from_slice(&entry);
+                    out.extend_from_slice(&e);
+                }
+                Ok(out)
             }
             op::DESTROY => {
                 self.reset();
@@ -899,14 +916,21 @@ fn opens_for_writing(flags: i32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_APPEND) != 0
 }
 
-/// Directory entries of `fd` from cookie `offset`, as FUSE dirents, at most `limit` bytes.
-fn read_dir(fd: RawFd, offset: u64, limit: usize) -> Result<Vec<u8>> {
+/// Directory entries of `fd` from cookie `offset`, each a FUSE dirent (name padded to 8 bytes),
+/// as many as fit in `limit` bytes (each with an entry_out before it when `plus`).
+fn read_dir(fd: RawFd, offset: u64, limit: usize, plus: bool) -> Result<Vec<Vec<u8>>> {
     // SAFETY: lseek of a directory descriptor we hold to a cookie the guest had from us (a bad
     // one gives an error or no entries).
     if unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_SET) } < 0 {
         return Err(errno());
     }
-    let mut out = Vec::with_capacity(limit.min(64 << 10));
+    let extra = if plus {
+        std::mem::size_of::<abi::EntryOut>()
+    } else {
+        0
+    };
+    let mut out = Vec::new();
+    let mut used = 0;
     let mut buf = vec![0u8; limit.clamp(512, 64 << 10)];
     'outer: loop {
         // SAFETY: getdents64 into our buffer of the length given.
@@ -935,9 +959,12 @@ fn read_dir(fd: RawFd, offset: u64, limit: usize) -> Result<Vec<u8>> {
                 namelen: name.len() as u32,
                 typ: u32::from(typ),
             };
-            if !abi::push_dirent(&mut out, limit, d, name) {
+            let mut e = Vec::new();
+            if !abi::push_dirent(&mut e, limit.saturating_sub(used + extra), d, name) {
                 break 'outer;
             }
+            used += extra + e.len();
+            out.push(e);
             pos += reclen;
         }
     }

@@ -670,3 +670,60 @@ fn the_device_carries_requests_and_replies_through_chains() {
     assert_eq!(cfg[36], 1);
     assert_eq!(dev.device_type(), super::TYPE_FS);
 }
+
+/// READDIRPLUS: every name with its node and attributes (a lookup each, "." and ".." none).
+#[test]
+fn readdirplus_gives_nodes_with_the_names() {
+    let (_t, dir) = share();
+    for n in ["a", "b"] {
+        std::fs::write(dir.join(n), n).expect("write");
+    }
+    let mut c = Client::new(&dir, false, Limits::default());
+    let (e, out) = c.call(op::OPENDIR, 1, &[abi::OpenIn::default().bytes()]);
+    assert_eq!(e, 0);
+    let fh = abi::OpenOut::read(&out).expect("open").fh;
+    let (e, out) = c.call(
+        op::READDIRPLUS,
+        1,
+        &[abi::ReadIn {
+            fh,
+            size: 4096,
+            ..Default::default()
+        }
+        .bytes()],
+    );
+    assert_eq!(e, 0);
+    let mut pos = 0;
+    let mut seen = Vec::new();
+    while pos < out.len() {
+        let entry = abi::EntryOut::read(&out[pos..]).expect("entry");
+        let d = abi::Dirent::read(&out[pos + 128..]).expect("dirent");
+        let name = String::from_utf8_lossy(&out[pos + 152..pos + 152 + d.namelen as usize]);
+        seen.push((name.to_string(), entry.nodeid != 0, entry.attr.size));
+        pos += (152 + d.namelen as usize + 7) & !7;
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (".".to_string(), false, 0),
+            ("..".to_string(), false, 0),
+            ("a".to_string(), true, 1),
+            ("b".to_string(), true, 1)
+        ]
+    );
+    assert_eq!(c.server.held().0, 3);
+    // Too little room for one entry with its attributes: none, and no lookup counted.
+    let (e, out) = c.call(
+        op::READDIRPLUS,
+        1,
+        &[abi::ReadIn {
+            fh,
+            size: 100,
+            ..Default::default()
+        }
+        .bytes()],
+    );
+    assert_eq!((e, out.len()), (0, 0));
+    assert_eq!(c.server.held().0, 3);
+}

@@ -586,6 +586,66 @@ fn shared_directories_and_volumes_in_a_vm() {
     assert_eq!(rvmm(root, &["volume", "rm", "shared-data"], None).code, 0);
 }
 
+/// The Debian userland with a volume and a bind (`--mount`) in both isolations: the same
+/// output, a file of the image's user `nobody` seeded into the volume, coreutils' `stat` of what
+/// each wrote, seen from the other.
+#[test]
+fn debian_volumes_match_container_isolation() {
+    let Some(env) = setup() else { return };
+    if !common::have_tools(&["debootstrap"]) {
+        return;
+    }
+    let root = env.store.path();
+    let debian = common::images::debian_image();
+    let o = rvmm(
+        root,
+        &["pull", "-q", &format!("oci:{}", debian.display())],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let host = tempfile::tempdir().expect("tmp");
+    let bind = format!(
+        "type=bind,source={},target=/srv/host",
+        host.path().display()
+    );
+    let script = "stat -c '%U %G %a' /var/mail; touch /srv/host/from-$ISO; \
+                  ls /srv/host | sort | tr '\\n' ' '; echo; \
+                  echo \"$ISO\" >> /var/mail/log; cat /var/mail/log | sort | tr '\\n' ' '";
+    let mut outs = Vec::new();
+    for iso in ["container", "vm"] {
+        let o = rvmm(
+            root,
+            &[
+                "run",
+                "--rm",
+                &format!("--isolation={iso}"),
+                "--network=none",
+                "-e",
+                &format!("ISO={iso}"),
+                "-v",
+                "deb-mail:/var/mail",
+                "--mount",
+                &bind,
+                common::lifecycle::DEBIAN,
+                "bash",
+                "-c",
+                script,
+            ],
+            None,
+        );
+        assert_eq!(o.code, 0, "{iso}: {}", o.stderr);
+        outs.push(o.stdout);
+    }
+    assert_eq!(
+        outs,
+        [
+            "root mail 2775\nfrom-container \ncontainer ",
+            "root mail 2775\nfrom-container from-vm \ncontainer vm "
+        ]
+    );
+    assert_eq!(rvmm(root, &["volume", "rm", "deb-mail"], None).code, 0);
+}
+
 /// Two VMs sharing one volume see each other's writes while both run.
 #[test]
 fn two_vms_share_one_volume() {
@@ -1557,6 +1617,74 @@ fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
         .map(str::trim)
         .unwrap_or_else(|| panic!("no {key} in\n{status}"))
+}
+
+/// A VMM that shares directories: the shares (and only they) are in its root, writable or
+/// read-only as asked; its `rvmm-fs` thread alone holds the four file capabilities, filtered
+/// like every other thread, which hold none.
+#[test]
+fn a_sharing_vmm_keeps_file_capabilities_on_one_thread() {
+    let Some(env) = setup() else { return };
+    let (rw, ro) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let flags = [
+        "-v".to_string(),
+        format!("{}:/rw", rw.path().display()),
+        "-v".to_string(),
+        format!("{}:/ro:ro", ro.path().display()),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let child = start_ready(
+        &env,
+        &flags,
+        "trap 'exit 0' TERM; echo ready; while :; do sleep 1; done",
+    );
+    let pid = vmm_process_of(child.0.id()).expect("a VMM process under rvmm run");
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    // CHOWN, DAC_OVERRIDE, FOWNER, FSETID.
+    let fs_caps = format!("{:016x}", (1u64 << 0) | (1 << 1) | (1 << 3) | (1 << 4));
+    let mut seen = Vec::new();
+    for t in std::fs::read_dir(proc_dir.join("task")).unwrap().flatten() {
+        let Ok(st) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let name = status_field(&st, "Name").to_string();
+        if name == "kvm-nx-lpage-re" {
+            continue;
+        }
+        let want = if name == "rvmm-fs" {
+            fs_caps.as_str()
+        } else {
+            "0000000000000000"
+        };
+        for key in ["CapEff", "CapPrm"] {
+            assert_eq!(status_field(&st, key), want, "{name} {key}");
+        }
+        for key in ["CapInh", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(&st, key), "0000000000000000", "{name} {key}");
+        }
+        assert_eq!(status_field(&st, "Seccomp"), "2", "{name}");
+        seen.push(name);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["rvmm-control", "rvmm-event", "rvmm-fs", "rvmm-vcpu0"]
+    );
+    let root = proc_dir.join("root");
+    assert_eq!(common::run::ls(&root.join("shares")).len(), 2);
+    assert!(std::fs::write(root.join("shares/0/x"), b"x").is_ok());
+    assert!(rw.path().join("x").exists());
+    assert!(
+        std::fs::write(root.join("shares/1/x"), b"x").is_err(),
+        "a read-only share"
+    );
+    // SAFETY: kill(2) on a child of ours.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let mut child = child;
+    let _ = child.0.wait();
 }
 
 /// Issue 18: seen from the host, a running VM's VMM is a process of its own with an

@@ -48,7 +48,16 @@ pub enum Workload {
     Ready,
     /// Sequential write then read of 32 MiB on the root filesystem.
     Io,
+    /// The same on a shared host directory (`-v DIR:/shared`: a bind mount in a container,
+    /// virtio-fs in a VM).
+    IoShared,
+    /// Metadata: untar [`TREE_FILES`] small files from /shared/tree.tar into /shared/t, then
+    /// `find` them, on the shared directory.
+    Tree,
 }
+
+/// Files in the metadata workload's tarball.
+pub const TREE_FILES: usize = 5000;
 
 const READY: &[u8] = b"ready";
 const BOOT_MARKER: &[u8] = b"RVMM-BENCH-READY";
@@ -67,6 +76,21 @@ impl Workload {
                 "read t0 x < /proc/uptime; dd if=/dev/zero of=/bench.io bs=1M count=32 conv=fsync 2>/dev/null; \
                  read t1 x < /proc/uptime; dd if=/bench.io of=/dev/null bs=1M 2>/dev/null; \
                  read t2 x < /proc/uptime; rm -f /bench.io; echo \"io $t0 $t1 $t2\"",
+            ],
+            Workload::IoShared => &[
+                "sh",
+                "-c",
+                "read t0 x < /proc/uptime; dd if=/dev/zero of=/shared/bench.io bs=1M count=32 conv=fsync 2>/dev/null; \
+                 read t1 x < /proc/uptime; dd if=/shared/bench.io of=/dev/null bs=1M 2>/dev/null; \
+                 read t2 x < /proc/uptime; rm -f /shared/bench.io; echo \"io $t0 $t1 $t2\"",
+            ],
+            Workload::Tree => &[
+                "sh",
+                "-c",
+                "rm -rf /shared/t; mkdir /shared/t; read t0 x < /proc/uptime; \
+                 tar -xf /shared/tree.tar -C /shared/t; read t1 x < /proc/uptime; \
+                 find /shared/t > /shared/found; read t2 x < /proc/uptime; \
+                 rm -rf /shared/t /shared/found; echo \"io $t0 $t1 $t2\"",
             ],
         };
         v.iter().map(|s| s.to_string()).collect()
@@ -192,6 +216,37 @@ impl Env {
         Ok(env)
     }
 
+    /// The host directory the shared-directory workloads mount as /shared.
+    fn shared_dir(&self) -> PathBuf {
+        self.work.path().join("shared")
+    }
+
+    /// The shared directory with the metadata workload's tarball ([`TREE_FILES`] files of 100
+    /// bytes in 50 directories), made once.
+    fn prepare_shared(&self) -> Result<(), String> {
+        let dir = self.shared_dir();
+        let tarball = dir.join("tree.tar");
+        if tarball.exists() {
+            return Ok(());
+        }
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            // Every run's user may write it (a VM's workload reaches it through virtio-fs).
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+            let mut tar = tar::Builder::new(std::fs::File::create(&tarball)?);
+            for i in 0..TREE_FILES {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(100);
+                h.set_mode(0o644);
+                h.set_mtime(1_700_000_000);
+                h.set_cksum();
+                tar.append_data(&mut h, format!("d{:02}/f{i:05}", i % 50), &[b'x'; 100][..])?;
+            }
+            tar.finish()
+        })();
+        made.map_err(|e| format!("making {}: {e}", tarball.display()))
+    }
+
     fn next_id(&self) -> u64 {
         let n = self.counter.get() + 1;
         self.counter.set(n);
@@ -222,6 +277,10 @@ impl Env {
             }
             if cold {
                 cmd.arg("--cold");
+            }
+            if matches!(w, Workload::IoShared | Workload::Tree) {
+                cmd.arg("-v")
+                    .arg(format!("{}:/shared", self.shared_dir().display()));
             }
             cmd.arg(&opts.image).args(w.argv());
             cmd
@@ -515,6 +574,17 @@ fn busybox_rootfs(root: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+fn workload_name(w: Workload) -> &'static str {
+    match w {
+        Workload::True => "true",
+        Workload::Echo => "echo",
+        Workload::Ready => "ready",
+        Workload::Io => "io",
+        Workload::IoShared => "io-shared",
+        Workload::Tree => "tree",
+    }
+}
+
 /// Runs every contender `runs` times after `warmup`, interleaved, recording first byte and exit.
 fn timed_rounds(
     opts: &Options,
@@ -525,12 +595,7 @@ fn timed_rounds(
     w: Workload,
     marker: Option<&[u8]>,
 ) {
-    let label = match w {
-        Workload::True => "true",
-        Workload::Echo => "echo",
-        Workload::Ready => "ready",
-        Workload::Io => "io",
-    };
+    let label = workload_name(w);
     let mut dead: Vec<Contender> = Vec::new();
     let rounds = opts.warmup + opts.runs.max(opts.vm_runs);
     for round in 0..rounds {
@@ -933,57 +998,96 @@ pub fn density(opts: &Options, env: &Env, rec: &mut Recorder) {
     }
 }
 
+/// Sequential write and read on each contender's root filesystem and on a shared host
+/// directory, and a metadata workload (untar, find) on the shared directory.
 pub fn io(opts: &Options, env: &Env, rec: &mut Recorder) {
     let s = Scenario::Io;
     let runs = if opts.quick { 1 } else { 3 };
+    if let Err(e) = env.prepare_shared() {
+        rec.failure(s, "setup", "shared directory", e);
+    }
+    let work = [
+        (
+            Workload::Io,
+            "sequential write (32 MiB, fsync)",
+            "sequential read (32 MiB)",
+        ),
+        (
+            Workload::IoShared,
+            "shared dir: sequential write (32 MiB, fsync)",
+            "shared dir: sequential read (32 MiB)",
+        ),
+        (
+            Workload::Tree,
+            "shared dir: untar 5,000 files",
+            "shared dir: find 5,000 files",
+        ),
+    ];
     for _ in 0..runs {
         for c in [Contender::RvmmContainer, Contender::RvmmVm] {
-            rec.progress(&format!("io: {}", c.name()));
-            let timeout = if c.boots_a_kernel() {
-                opts.vm_timeout
-            } else {
-                opts.timeout
-            };
-            let mut cmd = match env.command(opts, c, Workload::Io) {
-                Ok(c) => c,
-                Err(why) => {
-                    rec.failure(s, c.name(), "dd", why);
-                    continue;
-                }
-            };
-            match measure::run_timed(&mut cmd, timeout, None) {
-                Ok(t) if t.code == 0 => {
-                    let text = String::from_utf8_lossy(&t.stdout);
-                    match text.lines().find_map(io_rates_mb_s) {
-                        Some((w, r)) => {
-                            rec.value(s, c.name(), "sequential write (32 MiB, fsync)", "MB/s", w);
-                            rec.value(s, c.name(), "sequential read (32 MiB)", "MB/s", r);
-                        }
-                        None => rec.failure(
-                            s,
-                            c.name(),
-                            "dd",
-                            format!("no usable timing in the output (too fast for /proc/uptime's 10 ms?): {text:?}"),
-                        ),
-                    }
-                }
-                Ok(t) => rec.failure(s, c.name(), "dd", describe_failure(&t)),
-                Err(e) => rec.failure(s, c.name(), "dd", e.to_string()),
+            for &(w, first, second) in &work {
+                io_one(opts, env, rec, c, w, (first, second));
             }
         }
     }
 }
 
-/// Write and read rates in MB/s from the I/O workload's line `io T0 T1 T2` (guest uptimes, seconds).
-pub fn io_rates_mb_s(line: &str) -> Option<(f64, f64)> {
+/// One I/O workload on one contender: two rates (MB/s) or two durations (s, the metadata one).
+fn io_one(
+    opts: &Options,
+    env: &Env,
+    rec: &mut Recorder,
+    c: Contender,
+    w: Workload,
+    (first, second): (&str, &str),
+) {
+    let s = Scenario::Io;
+    let what = workload_name(w);
+    rec.progress(&format!("io: {} {what}", c.name()));
+    let timeout = if c.boots_a_kernel() {
+        opts.vm_timeout
+    } else {
+        opts.timeout
+    };
+    let mut cmd = match env.command(opts, c, w) {
+        Ok(c) => c,
+        Err(why) => return rec.failure(s, c.name(), what, why),
+    };
+    match measure::run_timed(&mut cmd, timeout, None) {
+        Ok(t) if t.code == 0 => {
+            let text = String::from_utf8_lossy(&t.stdout);
+            match text.lines().find_map(io_spans) {
+                Some((a, b)) if w == Workload::Tree => {
+                    rec.value(s, c.name(), first, "s", a);
+                    rec.value(s, c.name(), second, "s", b);
+                }
+                Some((a, b)) => {
+                    let mb = (32u64 << 20) as f64 / 1e6;
+                    rec.value(s, c.name(), first, "MB/s", mb / a);
+                    rec.value(s, c.name(), second, "MB/s", mb / b);
+                }
+                None => rec.failure(
+                    s,
+                    c.name(),
+                    what,
+                    format!("no usable timing in the output (too fast for /proc/uptime's 10 ms?): {text:?}"),
+                ),
+            }
+        }
+        Ok(t) => rec.failure(s, c.name(), what, describe_failure(&t)),
+        Err(e) => rec.failure(s, c.name(), what, e.to_string()),
+    }
+}
+
+/// The two spans (seconds) of an I/O workload's line `io T0 T1 T2` (guest uptimes).
+fn io_spans(line: &str) -> Option<(f64, f64)> {
     let mut f = line.strip_prefix("io ")?.split_whitespace();
     let mut t = || f.next()?.parse::<f64>().ok();
     let (t0, t1, t2) = (t()?, t()?, t()?);
-    let bytes = (32u64 << 20) as f64;
     if t1 <= t0 || t2 <= t1 {
         return None;
     }
-    Some((bytes / (t1 - t0) / 1e6, bytes / (t2 - t1) / 1e6))
+    Some((t1 - t0, t2 - t1))
 }
 
 pub fn boot(opts: &Options, env: &mut Env, rec: &mut Recorder) {
@@ -1263,10 +1367,9 @@ mod tests {
 
     #[test]
     fn io_lines() {
-        let (w, r) = io_rates_mb_s("io 10.00 10.50 10.75").expect("rates");
-        assert!((w - 67.108864).abs() < 1e-6);
-        assert!((r - 134.217728).abs() < 1e-6);
-        assert_eq!(io_rates_mb_s("io 10.00 10.00 10.25"), None);
-        assert_eq!(io_rates_mb_s("64+0 records in"), None);
+        let (a, b) = io_spans("io 10.00 10.50 10.75").expect("spans");
+        assert!((a - 0.5).abs() < 1e-9 && (b - 0.25).abs() < 1e-9);
+        assert_eq!(io_spans("io 10.00 10.00 10.25"), None);
+        assert_eq!(io_spans("64+0 records in"), None);
     }
 }

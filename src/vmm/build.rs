@@ -89,6 +89,9 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         ports,
         fs,
     } = cfg;
+    // A virtio-fs device that serves something gets a thread of its own; one without shares
+    // answers EIO from the event thread.
+    let fs_thread = fs.as_ref().is_some_and(|f| f.root.is_some());
     let devices = open_backends(&disks, net, ports, fs)?;
 
     let kvm = kvm::open()?;
@@ -115,6 +118,7 @@ fn build(cfg: VmConfig, restore: Option<Restore>) -> Result<Vm, Error> {
         mmio: Bus::new(),
         handler: events::Handler::new(shared.clone()).map_err(Error::EventFd)?,
         fs_handler: events::Handler::new(shared.clone()).map_err(Error::EventFd)?,
+        fs_thread,
         cmdline: command_line(&base_cmdline, kind),
     };
     let serials = b.serial_ports(&console, channel)?;
@@ -352,8 +356,10 @@ struct Builder<'a> {
     pio: Bus,
     mmio: Bus,
     handler: events::Handler,
-    /// The virtio-fs device's queue notifications: served on a thread of their own.
+    /// The virtio-fs device's queue notifications: served on a thread of their own when it
+    /// serves shared directories (`fs_thread`).
     fs_handler: events::Handler,
+    fs_thread: bool,
     cmdline: String,
 }
 
@@ -486,7 +492,7 @@ impl Builder<'_> {
                         q as u32,
                     )
                     .map_err(ioctl_err("KVM_IOEVENTFD"))?;
-                if is_fs {
+                if is_fs && self.fs_thread {
                     self.fs_handler.add_notify(evt, t.clone(), q);
                 } else {
                     self.handler.add_notify(evt, t.clone(), q);

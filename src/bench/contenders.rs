@@ -1044,10 +1044,12 @@ fn io_one(
     let s = Scenario::Io;
     let what = workload_name(w);
     rec.progress(&format!("io: {} {what}", c.name()));
-    let timeout = if c.boots_a_kernel() {
-        opts.vm_timeout
-    } else {
-        opts.timeout
+    let timeout = match (c.boots_a_kernel(), w) {
+        // 5,000 files through an emulated guest kernel: minutes on kvm_pvm
+        // (docs/benchmarks/volumes.md).
+        (true, Workload::Tree) => opts.vm_timeout * 6,
+        (true, _) => opts.vm_timeout,
+        (false, _) => opts.timeout,
     };
     let mut cmd = match env.command(opts, c, w) {
         Ok(c) => c,

@@ -1337,9 +1337,11 @@ pub fn virtio_fs(data: &[u8]) {
     }
     drop(server);
     let after = tree_of(t.path());
+    // The share's own directory is the guest's too (as a bind mount's root is a container's:
+    // its mode and owner may change).
     let outside_of = |tree: &[(String, String)]| -> Vec<(String, String)> {
         tree.iter()
-            .filter(|(p, _)| !p.starts_with("share/"))
+            .filter(|(p, _)| p != "share" && !p.starts_with("share/"))
             .cloned()
             .collect()
     };
@@ -1353,7 +1355,8 @@ pub fn virtio_fs(data: &[u8]) {
     }
 }
 
-/// Every path under `root` (relative) with its type, mode, owner, size and content digest.
+/// Every path under `root` (relative) with its type, mode, owner, size and a digest of its first
+/// MiB.
 fn tree_of(root: &Path) -> Vec<(String, String)> {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
@@ -1369,9 +1372,12 @@ fn tree_of(root: &Path) -> Vec<(String, String)> {
             };
             let rel = p.strip_prefix(root).unwrap_or(&p).display().to_string();
             let body = if m.is_file() {
-                std::fs::read(&p)
-                    .map(|b| format!("{:016x}", rvmm_shim::fnv1a(&b, 0xcbf2_9ce4_8422_2325)))
-                    .unwrap_or_default()
+                // The first MiB (the guest may make a file of terabytes, sparse: its size shows).
+                let mut b = Vec::new();
+                let _ = std::fs::File::open(&p).and_then(|f| {
+                    std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut b)
+                });
+                format!("{:016x}", rvmm_shim::fnv1a(&b, 0xcbf2_9ce4_8422_2325))
             } else if m.file_type().is_symlink() {
                 std::fs::read_link(&p)
                     .map(|l| l.display().to_string())

@@ -8,7 +8,6 @@
 //! against removals, so a volume is never removed under a run that is starting with it.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -68,20 +67,7 @@ pub fn valid_name(name: &str) -> bool {
 pub struct Lock(#[allow(dead_code)] std::fs::File);
 
 pub fn lock(root: &Path) -> Result<Lock> {
-    let d = dir(root);
-    std::fs::create_dir_all(&d).at(|| format!("creating {}", d.display()))?;
-    let path = d.join(".lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .at(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(crate::error::last_os_error(format!("locking {}", path.display())).into());
-    }
-    Ok(Lock(f))
+    Ok(Lock(crate::run::state::lock_file(&dir(root), ".lock")?))
 }
 
 /// Volume `name`, if it exists.

@@ -329,9 +329,14 @@ pub fn run_is_live(id: &str) -> bool {
 /// An exclusive flock on ROOT/names.lock (released on drop): held from a new run's name
 /// check until its state.json is written, so no two runs get one name.
 pub fn lock_names(root: &Path) -> super::Result<std::fs::File> {
+    Ok(lock_file(root, "names.lock")?)
+}
+
+/// An exclusive flock on `dir`/`name` (both made if missing), released when the file is dropped.
+pub fn lock_file(dir: &Path, name: &str) -> Result<std::fs::File, crate::error::IoError> {
     use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(root).at(|| format!("creating {}", root.display()))?;
-    let path = root.join("names.lock");
+    std::fs::create_dir_all(dir).at(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -340,7 +345,10 @@ pub fn lock_names(root: &Path) -> super::Result<std::fs::File> {
         .at(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(crate::error::last_os_error(format!("locking {}", path.display())).into());
+        return Err(crate::error::last_os_error(format!(
+            "locking {}",
+            path.display()
+        )));
     }
     Ok(f)
 }

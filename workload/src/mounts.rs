@@ -363,21 +363,8 @@ fn copy_entry(src: RawFd, dst: RawFd, name: &std::ffi::CStr, depth: u32) -> Resu
                     libc::symlinkat(buf.as_ptr().cast(), dst, name.as_ptr()),
                     what,
                 )?;
-                libc::fchownat(
-                    dst,
-                    name.as_ptr(),
-                    st.st_uid,
-                    st.st_gid,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                );
-                let times = times_of(&st);
-                libc::utimensat(
-                    dst,
-                    name.as_ptr(),
-                    times.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                );
             }
+            own_at(dst, name, &st, None);
             Ok(())
         }
         libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK => {
@@ -388,26 +375,38 @@ fn copy_entry(src: RawFd, dst: RawFd, name: &std::ffi::CStr, depth: u32) -> Resu
                     libc::mknodat(dst, name.as_ptr(), st.st_mode, st.st_rdev),
                     what,
                 )?;
-                libc::fchownat(
-                    dst,
-                    name.as_ptr(),
-                    st.st_uid,
-                    st.st_gid,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                );
-                libc::fchmodat(dst, name.as_ptr(), st.st_mode & 0o7777, 0);
-                let times = times_of(&st);
-                libc::utimensat(
-                    dst,
-                    name.as_ptr(),
-                    times.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                );
             }
+            own_at(dst, name, &st, Some(st.st_mode & 0o7777));
             Ok(())
         }
         // Sockets are not copied (Docker neither).
         _ => Ok(()),
+    }
+}
+
+/// Owner, then `mode` (not for a symlink), then times of `st` onto `name` in directory `dst`,
+/// a node just made there (a symlink is never followed).
+fn own_at(dst: RawFd, name: &std::ffi::CStr, st: &libc::stat, mode: Option<libc::mode_t>) {
+    let times = times_of(st);
+    // SAFETY: *at calls with a NUL-terminated name relative to a directory we hold; fchmodat
+    // only for a node that is not a symlink (the caller says so by giving a mode).
+    unsafe {
+        libc::fchownat(
+            dst,
+            name.as_ptr(),
+            st.st_uid,
+            st.st_gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        );
+        if let Some(mode) = mode {
+            libc::fchmodat(dst, name.as_ptr(), mode, 0);
+        }
+        libc::utimensat(
+            dst,
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        );
     }
 }
 

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 
 use super::{Mem, VirtioDevice, F_EVENT_IDX, TYPE_BLOCK};
 
@@ -283,36 +283,9 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &Mem) -> bool {
-        let mut used = false;
-        // At most one ring's worth of requests per call (the transport calls again when this
-        // ran out): a guest whose used ring overlaps its avail ring makes every request it
-        // completes a new one (found by fuzz/fuzz_targets/virtio_blk.rs), and a busy one must
-        // not keep the event thread from its other work either.
-        let mut budget = queue.size();
-        loop {
-            let _ = queue.disable_notification(mem);
-            let mut progressed = false;
-            while budget > 0 {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                budget -= 1;
-                let head = chain.head_index();
-                let len = self.handle_chain(chain, mem);
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    log::debug!("virtio-blk: add_used: {e}");
-                }
-                used = true;
-                progressed = true;
-            }
-            // enable_notification says whether more buffers arrived meanwhile; a guest that lies
-            // about its avail index must not keep us here, so stop when nothing was popped.
-            match queue.enable_notification(mem) {
-                Ok(true) if progressed && budget > 0 => continue,
-                _ => break,
-            }
-        }
-        used
+        super::serve_chains(queue, mem, "virtio-blk", |chain| {
+            self.handle_chain(chain, mem)
+        })
     }
 }
 
@@ -322,6 +295,7 @@ mod tests {
     use super::*;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     const F_NEXT: u16 = 1;

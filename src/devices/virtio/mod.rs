@@ -6,7 +6,7 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// VIRTIO_F_VERSION_1: the modern interface, the only one we offer.
@@ -31,6 +31,46 @@ pub const TYPE_CONSOLE: u32 = 3;
 
 /// The guest memory type devices work on.
 pub type Mem = GuestMemoryMmap<()>;
+
+/// Serves the available chains of `queue`, each with `serve` (which returns the bytes it wrote),
+/// putting each back on the used ring; `device` names it in debug logs. At most one ring's worth
+/// per call (the transport calls again when this ran out): a guest whose used ring overlaps its
+/// avail ring makes every request it completes a new one (found by fuzz/fuzz_targets/virtio_blk.rs),
+/// and a busy one must not keep its thread from other work either. Returns true when it used
+/// buffers.
+pub fn serve_chains(
+    queue: &mut Queue,
+    mem: &Mem,
+    device: &str,
+    mut serve: impl FnMut(DescriptorChain<&Mem>) -> u32,
+) -> bool {
+    let mut used = false;
+    let mut budget = queue.size();
+    loop {
+        let _ = queue.disable_notification(mem);
+        let mut progressed = false;
+        while budget > 0 {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            budget -= 1;
+            let head = chain.head_index();
+            let len = serve(chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                log::debug!("{device}: add_used: {e}");
+            }
+            used = true;
+            progressed = true;
+        }
+        // enable_notification says whether more buffers arrived meanwhile; a guest that lies
+        // about its avail index must not keep us here, so stop when nothing was popped.
+        match queue.enable_notification(mem) {
+            Ok(true) if progressed && budget > 0 => continue,
+            _ => break,
+        }
+    }
+    used
+}
 
 /// What a virtio device implements; the transport does the rest (registers, features, queues,
 /// interrupts). Device state is plain data so it can be saved and restored.

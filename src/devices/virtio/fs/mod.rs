@@ -12,7 +12,7 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 
 pub use server::{Limits, Server};
 
@@ -142,31 +142,8 @@ impl VirtioDevice for Fs {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &Mem) -> bool {
-        let mut used = false;
-        // At most one ring's worth per call (the transport calls again when this ran out), so
-        // a guest whose used ring overlaps its avail ring cannot keep us here.
-        let mut budget = queue.size();
-        loop {
-            let _ = queue.disable_notification(mem);
-            let mut progressed = false;
-            while budget > 0 {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                budget -= 1;
-                let head = chain.head_index();
-                let len = self.handle_chain(chain, mem);
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    log::debug!("virtio-fs: add_used: {e}");
-                }
-                used = true;
-                progressed = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) if progressed && budget > 0 => continue,
-                _ => break,
-            }
-        }
-        used
+        super::serve_chains(queue, mem, "virtio-fs", |chain| {
+            self.handle_chain(chain, mem)
+        })
     }
 }

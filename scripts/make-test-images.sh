@@ -14,7 +14,9 @@
 # OUTDIR/links              OCI layout: busybox plus symlinks aimed out of the root as a container
 #                           runtime sees it while it sets up mounts: /mnt/escape -> /.rvmm-old/tmp
 #                           (the host's /tmp while the host's root is still attached there),
-#                           /mnt/up -> ../../../../tmp
+#                           /mnt/up -> ../../../../tmp; and a dangling symlink /srv/dangling ->
+#                           /srv/real/data, a file /var/lib/seeded/seed ("seeded") and
+#                           VOLUME /var/lib/seeded
 # OUTDIR/zstd               OCI layout: busybox with zstd-compressed layers
 # OUTDIR/index              OCI layout whose index.json points at an image index (linux/amd64 + a
 #                           linux/arm64 entry that must not be chosen)
@@ -136,18 +138,27 @@ umoci gc --layout "$M"
 K=$out/links
 cp -a "$L" "$K"
 python3 - "$work" <<'EOF'
-import sys, tarfile
+import io, sys, tarfile
 work = sys.argv[1]
 with tarfile.open(f"{work}/links.tar", "w", format=tarfile.PAX_FORMAT) as t:
     for name, kind, link in [("mnt", tarfile.DIRTYPE, ""),
                              ("mnt/escape", tarfile.SYMTYPE, "/.rvmm-old/tmp"),
-                             ("mnt/up", tarfile.SYMTYPE, "../../../../tmp")]:
+                             ("mnt/up", tarfile.SYMTYPE, "../../../../tmp"),
+                             ("srv", tarfile.DIRTYPE, ""),
+                             ("srv/dangling", tarfile.SYMTYPE, "/srv/real/data"),
+                             ("var", tarfile.DIRTYPE, ""),
+                             ("var/lib", tarfile.DIRTYPE, ""),
+                             ("var/lib/seeded", tarfile.DIRTYPE, "")]:
         ti = tarfile.TarInfo(name); ti.type = kind; ti.linkname = link
         ti.mode = 0o755; ti.mtime = 1700000000
         t.addfile(ti)
+    body = b"seeded\n"
+    ti = tarfile.TarInfo("var/lib/seeded/seed"); ti.size = len(body); ti.mode = 0o644
+    ti.mtime = 1700000000
+    t.addfile(ti, io.BytesIO(body))
 EOF
 umoci raw add-layer --image "$K:latest" "$work/links.tar"
-umoci config --image "$K:latest" --config.env RVMM_IMAGE=links
+umoci config --image "$K:latest" --config.env RVMM_IMAGE=links --config.volume /var/lib/seeded
 umoci gc --layout "$K"
 
 # --- zstd layers -----------------------------------------------------------------------------

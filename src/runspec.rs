@@ -226,7 +226,7 @@ pub fn build(
             dns_search: flags.dns_search.clone(),
             extra_hosts: flags.add_hosts.clone(),
         },
-        mounts: flags.mounts.clone(),
+        mounts: with_image_volumes(&flags.mounts, &image.volumes)?,
         stop_signal,
         // Decided by the run core once the isolation and network are known.
         security: Default::default(),
@@ -905,6 +905,46 @@ fn check_destination(s: &str, dst: &str) -> Result<()> {
     Ok(())
 }
 
+/// The flags' mounts and an anonymous volume for each of the image's `VOLUME`s that no flag
+/// mounts something on, as Docker does (filled from the image, removed with the run under
+/// `--rm` or with `rm -v`); parents before what is mounted in them.
+fn with_image_volumes(mounts: &[Mount], volumes: &[String]) -> Result<Vec<Mount>> {
+    let norm = |d: &str| d.trim_end_matches('/').to_string();
+    let mut all = mounts.to_vec();
+    for v in volumes {
+        // Lexically cleaned and absolute, as Docker takes it.
+        let mut parts: Vec<&str> = Vec::new();
+        for c in v.split('/') {
+            match c {
+                "" | "." => {}
+                ".." => {
+                    parts.pop();
+                }
+                c => parts.push(c),
+            }
+        }
+        if parts.is_empty() {
+            return Err(Error::Invalid(format!(
+                "the image declares a volume at {v:?}: a volume cannot be mounted on /"
+            )));
+        }
+        let destination = format!("/{}", parts.join("/"));
+        if all.iter().any(|m| norm(&m.destination) == destination) {
+            continue;
+        }
+        all.push(Mount {
+            source: String::new(),
+            destination,
+            read_only: false,
+            kind: MountKind::Volume,
+            options: String::new(),
+            copy_up: true,
+        });
+    }
+    all.sort_by_key(|m| m.destination.split('/').filter(|c| !c.is_empty()).count());
+    Ok(all)
+}
+
 /// Two mounts on one path are refused, as Docker does ("Duplicate mount point").
 pub fn check_mounts(mounts: &[Mount]) -> Result<()> {
     let norm = |d: &str| d.trim_end_matches('/').to_string();
@@ -978,6 +1018,32 @@ mod tests {
             ["sh"]
         );
         assert!(build(&img(None, None), &[], &f(None, &[]), "h").is_err());
+    }
+
+    #[test]
+    fn image_volumes_become_anonymous_volumes_unless_mounted() {
+        let mut i = img(None, Some(&["x"]));
+        i.volumes = vec!["/data/".into(), "var/lib/db/./x/..".into(), "/a/b".into()];
+        let flags = RunFlags {
+            mounts: vec![parse_tmpfs("/data").expect("tmpfs")],
+            ..Default::default()
+        };
+        let s = build(&i, &[], &flags, "h").expect("spec");
+        let got: Vec<_> = s
+            .mounts
+            .iter()
+            .map(|m| (m.destination.as_str(), m.kind, m.source.as_str(), m.copy_up))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/data", MountKind::Tmpfs, "", false),
+                ("/a/b", MountKind::Volume, "", true),
+                ("/var/lib/db", MountKind::Volume, "", true),
+            ]
+        );
+        i.volumes = vec!["/..".into()];
+        assert!(build(&i, &[], &flags, "h").is_err());
     }
 
     #[test]

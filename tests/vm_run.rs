@@ -60,7 +60,7 @@ fn setup() -> Option<RunEnv> {
     static SNAPSHOTS: OnceLock<tempfile::TempDir> = OnceLock::new();
     let snaps = SNAPSHOTS.get_or_init(|| tempfile::tempdir().expect("tempdir"));
     std::env::set_var("RVMM_SNAPSHOTS", snaps.path());
-    Some(RunEnv::new(&SERIAL, &["busybox", "multi"]))
+    Some(RunEnv::new(&SERIAL, &["busybox", "multi", "links"]))
 }
 
 fn run(env: &RunEnv, isolation: &str, flags: &[&str], args: &[&str], stdin: Option<&str>) -> Out {
@@ -451,6 +451,51 @@ fn tmpfs_mounts_match_container_isolation() {
             o.stderr
         );
     }
+}
+
+/// The image's `VOLUME /var/lib/seeded` is an anonymous volume filled from the image in a VM as
+/// in a container (gone with `--rm`), and a volume mounted on a dangling symlink lands on its
+/// target, made inside the root.
+#[test]
+fn image_volumes_and_dangling_symlinks_match_container_isolation() {
+    let Some(env) = setup() else { return };
+    let root = env.store.path();
+    let script = "cat /var/lib/seeded/seed; grep -c ' /var/lib/seeded ' /proc/mounts; \
+                  echo hi > /srv/dangling/f-$0 && cat /srv/real/data/f-$0";
+    for iso in ["container", "vm"] {
+        let a = [
+            "run",
+            "--rm",
+            "--network=none",
+            &format!("--isolation={iso}"),
+            "-v",
+            "dv:/srv/dangling",
+            "localhost/links",
+            "sh",
+            "-c",
+            script,
+            iso,
+        ];
+        let o = rvmm(root, &a, None);
+        assert_eq!(
+            (o.code, o.stdout.as_str()),
+            (0, "seeded\n1\nhi\n"),
+            "{iso}: {}",
+            o.stderr
+        );
+        let f = root.join(format!("volumes/dv/_data/f-{iso}"));
+        assert_eq!(
+            std::fs::read_to_string(&f).expect("written"),
+            "hi\n",
+            "{iso}"
+        );
+    }
+    let o = rvmm(root, &["volume", "ls", "-q"], None);
+    assert_eq!(
+        o.stdout, "dv\n",
+        "the image's anonymous volumes outlived --rm"
+    );
+    assert_eq!(rvmm(root, &["volume", "rm", "dv"], None).code, 0);
 }
 
 /// Shared directories in a VM (virtio-fs): a host directory read and written as uid 1000 (owner,

@@ -312,7 +312,8 @@ fn named_anonymous_and_tmpfs_volumes() {
 
 /// An image whose symlinks aim at the host's root as the container runtime sees it while it
 /// mounts (`/.rvmm-old/...`) or up out of the root: a mount point or a volume's copy-up through
-/// them never touches the host (the run fails in one line, or resolves inside the container).
+/// them never touches the host; they resolve inside the container's root, where the missing
+/// directories are made (Docker's securejoin).
 #[test]
 fn image_symlinks_cannot_aim_mounts_at_the_host() {
     let Some(env) = setup() else { return };
@@ -329,21 +330,18 @@ fn image_symlinks_cannot_aim_mounts_at_the_host() {
                 "-v".to_string(),
                 format!("{}:/mnt/escape/{inner}", host.path().display()),
             ],
-            false,
+            true,
         ),
         (
             vec!["-v".to_string(), format!("esc:/mnt/escape/{inner}")],
-            false,
+            true,
         ),
         (
             vec!["--tmpfs".to_string(), format!("/mnt/escape/{inner}")],
-            false,
+            true,
         ),
         // Copy-up from the symlink's target: nothing of the host's /tmp may land in the volume.
-        (
-            vec!["-v".to_string(), "esc2:/mnt/escape".to_string()],
-            false,
-        ),
+        (vec!["-v".to_string(), "esc2:/mnt/escape".to_string()], true),
         // Up and out resolves to the container's own /tmp.
         (
             vec!["--tmpfs".to_string(), format!("/mnt/up/{inner}")],
@@ -352,7 +350,12 @@ fn image_symlinks_cannot_aim_mounts_at_the_host() {
     ] {
         let mut f = vec!["--rm"];
         f.extend(flags.iter().map(String::as_str));
-        let o = run(root, &f, links, &format!("mount | grep -c {inner}"));
+        let o = run(
+            root,
+            &f,
+            links,
+            &format!("mount | grep -cE '{inner}|rvmm-old'"),
+        );
         assert!(
             !target.exists(),
             "{flags:?} made {} on the host: {}",
@@ -368,5 +371,88 @@ fn image_symlinks_cannot_aim_mounts_at_the_host() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(copied, 0, "the host's /tmp was copied into a volume");
+    let _ = rvmm(root, &["volume", "prune", "-a", "-f"], None);
+}
+
+/// The image's `VOLUME /var/lib/seeded` becomes an anonymous volume filled from the image (gone
+/// with `--rm`, kept until `rm -v` otherwise, not made when a flag mounts something there), and a
+/// mount on a dangling symlink (`/srv/dangling -> /srv/real/data`) lands on its target, made
+/// inside the root, as with Docker.
+#[test]
+fn image_volumes_and_mounts_on_dangling_symlinks() {
+    let Some(env) = setup() else { return };
+    let root = env.store.path();
+    let links = "localhost/links";
+    let seeded = "cat /var/lib/seeded/seed; mount | grep -c ' /var/lib/seeded '";
+    let o = run(root, &["--rm"], links, seeded);
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "seeded\n1\n"),
+        "{}",
+        o.stderr
+    );
+    assert!(volumes(root).is_empty(), "--rm left the image's volume");
+
+    let o = run(
+        root,
+        &["--name", "iv"],
+        links,
+        "echo more > /var/lib/seeded/more",
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = volumes(root);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].len(), 64, "not an anonymous volume: {v:?}");
+    let data = root.join("volumes").join(&v[0]).join("_data");
+    assert_eq!(
+        std::fs::read_to_string(data.join("seed")).expect("seed"),
+        "seeded\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("more")).expect("more"),
+        "more\n"
+    );
+    let i = rvmm(root, &["inspect", "iv"], None);
+    assert!(i.stdout.contains("/var/lib/seeded"), "{}", i.stdout);
+    assert_eq!(rvmm(root, &["rm", "-v", "iv"], None).code, 0);
+    assert!(volumes(root).is_empty(), "rm -v left the image's volume");
+
+    // A flag's mount on the volume's path replaces it.
+    let host = tempfile::tempdir().expect("tmp");
+    let o = run(
+        root,
+        &[
+            "--name",
+            "iv2",
+            "-v",
+            &format!("{}:/var/lib/seeded", host.path().display()),
+        ],
+        links,
+        "ls /var/lib/seeded | wc -l",
+    );
+    assert_eq!((o.code, o.stdout.trim()), (0, "0"), "{}", o.stderr);
+    assert!(
+        volumes(root).is_empty(),
+        "a bind on the image's volume still made one"
+    );
+    assert_eq!(rvmm(root, &["rm", "-v", "iv2"], None).code, 0);
+
+    // Mounts on a dangling symlink: the target is made in the root.
+    let o = run(
+        root,
+        &["--rm", "-v", "dv:/srv/dangling"],
+        links,
+        "echo hi > /srv/dangling/f && cat /srv/real/data/f",
+    );
+    assert_eq!((o.code, o.stdout.as_str()), (0, "hi\n"), "{}", o.stderr);
+    let f = root.join("volumes/dv/_data/f");
+    assert_eq!(std::fs::read_to_string(f).expect("dv"), "hi\n");
+    let o = run(
+        root,
+        &["--rm", "--tmpfs", "/srv/dangling"],
+        links,
+        "mount | grep -c ' /srv/real/data '",
+    );
+    assert_eq!((o.code, o.stdout.trim()), (0, "1"), "{}", o.stderr);
     let _ = rvmm(root, &["volume", "prune", "-a", "-f"], None);
 }

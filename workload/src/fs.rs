@@ -47,6 +47,69 @@ pub fn bind(src: &str, target: &str, ro: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Makes the mount point `path` (absolute, in the current root) as Docker's securejoin does:
+/// symlinks on the way are followed inside the current root, missing directories are made, and
+/// a missing last component becomes a directory (`dir`) or an empty file. Returns the path with
+/// no symlink left in it, where the mount goes: a dangling symlink in an image (`/data ->
+/// /srv/data`) gets its target made, as with Docker, instead of failing the mount.
+pub fn mount_point(path: &str, dir: bool) -> Result<String, Failure> {
+    use std::io::ErrorKind;
+    let mut todo: std::collections::VecDeque<String> =
+        path.split('/').map(str::to_string).collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(comp) = todo.pop_front() {
+        match comp.as_str() {
+            "" | "." => continue,
+            ".." => {
+                done.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let here = format!(
+            "/{}",
+            done.iter()
+                .chain([&comp])
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("/")
+        );
+        match std::fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(Failure::setup(format!(
+                        "mount point {path}: too many levels of symbolic links"
+                    )));
+                }
+                let target = std::fs::read_link(&here)
+                    .map_err(|e| Failure::setup(format!("mount point {path}: {here}: {e}")))?;
+                let target = target.to_string_lossy();
+                if target.starts_with('/') {
+                    done.clear();
+                }
+                for (i, t) in target.split('/').enumerate() {
+                    todo.insert(i, t.to_string());
+                }
+            }
+            Ok(_) => done.push(comp),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let last = todo.iter().all(|c| c.is_empty() || c == ".");
+                if last && !dir {
+                    touch(&here);
+                } else {
+                    // SAFETY: NUL-terminated path.
+                    unsafe { libc::mkdir(c(&here).as_ptr(), 0o755) };
+                }
+                done.push(comp);
+            }
+            Err(e) => return Err(Failure::setup(format!("mount point {path}: {here}: {e}"))),
+        }
+    }
+    Ok(format!("/{}", done.join("/")))
+}
+
 /// mkdir -p (mode 0755); errors are left to the call that needs the directory.
 pub fn mkdir_p(path: &str) {
     let mut cur = String::with_capacity(path.len());

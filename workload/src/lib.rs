@@ -14,7 +14,7 @@ pub mod privileges;
 use std::ffi::CString;
 use std::fmt;
 
-pub use fs::{bind, c, mkdir_p, mount, touch};
+pub use fs::{bind, c, mkdir_p, mount, mount_point, touch};
 use rvmm_proto::rootfs;
 
 /// Why the workload could not be started, with Docker's status for it: 125 (the runtime failed),

@@ -3,7 +3,7 @@
 
 use std::os::fd::RawFd;
 
-use crate::{c, check, mkdir_p, mount, Failure};
+use crate::{c, check, mount, Failure};
 
 /// Options of a tmpfs as `--tmpfs` takes them, split into mount flags and the data string the
 /// kernel's tmpfs parses. Docker's defaults (`nosuid,nodev,noexec`) come first; a later option
@@ -65,8 +65,8 @@ pub fn tmpfs(target: &str, options: &str, read_only: bool) -> Result<(), Failure
     if read_only {
         flags |= libc::MS_RDONLY;
     }
-    mkdir_p(target);
-    mount("tmpfs", target, "tmpfs", flags, &data)
+    let target = crate::mount_point(target, true)?;
+    mount("tmpfs", &target, "tmpfs", flags, &data)
 }
 
 // The new mount API (Linux 5.2; mount_setattr 5.12), not all in the libc crate.
@@ -205,12 +205,7 @@ impl<'a> Prepared<'a> {
             unsafe { libc::close(fd) };
             r?;
         }
-        if dir {
-            mkdir_p(dst);
-        } else {
-            crate::touch(dst);
-        }
-        attach(tree, dst)
+        attach(tree, &crate::mount_point(dst, dir)?)
     }
 }
 

@@ -54,6 +54,8 @@ pub enum Workload {
     /// Metadata: untar [`TREE_FILES`] small files from /shared/tree.tar into /shared/t, then
     /// `find` them, on the shared directory.
     Tree,
+    /// The same on the root filesystem (the tarball copied there first, untimed).
+    TreeRoot,
 }
 
 /// Files in the metadata workload's tarball.
@@ -68,33 +70,58 @@ impl Workload {
             Workload::True => &["true"],
             Workload::Echo => &["echo", "hello"],
             Workload::Ready => &["sh", "-c", "echo ready; exec sleep 3600"],
-            Workload::Io => &[
-                "sh",
-                "-c",
-                // Timed with the workload's own /proc/uptime (busybox dd prints no rate), and no
-                // pipelines (docs/guest-kernel.md, known kvm_pvm problem).
-                "read t0 x < /proc/uptime; dd if=/dev/zero of=/bench.io bs=1M count=32 conv=fsync 2>/dev/null; \
-                 read t1 x < /proc/uptime; dd if=/bench.io of=/dev/null bs=1M 2>/dev/null; \
-                 read t2 x < /proc/uptime; rm -f /bench.io; echo \"io $t0 $t1 $t2\"",
-            ],
-            Workload::IoShared => &[
-                "sh",
-                "-c",
-                "read t0 x < /proc/uptime; dd if=/dev/zero of=/shared/bench.io bs=1M count=32 conv=fsync 2>/dev/null; \
-                 read t1 x < /proc/uptime; dd if=/shared/bench.io of=/dev/null bs=1M 2>/dev/null; \
-                 read t2 x < /proc/uptime; rm -f /shared/bench.io; echo \"io $t0 $t1 $t2\"",
-            ],
-            Workload::Tree => &[
-                "sh",
-                "-c",
-                "rm -rf /shared/t; mkdir /shared/t; read t0 x < /proc/uptime; \
-                 tar -xf /shared/tree.tar -C /shared/t; read t1 x < /proc/uptime; \
-                 find /shared/t > /shared/found; read t2 x < /proc/uptime; \
-                 rm -rf /shared/t /shared/found; echo \"io $t0 $t1 $t2\"",
-            ],
+            Workload::Io => return sequential_io("/bench.io"),
+            Workload::IoShared => return sequential_io("/shared/bench.io"),
+            Workload::Tree => return tree("/shared/tree.tar", "/shared"),
+            Workload::TreeRoot => return tree("/shared/tree.tar", ""),
         };
         v.iter().map(|s| s.to_string()).collect()
     }
+}
+
+/// `sh -c` of the metadata workload: `tar` (a copy of it in `dir` first, untimed) unpacked into
+/// `dir`/t, then `find`; prints `io T0 T1 T2`.
+fn tree(tar: &str, dir: &str) -> Vec<String> {
+    let here = format!("{dir}/tree.tar");
+    let copy = if here == tar {
+        String::new()
+    } else {
+        format!("cp {tar} {here}; ")
+    };
+    let script = format!(
+        "rm -rf {dir}/t; mkdir {dir}/t; {copy}\
+         read t0 x < /proc/uptime; tar -xf {here} -C {dir}/t; read t1 x < /proc/uptime; \
+         find {dir}/t > {dir}/found; read t2 x < /proc/uptime; \
+         rm -rf {dir}/t {dir}/found; echo \"io $t0 $t1 $t2\""
+    );
+    vec!["sh".into(), "-c".into(), script]
+}
+
+/// `sh -c` of the sequential workload on `file`: 32 MiB written (fsync'd), then read, each
+/// repeated until at least a second has passed, timed with the workload's own /proc/uptime (10 ms
+/// ticks: one pass in a container is shorter than that; in a VM here one pass takes seconds);
+/// prints `io T0 T1 T2 WRITES READS`. No pipelines and no command substitutions (each would be a
+/// fork: docs/guest-kernel.md, known kvm_pvm problem).
+fn sequential_io(file: &str) -> Vec<String> {
+    // Centiseconds of an uptime `u` (always two decimals; `1` keeps `05` from being octal).
+    let cs = |u: &str| format!("$(( ${{{u}%.*}} * 100 + 1${{{u}#*.}} - 100 ))");
+    let until_a_second = |n: &str, pass: &str| {
+        format!(
+            "s={}; {n}=0; while [ ${n} -eq 0 ] || [ $(( {} - s )) -lt 100 ]; do \
+             {pass}; {n}=$(({n} + 1)); read u x < /proc/uptime; done",
+            cs("u"),
+            cs("u")
+        )
+    };
+    let script = format!(
+        "read u x < /proc/uptime; t0=$u; {}; t1=$u; {}; rm -f {file}; echo \"io $t0 $t1 $u $n1 $n2\"",
+        until_a_second(
+            "n1",
+            &format!("dd if=/dev/zero of={file} bs=1M count=32 conv=fsync 2>/dev/null")
+        ),
+        until_a_second("n2", &format!("dd if={file} of=/dev/null bs=1M 2>/dev/null")),
+    );
+    vec!["sh".into(), "-c".into(), script]
 }
 
 /// Someone whose numbers go in the report.
@@ -278,7 +305,7 @@ impl Env {
             if cold {
                 cmd.arg("--cold");
             }
-            if matches!(w, Workload::IoShared | Workload::Tree) {
+            if matches!(w, Workload::IoShared | Workload::Tree | Workload::TreeRoot) {
                 cmd.arg("-v")
                     .arg(format!("{}:/shared", self.shared_dir().display()));
             }
@@ -582,6 +609,7 @@ fn workload_name(w: Workload) -> &'static str {
         Workload::Io => "io",
         Workload::IoShared => "io-shared",
         Workload::Tree => "tree",
+        Workload::TreeRoot => "tree-root",
     }
 }
 
@@ -1022,6 +1050,7 @@ pub fn io(opts: &Options, env: &Env, rec: &mut Recorder) {
             "shared dir: untar 5,000 files",
             "shared dir: find 5,000 files",
         ),
+        (Workload::TreeRoot, "untar 5,000 files", "find 5,000 files"),
     ];
     for _ in 0..runs {
         for c in [Contender::RvmmContainer, Contender::RvmmVm] {
@@ -1047,7 +1076,7 @@ fn io_one(
     let timeout = match (c.boots_a_kernel(), w) {
         // 5,000 files through an emulated guest kernel: minutes on kvm_pvm
         // (docs/benchmarks/volumes.md).
-        (true, Workload::Tree) => opts.vm_timeout * 6,
+        (true, Workload::Tree | Workload::TreeRoot) => opts.vm_timeout * 6,
         (true, _) => opts.vm_timeout,
         (false, _) => opts.timeout,
     };
@@ -1059,14 +1088,14 @@ fn io_one(
         Ok(t) if t.code == 0 => {
             let text = String::from_utf8_lossy(&t.stdout);
             match text.lines().find_map(io_spans) {
-                Some((a, b)) if w == Workload::Tree => {
+                Some(((a, _), (b, _))) if matches!(w, Workload::Tree | Workload::TreeRoot) => {
                     rec.value(s, c.name(), first, "s", a);
                     rec.value(s, c.name(), second, "s", b);
                 }
-                Some((a, b)) => {
+                Some(((a, n), (b, m))) => {
                     let mb = (32u64 << 20) as f64 / 1e6;
-                    rec.value(s, c.name(), first, "MB/s", mb / a);
-                    rec.value(s, c.name(), second, "MB/s", mb / b);
+                    rec.value(s, c.name(), first, "MB/s", mb * n / a);
+                    rec.value(s, c.name(), second, "MB/s", mb * m / b);
                 }
                 None => rec.failure(
                     s,
@@ -1081,15 +1110,17 @@ fn io_one(
     }
 }
 
-/// The two spans (seconds) of an I/O workload's line `io T0 T1 T2` (guest uptimes).
-fn io_spans(line: &str) -> Option<(f64, f64)> {
+/// The two spans (seconds) of an I/O workload's line `io T0 T1 T2 [N1 N2]` (guest uptimes, and
+/// how many passes each span holds: 1 when not given), each with its passes.
+fn io_spans(line: &str) -> Option<((f64, f64), (f64, f64))> {
     let mut f = line.strip_prefix("io ")?.split_whitespace();
     let mut t = || f.next()?.parse::<f64>().ok();
     let (t0, t1, t2) = (t()?, t()?, t()?);
-    if t1 <= t0 || t2 <= t1 {
+    let (n1, n2) = (t().unwrap_or(1.0), t().unwrap_or(1.0));
+    if t1 <= t0 || t2 <= t1 || n1 < 1.0 || n2 < 1.0 {
         return None;
     }
-    Some((t1 - t0, t2 - t1))
+    Some(((t1 - t0, n1), (t2 - t1, n2)))
 }
 
 pub fn boot(opts: &Options, env: &mut Env, rec: &mut Recorder) {
@@ -1367,10 +1398,31 @@ pub fn warm(opts: &Options, env: &Env, rec: &mut Recorder) {
 mod tests {
     use super::*;
 
+    /// The sequential workload's script, run by the host's sh: a line the parser takes, with
+    /// at least a second per span.
+    #[test]
+    fn sequential_io_script_runs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("io").display().to_string();
+        let argv = sequential_io(&f);
+        let out = std::process::Command::new("sh")
+            .args(&argv[1..])
+            .output()
+            .expect("sh");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ((a, n), (b, m)) = text.lines().find_map(io_spans).expect("an io line");
+        assert!(a >= 1.0 && b >= 1.0 && n >= 1.0 && m >= 1.0, "{text}");
+        assert!(!std::path::Path::new(&f).exists());
+    }
+
     #[test]
     fn io_lines() {
-        let (a, b) = io_spans("io 10.00 10.50 10.75").expect("spans");
+        let ((a, n), (b, m)) = io_spans("io 10.00 10.50 10.75").expect("spans");
         assert!((a - 0.5).abs() < 1e-9 && (b - 0.25).abs() < 1e-9);
+        assert_eq!((n, m), (1.0, 1.0));
+        let (_, (b, m)) = io_spans("io 1.00 2.05 3.10 1 170").expect("spans");
+        assert!((b - 1.05).abs() < 1e-9 && m == 170.0);
+        assert_eq!(io_spans("io 1.00 2.05 3.10 0 1"), None);
         assert_eq!(io_spans("io 10.00 10.00 10.25"), None);
         assert_eq!(io_spans("64+0 records in"), None);
     }

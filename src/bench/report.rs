@@ -101,7 +101,7 @@ fn title(s: Scenario) -> &'static str {
         Scenario::Cold => "Startup from an empty store",
         Scenario::Memory => "Memory of one idle instance",
         Scenario::Density => "Density",
-        Scenario::Io => "Sequential I/O on the root filesystem",
+        Scenario::Io => "I/O: root filesystem and shared directory",
         Scenario::Boot => "Direct kernel boot: VMMs on the same kernel and disk",
         Scenario::Warm => "Warm VM starts (restored from a snapshot)",
     }
@@ -113,7 +113,7 @@ fn explain(s: Scenario) -> &'static str {
         Scenario::Cold => "`rvmm run IMAGE true` with a fresh store: includes unpacking the image and, for VMs, building the root disk.",
         Scenario::Memory => "Host memory while the workload sleeps: proportional set size (PSS) of every process of the instance; for VMs split into guest RAM resident in the host and the runtime's own overhead.",
         Scenario::Density => "N instances started at once; time until each printed `ready`, and host memory (sum of PSS) as they come up.",
-        Scenario::Io => "`dd` of 32 MiB to (with fsync) and back from the root filesystem inside the workload, timed with its own /proc/uptime (10 ms resolution). VM: the writable layer is a tmpfs in guest RAM over the image disk; container: overlayfs upper dir on the host disk.",
+        Scenario::Io => "`dd` of 32 MiB to (with fsync) and back from the root filesystem and from a shared host directory (`-v DIR:/shared`: a bind mount in a container, virtio-fs in a VM) inside the workload, each repeated until a second has passed, timed with its own /proc/uptime (10 ms ticks); then a metadata workload, untar of 5,000 small files and `find` of them, in the shared directory and on the root filesystem. VM: the writable layer is a tmpfs in guest RAM over the image disk; container: overlayfs upper dir on the host disk.",
         Scenario::Boot => "Each VMM boots the same guest kernel and ext4 root disk whose init prints a marker and resets: launch to marker and launch to exit.",
         Scenario::Warm => "`rvmm run --isolation=vm IMAGE true` restored from the snapshot `rvmm snapshot prewarm` saved (taken once, before the other scenarios): the restore (launch until the VM is set up), launch to workload start and to exit, and the guest's own time from receiving its spec to the exec. Then idle VMs restored from the one snapshot: the first one's host memory, and what each additional one adds against its budget (guest pages it dirtied + 3 MiB).",
     }

@@ -691,7 +691,8 @@ fn debian_volumes_match_container_isolation() {
     assert_eq!(rvmm(root, &["volume", "rm", "deb-mail"], None).code, 0);
 }
 
-/// Two VMs sharing one volume see each other's writes while both run.
+/// Two VMs sharing one volume see each other's writes while both run. Every file appears by
+/// rename, whole: a file the other side polls for must never be seen created but not yet written.
 #[test]
 fn two_vms_share_one_volume() {
     let Some(env) = setup() else { return };
@@ -715,7 +716,7 @@ fn two_vms_share_one_volume() {
             "sh",
             "-c",
             &format!(
-                "cat /v/a; echo from-b > /v/b; {}; cat /v/a-saw",
+                "cat /v/a; echo from-b > /v/.b; mv /v/.b /v/b; {}; cat /v/a-saw",
                 wait_for("a-saw")
             ),
         ],

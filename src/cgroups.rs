@@ -24,6 +24,8 @@ pub enum Error {
     NoCpuset,
     #[error("--memory-swap needs swap accounting (swapaccount=1)")]
     NoSwapAccounting(#[source] IoError),
+    #[error("the freezer cgroup controller is not available")]
+    NoFreezer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -116,7 +118,10 @@ impl Layout {
                 }
                 "cgroup" => {
                     for c in opts.split(',') {
-                        if matches!(c, "memory" | "pids" | "cpu" | "cpuset" | "devices") {
+                        if matches!(
+                            c,
+                            "memory" | "pids" | "cpu" | "cpuset" | "devices" | "freezer"
+                        ) {
                             l.v1.push((c.to_string(), PathBuf::from(mount_point)));
                         }
                     }
@@ -386,6 +391,66 @@ impl Cgroup {
             write(d, file, "0")?;
         }
         Ok(())
+    }
+
+    /// The processes in the cgroup (its first directory holds them all), sorted.
+    pub fn pids(&self) -> Vec<i32> {
+        let Some((_, d)) = self.dirs.first() else {
+            return Vec::new();
+        };
+        let mut v: Vec<i32> = fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Freezes (`true`) or thaws every process of the cgroup: v2's cgroup.freeze, or v1's
+    /// freezer, waiting until the kernel says it is done.
+    pub fn freeze(&self, frozen: bool) -> Result<(), Error> {
+        let (file, value, done) = match self.version {
+            Version::V2 => ("cgroup.freeze", if frozen { "1" } else { "0" }, ""),
+            Version::V1 => (
+                "freezer.state",
+                if frozen { "FROZEN" } else { "THAWED" },
+                if frozen { "FROZEN" } else { "THAWED" },
+            ),
+        };
+        let d = match self.version {
+            Version::V2 => self.dir("unified"),
+            Version::V1 => self
+                .dirs
+                .iter()
+                .find(|(c, _)| c == "freezer")
+                .map(|(_, d)| d.as_path()),
+        }
+        .ok_or(Error::NoFreezer)?;
+        write(d, file, value)?;
+        if self.version == Version::V1 {
+            for _ in 0..1000 {
+                if fs::read_to_string(d.join(file)).unwrap_or_default().trim() == done {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+
+    /// Is the cgroup frozen?
+    pub fn frozen(&self) -> bool {
+        match self.version {
+            Version::V2 => self.dir("unified").is_some_and(|d| {
+                fs::read_to_string(d.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
+            }),
+            Version::V1 => self.dirs.iter().any(|(c, d)| {
+                c == "freezer"
+                    && fs::read_to_string(d.join("freezer.state"))
+                        .is_ok_and(|s| s.trim() == "FROZEN")
+            }),
+        }
     }
 
     /// Moves `pid` into every directory of the run.

@@ -12,6 +12,7 @@ pub mod fuzzing;
 pub mod image;
 pub mod kernel;
 pub mod net;
+pub mod oci;
 pub mod paths;
 pub mod run;
 pub mod runspec;

@@ -7,7 +7,7 @@
 //! clone/clone3). Everything else (mount, unshare, setns, keyctl, add_key, bpf, perf_event_open,
 //! kexec, reboot, swapon, init_module, userfaultfd, …) fails with EPERM.
 
-mod profile;
+pub mod profile;
 pub mod syscalls;
 
 use caps::{Capability, CapsHashSet};

@@ -73,26 +73,32 @@ enum Never {}
 /// single cgroup2), read-only, each rooted at the run's cgroup (so limits are where programs such
 /// as the JVM look for them).
 fn mount_cgroups(mounts: &[crate::cgroups::ContainerMount]) -> Result<(), Failure> {
+    mount_cgroups_at("/sys/fs/cgroup", mounts, true)
+}
+
+/// The host's cgroup layout (`mounts`, whose targets are under /sys/fs/cgroup) mounted at
+/// `root` instead, read-only or not (an OCI bundle's `cgroup` mount says which).
+pub(crate) fn mount_cgroups_at(
+    root: &str,
+    mounts: &[crate::cgroups::ContainerMount],
+    ro: bool,
+) -> Result<(), Failure> {
     if mounts.is_empty() {
         return Ok(());
     }
     let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    let root = "/sys/fs/cgroup";
-    let single = mounts.len() == 1 && mounts[0].target == root;
+    let ro_flag = if ro { libc::MS_RDONLY } else { 0 };
+    let single = mounts.len() == 1 && mounts[0].target == "/sys/fs/cgroup";
     if !single {
         mount("tmpfs", root, "tmpfs", flags, "mode=755,size=64k")?;
     }
     for m in mounts {
-        mkdir_p(&m.target);
-        mount(
-            &m.fstype,
-            &m.target,
-            &m.fstype,
-            flags | libc::MS_RDONLY,
-            &m.data,
-        )?;
+        let rel = m.target.strip_prefix("/sys/fs/cgroup").unwrap_or(&m.target);
+        let target = format!("{root}{rel}");
+        mkdir_p(&target);
+        mount(&m.fstype, &target, &m.fstype, flags | ro_flag, &m.data)?;
     }
-    if !single {
+    if !single && ro {
         mount(
             "",
             root,

@@ -7,7 +7,7 @@
 //! with it (PR_SET_PDEATHSIG); what is left on the host (cgroup dirs, veth, lease, run dir) is
 //! found by the next `rvmm run` or `rvmm gc` through the run's state file.
 
-mod child;
+pub(crate) mod child;
 pub mod exec;
 
 use std::ffi::CString;

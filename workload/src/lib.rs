@@ -75,14 +75,7 @@ pub fn system_mounts(base: &str) -> Result<(), Failure> {
         libc::MS_NOSUID | libc::MS_STRICTATIME,
         "mode=755,size=65536k",
     )?;
-    for d in rootfs::DEVICES {
-        fs::mknod(
-            &r(&format!("/dev/{}", d.name)),
-            libc::S_IFCHR | d.mode,
-            d.major,
-            d.minor,
-        )?;
-    }
+    default_devices(base)?;
     mkdir_p(&r("/dev/pts"));
     mount(
         "devpts",
@@ -101,18 +94,43 @@ pub fn system_mounts(base: &str) -> Result<(), Failure> {
     )?;
     mkdir_p(&r("/dev/mqueue"));
     mount("mqueue", &r("/dev/mqueue"), "mqueue", nodev, "")?;
+    dev_links(base);
+    mask_paths(base)
+}
+
+/// The devices every container has (null, zero, full, random, urandom, tty) in `base`/dev.
+pub fn default_devices(base: &str) -> Result<(), Failure> {
+    for d in rootfs::DEVICES {
+        fs::mknod(
+            &format!("{base}/dev/{}", d.name),
+            libc::S_IFCHR | d.mode,
+            d.major,
+            d.minor,
+        )?;
+    }
+    Ok(())
+}
+
+/// The symlinks of a container's /dev (ptmx, fd, stdin, stdout, stderr, core) in `base`/dev,
+/// where nothing is there yet.
+pub fn dev_links(base: &str) {
     for (target, link) in rootfs::DEV_LINKS {
         // SAFETY: NUL-terminated strings.
-        unsafe { libc::symlink(c(target).as_ptr(), c(&r(link)).as_ptr()) };
+        unsafe { libc::symlink(c(target).as_ptr(), c(&format!("{base}{link}")).as_ptr()) };
     }
-    mask_paths(base)
 }
 
 /// Docker's masked paths (an empty read-only tmpfs over a directory, /dev/null over a file) and
 /// read-only paths (a read-only bind of themselves), where they exist under `base`.
 fn mask_paths(base: &str) -> Result<(), Failure> {
+    mask(base, rootfs::MASKED, rootfs::READONLY)
+}
+
+/// `masked` paths (an empty read-only tmpfs over a directory, /dev/null over a file) and
+/// `readonly` paths (a read-only bind of themselves), where they exist under `base`.
+pub fn mask<S: AsRef<str>>(base: &str, masked: &[S], readonly: &[S]) -> Result<(), Failure> {
     let null = format!("{base}/dev/null");
-    for m in rootfs::MASKED {
+    for m in masked.iter().map(AsRef::as_ref) {
         let t = format!("{base}{m}");
         let Some(dir) = fs::is_dir_nofollow(&t) else {
             continue;
@@ -123,7 +141,7 @@ fn mask_paths(base: &str) -> Result<(), Failure> {
             mount(&null, &t, "", libc::MS_BIND, "")?;
         }
     }
-    for p in rootfs::READONLY {
+    for p in readonly.iter().map(AsRef::as_ref) {
         let t = format!("{base}{p}");
         if fs::is_dir_nofollow(&t).is_none() {
             continue;

@@ -1,0 +1,240 @@
+//! The state of OCI containers: one directory per container under the runtime's `--root`, with
+//! `state.json` (what `create` decided), `exec.fifo` (there until `start`), and a lock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Result};
+use crate::error::IoContext;
+
+/// The state directory's default, as runc's is /run/runc.
+pub const DEFAULT_ROOT: &str = "/run/rvmm-oci";
+
+/// What the runtime keeps about one container.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Container {
+    pub id: String,
+    /// The container's init process as the host sees it (0: never started).
+    pub pid: i32,
+    /// Its start time (/proc/PID/stat), so a recycled pid is not taken for it.
+    pub pid_start: u64,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+    /// RFC 3339.
+    pub created: String,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    pub cgroup: Option<crate::cgroups::Cgroup>,
+    /// The hooks still to run after `create` (poststart, poststop), from config.json.
+    #[serde(default)]
+    pub poststart: Vec<super::config::Hook>,
+    #[serde(default)]
+    pub poststop: Vec<super::config::Hook>,
+}
+
+/// The spec's statuses, and `paused`.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        write!(f, "{}", s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+/// The spec's state document (`rvmm-oci state`, and hooks' stdin).
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Report<'a> {
+    pub oci_version: &'static str,
+    pub id: &'a str,
+    pub status: Status,
+    pub pid: i32,
+    pub bundle: &'a Path,
+    pub rootfs: &'a Path,
+    pub created: &'a str,
+    pub owner: &'static str,
+    pub annotations: &'a BTreeMap<String, String>,
+}
+
+pub const OCI_VERSION: &str = "1.2.0";
+
+/// A container id the spec and the engines accept: letters, digits, `_`, `-`, `.`, not starting
+/// with a dot, at most 1024 bytes (it names a directory).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 1024
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+pub struct Store {
+    pub root: PathBuf,
+}
+
+impl Store {
+    pub fn new(root: &Path) -> Store {
+        Store {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    pub fn fifo(&self, id: &str) -> PathBuf {
+        self.dir(id).join("exec.fifo")
+    }
+
+    /// An exclusive lock on one container's commands (create, start, delete, pause).
+    pub fn lock(&self, id: &str) -> Result<std::fs::File> {
+        std::fs::create_dir_all(&self.root).at(|| format!("creating {}", self.root.display()))?;
+        Ok(crate::run::state::lock_file(
+            &self.root,
+            &format!(".{id}.lock"),
+        )?)
+    }
+
+    pub fn load(&self, id: &str) -> Result<Container> {
+        if !valid_id(id) {
+            return Err(Error::BadId(id.to_string()));
+        }
+        let p = self.dir(id).join("state.json");
+        let text = match std::fs::read(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(id.to_string()))
+            }
+            Err(e) => return Err(e).at(|| format!("reading {}", p.display()))?,
+        };
+        serde_json::from_slice(&text).map_err(|e| Error::Corrupt(p, e))
+    }
+
+    pub fn save(&self, c: &Container) -> Result<()> {
+        let p = self.dir(&c.id).join("state.json");
+        let tmp = p.with_extension("tmp");
+        let body = serde_json::to_vec(c).map_err(|e| Error::Corrupt(p.clone(), e))?;
+        std::fs::write(&tmp, body).at(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).at(|| format!("writing {}", p.display()))?;
+        Ok(())
+    }
+
+    /// Every container with a state (ids, sorted).
+    pub fn ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.root)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("state.json").exists())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn status(&self, c: &Container) -> Status {
+        if c.pid <= 0 || crate::run::state::start_time(c.pid) != Some(c.pid_start) {
+            return Status::Stopped;
+        }
+        // A zombie has exited: its parent (the engine) has not reaped it yet.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.pid)).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if matches!(state, Some("Z" | "X")) {
+            return Status::Stopped;
+        }
+        if self.fifo(&c.id).exists() {
+            return Status::Created;
+        }
+        if c.cgroup.as_ref().is_some_and(|cg| cg.frozen()) {
+            return Status::Paused;
+        }
+        Status::Running
+    }
+
+    pub fn report<'a>(&self, c: &'a Container) -> Report<'a> {
+        Store::report_of(c, self.status(c))
+    }
+
+    /// The state document of `c` as it is when `status`.
+    pub fn report_of(c: &Container, status: Status) -> Report<'_> {
+        Report {
+            oci_version: OCI_VERSION,
+            id: &c.id,
+            status,
+            pid: if status == Status::Stopped { 0 } else { c.pid },
+            bundle: &c.bundle,
+            rootfs: &c.rootfs,
+            created: &c.created,
+            owner: "",
+            annotations: &c.annotations,
+        }
+    }
+}
+
+/// Now, RFC 3339 in UTC with nanoseconds (as runc writes `created`).
+pub fn rfc3339_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(d.as_secs() as i64, d.subsec_nanos())
+}
+
+fn rfc3339(secs: i64, nanos: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["a", "abc-DEF_1.2", &"x".repeat(1024)] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", ".x", "a/b", "a b", "é", &"x".repeat(1025)] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn time_format() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(1_796_542_191, 5), "2026-12-06T07:29:51.000000005Z");
+        assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00.000000000Z");
+    }
+}

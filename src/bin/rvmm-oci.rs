@@ -16,8 +16,8 @@ use rvmm::oci::{self, state::Store, CreateOptions};
     about = "rvmm as an OCI runtime: runc's command line, for podman, containerd and friends"
 )]
 struct Cli {
-    /// Where container state lives.
-    #[arg(long, global = true, default_value = oci::state::DEFAULT_ROOT, value_name = "DIR")]
+    /// Where container state lives (engines that cannot pass --root can set RVMM_OCI_ROOT).
+    #[arg(long, global = true, env = "RVMM_OCI_ROOT", default_value = oci::state::DEFAULT_ROOT, value_name = "DIR")]
     root: PathBuf,
     /// Also write errors and warnings to this file (engines read it).
     #[arg(long, global = true, value_name = "FILE")]
@@ -72,6 +72,57 @@ struct CreateArgs {
     id: String,
 }
 
+#[derive(clap::Args)]
+struct ExecArgs {
+    /// A JSON process document (the spec's `process`) instead of the flags and ARGS.
+    #[arg(short, long, value_name = "FILE")]
+    process: Option<PathBuf>,
+    /// Return once the process runs.
+    #[arg(short, long)]
+    detach: bool,
+    /// Write the process's pid here.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// A unix socket that receives the terminal's master.
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
+    /// Give the process a terminal.
+    #[arg(short, long)]
+    tty: bool,
+    /// The working directory.
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<String>,
+    /// NAME=VALUE, added to the container's environment.
+    #[arg(short, long, value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// UID[:GID].
+    #[arg(short, long)]
+    user: Option<String>,
+    /// A supplementary group.
+    #[arg(short = 'g', long, value_name = "GID")]
+    additional_gids: Vec<u32>,
+    /// Set no_new_privs for the process.
+    #[arg(long)]
+    no_new_privs: bool,
+    /// A capability added to the process's sets.
+    #[arg(short, long, value_name = "CAP")]
+    cap: Vec<String>,
+    /// Descriptors 3 .. 3+N are passed to the process.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    preserve_fds: u32,
+    /// Accepted for runc compatibility.
+    #[arg(long, value_name = "LABEL")]
+    process_label: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long, value_name = "PROFILE")]
+    apparmor: Option<String>,
+    /// The container's id.
+    id: String,
+    /// The command and its arguments (without --process).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a container from a bundle; its init waits for `start`.
@@ -86,6 +137,9 @@ enum Command {
         #[arg(short, long)]
         detach: bool,
     },
+    /// Run a process in a running container: its own process with these changes, or a
+    /// process document (--process).
+    Exec(ExecArgs),
     /// Print a container's state (JSON).
     State { id: String },
     /// Send a signal to a container's init (default SIGTERM), or with --all to all its processes.
@@ -198,6 +252,24 @@ fn dispatch(cli: Cli) -> oci::Result<u8> {
             rvmm_shim::signals::stop_forwarding();
             oci::delete(&store, &create.id, true)?;
             return Ok(code);
+        }
+        Command::Exec(a) => {
+            let o = oci::ExecOptions {
+                process: a.process,
+                args: a.args,
+                cwd: a.cwd,
+                env: a.env,
+                user: a.user,
+                additional_gids: a.additional_gids,
+                tty: a.tty,
+                no_new_privs: a.no_new_privs,
+                caps: a.cap,
+                detach: a.detach,
+                pid_file: a.pid_file,
+                console_socket: a.console_socket,
+                preserve_fds: a.preserve_fds,
+            };
+            return oci::exec(&store, &a.id, &o);
         }
         Command::State { id } => println!("{}", oci::state_json(&store, &id)?),
         Command::Kill { all, id, signal } => {

@@ -265,6 +265,11 @@ fn prepare(p: &Plan) -> Result<(), Failure> {
     // workload's.
     let argv0 = p.spec.argv.first().map(String::as_str).unwrap_or_default();
     rvmm_workload::resolve(argv0, &p.spec.env)?;
+    if argv0.starts_with('/') && std::fs::metadata(argv0).is_err() {
+        return Err(Failure::setup(format!(
+            "{argv0}: no such file or directory"
+        )));
+    }
     Ok(())
 }
 
@@ -426,7 +431,10 @@ fn prop(o: &mut MountOptions, flags: libc::c_ulong) -> (libc::c_ulong, libc::c_u
 /// A terminal for the workload: a pty from the container's devpts, its master sent to the
 /// engine's console socket (SCM_RIGHTS, as runc does), its slave also bound on /dev/console.
 /// Returns the slave.
-fn console(sock: RawFd, size: Option<super::config::ConsoleSize>) -> Result<RawFd, Failure> {
+pub(super) fn console(
+    sock: RawFd,
+    size: Option<super::config::ConsoleSize>,
+) -> Result<RawFd, Failure> {
     // SAFETY: opening the container's ptmx, then unlocking and naming its slave.
     let master = unsafe {
         libc::open(

@@ -9,6 +9,7 @@
 //! (default /run/rvmm-oci), one directory per container. docs/engines.md has the details.
 
 pub mod config;
+mod exec;
 mod hooks;
 mod init;
 pub mod state;
@@ -23,6 +24,7 @@ use rvmm_proto::{DeviceNode, Limits, Rlimit, RunSpec, Security, User};
 
 use crate::error::{IoContext, IoError};
 use config::Config;
+pub use exec::{exec, ExecOptions};
 use state::{Container, Status, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,8 @@ pub struct CreateOptions {
 
 /// A running `create`'s resources, released unless it succeeds.
 struct Undo {
+    /// The lock file (`create` made it; nobody else can hold it while `create` does).
+    lock: Option<PathBuf>,
     dir: Option<PathBuf>,
     cgroup: Option<crate::cgroups::Cgroup>,
     pid: i32,
@@ -91,11 +95,15 @@ impl Drop for Undo {
         if let Some(d) = self.dir.take() {
             let _ = std::fs::remove_dir_all(d);
         }
+        if let Some(l) = self.lock.take() {
+            let _ = std::fs::remove_file(l);
+        }
     }
 }
 
 impl Undo {
     fn keep(mut self) {
+        self.lock = None;
         self.dir = None;
         self.cgroup = None;
         self.pid = 0;
@@ -139,14 +147,16 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
     if dir.join("state.json").exists() {
         return Err(Error::Exists(id.to_string()));
     }
-    // Leftovers of a create that was killed: nothing runs from them.
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).at(|| format!("creating {}", dir.display()))?;
     let mut undo = Undo {
-        dir: Some(dir.clone()),
+        lock: Some(store.lock_path(id)),
+        dir: None,
         cgroup: None,
         pid: 0,
     };
+    // Leftovers of a create that was killed: nothing runs from them.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).at(|| format!("creating {}", dir.display()))?;
+    undo.dir = Some(dir.clone());
     let fifo = store.fifo(id);
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o622))
         .map_err(|e| Error::Create(format!("creating {}: {e}", fifo.display())))?;
@@ -542,7 +552,7 @@ pub fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
         }
         Err(Error::Corrupt(..)) if force => {
             let _ = std::fs::remove_dir_all(store.dir(id));
-            let _ = std::fs::remove_file(store.root.join(format!(".{id}.lock")));
+            let _ = std::fs::remove_file(store.lock_path(id));
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -589,7 +599,7 @@ pub fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(store.dir(id));
-    let _ = std::fs::remove_file(store.root.join(format!(".{id}.lock")));
+    let _ = std::fs::remove_file(store.lock_path(id));
     Ok(())
 }
 

@@ -99,6 +99,11 @@ impl Store {
         self.dir(id).join("exec.fifo")
     }
 
+    /// The lock file of container `id`.
+    pub fn lock_path(&self, id: &str) -> PathBuf {
+        self.root.join(format!(".{id}.lock"))
+    }
+
     /// An exclusive lock on one container's commands (create, start, delete, pause).
     pub fn lock(&self, id: &str) -> Result<std::fs::File> {
         std::fs::create_dir_all(&self.root).at(|| format!("creating {}", self.root.display()))?;

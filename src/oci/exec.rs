@@ -135,9 +135,10 @@ pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
         unsafe { libc::_exit(i32::from(f.status)) }
     }
     let fork_err = std::io::Error::last_os_error();
-    // SAFETY: setns back to the pid namespace this process is in (hooks and anything else we
-    // spawn must not land in the container's).
+    // Back to the pid namespace this process is in (hooks and anything else we spawn must not
+    // land in the container's).
     if inherit_pidns {
+        // SAFETY: setns on a namespace fd we opened.
         unsafe { libc::setns(own_pidns.as_raw_fd(), libc::CLONE_NEWPID) };
     }
     if child < 0 {

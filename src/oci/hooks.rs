@@ -31,10 +31,18 @@ pub fn run(h: &Hook, state: &[u8]) -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("hook {}: {e}", h.path))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A hook that does not read its stdin is fine (EPIPE).
-        let _ = stdin.write_all(state);
-    }
+    // Written from a thread of its own that blocks SIGPIPE: a hook that exits without reading
+    // its stdin is fine (EPIPE, and the signal dies with the thread), and one that neither reads
+    // nor exits cannot hang us past its timeout.
+    let writer = child.stdin.take().map(|mut stdin| {
+        let state = state.to_vec();
+        std::thread::spawn(move || {
+            let mut set = nix::sys::signal::SigSet::empty();
+            set.add(nix::sys::signal::Signal::SIGPIPE);
+            let _ = set.thread_block();
+            let _ = stdin.write_all(&state);
+        })
+    });
     let mut stderr = child.stderr.take();
     let reader = std::thread::spawn(move || {
         let mut s = Vec::new();
@@ -61,6 +69,9 @@ pub fn run(h: &Hook, state: &[u8]) -> Result<(), String> {
             Err(e) => return Err(format!("hook {}: waiting: {e}", h.path)),
         }
     };
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
     let err = reader.join().unwrap_or_default();
     let err = String::from_utf8_lossy(&err);
     let tail = err.trim();

@@ -436,7 +436,7 @@ fn workload(cfg: &Config) -> Result<RunSpec> {
 
 /// `start ID`: lets the created container's init exec the workload.
 pub fn start(store: &Store, id: &str) -> Result<()> {
-    let _lock = store.lock(id)?;
+    let _lock = store.lock_existing(id)?;
     let c = store.load(id)?;
     let status = store.status(&c);
     if status != Status::Created {
@@ -543,7 +543,10 @@ pub fn kill(store: &Store, id: &str, signal: i32, all: bool) -> Result<()> {
 /// `delete ID`: the container's state and cgroup, its poststop hooks. A running one only with
 /// `force` (killed first).
 pub fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
-    let _lock = store.lock(id)?;
+    let _lock = match store.lock_existing(id) {
+        Err(Error::NotFound(_)) if force => return Ok(()),
+        l => l?,
+    };
     let c = match store.load(id) {
         Ok(c) => c,
         Err(Error::NotFound(_)) if force => {
@@ -605,7 +608,7 @@ pub fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
 
 /// `pause`/`resume ID`: freezes or thaws the container's cgroup.
 pub fn pause(store: &Store, id: &str, frozen: bool) -> Result<()> {
-    let _lock = store.lock(id)?;
+    let _lock = store.lock_existing(id)?;
     let c = store.load(id)?;
     let status = store.status(&c);
     let ok = if frozen {

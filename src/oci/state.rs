@@ -104,6 +104,14 @@ impl Store {
         self.root.join(format!(".{id}.lock"))
     }
 
+    /// `lock` for a container that exists (NotFound, and no lock file made, otherwise).
+    pub fn lock_existing(&self, id: &str) -> Result<std::fs::File> {
+        if valid_id(id) && !self.dir(id).exists() {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        self.lock(id)
+    }
+
     /// An exclusive lock on one container's commands (create, start, delete, pause).
     pub fn lock(&self, id: &str) -> Result<std::fs::File> {
         std::fs::create_dir_all(&self.root).at(|| format!("creating {}", self.root.display()))?;

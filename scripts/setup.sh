@@ -12,8 +12,9 @@ PKGS=(
   # images, root disks, peers and test fixtures
   busybox-static umoci skopeo docker-registry apache2-utils e2fsprogs erofs-utils debootstrap
   crun runc qemu-system-x86
-  # peers the lifecycle figures compare with (docs/benchmarks/lifecycle.md): podman + conmon over crun
-  podman conmon
+  # peers the lifecycle figures compare with (docs/benchmarks/lifecycle.md): podman + conmon over crun;
+  # the engines that drive rvmm-oci in tests/engines.rs (podman, containerd with its runc shim)
+  podman conmon containerd
   # networking
   iptables iproute2
 )

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# podman with rvmm-oci against podman with crun (docs/benchmarks/engines.md): launch -> exit of
+# `podman run --rm --network=none IMAGE true`, N rounds each, interleaved (the host is noisy),
+# medians side by side.
+#
+#   scripts/bench-engines.sh            root, after `cargo build --release --bin rvmm-oci`
+#
+# podman runs on private --root/--runroot with cgroupfs, inside one private mount namespace with
+# the cgroup2 mount hidden (crun 1.8 refuses this host's hybrid cgroups), with ulimits a runtime
+# can set (root here lacks CAP_SYS_RESOURCE). Both runtimes get the same podman, image and flags.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-15}
+T=$(mktemp -d /tmp/rvmm-bench-engines.XXXXXX)
+trap 'rm -rf "$T"' EXIT
+imgs=target/test-images/bench-engines
+bash scripts/make-test-images.sh "$imgs" >/dev/null
+cp target/release/rvmm-oci "$T/rvmm-oci-bin"
+export T N imgs
+unshare -m -n --propagation private bash -c '
+  set -euo pipefail
+  ip link set lo up
+  umount /sys/fs/cgroup/unified 2>/dev/null || true
+  printf "#!/bin/sh\nRVMM_OCI_ROOT=%s exec %s \"\$@\"\n" "$T/oci" "$T/rvmm-oci-bin" > "$T/rvmm-oci"
+  chmod +x "$T/rvmm-oci"
+  printf "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=4096:4096\"]\n" > "$T/containers.conf"
+  export CONTAINERS_CONF=$T/containers.conf
+  pod() { podman --root "$T/root" --runroot "$T/run" --tmpdir "$T/tmp" --cgroup-manager cgroupfs \
+    --events-backend file "$@"; }
+  ms() { local t0 t1; t0=$(date +%s%N); "$@" >/dev/null; t1=$(date +%s%N); echo $(((t1 - t0) / 1000)) | awk "{printf \"%.1f\n\", \$1/1000}"; }
+  median() { sort -n | awk "{a[NR]=\$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}"; }
+  pod pull -q "oci:$(pwd)/$imgs/busybox" >/dev/null
+  img=$(pod images -q | head -1)
+  for r in crun "$T/rvmm-oci"; do pod --runtime "$r" run --rm --network=none "$img" true; done
+  : > "$T/crun"; : > "$T/rvmm"
+  for _ in $(seq "$N"); do
+    ms pod --runtime crun run --rm --network=none "$img" true >> "$T/crun"
+    ms pod --runtime "$T/rvmm-oci" run --rm --network=none "$img" true >> "$T/rvmm"
+  done
+  pod rm -a -f >/dev/null 2>&1 || true
+  echo "podman run --rm true, launch -> exit, median of $N (ms): crun $(median < "$T/crun"), rvmm-oci $(median < "$T/rvmm")"
+  echo "crun: $(tr "\n" " " < "$T/crun")"
+  echo "rvmm-oci: $(tr "\n" " " < "$T/rvmm")"
+'

@@ -207,6 +207,26 @@ pub fn create(
     all_devices: bool,
     devices: &[rvmm_proto::DeviceNode],
 ) -> Result<Cgroup, Error> {
+    create_at(
+        layout,
+        &Path::new("rvmm").join(id),
+        limits,
+        cpus,
+        all_devices,
+        devices,
+    )
+}
+
+/// `create` at `rel` below each hierarchy's root (an OCI bundle's `cgroupsPath`): missing
+/// parents are made (and, in v2, given the controllers); only the leaf is removed later.
+pub fn create_at(
+    layout: &Layout,
+    rel: &Path,
+    limits: &Limits,
+    cpus: &[u32],
+    all_devices: bool,
+    devices: &[rvmm_proto::DeviceNode],
+) -> Result<Cgroup, Error> {
     let cg = match layout.version() {
         Version::V1 => {
             let mut cg = Cgroup {
@@ -214,7 +234,7 @@ pub fn create(
                 dirs: Vec::new(),
             };
             for (ctrl, mp) in &layout.v1 {
-                let d = mp.join("rvmm").join(id);
+                let d = mp.join(rel);
                 if let Err(e) = fs::create_dir_all(&d) {
                     cg.remove();
                     return Err(e)
@@ -233,7 +253,8 @@ pub fn create(
         }
         Version::V2 => {
             let root = layout.unified.clone().ok_or(Error::NoUnified)?;
-            let parent = root.join("rvmm");
+            let d = root.join(rel);
+            let parent = d.parent().unwrap_or(&root).to_path_buf();
             fs::create_dir_all(&parent).at(|| format!("creating cgroup {}", parent.display()))?;
             let avail = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
             let want: Vec<String> = ["memory", "pids", "cpu", "cpuset"]
@@ -241,10 +262,17 @@ pub fn create(
                 .filter(|c| avail.split_whitespace().any(|a| a == **c))
                 .map(|c| format!("+{c}"))
                 .collect();
-            for d in [&root, &parent] {
-                let _ = fs::write(d.join("cgroup.subtree_control"), want.join(" "));
+            // Every cgroup from the root down to the parent hands the controllers on.
+            let mut cur = root.clone();
+            let _ = fs::write(cur.join("cgroup.subtree_control"), want.join(" "));
+            for part in parent
+                .strip_prefix(&root)
+                .unwrap_or(Path::new(""))
+                .components()
+            {
+                cur.push(part);
+                let _ = fs::write(cur.join("cgroup.subtree_control"), want.join(" "));
             }
-            let d = parent.join(id);
             fs::create_dir_all(&d).at(|| format!("creating cgroup {}", d.display()))?;
             Cgroup {
                 version: Version::V2,

@@ -31,8 +31,8 @@ struct Cli {
     /// Accepted for runc compatibility (error, warn, info, debug).
     #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
-    /// Accepted for runc compatibility: cgroups are always managed through cgroupfs, under
-    /// rvmm/oci-ID.
+    /// Accepted: cgroups are always made through cgroupfs; a systemd cgroupsPath
+    /// (slice:prefix:name) becomes the scope systemd would make, slice/prefix-name.scope.
     #[arg(long, global = true)]
     systemd_cgroup: bool,
     /// Accepted for runc compatibility; rootless containers are not supported.

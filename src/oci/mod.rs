@@ -170,9 +170,9 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
                 && d.minor.is_none()
         })
     });
-    let cg = crate::cgroups::create(
+    let cg = crate::cgroups::create_at(
         &layout,
-        &format!("oci-{id}"),
+        &cgroup_path(cfg.linux.cgroups_path.as_deref(), id)?,
         &spec.limits,
         &spec.cpus_allowed,
         all_devices,
@@ -296,6 +296,42 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
     }
     undo.keep();
     Ok(pid)
+}
+
+/// Where the container's cgroup goes below each hierarchy's root: config.json's `cgroupsPath`
+/// (absolute or not, both from the root; systemd's `slice:prefix:name` as the scope systemd
+/// would make, `slice/prefix-name.scope`), or `rvmm/oci-ID`.
+fn cgroup_path(p: Option<&str>, id: &str) -> Result<PathBuf> {
+    let p = match p.map(str::trim) {
+        None | Some("") => return Ok(PathBuf::from(format!("rvmm/oci-{id}"))),
+        Some(p) => p,
+    };
+    let rel = match p.split(':').collect::<Vec<_>>()[..] {
+        [slice, prefix, name] => {
+            let slice = if slice.is_empty() {
+                "system.slice"
+            } else {
+                slice
+            };
+            let scope = if prefix.is_empty() {
+                format!("{name}.scope")
+            } else {
+                format!("{prefix}-{name}.scope")
+            };
+            PathBuf::from(slice).join(scope)
+        }
+        _ => PathBuf::from(p.trim_start_matches('/')),
+    };
+    let text = rel.to_string_lossy();
+    let normal = text
+        .split('/')
+        .all(|c| !c.is_empty() && c != "." && c != "..");
+    if !normal {
+        return Err(Error::Invalid(format!(
+            "linux.cgroupsPath {p:?}: a path below the cgroup root, without . or .."
+        )));
+    }
+    Ok(rel)
 }
 
 /// The pid file, written whole or not at all (engines read it as soon as `create` exits).
@@ -692,5 +728,32 @@ pub fn wait_exit(pid: i32) -> u8 {
         128u8.wrapping_add(libc::WTERMSIG(st) as u8)
     } else {
         255
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroups_path_forms() {
+        let p = |s: Option<&str>| cgroup_path(s, "c1").map(|p| p.display().to_string());
+        assert_eq!(p(None).ok().as_deref(), Some("rvmm/oci-c1"));
+        assert_eq!(
+            p(Some("/libpod_parent/libpod-c1")).ok().as_deref(),
+            Some("libpod_parent/libpod-c1")
+        );
+        assert_eq!(p(Some("k8s/pod1/c1")).ok().as_deref(), Some("k8s/pod1/c1"));
+        assert_eq!(
+            p(Some("machine.slice:libpod:c1")).ok().as_deref(),
+            Some("machine.slice/libpod-c1.scope")
+        );
+        assert_eq!(
+            p(Some(":crio:c1")).ok().as_deref(),
+            Some("system.slice/crio-c1.scope")
+        );
+        for bad in ["/a/../../b", "/", "a/./b", "..:y:z"] {
+            assert!(p(Some(bad)).is_err(), "{bad}");
+        }
     }
 }

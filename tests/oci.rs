@@ -345,7 +345,7 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         f(&mut c);
         std::fs::write(&p, c.to_string()).unwrap();
     };
-    let cases: Vec<(PathBuf, &str)> = vec![
+    let mut cases: Vec<(PathBuf, &str)> = vec![
         (
             bad("no-config", &|d| {
                 std::fs::remove_file(d.join("config.json")).unwrap()
@@ -413,6 +413,12 @@ fn bad_input_is_one_line_and_leaves_nothing() {
             "/bin/false",
         ),
     ];
+    cases.push((
+        bad("vm", &|d| {
+            edit_cfg(d, &|c| c["annotations"]["io.rvmm.isolation"] = json!("vm"))
+        }),
+        "VM isolation is not available",
+    ));
     let log = t.path().join("log.json");
     for (i, (b, what)) in cases.iter().enumerate() {
         let id = format!("bad{i}");
@@ -468,6 +474,25 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         assert_eq!(o.stderr.lines().count(), 1, "{args:?}: {}", o.stderr);
         assert!(o.stderr.contains(what), "{args:?}: {}", o.stderr);
     }
+    // The flag asks the same of a bundle without the annotation.
+    let o = oci(
+        &root,
+        &[
+            "--isolation",
+            "vm",
+            "create",
+            "--bundle",
+            good.to_str().unwrap(),
+            "flagged",
+        ],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("VM isolation is not available"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(common::run::ls(&root), Vec::<String>::new());
     // delete --force of what does not exist is not an error (engines clean up that way).
     assert_eq!(oci(&root, &["delete", "--force", "nope"]).code, 0);
 }

@@ -38,6 +38,15 @@ struct Cli {
     /// Accepted for runc compatibility; rootless containers are not supported.
     #[arg(long, global = true, value_name = "true|false|auto")]
     rootless: Option<String>,
+    /// The isolation of containers this command creates, for engines that cannot set the
+    /// io.rvmm.isolation annotation (container; vm is not available through rvmm-oci yet).
+    #[arg(
+        long,
+        global = true,
+        env = "RVMM_OCI_ISOLATION",
+        value_name = "container|vm"
+    )]
+    isolation: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -235,11 +244,15 @@ fn dispatch(cli: Cli) -> oci::Result<u8> {
     let store = Store::new(&cli.root);
     match cli.command {
         Command::Create(a) => {
-            oci::create(&store, &a.id, &create_options(&a))?;
+            oci::create(&store, &a.id, &create_options(&a, cli.isolation.as_deref()))?;
         }
         Command::Start { id } => oci::start(&store, &id)?,
         Command::Run { create, detach } => {
-            let pid = oci::create(&store, &create.id, &create_options(&create))?;
+            let pid = oci::create(
+                &store,
+                &create.id,
+                &create_options(&create, cli.isolation.as_deref()),
+            )?;
             rvmm_shim::signals::forward_to(pid, 0);
             if let Err(e) = oci::start(&store, &create.id) {
                 let _ = oci::delete(&store, &create.id, true);
@@ -304,8 +317,9 @@ fn dispatch(cli: Cli) -> oci::Result<u8> {
     Ok(0)
 }
 
-fn create_options(a: &CreateArgs) -> CreateOptions {
+fn create_options(a: &CreateArgs, isolation: Option<&str>) -> CreateOptions {
     CreateOptions {
+        isolation: isolation.map(str::to_string),
         bundle: a.bundle.clone(),
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),

@@ -69,6 +69,31 @@ pub struct CreateOptions {
     pub pid_file: Option<PathBuf>,
     /// Descriptors 3 .. 3+N stay open for the workload.
     pub preserve_fds: u32,
+    /// `--isolation` (for engines that cannot set the annotation).
+    pub isolation: Option<String>,
+}
+
+/// The annotation that picks a container's isolation.
+pub const ISOLATION_ANNOTATION: &str = "io.rvmm.isolation";
+
+/// The isolation asked for, by the flag or the bundle's annotation: only `container` runs here.
+/// VM isolation is refused rather than quietly given a container.
+fn check_isolation(cfg: &Config, flag: Option<&str>) -> Result<()> {
+    let asked = flag.or(cfg
+        .annotations
+        .get(ISOLATION_ANNOTATION)
+        .map(String::as_str));
+    match asked {
+        None | Some("container") => Ok(()),
+        Some("vm") => Err(Error::Invalid(
+            "VM isolation is not available through rvmm-oci yet (only container isolation): \
+             use `rvmm run --isolation=vm`, see docs/engines.md"
+                .into(),
+        )),
+        Some(other) => Err(Error::Invalid(format!(
+            "isolation {other:?}: container or vm"
+        ))),
+    }
 }
 
 /// A running `create`'s resources, released unless it succeeds.
@@ -136,6 +161,7 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
     }
     let spec = workload(&cfg)?;
     let terminal = cfg.process().terminal;
+    check_isolation(&cfg, o.isolation.as_deref())?;
     if terminal && o.console_socket.is_none() {
         return Err(Error::Invalid(
             "process.terminal is set: --console-socket is needed".into(),
@@ -703,7 +729,7 @@ pub fn features() -> serde_json::Value {
             "apparmor": {"enabled": false},
             "selinux": {"enabled": false}
         },
-        "annotations": {"io.github.rvmm.isolation": "container"}
+        "annotations": {ISOLATION_ANNOTATION: "container"}
     })
 }
 

@@ -413,8 +413,11 @@ impl Env {
     /// `crun` itself is killed.
     pub fn reap_peers(&self) {
         for (bin, id) in self.peers_started.borrow_mut().drain(..) {
+            // With the cgroup2 mount hidden, crun makes its "cgroup" there as a plain directory
+            // of the host's /sys/fs/cgroup tmpfs: it goes too.
             let script = format!(
-                "umount /sys/fs/cgroup/unified 2>/dev/null; exec {} delete -f {id}",
+                "umount /sys/fs/cgroup/unified 2>/dev/null; {} delete -f {id}; \
+                 mountpoint -q /sys/fs/cgroup/unified || rm -rf /sys/fs/cgroup/unified/{id}",
                 bin.display()
             );
             let _ = Command::new("unshare")

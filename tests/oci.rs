@@ -534,3 +534,63 @@ fn features_and_version() {
     let v = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && v.contains("spec: 1.2.0"), "{v}");
 }
+
+/// `create` killed with SIGKILL while a createRuntime hook runs: the container is there,
+/// stopped; its init and the hook go; `delete` removes the rest (state, cgroup).
+#[test]
+fn a_killed_create_leaves_a_stopped_container_that_delete_removes() {
+    if !ready() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("state");
+    let marker = t.path().join("hook.pid");
+    let b = bundle(t.path(), |c| {
+        c["process"]["args"] = json!(["true"]);
+        c["hooks"] = json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c",
+            format!("echo $$ > {0}.tmp; mv {0}.tmp {0}; exec sleep 60", marker.display())]}]});
+    });
+    let mut create = Command::new(oci_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["create", "--bundle", b.to_str().unwrap(), "k1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(common::lifecycle::wait_until(
+        Duration::from_secs(20),
+        || marker.exists()
+    ));
+    let hook: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    create.kill().unwrap();
+    create.wait().unwrap();
+    assert!(
+        common::lifecycle::wait_until(Duration::from_secs(10), || {
+            !Path::new(&format!("/proc/{hook}")).exists()
+                || std::fs::read_to_string(format!("/proc/{hook}/stat"))
+                    .is_ok_and(|s| s.contains(") Z"))
+        }),
+        "the hook outlived create"
+    );
+    assert_eq!(state(&root, "k1")["status"], "stopped");
+    // The init read EOF on its sync pipe and left; the cgroup empties.
+    assert!(common::lifecycle::wait_until(
+        Duration::from_secs(10),
+        || {
+            cgroups_of("k1").iter().all(|d| {
+                std::fs::read_to_string(Path::new(d).join("cgroup.procs"))
+                    .is_ok_and(|p| p.trim().is_empty())
+            })
+        }
+    ));
+    let o = oci(&root, &["delete", "k1"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(common::run::ls(&root), Vec::<String>::new());
+    assert_eq!(cgroups_of("k1"), Vec::<String>::new());
+}

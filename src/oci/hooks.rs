@@ -25,6 +25,14 @@ pub fn run(h: &Hook, state: &[u8]) -> Result<(), String> {
             cmd.env(k, v);
         }
     }
+    // A hook dies with us (a killed create leaves no hook behind).
+    // SAFETY: prctl between fork and exec, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    };
     // Its own process group: a timeout kills whatever it started too.
     cmd.process_group(0)
         .stdin(Stdio::piped())

@@ -205,6 +205,21 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
         &spec.devices,
     )?;
     undo.cgroup = Some(cg.clone());
+    // On disk from here: a create killed half way leaves a stopped container (pid 0) that
+    // `delete` cleans up, its cgroup included, as runc's does.
+    let mut c = Container {
+        id: id.to_string(),
+        pid: 0,
+        pid_start: 0,
+        bundle: bundle.clone(),
+        rootfs: rootfs.clone(),
+        created: state::rfc3339_now(),
+        annotations: cfg.annotations.clone(),
+        cgroup: Some(cg.clone()),
+        poststart: cfg.hooks.poststart.clone(),
+        poststop: cfg.hooks.poststop.clone(),
+    };
+    store.save(&c)?;
 
     let console_fd = match &o.console_socket {
         Some(p) if terminal => {
@@ -290,18 +305,8 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
     drop(err_w);
     drop(console_fd);
 
-    let mut c = Container {
-        id: id.to_string(),
-        pid,
-        pid_start: crate::run::state::start_time(pid).unwrap_or_default(),
-        bundle: bundle.clone(),
-        rootfs,
-        created: state::rfc3339_now(),
-        annotations: cfg.annotations.clone(),
-        cgroup: Some(cg),
-        poststart: cfg.hooks.poststart.clone(),
-        poststop: cfg.hooks.poststop.clone(),
-    };
+    c.pid = pid;
+    c.pid_start = crate::run::state::start_time(pid).unwrap_or_default();
     let doc = hook_state(&c, Status::Creating);
     for h in cfg.hooks.prestart.iter().chain(&cfg.hooks.create_runtime) {
         hooks::run(h, &doc).map_err(Error::Create)?;

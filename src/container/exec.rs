@@ -153,25 +153,36 @@ fn in_child(
     spec: &RunSpec,
     namespaces: &[(std::fs::File, libc::c_int)],
 ) -> rvmm_workload::Failure {
-    use rvmm_workload::Failure;
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    if let Some(cg) = &run.cgroup {
-        if let Err(e) = cg.join_self() {
-            return Failure::setup(format!("joining the run's cgroup: {e:#}"));
-        }
+    if let Err(f) = enter(run.cgroup.as_ref(), namespaces) {
+        return f;
+    }
+    match rvmm_workload::privileges::become_workload(spec, false) {
+        Ok(prog) => rvmm_workload::exec(&prog, &spec.argv, &spec.env),
+        Err(f) => f,
+    }
+}
+
+/// In a process that is to run in a container: its cgroup, then its namespaces (the mount
+/// namespace last), then `/` of the container's root. rvmm exec and rvmm-oci exec.
+pub(crate) fn enter(
+    cgroup: Option<&crate::cgroups::Cgroup>,
+    namespaces: &[(std::fs::File, libc::c_int)],
+) -> std::result::Result<(), rvmm_workload::Failure> {
+    use rvmm_workload::Failure;
+    if let Some(cg) = cgroup {
+        cg.join_self()
+            .map_err(|e| Failure::setup(format!("joining the container's cgroup: {e:#}")))?;
     }
     for (f, kind) in namespaces {
         // SAFETY: setns on a namespace fd we opened.
         if unsafe { libc::setns(f.as_raw_fd(), *kind) } != 0 {
-            return Failure::os("joining the container's namespaces");
+            return Err(Failure::os("joining the container's namespaces"));
         }
     }
     // The mount namespace's root is the container's (it pivoted); start from it.
     // SAFETY: chdir with a NUL-terminated path.
     unsafe { libc::chdir(c"/".as_ptr()) };
-    match rvmm_workload::privileges::become_workload(spec, false) {
-        Ok(prog) => rvmm_workload::exec(&prog, &spec.argv, &spec.env),
-        Err(f) => f,
-    }
+    Ok(())
 }

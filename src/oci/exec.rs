@@ -237,7 +237,6 @@ fn in_child(
     joins: &[(std::fs::File, libc::c_int)],
     k: &Child,
 ) -> rvmm_workload::Failure {
-    use rvmm_workload::Failure;
     for &fd in k.parent_fds {
         // SAFETY: closing our copy of a descriptor the parent keeps.
         unsafe { libc::close(fd) };
@@ -246,35 +245,13 @@ fn in_child(
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     }
-    if let Some(cg) = &c.cgroup {
-        if let Err(e) = cg.join_self() {
-            return Failure::setup(format!("joining the container's cgroup: {e}"));
-        }
+    if let Err(f) = crate::container::exec::enter(c.cgroup.as_ref(), joins) {
+        return f;
     }
-    for (f, kind) in joins {
-        // SAFETY: setns on a namespace fd we opened.
-        if unsafe { libc::setns(f.as_raw_fd(), *kind) } != 0 {
-            return Failure::os("joining the container's namespaces");
-        }
-    }
-    // The mount namespace's root is the container's (it pivoted); start from it.
-    // SAFETY: chdir with a NUL-terminated path.
-    unsafe { libc::chdir(c"/".as_ptr()) };
     if let Some(sock) = k.console {
-        let slave = match super::init::console(sock, k.size) {
-            Ok(s) => s,
+        match super::init::console(sock, k.size) {
+            Ok(slave) => super::init::take_terminal(slave),
             Err(f) => return f,
-        };
-        // SAFETY: fd juggling on descriptors we own.
-        unsafe {
-            libc::setsid();
-            libc::ioctl(slave, libc::TIOCSCTTY, 0);
-            for fd in 0..3 {
-                libc::dup2(slave, fd);
-            }
-            if slave > 2 {
-                libc::close(slave);
-            }
         }
     }
     // SAFETY: close_range(2) with integer arguments.

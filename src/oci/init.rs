@@ -249,17 +249,7 @@ fn prepare(p: &Plan) -> Result<(), Failure> {
         )?;
     }
     if let Some(slave) = console {
-        // SAFETY: fd juggling on descriptors we own.
-        unsafe {
-            libc::setsid();
-            libc::ioctl(slave, libc::TIOCSCTTY, 0);
-            for fd in 0..3 {
-                libc::dup2(slave, fd);
-            }
-            if slave > 2 {
-                libc::close(slave);
-            }
-        }
+        take_terminal(slave);
     }
     // A program that is not there or cannot run is `create`'s error (as with runc), not the
     // workload's.
@@ -431,6 +421,21 @@ fn prop(o: &mut MountOptions, flags: libc::c_ulong) -> (libc::c_ulong, libc::c_u
 /// A terminal for the workload: a pty from the container's devpts, its master sent to the
 /// engine's console socket (SCM_RIGHTS, as runc does), its slave also bound on /dev/console.
 /// Returns the slave.
+/// Makes `slave` this process's controlling terminal (a new session) and its stdio.
+pub(super) fn take_terminal(slave: RawFd) {
+    // SAFETY: fd juggling on descriptors we own.
+    unsafe {
+        libc::setsid();
+        libc::ioctl(slave, libc::TIOCSCTTY, 0);
+        for fd in 0..3 {
+            libc::dup2(slave, fd);
+        }
+        if slave > 2 {
+            libc::close(slave);
+        }
+    }
+}
+
 pub(super) fn console(
     sock: RawFd,
     size: Option<super::config::ConsoleSize>,

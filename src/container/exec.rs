@@ -25,7 +25,7 @@ extern "C" fn forward(sig: libc::c_int) {
 
 /// The namespaces an exec joins, in this order (the mount namespace last: after it the host's
 /// /proc is out of reach).
-const NAMESPACES: &[(&str, libc::c_int)] = &[
+pub(crate) const NAMESPACES: &[(&str, libc::c_int)] = &[
     ("cgroup", libc::CLONE_NEWCGROUP),
     ("ipc", libc::CLONE_NEWIPC),
     ("uts", libc::CLONE_NEWUTS),

@@ -39,16 +39,6 @@ pub struct ExecOptions {
     pub preserve_fds: u32,
 }
 
-/// The namespaces an exec joins, in this order: the pid namespace applies to the fork's child;
-/// the mount namespace is last (after it the host's /proc is out of reach).
-const NAMESPACES: &[(&str, libc::c_int)] = &[
-    ("cgroup", libc::CLONE_NEWCGROUP),
-    ("ipc", libc::CLONE_NEWIPC),
-    ("uts", libc::CLONE_NEWUTS),
-    ("net", libc::CLONE_NEWNET),
-    ("mnt", libc::CLONE_NEWNS),
-];
-
 /// Runs the process; returns its exit status (0 at once with `detach`).
 pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
     let c = store.load(id)?;
@@ -86,7 +76,7 @@ pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
         matches!((ours, theirs), (Ok(a), Ok(b)) if a == b)
     };
     let mut joins = Vec::new();
-    for (ns, flag) in NAMESPACES {
+    for (ns, flag) in crate::container::exec::NAMESPACES {
         let f = open(ns)?;
         if !same(ns, &f) {
             joins.push((f, *flag));

@@ -170,6 +170,7 @@ pub fn resolve(req: &Request, allow_mknod: bool) -> Result<rvmm_proto::Security,
         caps,
         seccomp,
         no_new_privs: req.no_new_privs,
+        ambient: 0,
     })
 }
 
@@ -672,6 +673,7 @@ pub fn docker_default(allow_mknod: bool) -> rvmm_proto::Security {
         caps,
         seccomp: program_for(caps),
         no_new_privs: false,
+        ambient: 0,
     }
 }
 

@@ -203,6 +203,21 @@ fn create_start_exec_kill_delete() {
         .trim()
         .parse()
         .unwrap();
+    // Ambient capabilities: a non-root process keeps what the spec raises there across exec.
+    let amb = t.path().join("ambient.json");
+    let caps = json!(["CAP_NET_BIND_SERVICE", "CAP_KILL"]);
+    let doc = json!({"args": ["sh", "-c", "grep -E '^Cap(Eff|Amb)' /proc/self/status"],
+        "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 1000, "gid": 1000},
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps,
+            "inheritable": ["CAP_NET_BIND_SERVICE"], "ambient": ["CAP_NET_BIND_SERVICE"]}});
+    std::fs::write(&amb, doc.to_string()).unwrap();
+    let o = oci(&root, &["exec", "--process", amb.to_str().unwrap(), "c1"]);
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "CapEff:\t0000000000000400\nCapAmb:\t0000000000000400\n"),
+        "{}",
+        o.stderr
+    );
     let o = oci(&root, &["ps", "--format", "json", "c1"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let pids: Vec<i32> = serde_json::from_str(&o.stdout).unwrap();

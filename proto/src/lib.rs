@@ -230,6 +230,11 @@ pub struct Security {
     /// programs the workload executes grant nothing. Off by default, as in Docker.
     #[serde(default)]
     pub no_new_privs: bool,
+    /// Bit n set: capability n is raised in the inheritable and ambient sets (and kept in the
+    /// effective and permitted ones whatever the user), so a non-root workload keeps it across
+    /// exec: OCI's `process.capabilities.ambient`. Only bits also in `caps`; Docker sets none.
+    #[serde(default)]
+    pub ambient: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

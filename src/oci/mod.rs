@@ -405,15 +405,23 @@ fn workload(cfg: &Config) -> Result<RunSpec> {
             hard: r.hard,
         });
     }
-    let mut caps = 0u64;
-    if let Some(c) = &p.capabilities {
-        for name in &c.bounding {
+    let mask = |names: &[String]| {
+        let mut m = 0u64;
+        for name in names {
             match crate::security::cap_index(name) {
-                Some(i) => caps |= 1 << i,
+                Some(i) => m |= 1 << i,
                 None => log::warn!("capability {name} is not known; left out"),
             }
         }
-    }
+        m
+    };
+    let (caps, ambient) = match &p.capabilities {
+        Some(c) => {
+            let caps = mask(&c.bounding);
+            (caps, mask(&c.ambient) & caps)
+        }
+        None => (0, 0),
+    };
     let seccomp = match &cfg.linux.seccomp {
         Some(v) => {
             let json = serde_json::to_vec(v).unwrap_or_default();
@@ -487,6 +495,7 @@ fn workload(cfg: &Config) -> Result<RunSpec> {
             caps,
             seccomp,
             no_new_privs: p.no_new_privileges,
+            ambient,
         },
         rlimits,
         sysctls: cfg

@@ -36,7 +36,7 @@ pub fn drop_bounding(caps: u64) -> Result<(), Failure> {
 /// Sets the effective and permitted sets to `caps` (less what this process does not have: the
 /// capabilities a kernel does not know) and clears the inheritable set (capset(2), version 3:
 /// two 32-bit words).
-pub fn set_caps(caps: u64) -> Result<(), Failure> {
+pub fn set_caps(caps: u64, inheritable: u64) -> Result<(), Failure> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -63,17 +63,18 @@ pub fn set_caps(caps: u64) -> Result<(), Failure> {
     check(r as libc::c_int, || "reading capabilities".into())?;
     let have = u64::from(now[0].permitted) | (u64::from(now[1].permitted) << 32);
     let caps = caps & have;
+    let inh = inheritable & caps;
     let (lo, hi) = (caps as u32, (caps >> 32) as u32);
     let d = [
         Data {
             effective: lo,
             permitted: lo,
-            inheritable: 0,
+            inheritable: inh as u32,
         },
         Data {
             effective: hi,
             permitted: hi,
-            inheritable: 0,
+            inheritable: (inh >> 32) as u32,
         },
     ];
     // SAFETY: capset with a valid header and two data words, as version 3 requires.
@@ -165,6 +166,14 @@ pub fn become_workload(spec: &RunSpec, prepared: bool) -> Result<CString, Failur
     groups.extend(u.additional_gids.iter().copied());
     groups.dedup();
     mkdir_p(&spec.cwd);
+    if enforced(sec) && sec.ambient & sec.caps != 0 && u.uid != 0 {
+        // The permitted set survives the user change, for the ambient capabilities to come
+        // from (execve clears the flag).
+        // SAFETY: prctl with integer arguments.
+        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1) }, || {
+            "keeping capabilities across the user change".into()
+        })?;
+    }
     // SAFETY: plain syscalls with valid pointers.
     unsafe {
         check(libc::setgroups(groups.len(), groups.as_ptr()), || {
@@ -178,9 +187,24 @@ pub fn become_workload(spec: &RunSpec, prepared: bool) -> Result<CString, Failur
         })?;
     }
     if enforced(sec) {
-        // uid 0 keeps the spec's set; for others the user change emptied the effective and
-        // permitted sets, and this empties the inheritable one too.
-        set_caps(if u.uid == 0 { sec.caps } else { 0 })?;
+        // uid 0 keeps the spec's set; for others the user change emptied the effective set and
+        // (unless ambient capabilities kept it) the permitted one; the inheritable set is the
+        // ambient one (empty unless an OCI bundle asks).
+        let ambient = sec.ambient & sec.caps;
+        set_caps(if u.uid == 0 { sec.caps } else { ambient }, ambient)?;
+        for cap in (0..64).filter(|c| ambient & (1u64 << c) != 0) {
+            // SAFETY: prctl with integer arguments.
+            let r = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    cap as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                )
+            };
+            check(r, || format!("raising ambient capability {cap}"))?;
+        }
     }
     let cwd = c(&spec.cwd);
     // SAFETY: chdir with a NUL-terminated path; umask cannot fail.

@@ -438,27 +438,16 @@ impl Cgroup {
     /// Freezes (`true`) or thaws every process of the cgroup: v2's cgroup.freeze, or v1's
     /// freezer, waiting until the kernel says it is done.
     pub fn freeze(&self, frozen: bool) -> Result<(), Error> {
-        let (file, value, done) = match self.version {
-            Version::V2 => ("cgroup.freeze", if frozen { "1" } else { "0" }, ""),
-            Version::V1 => (
-                "freezer.state",
-                if frozen { "FROZEN" } else { "THAWED" },
-                if frozen { "FROZEN" } else { "THAWED" },
-            ),
+        let (file, value) = match self.version {
+            Version::V2 => ("cgroup.freeze", if frozen { "1" } else { "0" }),
+            Version::V1 => ("freezer.state", if frozen { "FROZEN" } else { "THAWED" }),
         };
-        let d = match self.version {
-            Version::V2 => self.dir("unified"),
-            Version::V1 => self
-                .dirs
-                .iter()
-                .find(|(c, _)| c == "freezer")
-                .map(|(_, d)| d.as_path()),
-        }
-        .ok_or(Error::NoFreezer)?;
+        // v1: the freezer hierarchy's directory; v2: the one directory.
+        let d = self.dir("freezer").ok_or(Error::NoFreezer)?;
         write(d, file, value)?;
         if self.version == Version::V1 {
             for _ in 0..1000 {
-                if fs::read_to_string(d.join(file)).unwrap_or_default().trim() == done {
+                if fs::read_to_string(d.join(file)).unwrap_or_default().trim() == value {
                     return Ok(());
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -469,16 +458,12 @@ impl Cgroup {
 
     /// Is the cgroup frozen?
     pub fn frozen(&self) -> bool {
-        match self.version {
-            Version::V2 => self.dir("unified").is_some_and(|d| {
-                fs::read_to_string(d.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
-            }),
-            Version::V1 => self.dirs.iter().any(|(c, d)| {
-                c == "freezer"
-                    && fs::read_to_string(d.join("freezer.state"))
-                        .is_ok_and(|s| s.trim() == "FROZEN")
-            }),
-        }
+        let (file, value) = match self.version {
+            Version::V2 => ("cgroup.freeze", "1"),
+            Version::V1 => ("freezer.state", "FROZEN"),
+        };
+        self.dir("freezer")
+            .is_some_and(|d| fs::read_to_string(d.join(file)).is_ok_and(|s| s.trim() == value))
     }
 
     /// Moves `pid` into every directory of the run.

@@ -6,7 +6,6 @@
 //! the process runs (the engine's subreaper adopts it); otherwise it waits and exits with its
 //! status.
 
-use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -92,7 +91,7 @@ pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
         )),
         _ => None,
     };
-    let (err_r, err_w) = super::pipe()?;
+    let (err_r, err_w) = crate::run::stdio::pipe()?;
     let inherit_pidns = !same("pid", &pidns);
     // SAFETY: setns on a namespace fd we opened; a pid namespace only applies to children.
     if inherit_pidns && unsafe { libc::setns(pidns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
@@ -136,11 +135,8 @@ pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
     }
     drop(err_w);
     drop(console_fd);
-    let mut msg = String::new();
-    let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
-    if !msg.is_empty() {
+    if let Some(text) = super::child_failure(err_r) {
         super::wait_exit(child);
-        let text = msg.split_once('\t').map(|(_, t)| t).unwrap_or(&msg);
         return Err(Error::Create(format!("exec: {text}")));
     }
     if let Some(p) = &o.pid_file {
@@ -244,23 +240,5 @@ fn in_child(
             Err(f) => return f,
         }
     }
-    // SAFETY: close_range(2) with integer arguments.
-    unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3 + k.preserve_fds,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    match rvmm_workload::privileges::become_workload(spec, false) {
-        Ok(prog) => {
-            if let Some(u) = k.umask {
-                // SAFETY: umask cannot fail.
-                unsafe { libc::umask(u) };
-            }
-            rvmm_workload::exec(&prog, &spec.argv, &spec.env)
-        }
-        Err(f) => f,
-    }
+    super::init::exec_workload(spec, k.preserve_fds, k.umask)
 }

@@ -281,60 +281,93 @@ fn wait_and_exec(p: &Plan) -> Result<Never, Failure> {
     for h in &p.config.hooks.start_container {
         run_hook(h, b"")?;
     }
-    // Every descriptor above the preserved ones closes at exec (an engine's leak stays out).
+    Err(exec_workload(
+        &p.spec,
+        p.preserve_fds,
+        p.config.process().user.umask,
+    ))
+}
+
+/// The last steps of the init and of an exec: every descriptor above 3 + `preserve_fds` closes
+/// at exec (an engine's leak stays out), the workload's privileges, `umask`, exec. Returns only
+/// on failure.
+pub(super) fn exec_workload(spec: &RunSpec, preserve_fds: u32, umask: Option<u32>) -> Failure {
     // SAFETY: close_range(2) with integer arguments.
     unsafe {
         libc::syscall(
             libc::SYS_close_range,
-            3 + p.preserve_fds,
+            3 + preserve_fds,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         )
     };
-    let prog = rvmm_workload::privileges::become_workload(&p.spec, false)?;
-    if let Some(u) = p.config.process().user.umask {
-        // SAFETY: umask cannot fail.
-        unsafe { libc::umask(u) };
+    match rvmm_workload::privileges::become_workload(spec, false) {
+        Ok(prog) => {
+            if let Some(u) = umask {
+                // SAFETY: umask cannot fail.
+                unsafe { libc::umask(u) };
+            }
+            rvmm_workload::exec(&prog, &spec.argv, &spec.env)
+        }
+        Err(f) => f,
     }
-    Err(rvmm_workload::exec(&prog, &p.spec.argv, &p.spec.env))
 }
 
-/// The mount options `MountOptions::parse` knows (anything else is passed on as data).
-pub const MOUNT_OPTIONS: &[&str] = &[
-    "ro",
-    "rw",
-    "nosuid",
-    "suid",
-    "nodev",
-    "dev",
-    "noexec",
-    "exec",
-    "sync",
-    "async",
-    "dirsync",
-    "remount",
-    "mand",
-    "nomand",
-    "atime",
-    "noatime",
-    "diratime",
-    "nodiratime",
-    "relatime",
-    "norelatime",
-    "strictatime",
-    "nostrictatime",
-    "bind",
-    "rbind",
-    "private",
-    "rprivate",
-    "shared",
-    "rshared",
-    "slave",
-    "rslave",
-    "unbindable",
-    "runbindable",
-    "tmpcopyup",
+/// The mount options that are mount(2) flags: (name, flags set, flags cleared).
+const FLAG_OPTIONS: &[(&str, libc::c_ulong, libc::c_ulong)] = &[
+    ("ro", libc::MS_RDONLY, 0),
+    ("rw", 0, libc::MS_RDONLY),
+    ("nosuid", libc::MS_NOSUID, 0),
+    ("suid", 0, libc::MS_NOSUID),
+    ("nodev", libc::MS_NODEV, 0),
+    ("dev", 0, libc::MS_NODEV),
+    ("noexec", libc::MS_NOEXEC, 0),
+    ("exec", 0, libc::MS_NOEXEC),
+    ("sync", libc::MS_SYNCHRONOUS, 0),
+    ("async", 0, libc::MS_SYNCHRONOUS),
+    ("dirsync", libc::MS_DIRSYNC, 0),
+    ("remount", libc::MS_REMOUNT, 0),
+    ("mand", libc::MS_MANDLOCK, 0),
+    ("nomand", 0, libc::MS_MANDLOCK),
+    ("atime", 0, libc::MS_NOATIME),
+    ("noatime", libc::MS_NOATIME, 0),
+    ("diratime", 0, libc::MS_NODIRATIME),
+    ("nodiratime", libc::MS_NODIRATIME, 0),
+    ("relatime", libc::MS_RELATIME, 0),
+    ("norelatime", 0, libc::MS_RELATIME),
+    ("strictatime", libc::MS_STRICTATIME, 0),
+    ("nostrictatime", 0, libc::MS_STRICTATIME),
 ];
+
+/// The bind options (both rbind: submounts always come along).
+const BIND_OPTIONS: &[&str] = &["bind", "rbind"];
+
+/// The propagation options: (name, propagation flags).
+const PROPAGATION_OPTIONS: &[(&str, libc::c_ulong)] = &[
+    ("private", libc::MS_PRIVATE),
+    ("rprivate", libc::MS_PRIVATE | libc::MS_REC),
+    ("shared", libc::MS_SHARED),
+    ("rshared", libc::MS_SHARED | libc::MS_REC),
+    ("slave", libc::MS_SLAVE),
+    ("rslave", libc::MS_SLAVE | libc::MS_REC),
+    ("unbindable", libc::MS_UNBINDABLE),
+    ("runbindable", libc::MS_UNBINDABLE | libc::MS_REC),
+];
+
+/// Engines' own markers and podman's: accepted, nothing for the kernel.
+const MARKER_OPTIONS: &[&str] = &["tmpcopyup", "notmpcopyup", "z", "Z", "U", "copy", "nocopy"];
+
+/// The mount options `MountOptions::parse` knows, as `features` lists them (anything else is
+/// passed on as data).
+pub fn mount_options() -> Vec<&'static str> {
+    FLAG_OPTIONS
+        .iter()
+        .map(|(n, ..)| *n)
+        .chain(BIND_OPTIONS.iter().copied())
+        .chain(PROPAGATION_OPTIONS.iter().map(|(n, _)| *n))
+        .chain(["tmpcopyup"])
+        .collect()
+}
 
 /// A mount's options split the way mount(2) takes them.
 struct MountOptions {
@@ -353,74 +386,27 @@ impl MountOptions {
             bind: m.kind.as_deref() == Some("bind"),
         };
         let mut data = Vec::new();
-        for opt in &m.options {
-            let (set, clear): (libc::c_ulong, libc::c_ulong) = match opt.as_str() {
-                "ro" => (libc::MS_RDONLY, 0),
-                "rw" => (0, libc::MS_RDONLY),
-                "nosuid" => (libc::MS_NOSUID, 0),
-                "suid" => (0, libc::MS_NOSUID),
-                "nodev" => (libc::MS_NODEV, 0),
-                "dev" => (0, libc::MS_NODEV),
-                "noexec" => (libc::MS_NOEXEC, 0),
-                "exec" => (0, libc::MS_NOEXEC),
-                "sync" => (libc::MS_SYNCHRONOUS, 0),
-                "async" => (0, libc::MS_SYNCHRONOUS),
-                "dirsync" => (libc::MS_DIRSYNC, 0),
-                "remount" => (libc::MS_REMOUNT, 0),
-                "mand" => (libc::MS_MANDLOCK, 0),
-                "nomand" => (0, libc::MS_MANDLOCK),
-                "atime" => (0, libc::MS_NOATIME),
-                "noatime" => (libc::MS_NOATIME, 0),
-                "diratime" => (0, libc::MS_NODIRATIME),
-                "nodiratime" => (libc::MS_NODIRATIME, 0),
-                "relatime" => (libc::MS_RELATIME, 0),
-                "norelatime" => (0, libc::MS_RELATIME),
-                "strictatime" => (libc::MS_STRICTATIME, 0),
-                "nostrictatime" => (0, libc::MS_STRICTATIME),
-                "bind" => {
-                    o.bind = true;
-                    (0, 0)
-                }
-                "rbind" => {
-                    o.bind = true;
-                    (0, 0)
-                }
-                "private" => prop(&mut o, libc::MS_PRIVATE),
-                "rprivate" => prop(&mut o, libc::MS_PRIVATE | libc::MS_REC),
-                "shared" => prop(&mut o, libc::MS_SHARED),
-                "rshared" => prop(&mut o, libc::MS_SHARED | libc::MS_REC),
-                "slave" => prop(&mut o, libc::MS_SLAVE),
-                "rslave" => prop(&mut o, libc::MS_SLAVE | libc::MS_REC),
-                "unbindable" => prop(&mut o, libc::MS_UNBINDABLE),
-                "runbindable" => prop(&mut o, libc::MS_UNBINDABLE | libc::MS_REC),
-                // Engines' own markers and podman's: nothing for the kernel.
-                "tmpcopyup" | "notmpcopyup" | "z" | "Z" | "U" | "copy" | "nocopy" => (0, 0),
-                "idmap" | "ridmap" => {
-                    return Err(Failure::setup(format!(
-                        "mount {}: idmapped mounts are not supported",
-                        m.destination
-                    )))
-                }
-                other => {
-                    data.push(other.to_string());
-                    (0, 0)
-                }
-            };
-            o.flags = (o.flags | set) & !clear;
+        for opt in m.options.iter().map(String::as_str) {
+            if let Some(&(_, set, clear)) = FLAG_OPTIONS.iter().find(|(n, ..)| *n == opt) {
+                o.flags = (o.flags | set) & !clear;
+            } else if let Some(&(_, p)) = PROPAGATION_OPTIONS.iter().find(|(n, _)| *n == opt) {
+                o.propagation = p;
+            } else if BIND_OPTIONS.contains(&opt) {
+                o.bind = true;
+            } else if opt == "idmap" || opt == "ridmap" {
+                return Err(Failure::setup(format!(
+                    "mount {}: idmapped mounts are not supported",
+                    m.destination
+                )));
+            } else if !MARKER_OPTIONS.contains(&opt) {
+                data.push(opt);
+            }
         }
         o.data = data.join(",");
         Ok(o)
     }
 }
 
-fn prop(o: &mut MountOptions, flags: libc::c_ulong) -> (libc::c_ulong, libc::c_ulong) {
-    o.propagation = flags;
-    (0, 0)
-}
-
-/// A terminal for the workload: a pty from the container's devpts, its master sent to the
-/// engine's console socket (SCM_RIGHTS, as runc does), its slave also bound on /dev/console.
-/// Returns the slave.
 /// Makes `slave` this process's controlling terminal (a new session) and its stdio.
 pub(super) fn take_terminal(slave: RawFd) {
     // SAFETY: fd juggling on descriptors we own.
@@ -436,6 +422,9 @@ pub(super) fn take_terminal(slave: RawFd) {
     }
 }
 
+/// A terminal for the workload: a pty from the container's devpts, its master sent to the
+/// engine's console socket (SCM_RIGHTS, as runc does), its slave also bound on /dev/console.
+/// Returns the slave.
 pub(super) fn console(
     sock: RawFd,
     size: Option<super::config::ConsoleSize>,

@@ -147,12 +147,8 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
     let bundle =
         std::fs::canonicalize(&o.bundle).at(|| format!("bundle {}", o.bundle.display()))?;
     let cfg = Config::load(&bundle)?;
-    let root = cfg
-        .root
-        .as_ref()
-        .map(|r| r.path.as_str())
-        .unwrap_or_default();
-    let rootfs = std::fs::canonicalize(bundle.join(root)).at(|| format!("root.path {root}"))?;
+    let rootfs = cfg.rootfs(&bundle);
+    let rootfs = std::fs::canonicalize(&rootfs).at(|| format!("root.path {}", rootfs.display()))?;
     if !rootfs.is_dir() {
         return Err(Error::Invalid(format!(
             "root.path {} is not a directory",
@@ -235,8 +231,8 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
         nix::sys::stat::Mode::empty(),
     )
     .map_err(|e| Error::Create(format!("opening {}: {e}", fifo.display())))?;
-    let (sync_r, sync_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
+    let (sync_r, sync_w) = crate::run::stdio::pipe()?;
+    let (err_r, err_w) = crate::run::stdio::pipe()?;
 
     let mut join = Vec::new();
     let mut flags = nix::sched::CloneFlags::empty();
@@ -312,14 +308,8 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
         hooks::run(h, &doc).map_err(Error::Create)?;
     }
     let _ = std::fs::File::from(sync_w).write_all(&doc);
-    let mut msg = String::new();
-    let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
-    if !msg.is_empty() {
-        let text = msg.split_once('\t').map(|(_, t)| t).unwrap_or(&msg);
-        return Err(Error::Create(text.to_string()));
-    }
-    if c.pid_start == 0 {
-        c.pid_start = crate::run::state::start_time(pid).unwrap_or_default();
+    if let Some(text) = child_failure(err_r) {
+        return Err(Error::Create(text));
     }
     store.save(&c)?;
     if let Some(p) = &o.pid_file {
@@ -375,14 +365,22 @@ fn write_pid_file(p: &Path, pid: i32) -> Result<()> {
 
 /// The state document hooks read on their stdin.
 fn hook_state(c: &Container, status: Status) -> Vec<u8> {
-    let mut r = Store::report_of(c, status);
-    r.pid = if status == Status::Stopped { 0 } else { c.pid };
-    serde_json::to_vec(&r).unwrap_or_default()
+    serde_json::to_vec(&Store::report_of(c, status)).unwrap_or_default()
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| Error::Create(format!("pipe: {e}")))
+/// What a child (the init, an exec) wrote on its error pipe before it gave up, as
+/// `STATUS\tmessage`: the message; None when the pipe closed empty (the child went on).
+fn child_failure(err_r: OwnedFd) -> Option<String> {
+    let mut msg = String::new();
+    let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
+    if msg.is_empty() {
+        return None;
+    }
+    Some(
+        msg.split_once('\t')
+            .map_or(msg.as_str(), |(_, t)| t)
+            .to_string(),
+    )
 }
 
 /// config.json's process and limits as the RunSpec rvmm-workload applies.
@@ -729,7 +727,7 @@ pub fn features() -> serde_json::Value {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": state::OCI_VERSION,
         "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"],
-        "mountOptions": init::MOUNT_OPTIONS,
+        "mountOptions": init::mount_options(),
         "linux": {
             "namespaces": config::NAMESPACES,
             "capabilities": caps,
@@ -757,18 +755,10 @@ pub(crate) fn send_fd(sock: RawFd, name: &[u8], fd: RawFd) -> nix::Result<()> {
     sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::empty(), None).map(|_| ())
 }
 
-/// Waits for `pid` (a child of this process) and returns its status as a shell would.
+/// Waits for `pid` (a child of this process) and returns its status as a shell would (255 if it
+/// is not our child).
 pub fn wait_exit(pid: i32) -> u8 {
-    let mut st = 0;
-    // SAFETY: waitpid of our own child with a pointer to a local.
-    unsafe { libc::waitpid(pid, &mut st, 0) };
-    if libc::WIFEXITED(st) {
-        libc::WEXITSTATUS(st) as u8
-    } else if libc::WIFSIGNALED(st) {
-        128u8.wrapping_add(libc::WTERMSIG(st) as u8)
-    } else {
-        255
-    }
+    rvmm_shim::signals::wait_child(pid).map_or(255, |s| s.code().clamp(0, 255) as u8)
 }
 
 #[cfg(test)]

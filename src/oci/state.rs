@@ -80,6 +80,11 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
+/// The name of container `id`'s lock file in the root (beside, not in, its directory).
+fn lock_name(id: &str) -> String {
+    format!(".{id}.lock")
+}
+
 pub struct Store {
     pub root: PathBuf,
 }
@@ -101,7 +106,7 @@ impl Store {
 
     /// The lock file of container `id`.
     pub fn lock_path(&self, id: &str) -> PathBuf {
-        self.root.join(format!(".{id}.lock"))
+        self.root.join(lock_name(id))
     }
 
     /// `lock` for a container that exists (NotFound, and no lock file made, otherwise).
@@ -115,10 +120,7 @@ impl Store {
     /// An exclusive lock on one container's commands (create, start, delete, pause).
     pub fn lock(&self, id: &str) -> Result<std::fs::File> {
         std::fs::create_dir_all(&self.root).at(|| format!("creating {}", self.root.display()))?;
-        Ok(crate::run::state::lock_file(
-            &self.root,
-            &format!(".{id}.lock"),
-        )?)
+        Ok(crate::run::state::lock_file(&self.root, &lock_name(id))?)
     }
 
     pub fn load(&self, id: &str) -> Result<Container> {
@@ -160,15 +162,9 @@ impl Store {
     }
 
     pub fn status(&self, c: &Container) -> Status {
+        // Gone, another process on a recycled pid, or a zombie (exited, not reaped yet by its
+        // parent, the engine): start_time says None for a zombie.
         if c.pid <= 0 || crate::run::state::start_time(c.pid) != Some(c.pid_start) {
-            return Status::Stopped;
-        }
-        // A zombie has exited: its parent (the engine) has not reaped it yet.
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.pid)).unwrap_or_default();
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next());
-        if matches!(state, Some("Z" | "X")) {
             return Status::Stopped;
         }
         if self.fifo(&c.id).exists() {

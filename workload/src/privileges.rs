@@ -34,8 +34,8 @@ pub fn drop_bounding(caps: u64) -> Result<(), Failure> {
 }
 
 /// Sets the effective and permitted sets to `caps` (less what this process does not have: the
-/// capabilities a kernel does not know) and clears the inheritable set (capset(2), version 3:
-/// two 32-bit words).
+/// capabilities a kernel does not know) and the inheritable set to `inheritable` within them
+/// (capset(2), version 3: two 32-bit words).
 pub fn set_caps(caps: u64, inheritable: u64) -> Result<(), Failure> {
     #[repr(C)]
     struct Header {

@@ -510,6 +510,12 @@ fn bad_input_is_one_line_and_leaves_nothing() {
     assert_eq!(common::run::ls(&root), Vec::<String>::new());
     // delete --force of what does not exist is not an error (engines clean up that way).
     assert_eq!(oci(&root, &["delete", "--force", "nope"]).code, 0);
+    // Nor of a directory without a state (a create killed before it wrote one): it goes,
+    // and so does the lock file the delete took.
+    std::fs::create_dir_all(root.join("leftover")).unwrap();
+    let o = oci(&root, &["delete", "--force", "leftover"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(common::run::ls(&root), Vec::<String>::new());
 }
 
 /// `features` is the runtime spec's document; `--version` names the spec.

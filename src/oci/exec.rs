@@ -235,7 +235,7 @@ fn in_child(
         return f;
     }
     if let Some(sock) = k.console {
-        match super::init::console(sock, k.size) {
+        match super::init::console(sock, k.size, false) {
             Ok(slave) => super::init::take_terminal(slave),
             Err(f) => return f,
         }

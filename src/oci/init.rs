@@ -235,7 +235,7 @@ fn prepare(p: &Plan) -> Result<(), Failure> {
     rvmm_workload::make_devices("", &p.spec.devices)?;
 
     let console = match p.console_fd {
-        Some(sock) => Some(console(sock, cfg.process().console_size)?),
+        Some(sock) => Some(console(sock, cfg.process().console_size, true)?),
         None => None,
     };
     rvmm_workload::mask("", &cfg.linux.masked_paths, &cfg.linux.readonly_paths)?;
@@ -423,11 +423,12 @@ pub(super) fn take_terminal(slave: RawFd) {
 }
 
 /// A terminal for the workload: a pty from the container's devpts, its master sent to the
-/// engine's console socket (SCM_RIGHTS, as runc does), its slave also bound on /dev/console.
-/// Returns the slave.
+/// engine's console socket (SCM_RIGHTS, as runc does), its slave also bound on /dev/console
+/// for the init (`bind`; an exec's terminal is its own). Returns the slave.
 pub(super) fn console(
     sock: RawFd,
     size: Option<super::config::ConsoleSize>,
+    bind: bool,
 ) -> Result<RawFd, Failure> {
     // SAFETY: opening the container's ptmx, then unlocking and naming its slave.
     let master = unsafe {
@@ -462,7 +463,9 @@ pub(super) fn console(
         // SAFETY: TIOCSWINSZ with a pointer to a local.
         unsafe { libc::ioctl(slave, libc::TIOCSWINSZ, &ws) };
     }
-    rvmm_workload::bind_console("", &name)?;
+    if bind {
+        rvmm_workload::bind_console("", &name)?;
+    }
     super::send_fd(sock, name.as_bytes(), master)
         .map_err(|e| Failure::setup(format!("sending the terminal to the console socket: {e}")))?;
     // SAFETY: closing descriptors we own (the engine has its copy of the master).

@@ -623,11 +623,8 @@ pub fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
     };
     let c = match store.load(id) {
         Ok(c) => c,
-        Err(Error::NotFound(_)) if force => {
-            let _ = std::fs::remove_dir_all(store.dir(id));
-            return Ok(());
-        }
-        Err(Error::Corrupt(..)) if force => {
+        // Leftovers (a directory without a readable state): gone, lock file included.
+        Err(Error::NotFound(_) | Error::Corrupt(..)) if force => {
             let _ = std::fs::remove_dir_all(store.dir(id));
             let _ = std::fs::remove_file(store.lock_path(id));
             return Ok(());

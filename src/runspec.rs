@@ -247,6 +247,7 @@ pub fn build(
         init: flags.init,
         cpus_allowed: flags.cpus_allowed.clone(),
         devices: flags.devices.clone(),
+        root_shared: false,
     })
 }
 

@@ -190,32 +190,48 @@ fn run(
         spec.security = boot_security
             .ok_or_else(|| Failure::setup("the initramfs carries no /rvmm/security.json"))?;
     }
-    sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(Failure::setup)?;
-    sys::trace("disk attached");
-
-    // The image disk under a tmpfs overlay.
-    mkdir_p("/image");
-    mount("/dev/vda", "/image", "erofs", libc::MS_RDONLY, "")
-        .or_else(|_| mount("/dev/vda", "/image", "ext4", libc::MS_RDONLY, "noload"))
-        .map_err(|e| Failure::setup(format!("mounting the image disk: {e}")))?;
-    sys::trace("image mounted");
+    mkdir_p(NEWROOT);
+    if spec.root_shared {
+        // An OCI bundle's rootfs (share 0), written in place as runc would.
+        mount_shares()?;
+        mount(&format!("{SHARES}/0"), NEWROOT, "", libc::MS_BIND, "")
+            .map_err(|e| Failure::setup(format!("binding the shared root: {e}")))?;
+        sys::trace("shared root");
+    } else {
+        sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(Failure::setup)?;
+        sys::trace("disk attached");
+        // The image disk under a tmpfs overlay.
+        mkdir_p("/image");
+        mount("/dev/vda", "/image", "erofs", libc::MS_RDONLY, "")
+            .or_else(|_| mount("/dev/vda", "/image", "ext4", libc::MS_RDONLY, "noload"))
+            .map_err(|e| Failure::setup(format!("mounting the image disk: {e}")))?;
+        sys::trace("image mounted");
+    }
     mkdir_p("/rw");
     mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755")?;
-    mkdir_p("/rw/upper");
-    mkdir_p("/rw/work");
     mkdir_p("/rw/etc");
-    mkdir_p(NEWROOT);
-    mount(
-        "overlay",
-        NEWROOT,
-        "overlay",
-        0,
-        "lowerdir=/image,upperdir=/rw/upper,workdir=/rw/work",
-    )
-    .map_err(|e| Failure::setup(format!("mounting the root overlay: {e}")))?;
+    if !spec.root_shared {
+        mkdir_p("/rw/upper");
+        mkdir_p("/rw/work");
+        mount(
+            "overlay",
+            NEWROOT,
+            "overlay",
+            0,
+            "lowerdir=/image,upperdir=/rw/upper,workdir=/rw/work",
+        )
+        .map_err(|e| Failure::setup(format!("mounting the root overlay: {e}")))?;
+    }
 
     // /etc files, as the host wrote them into the spec.
-    for (name, body) in spec.etc.entries() {
+    // A bundle's /etc files are the engine's binds (mounts); none is made up here.
+    let etc: Vec<_> = spec
+        .etc
+        .entries()
+        .into_iter()
+        .filter(|(_, body)| !spec.root_shared || !body.is_empty())
+        .collect();
+    for (name, body) in &etc {
         std::fs::write(format!("/rw/etc/{name}"), body)
             .map_err(|e| Failure::setup(format!("writing /etc/{name}: {e}")))?;
     }
@@ -238,7 +254,7 @@ fn run(
             // The guest's devices (the initramfs's devtmpfs), not the host's.
             rvmm_workload::unconfine(NEWROOT, "/dev")?;
         }
-        for (name, _) in spec.etc.entries() {
+        for (name, _) in &etc {
             let t = r(&format!("/etc/{name}"));
             rvmm_workload::touch(&t);
             mount(&format!("/rw/etc/{name}"), &t, "", libc::MS_BIND, "")?;
@@ -268,18 +284,10 @@ fn run(
         .mounts
         .iter()
         .any(|m| m.kind != rvmm_proto::MountKind::Tmpfs);
-    if shared {
-        mkdir_p(SHARES);
-        mount(
-            "rvmm",
-            SHARES,
-            "virtiofs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            "",
-        )
-        .map_err(|e| Failure::setup(format!("{e} (the host's shared directories)")))?;
+    if shared && !spec.root_shared {
+        mount_shares()?;
     }
-    let mut n = 0;
+    let mut n = usize::from(spec.root_shared);
     let mounts = spec
         .mounts
         .iter()
@@ -331,6 +339,19 @@ fn run(
     // The zygote's filter is the boot-time one: only a run with those privileges may use it.
     let zygote = if start.boot_security { zygote } else { None };
     workload::run(&spec, ch, zygote, stdio)
+}
+
+/// Mounts the host's virtio-fs device (every shared directory, `SHARES/N`) at `SHARES`.
+fn mount_shares() -> Result<(), Fail> {
+    mkdir_p(SHARES);
+    mount(
+        "rvmm",
+        SHARES,
+        "virtiofs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "",
+    )
+    .map_err(|e| Failure::setup(format!("{e} (the host's shared directories)")))
 }
 
 mod exec;

@@ -69,6 +69,11 @@ pub struct RunSpec {
     /// `--device`: host device nodes made in the workload's /dev (container isolation only).
     #[serde(default)]
     pub devices: Vec<DeviceNode>,
+    /// VM isolation: the root is the first shared directory (share 0: an OCI bundle's rootfs,
+    /// rvmm-oci), written in place, instead of the image disk under a tmpfs overlay; the
+    /// mounts' shares follow it (1, 2, ...).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub root_shared: bool,
 }
 
 /// A device node for the workload's /dev.

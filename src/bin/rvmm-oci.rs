@@ -39,7 +39,8 @@ struct Cli {
     #[arg(long, global = true, value_name = "true|false|auto")]
     rootless: Option<String>,
     /// The isolation of containers this command creates, for engines that cannot set the
-    /// io.rvmm.isolation annotation (container; vm is not available through rvmm-oci yet).
+    /// io.rvmm.isolation annotation (default: container, or vm when this binary is called
+    /// rvmm-oci-vm).
     #[arg(
         long,
         global = true,
@@ -198,6 +199,10 @@ enum ListFormat {
 fn main() -> ExitCode {
     // SAFETY: default SIGPIPE disposition before any thread exists (`rvmm-oci list | head`).
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // A VM container's VMM process, when no rvmm-vmm is installed beside this binary.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__vmm") {
+        return ExitCode::from(rvmm::vm::jail::vmm_main());
+    }
     let cli = Cli::parse();
     let level = if cli.debug || cli.log_level.as_deref() == Some("debug") {
         "debug"
@@ -317,9 +322,19 @@ fn dispatch(cli: Cli) -> oci::Result<u8> {
     Ok(0)
 }
 
+/// Called `rvmm-oci-vm` (a link to this binary): VM isolation unless told otherwise.
+fn named_for_vms() -> bool {
+    std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().ends_with("-vm")))
+        .unwrap_or(false)
+}
+
 fn create_options(a: &CreateArgs, isolation: Option<&str>) -> CreateOptions {
     CreateOptions {
         isolation: isolation.map(str::to_string),
+        default_vm: named_for_vms(),
         bundle: a.bundle.clone(),
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),

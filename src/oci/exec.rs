@@ -59,6 +59,9 @@ pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
             "exec: a terminal is asked for: --console-socket is needed".into(),
         ));
     }
+    if c.vm {
+        return super::vm::exec(&store.dir(id), id, &process, o);
+    }
     let size = process.console_size;
     cfg.process = Some(process);
     let spec = super::workload(&cfg)?;

@@ -13,6 +13,7 @@ mod exec;
 mod hooks;
 mod init;
 pub mod state;
+mod vm;
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -71,25 +72,31 @@ pub struct CreateOptions {
     pub preserve_fds: u32,
     /// `--isolation` (for engines that cannot set the annotation).
     pub isolation: Option<String>,
+    /// VM isolation unless the flag or the annotation says otherwise (the binary is called
+    /// `rvmm-oci-vm`: what a Kubernetes RuntimeClass's handler names).
+    pub default_vm: bool,
 }
 
 /// The annotation that picks a container's isolation.
 pub const ISOLATION_ANNOTATION: &str = "io.rvmm.isolation";
 
-/// The isolation asked for, by the flag or the bundle's annotation: only `container` runs here.
-/// VM isolation is refused rather than quietly given a container.
-fn check_isolation(cfg: &Config, flag: Option<&str>) -> Result<()> {
-    let asked = flag.or(cfg
+/// The isolation asked for, by the flag or the bundle's annotation: true for a VM. A CRI pod's
+/// sandbox (its pause container, which only holds the pod's namespaces) is always a container:
+/// the pod's workloads are the VMs.
+fn wants_vm(cfg: &Config, flag: Option<&str>, default_vm: bool) -> Result<bool> {
+    let annotation = cfg
         .annotations
         .get(ISOLATION_ANNOTATION)
-        .map(String::as_str));
+        .map(String::as_str);
+    let asked = flag.or(annotation);
+    let sandbox = cfg
+        .annotations
+        .get("io.kubernetes.cri.container-type")
+        .is_some_and(|t| t == "sandbox");
     match asked {
-        None | Some("container") => Ok(()),
-        Some("vm") => Err(Error::Invalid(
-            "VM isolation is not available through rvmm-oci yet (only container isolation): \
-             use `rvmm run --isolation=vm`, see docs/engines.md"
-                .into(),
-        )),
+        None => Ok(default_vm && !sandbox),
+        Some("container") => Ok(false),
+        Some("vm") => Ok(!sandbox),
         Some(other) => Err(Error::Invalid(format!(
             "isolation {other:?}: container or vm"
         ))),
@@ -155,9 +162,12 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
             rootfs.display()
         )));
     }
-    let spec = workload(&cfg)?;
+    let mut spec = workload(&cfg)?;
     let terminal = cfg.process().terminal;
-    check_isolation(&cfg, o.isolation.as_deref())?;
+    let is_vm = wants_vm(&cfg, o.isolation.as_deref(), o.default_vm)?;
+    if is_vm {
+        spec = vm::spec(&cfg, spec)?;
+    }
     if terminal && o.console_socket.is_none() {
         return Err(Error::Invalid(
             "process.terminal is set: --console-socket is needed".into(),
@@ -184,6 +194,9 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
         .map_err(|e| Error::Create(format!("creating {}: {e}", fifo.display())))?;
 
     let layout = crate::cgroups::Layout::detect()?;
+    if is_vm {
+        return create_vm(store, id, o, &cfg, spec, (bundle, rootfs), lock, undo);
+    }
     let all_devices = cfg.linux.resources.as_ref().is_some_and(|r| {
         r.devices.iter().any(|d| {
             d.allow
@@ -214,6 +227,7 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
         cgroup: Some(cg.clone()),
         poststart: cfg.hooks.poststart.clone(),
         poststop: cfg.hooks.poststop.clone(),
+        vm: false,
     };
     store.save(&c)?;
 
@@ -310,6 +324,74 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
     let _ = std::fs::File::from(sync_w).write_all(&doc);
     if let Some(text) = child_failure(err_r) {
         return Err(Error::Create(text));
+    }
+    store.save(&c)?;
+    if let Some(p) = &o.pid_file {
+        write_pid_file(p, pid)?;
+    }
+    undo.keep();
+    Ok(pid)
+}
+
+/// `create` of a VM container (src/oci/vm.rs): its cgroup, then its supervisor, ready for
+/// `start`.
+#[allow(clippy::too_many_arguments)]
+fn create_vm(
+    store: &Store,
+    id: &str,
+    o: &CreateOptions,
+    cfg: &Config,
+    spec: RunSpec,
+    (bundle, rootfs): (PathBuf, PathBuf),
+    lock: std::fs::File,
+    mut undo: Undo,
+) -> Result<i32> {
+    let cg = vm::cgroup(cfg, id, &spec)?;
+    undo.cgroup = Some(cg.clone());
+    let mut c = Container {
+        id: id.to_string(),
+        pid: 0,
+        pid_start: 0,
+        bundle,
+        rootfs,
+        created: state::rfc3339_now(),
+        annotations: cfg.annotations.clone(),
+        cgroup: Some(cg),
+        poststart: cfg.hooks.poststart.clone(),
+        poststop: cfg.hooks.poststop.clone(),
+        vm: true,
+    };
+    store.save(&c)?;
+    let console = match &o.console_socket {
+        Some(p) if cfg.process().terminal => Some(OwnedFd::from(
+            std::os::unix::net::UnixStream::connect(p)
+                .at(|| format!("connecting to the console socket {}", p.display()))?,
+        )),
+        _ => None,
+    };
+    let pid = vm::spawn(vm::Supervisor {
+        spec,
+        cfg,
+        container: &c,
+        dir: store.dir(id),
+        fifo: store.fifo(id),
+        console,
+        close: vec![lock.as_raw_fd()],
+    })?;
+    undo.pid = pid;
+    c.pid = pid;
+    c.pid_start = crate::run::state::start_time(pid).unwrap_or_default();
+    let doc = hook_state(&c, Status::Creating);
+    // The VM's own namespaces are not the host's: createContainer and startContainer hooks,
+    // which run inside the container's, have nowhere to run.
+    if !cfg.hooks.create_container.is_empty() || !cfg.hooks.start_container.is_empty() {
+        return Err(Error::Invalid(
+            "config.json: createContainer and startContainer hooks cannot run in VM isolation"
+                .into(),
+        ));
+    }
+    for h in cfg.hooks.prestart.iter().chain(&cfg.hooks.create_runtime) {
+        hooks::run(h, &doc).map_err(Error::Create)?;
     }
     store.save(&c)?;
     if let Some(p) = &o.pid_file {
@@ -597,7 +679,9 @@ pub fn kill(store: &Store, id: &str, signal: i32, all: bool) -> Result<()> {
         });
     }
     let mut pids = vec![c.pid];
-    if all {
+    // A VM container's other process is its VMM: signals are for the workload, through the
+    // supervisor.
+    if all && !c.vm {
         if let Some(cg) = &c.cgroup {
             pids = cg.pids();
         }

@@ -32,6 +32,9 @@ pub struct Container {
     pub poststart: Vec<super::config::Hook>,
     #[serde(default)]
     pub poststop: Vec<super::config::Hook>,
+    /// VM isolation: `pid` is the VM's supervisor.
+    #[serde(default)]
+    pub vm: bool,
 }
 
 /// The spec's statuses, and `paused`.

@@ -21,11 +21,19 @@ pub(super) struct Machine {
     pub(super) security: Vec<u8>,
     pub(super) vcpus: u8,
     pub(super) mem_mib: u32,
-    pub(super) taps: Vec<String>,
+    pub(super) taps: Vec<Tap>,
     pub(super) mac: [u8; 6],
     pub(super) console: PathBuf,
     /// Host directories shared with the guest (virtio-fs; the device is there without any).
     pub(super) shares: Vec<Share>,
+}
+
+/// The host end of a machine's NIC: a tap by name (on rvmm's bridge), or an open tap descriptor
+/// (made in an engine's network namespace; each configuration gets a duplicate).
+#[derive(Clone)]
+pub(super) enum Tap {
+    Name(String),
+    Fd(std::sync::Arc<OwnedFd>),
 }
 
 /// rvmm's ends of the channel's ports (docs/vm-channel.md): frames to and from rvmm-init, and
@@ -91,11 +99,18 @@ impl Machine {
             net: self
                 .taps
                 .iter()
-                .map(|t| NetConfig {
-                    tap: TapSource::Name(t.clone()),
-                    mac: self.mac,
+                .map(|t| {
+                    Ok(NetConfig {
+                        tap: match t {
+                            Tap::Name(n) => TapSource::Name(n.clone()),
+                            Tap::Fd(fd) => {
+                                TapSource::Fd(fd.try_clone().at(|| "duplicating the tap")?)
+                            }
+                        },
+                        mac: self.mac,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, IoError>>()?,
         };
         let ends = HostEnds {
             to_guest: to_guest_w,

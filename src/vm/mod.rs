@@ -24,6 +24,7 @@ mod machine;
 mod session;
 pub mod snapshots;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -235,7 +236,7 @@ pub fn prewarm(
         vcpus,
         mem_mib,
         taps: if network {
-            vec![format!("rvp{}", &id[..11])]
+            vec![machine::Tap::Name(format!("rvp{}", &id[..11]))]
         } else {
             Vec::new()
         },
@@ -419,7 +420,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         let m = crate::net::mac_for(&opts.id);
         run.cleanup.state.mac = Some(crate::net::mac_string(&m));
         run.cleanup.state.save()?;
-        taps.push(tap);
+        taps.push(machine::Tap::Name(tap));
         mac = Some(m);
     }
     let spec = run.spec.clone();
@@ -485,7 +486,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         spec: &spec,
         dir: dir.clone(),
         vmm: started.vmm.controller(),
-        disk,
+        disk: Some(disk),
         start,
         warm,
         snapshot,
@@ -531,13 +532,106 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     }
 }
 
-/// The cgroup of a VMM process (`rvmm/ID`): guest RAM plus the VMM's allowance, and a task
-/// for each vCPU plus its few other threads.
-fn vmm_cgroup(id: &str, vcpus: u8, mem_mib: u32) -> Result<crate::cgroups::Cgroup> {
-    let layout = crate::cgroups::Layout::detect()?;
+/// A VM whose root is a host directory, for rvmm-oci: an OCI bundle's rootfs and mounts,
+/// prepared by the engine, shared with the guest (virtio-fs) and written in place.
+pub struct SharedRoot<'a> {
+    /// The workload; its mounts' sources are host paths (binds) or tmpfs.
+    pub spec: RunSpec,
+    pub rootfs: PathBuf,
+    /// The container's state directory: the kernel log, `exec.sock`, the VMM's jail mount point.
+    pub dir: &'a Path,
+    pub id: &'a str,
+    /// Where the VMM process goes (see [`vmm_limits`]).
+    pub cgroup: &'a crate::cgroups::Cgroup,
+    /// The NIC: an open tap and the guest's MAC.
+    pub nic: Option<(OwnedFd, [u8; 6])>,
+}
+
+/// Runs a [`SharedRoot`]: restores the machine's warm-start snapshot (or boots it), calls
+/// `ready` (rvmm-oci's `create` answers there and waits for `start`; false: give up), then runs
+/// the workload; returns its status (Docker's numbering: 128+n for a signal).
+pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i32> {
+    let t0 = Instant::now();
+    let (kernel, init) = vm_prerequisites()?;
+    let mut spec = r.spec;
+    spec.root_shared = true;
+    let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
+    let mut shares = vec![crate::vmm::Share {
+        source: r.rootfs.clone(),
+        read_only: spec.read_only,
+    }];
+    shares.extend(self::shares(&spec));
+    let boot = crate::security::docker_default(true);
+    let use_boot = spec.security == boot;
+    let mac = r.nic.as_ref().map(|(_, m)| *m);
+    let machine = Machine {
+        kernel,
+        init,
+        security: serde_json::to_vec(&boot).map_err(Error::Json)?,
+        vcpus,
+        mem_mib,
+        taps: r
+            .nic
+            .map(|(fd, _)| machine::Tap::Fd(std::sync::Arc::new(fd)))
+            .into_iter()
+            .collect(),
+        mac: mac.unwrap_or_default(),
+        console: r.dir.join("console.log"),
+        shares,
+    };
+    let root = crate::paths::default_root();
+    let snaps = snapshots::Snapshots::new(&root);
+    let (identity, tag, key) = machine.identity()?;
+    let jail_dir = r.dir.join("vmm-root");
+    std::fs::create_dir_all(&jail_dir).at(|| format!("creating {}", jail_dir.display()))?;
+    let staging = snapshot_staging(&snaps, r.id)?;
+    let place = machine::Place {
+        jail_dir: &jail_dir,
+        id: r.id,
+        cgroup: Some(r.cgroup),
+        snapshot_out: Some(staging.path()),
+    };
+    let started = machine::restore_or_boot(&machine, &snaps, &key, &tag, false, r.dir, &place)?;
+    let warm = started.warm;
+    if !ready() {
+        started.vmm.controller().stop();
+        let _ = started.vmm.wait();
+        return Ok(128 + libc::SIGKILL);
+    }
+    let snapshot = (!warm && snaps.find(&key).is_none()).then_some(session::SnapshotAtReady {
+        snaps: &snaps,
+        key: &key,
+        tag: &tag,
+        identity: &identity,
+        run_id: r.id,
+    });
+    let session = session::Session {
+        spec: &spec,
+        dir: r.dir.to_path_buf(),
+        vmm: started.vmm.controller(),
+        disk: None,
+        start: start_frames(&spec, use_boot, mac)?,
+        warm,
+        snapshot,
+        t0,
+        output: None,
+    };
+    let out = session.run(started.vmm, started.ends, None, None, || {})?;
+    drop(staging);
+    exit_status(out, false, r.dir, warm, &key)
+}
+
+/// The cgroup limits and device a VMM process needs: guest RAM plus the VMM's allowance, a task
+/// for each vCPU plus its few other threads (and `extra_tasks` for processes beside it), and
+/// /dev/kvm.
+pub fn vmm_limits(
+    spec: &RunSpec,
+    extra_tasks: u64,
+) -> (rvmm_proto::Limits, rvmm_proto::DeviceNode) {
+    let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
     let limits = rvmm_proto::Limits {
         memory_bytes: Some((u64::from(mem_mib) << 20) + jail::VMM_MEMORY_ALLOWANCE),
-        pids: Some(u64::from(vcpus) + 8),
+        pids: Some(u64::from(vcpus) + 8 + extra_tasks),
         ..Default::default()
     };
     let kvm = rvmm_proto::DeviceNode {
@@ -550,6 +644,17 @@ fn vmm_cgroup(id: &str, vcpus: u8, mem_mib: u32) -> Result<crate::cgroups::Cgrou
         gid: 0,
         access: "rwm".into(),
     };
+    (limits, kvm)
+}
+
+/// The cgroup of a VMM process (`rvmm/ID`): guest RAM plus the VMM's allowance, and a task
+/// for each vCPU plus its few other threads.
+fn vmm_cgroup(id: &str, vcpus: u8, mem_mib: u32) -> Result<crate::cgroups::Cgroup> {
+    let layout = crate::cgroups::Layout::detect()?;
+    let mut spec = RunSpec::default();
+    spec.limits.cpus = Some(f64::from(vcpus));
+    spec.limits.memory_bytes = Some(u64::from(mem_mib) << 20);
+    let (limits, kvm) = vmm_limits(&spec, 0);
     Ok(crate::cgroups::create(
         &layout,
         id,

@@ -183,8 +183,8 @@ pub(super) struct Session<'a> {
     pub(super) spec: &'a RunSpec,
     pub(super) dir: PathBuf,
     pub(super) vmm: VmmControl,
-    /// The image disk, attached right before the `Start`.
-    pub(super) disk: PathBuf,
+    /// The image disk, attached right before the `Start` (none: the root is shared).
+    pub(super) disk: Option<PathBuf>,
     /// The `Start`, as frames; sent at READY (a restored guest is past READY: at once).
     pub(super) start: Vec<u8>,
     pub(super) warm: bool,
@@ -353,7 +353,11 @@ impl Loop<'_, '_> {
         let Some(frames) = self.start.take() else {
             return;
         };
-        match self.s.vmm.replace_disk(0, &self.s.disk) {
+        let attached = match &self.s.disk {
+            Some(d) => self.s.vmm.replace_disk(0, d),
+            None => Ok(()),
+        };
+        match attached {
             Ok(()) => self.to_guest.try_send(frames),
             Err(e) => {
                 // A VMM that died says why in the run's one line instead.

@@ -60,7 +60,7 @@ pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
         ));
     }
     if c.vm {
-        return super::vm::exec(&store.dir(id), id, &process, o);
+        return super::vm::exec(store, &c, &process, o);
     }
     let size = process.console_size;
     cfg.process = Some(process);

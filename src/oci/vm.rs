@@ -38,6 +38,23 @@ const GUEST_MADE: &[&str] = &[
     "/dev/mqueue",
 ];
 
+/// tmpfs options the guest applies (rvmm_workload::mounts), and those without a meaning there:
+/// propagation (a guest mount has no peers on the host), podman's `tmpcopyup` (the guest's tmpfs
+/// starts empty), `ro`/`rw` (read_only).
+const TMPFS_OPTIONS: &[&str] = &[
+    "noexec", "exec", "nosuid", "suid", "nodev", "dev", "noatime", "atime", "nodiratime",
+    "relatime", "strictatime", "sync", "async", "size", "nr_blocks", "nr_inodes", "mode", "uid",
+    "gid",
+];
+const TMPFS_IGNORED: &[&str] = &[
+    "ro", "rw", "private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable",
+    "runbindable", "tmpcopyup", "notmpcopyup",
+];
+
+/// How long `exec` waits for a started VM to run its workload (a cold boot on kvm_pvm takes
+/// tens of seconds).
+const EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The tap's name in the engine's network namespace.
 const TAP: &str = "rvmm0";
 
@@ -74,12 +91,18 @@ pub(super) fn mounts(cfg: &Config) -> Result<Vec<Mount>> {
                 copy_up: false,
             });
         } else if kind == "tmpfs" {
-            let options: Vec<&str> = m
-                .options
-                .iter()
-                .map(String::as_str)
-                .filter(|o| *o != "ro" && *o != "rw")
-                .collect();
+            let mut options = Vec::new();
+            for o in &m.options {
+                let name = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
+                if TMPFS_OPTIONS.contains(&name) {
+                    options.push(o.as_str());
+                } else if !TMPFS_IGNORED.contains(&name) {
+                    return Err(Error::Invalid(format!(
+                        "config.json: tmpfs option {o:?} at {} is not available in VM isolation",
+                        m.destination
+                    )));
+                }
+            }
             out.push(Mount {
                 source: String::new(),
                 destination: m.destination.clone(),
@@ -412,11 +435,32 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// supervisor's `exec.sock`. With `detach` a child of ours is the exec's client (its pid is the
 /// one the engine gets, and its status the process's).
 pub(super) fn exec(
-    dir: &Path,
-    id: &str,
+    store: &super::state::Store,
+    c: &Container,
     process: &super::config::Process,
     o: &super::ExecOptions,
 ) -> Result<u8> {
+    let (dir, id) = (store.dir(&c.id), c.id.as_str());
+    // The supervisor serves exec once the workload runs: a container just started (a VM still
+    // restoring or booting) is waited for while its supervisor lives.
+    let sock = dir.join("exec.sock");
+    let deadline = std::time::Instant::now() + EXEC_WAIT;
+    while !sock.exists() {
+        if store.status(c) == super::state::Status::Stopped {
+            return Err(Error::State {
+                id: id.into(),
+                status: super::state::Status::Stopped,
+                what: "a process can only be executed in a running container",
+            });
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Create(format!(
+                "exec: the VM of container {id} did not start its workload within {EXEC_WAIT:?}"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let dir = dir.as_path();
     let req = rvmm_proto::ExecRequest {
         argv: process.args.clone(),
         env: process.env.clone(),
@@ -516,7 +560,7 @@ mod tests {
               {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","mode=755"]},
               {"destination":"/dev/shm","type":"bind","source":"/tmp","options":["rbind"]},
               {"destination":"/etc/hosts","type":"bind","source":"/etc/hosts","options":["rbind","ro"]},
-              {"destination":"/scratch","type":"tmpfs","source":"tmpfs","options":["nosuid","size=64k"]}
+              {"destination":"/scratch","type":"tmpfs","source":"tmpfs","options":["rw","rprivate","nosuid","size=64k","tmpcopyup"]}
             ]}"#,
         )
         .unwrap();
@@ -535,6 +579,11 @@ mod tests {
         )
         .unwrap();
         assert!(mounts(&bad).unwrap_err().to_string().contains("nfs"));
+        let odd: Config = serde_json::from_str(
+            r#"{"mounts":[{"destination":"/t","type":"tmpfs","options":["huge=always"]}]}"#,
+        )
+        .unwrap();
+        assert!(mounts(&odd).unwrap_err().to_string().contains("huge=always"));
         let missing: Config = serde_json::from_str(
             r#"{"mounts":[{"destination":"/x","type":"bind","source":"/nonexistent/x"}]}"#,
         )

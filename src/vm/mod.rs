@@ -556,9 +556,12 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
     let mut spec = r.spec;
     spec.root_shared = true;
     let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
+    // Writable even for `root.readonly`: rvmm-init makes the mount points it needs, then
+    // remounts / read-only for the workload (as runc does on the host). The rootfs is the
+    // container's own.
     let mut shares = vec![crate::vmm::Share {
         source: r.rootfs.clone(),
-        read_only: spec.read_only,
+        read_only: false,
     }];
     shares.extend(self::shares(&spec));
     let boot = crate::security::docker_default(true);

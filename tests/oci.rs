@@ -429,10 +429,31 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         ),
     ];
     cases.push((
-        bad("vm", &|d| {
-            edit_cfg(d, &|c| c["annotations"]["io.rvmm.isolation"] = json!("vm"))
+        bad("bad-isolation", &|d| {
+            edit_cfg(d, &|c| c["annotations"]["io.rvmm.isolation"] = json!("sandbox"))
         }),
-        "VM isolation is not available",
+        "isolation \"sandbox\"",
+    ));
+    // What a guest cannot have is refused before any VM exists.
+    cases.push((
+        bad("vm-nfs", &|d| {
+            edit_cfg(d, &|c| {
+                c["annotations"]["io.rvmm.isolation"] = json!("vm");
+                c["mounts"].as_array_mut().unwrap().push(
+                    json!({"destination": "/n", "type": "nfs", "source": "h:/n", "options": []}),
+                );
+            })
+        }),
+        "not available in VM isolation",
+    ));
+    cases.push((
+        bad("vm-hook", &|d| {
+            edit_cfg(d, &|c| {
+                c["annotations"]["io.rvmm.isolation"] = json!("vm");
+                c["hooks"] = json!({"createContainer": [{"path": "/bin/true"}]});
+            })
+        }),
+        "cannot run in VM isolation",
     ));
     let log = t.path().join("log.json");
     for (i, (b, what)) in cases.iter().enumerate() {
@@ -489,12 +510,12 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         assert_eq!(o.stderr.lines().count(), 1, "{args:?}: {}", o.stderr);
         assert!(o.stderr.contains(what), "{args:?}: {}", o.stderr);
     }
-    // The flag asks the same of a bundle without the annotation.
+    // The flag is checked as the annotation is.
     let o = oci(
         &root,
         &[
             "--isolation",
-            "vm",
+            "bogus",
             "create",
             "--bundle",
             good.to_str().unwrap(),
@@ -502,11 +523,7 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         ],
     );
     assert_eq!(o.code, 1, "{}", o.stderr);
-    assert!(
-        o.stderr.contains("VM isolation is not available"),
-        "{}",
-        o.stderr
-    );
+    assert!(o.stderr.contains("isolation \"bogus\""), "{}", o.stderr);
     assert_eq!(common::run::ls(&root), Vec::<String>::new());
     // delete --force of what does not exist is not an error (engines clean up that way).
     assert_eq!(oci(&root, &["delete", "--force", "nope"]).code, 0);
@@ -614,4 +631,155 @@ fn a_killed_create_leaves_a_stopped_container_that_delete_removes() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(common::run::ls(&root), Vec::<String>::new());
     assert_eq!(cgroups_of("k1"), Vec::<String>::new());
+}
+
+/// VM isolation needs /dev/kvm, the guest kernel and rvmm-init; the runs share one snapshot
+/// directory (the first boots, the others restore).
+fn vm_ready() -> bool {
+    if !(ready() && common::have_kvm() && common::guest::kernel().is_some()) {
+        return false;
+    }
+    if let Err(e) = rvmm::vm::guest_init_path() {
+        return common::require(common::Cap::Kernel, false, &format!("{e:#}"));
+    }
+    static SNAPSHOTS: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let snaps = SNAPSHOTS.get_or_init(|| tempfile::tempdir().unwrap());
+    std::env::set_var("RVMM_SNAPSHOTS", snaps.path());
+    true
+}
+
+/// A VM container by hand, as an engine drives one: create (the supervisor restores the VM and
+/// waits) → created → start → the workload's output on the engine's stdout → exec on the guest's
+/// kernel → ps → kill TERM reaches the workload's trap → stopped → delete leaves nothing; then a
+/// supervisor killed with SIGKILL takes its VMM along and delete cleans up; then `run` with a
+/// read-only root, a tmpfs and a file bind from the bundle.
+#[test]
+fn vm_isolation_create_start_exec_kill_delete() {
+    if !vm_ready() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("state");
+    let b = bundle(t.path(), |c| {
+        c["annotations"]["io.rvmm.isolation"] = json!("vm");
+        c["hostname"] = json!("ocivm");
+        c["process"]["args"] = json!([
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 3' TERM; echo started; while :; do sleep 0.2; done"
+        ]);
+    });
+    let out_path = t.path().join("out");
+    let create = |id: &str| {
+        let out = std::fs::File::create(&out_path).unwrap();
+        let st = Command::new(oci_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["create", "--bundle", b.to_str().unwrap(), id])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "create: {}",
+            std::fs::read_to_string(&out_path).unwrap_or_default()
+        );
+    };
+    let output = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let wait_for = |what: &dyn Fn() -> bool| common::lifecycle::wait_until(Duration::from_secs(120), what);
+
+    create("v1");
+    let st = state(&root, "v1");
+    assert_eq!(st["status"], "created", "{st}");
+    let pid = st["pid"].as_i64().unwrap() as i32;
+    assert!(common::lifecycle::alive(pid));
+    assert!(!cgroups_of("v1").is_empty());
+    let o = oci(&root, &["start", "v1"]);
+    assert_eq!(o.code, 0, "start: {}", o.stderr);
+    assert_eq!(state(&root, "v1")["status"], "running");
+    assert!(wait_for(&|| output().contains("started")), "{}", output());
+    let o = oci(&root, &["exec", "v1", "sh", "-c", "uname -r; hostname; exit 4"]);
+    assert_eq!(o.code, 4, "exec: {}", o.stderr);
+    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    let mut lines = o.stdout.lines();
+    let guest = lines.next().unwrap_or_default();
+    assert!(!guest.is_empty() && guest != host.trim(), "guest kernel {guest:?}");
+    assert_eq!(lines.next(), Some("ocivm"), "{}", o.stdout);
+    let o = oci(&root, &["ps", "--format", "json", "v1"]);
+    let pids: Vec<i32> = serde_json::from_str(&o.stdout).unwrap();
+    assert!(pids.contains(&pid), "{pids:?}");
+    // A running container is not deleted without --force.
+    let o = oci(&root, &["delete", "v1"]);
+    assert_eq!(o.code, 1, "{}", o.stdout);
+    let o = oci(&root, &["kill", "v1", "TERM"]);
+    assert_eq!(o.code, 0, "kill: {}", o.stderr);
+    assert!(
+        wait_for(&|| state(&root, "v1")["status"] == "stopped"),
+        "{}",
+        output()
+    );
+    assert!(output().contains("got-term"), "{}", output());
+    let o = oci(&root, &["kill", "v1", "TERM"]);
+    assert_eq!(o.code, 1, "a stopped container has nothing to signal");
+    assert_eq!(oci(&root, &["delete", "v1"]).code, 0);
+    assert_eq!(common::run::ls(&root), Vec::<String>::new());
+    assert_eq!(cgroups_of("v1"), Vec::<String>::new());
+
+    // kill -9 of the supervisor: its VMM goes too (nothing left in the cgroup), delete cleans up.
+    create("v2");
+    assert_eq!(oci(&root, &["start", "v2"]).code, 0);
+    let pid = state(&root, "v2")["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) of the supervisor this test made.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_for(&|| state(&root, "v2")["status"] == "stopped"));
+    let procs = || {
+        cgroups_of("v2")
+            .iter()
+            .map(|d| std::fs::read_to_string(format!("{d}/cgroup.procs")).unwrap_or_default())
+            .collect::<String>()
+    };
+    assert!(
+        wait_for(&|| procs().trim().is_empty()),
+        "the VMM outlived its supervisor: {}",
+        procs()
+    );
+    let o = oci(&root, &["delete", "v2"]);
+    assert_eq!(o.code, 0, "delete: {}", o.stderr);
+    assert_eq!(cgroups_of("v2"), Vec::<String>::new());
+    assert_eq!(common::run::ls(&root), Vec::<String>::new());
+
+    // `run`: a read-only root, a tmpfs and a file bound from the host, the exit status.
+    let shared = t.path().join("greeting");
+    std::fs::write(&shared, "from the host\n").unwrap();
+    std::fs::create_dir(t.path().join("ro")).unwrap();
+    let b = bundle(&t.path().join("ro"), |c| {
+        c["annotations"]["io.rvmm.isolation"] = json!("vm");
+        c["root"]["readonly"] = json!(true);
+        c["mounts"].as_array_mut().unwrap().extend([
+            json!({"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1m"]}),
+            json!({"destination": "/etc/greeting", "type": "bind", "source": shared, "options": ["rbind", "ro"]}),
+        ]);
+        c["process"]["args"] = json!([
+            "sh",
+            "-c",
+            "touch /x 2>/dev/null || echo read-only; echo ok > /scratch/y && cat /scratch/y; cat /etc/greeting; exit 9"
+        ]);
+    });
+    let out = std::fs::File::create(&out_path).unwrap();
+    let st = Command::new(oci_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["run", "--bundle", b.to_str().unwrap(), "v3"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(9), "{}", output());
+    assert_eq!(output(), "read-only\nok\nfrom the host\n");
+    assert!(!b.join("rootfs/x").exists());
+    assert_eq!(common::run::ls(&root), Vec::<String>::new());
+    assert_eq!(cgroups_of("v3"), Vec::<String>::new());
 }

@@ -346,6 +346,14 @@ fn create_vm(
     lock: std::fs::File,
     mut undo: Undo,
 ) -> Result<i32> {
+    // The guest's namespaces are not the host's: createContainer and startContainer hooks,
+    // which run inside the container's, have nowhere to run.
+    if !cfg.hooks.create_container.is_empty() || !cfg.hooks.start_container.is_empty() {
+        return Err(Error::Invalid(
+            "config.json: createContainer and startContainer hooks cannot run in VM isolation"
+                .into(),
+        ));
+    }
     let cg = vm::cgroup(cfg, id, &spec)?;
     undo.cgroup = Some(cg.clone());
     let mut c = Container {
@@ -382,14 +390,6 @@ fn create_vm(
     c.pid = pid;
     c.pid_start = crate::run::state::start_time(pid).unwrap_or_default();
     let doc = hook_state(&c, Status::Creating);
-    // The VM's own namespaces are not the host's: createContainer and startContainer hooks,
-    // which run inside the container's, have nowhere to run.
-    if !cfg.hooks.create_container.is_empty() || !cfg.hooks.start_container.is_empty() {
-        return Err(Error::Invalid(
-            "config.json: createContainer and startContainer hooks cannot run in VM isolation"
-                .into(),
-        ));
-    }
     for h in cfg.hooks.prestart.iter().chain(&cfg.hooks.create_runtime) {
         hooks::run(h, &doc).map_err(Error::Create)?;
     }

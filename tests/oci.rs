@@ -430,7 +430,9 @@ fn bad_input_is_one_line_and_leaves_nothing() {
     ];
     cases.push((
         bad("bad-isolation", &|d| {
-            edit_cfg(d, &|c| c["annotations"]["io.rvmm.isolation"] = json!("sandbox"))
+            edit_cfg(d, &|c| {
+                c["annotations"]["io.rvmm.isolation"] = json!("sandbox")
+            })
         }),
         "isolation \"sandbox\"",
     ));
@@ -688,7 +690,8 @@ fn vm_isolation_create_start_exec_kill_delete() {
         );
     };
     let output = || std::fs::read_to_string(&out_path).unwrap_or_default();
-    let wait_for = |what: &dyn Fn() -> bool| common::lifecycle::wait_until(Duration::from_secs(120), what);
+    let wait_for =
+        |what: &dyn Fn() -> bool| common::lifecycle::wait_until(Duration::from_secs(120), what);
 
     create("v1");
     let st = state(&root, "v1");
@@ -700,12 +703,18 @@ fn vm_isolation_create_start_exec_kill_delete() {
     assert_eq!(o.code, 0, "start: {}", o.stderr);
     assert_eq!(state(&root, "v1")["status"], "running");
     assert!(wait_for(&|| output().contains("started")), "{}", output());
-    let o = oci(&root, &["exec", "v1", "sh", "-c", "uname -r; hostname; exit 4"]);
+    let o = oci(
+        &root,
+        &["exec", "v1", "sh", "-c", "uname -r; hostname; exit 4"],
+    );
     assert_eq!(o.code, 4, "exec: {}", o.stderr);
     let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
     let mut lines = o.stdout.lines();
     let guest = lines.next().unwrap_or_default();
-    assert!(!guest.is_empty() && guest != host.trim(), "guest kernel {guest:?}");
+    assert!(
+        !guest.is_empty() && guest != host.trim(),
+        "guest kernel {guest:?}"
+    );
     assert_eq!(lines.next(), Some("ocivm"), "{}", o.stdout);
     let o = oci(&root, &["ps", "--format", "json", "v1"]);
     let pids: Vec<i32> = serde_json::from_str(&o.stdout).unwrap();

@@ -42,13 +42,39 @@ const GUEST_MADE: &[&str] = &[
 /// propagation (a guest mount has no peers on the host), podman's `tmpcopyup` (the guest's tmpfs
 /// starts empty), `ro`/`rw` (read_only).
 const TMPFS_OPTIONS: &[&str] = &[
-    "noexec", "exec", "nosuid", "suid", "nodev", "dev", "noatime", "atime", "nodiratime",
-    "relatime", "strictatime", "sync", "async", "size", "nr_blocks", "nr_inodes", "mode", "uid",
+    "noexec",
+    "exec",
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noatime",
+    "atime",
+    "nodiratime",
+    "relatime",
+    "strictatime",
+    "sync",
+    "async",
+    "size",
+    "nr_blocks",
+    "nr_inodes",
+    "mode",
+    "uid",
     "gid",
 ];
 const TMPFS_IGNORED: &[&str] = &[
-    "ro", "rw", "private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable",
-    "runbindable", "tmpcopyup", "notmpcopyup",
+    "ro",
+    "rw",
+    "private",
+    "rprivate",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "unbindable",
+    "runbindable",
+    "tmpcopyup",
+    "notmpcopyup",
 ];
 
 /// How long `exec` waits for a started VM to run its workload (a cold boot on kvm_pvm takes
@@ -225,11 +251,7 @@ fn supervise(s: Supervisor, ready_w: OwnedFd) -> i32 {
         125
     };
     if let Some(sock) = s.console {
-        match super::init::console(
-            sock.as_raw_fd(),
-            s.cfg.process().console_size,
-            false,
-        ) {
+        match super::init::console(sock.as_raw_fd(), s.cfg.process().console_size, false) {
             Ok(slave) => super::init::take_terminal(slave),
             Err(f) => return fail(f.message),
         }
@@ -306,7 +328,8 @@ struct EngineNic {
 /// the VM gets no NIC, as a container there would have only loopback), a tap beside it, and
 /// the two redirects between them.
 fn engine_nic(path: &str) -> std::result::Result<Option<EngineNic>, String> {
-    let ns = std::fs::File::open(path).map_err(|e| format!("opening the network namespace {path}: {e}"))?;
+    let ns = std::fs::File::open(path)
+        .map_err(|e| format!("opening the network namespace {path}: {e}"))?;
     let ns_fd = ns.as_raw_fd();
     let path = path.to_string();
     // A thread of its own: setns changes only the calling thread, and what it spawns (ip, tc)
@@ -409,8 +432,8 @@ fn nic_here() -> std::result::Result<Option<EngineNic>, String> {
         run_tool(
             "tc",
             &[
-                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
-                "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
+                "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
             ],
         )?;
     }
@@ -482,7 +505,8 @@ pub(super) fn exec(
         _ => None,
     };
     if console.is_none() && !o.detach {
-        return Ok(crate::vm::exec::exec(dir, id, req).map_err(|e| Error::Create(e.to_string()))?);
+        return crate::vm::exec::exec(dir, id, req)
+            .map_err(|e| Error::Create(crate::error::chain(&e)));
     }
     let (err_r, err_w) = crate::run::stdio::pipe()?;
     // SAFETY: rvmm-oci is single-threaded; the child is the exec's client and _exits.
@@ -583,7 +607,10 @@ mod tests {
             r#"{"mounts":[{"destination":"/t","type":"tmpfs","options":["huge=always"]}]}"#,
         )
         .unwrap();
-        assert!(mounts(&odd).unwrap_err().to_string().contains("huge=always"));
+        assert!(mounts(&odd)
+            .unwrap_err()
+            .to_string()
+            .contains("huge=always"));
         let missing: Config = serde_json::from_str(
             r#"{"mounts":[{"destination":"/x","type":"bind","source":"/nonexistent/x"}]}"#,
         )

@@ -509,20 +509,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         "vm run: disk ready {t_disk:?}, vmm set up {t_setup:?}, workload started {:?}, exit {total:?}",
         out.started_at,
     );
-    if std::env::var_os("RVMM_TIMINGS").is_some() {
-        let (init, exec, spec_at) = out.report.guest_times.unwrap_or((0, 0, 0));
-        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as i64).unwrap_or(-1);
-        eprintln!(
-            "rvmm-timings warm={} start_bytes={start_bytes} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_frame_ms={} exit_ms={}",
-            u8::from(warm),
-            t_disk.as_millis(),
-            t_setup.as_millis(),
-            ms(out.snapshot_took),
-            ms(out.started_at),
-            ms(out.exit_frame_at),
-            total.as_millis()
-        );
-    }
+    timings(&out, warm, start_bytes, t_disk, t_setup, total);
     match exit_status(out, opts.remove, &dir, warm, &key) {
         Ok(code) => Ok(run.finish(code, opts.remove)),
         Err(e) => {
@@ -530,6 +517,32 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
             Err(e)
         }
     }
+}
+
+/// `RVMM_TIMINGS`: one line of a run's phases on stderr (scripts/vm-phases.sh reads it).
+fn timings(
+    out: &session::Outcome,
+    warm: bool,
+    start_bytes: usize,
+    t_disk: Duration,
+    t_setup: Duration,
+    total: Duration,
+) {
+    if std::env::var_os("RVMM_TIMINGS").is_none() {
+        return;
+    }
+    let (init, exec, spec_at) = out.report.guest_times.unwrap_or((0, 0, 0));
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as i64).unwrap_or(-1);
+    eprintln!(
+        "rvmm-timings warm={} start_bytes={start_bytes} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_frame_ms={} exit_ms={}",
+        u8::from(warm),
+        t_disk.as_millis(),
+        t_setup.as_millis(),
+        ms(out.snapshot_took),
+        ms(out.started_at),
+        ms(out.exit_frame_at),
+        total.as_millis()
+    );
 }
 
 /// A VM whose root is a host directory, for rvmm-oci: an OCI bundle's rootfs and mounts,
@@ -596,6 +609,7 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
     };
     let started = machine::restore_or_boot(&machine, &snaps, &key, &tag, false, r.dir, &place)?;
     let warm = started.warm;
+    let t_setup = t0.elapsed();
     if !ready() {
         started.vmm.controller().stop();
         let _ = started.vmm.wait();
@@ -608,12 +622,16 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
         identity: &identity,
         run_id: r.id,
     });
+    // The time waiting for `start` is the engine's, not the run's.
+    let t0 = Instant::now();
+    let start = start_frames(&spec, use_boot, mac)?;
+    let start_bytes = start.len();
     let session = session::Session {
         spec: &spec,
         dir: r.dir.to_path_buf(),
         vmm: started.vmm.controller(),
         disk: None,
-        start: start_frames(&spec, use_boot, mac)?,
+        start,
         warm,
         snapshot,
         t0,
@@ -621,6 +639,14 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
     };
     let out = session.run(started.vmm, started.ends, None, None, || {})?;
     drop(staging);
+    timings(
+        &out,
+        warm,
+        start_bytes,
+        Duration::ZERO,
+        t_setup,
+        t0.elapsed(),
+    );
     exit_status(out, false, r.dir, warm, &key)
 }
 

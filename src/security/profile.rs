@@ -25,6 +25,10 @@ pub enum Error {
     TooLong(String),
     #[error("seccomp profile: unknown capability {0:?} in includes or excludes")]
     Cap(String),
+    #[error(
+        "seccomp profile: the filter would have {0} instructions (the kernel takes {MAX_INSNS})"
+    )]
+    Program(usize),
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -82,6 +86,7 @@ const JGT: u16 = 0x05 | 0x20;
 const JGE: u16 = 0x05 | 0x30;
 const AND_K: u16 = 0x04 | 0x50;
 const RET: u16 = 0x06;
+const JA: u16 = 0x05;
 const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 const ARG0: u32 = 16;
 
@@ -219,11 +224,10 @@ impl Profile {
     /// by the capabilities they name, as Docker does).
     pub fn compile(&self, caps: u64) -> Result<Vec<Insn>, Error> {
         let default = action(&self.default_action, self.default_errno_ret)?;
-        let mut prog: Vec<Insn> = vec![
-            (LD_W_ABS, 0, 0, 4),
-            (JEQ, 1, 0, AUDIT_ARCH_X86_64),
-            (RET, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
-        ];
+        // Each syscall's rules as one run of blocks, in the profile's order (the first rule that
+        // matches decides; rules of other syscalls never match, so only their order within one
+        // syscall matters).
+        let mut by_nr: std::collections::BTreeMap<u32, Vec<Insn>> = Default::default();
         for r in &self.syscalls {
             let act = action(&r.action, r.errno_ret)?;
             let mut inc = 0;
@@ -246,38 +250,85 @@ impl Profile {
                 let Some(nr) = syscalls::number(name) else {
                     continue;
                 };
-                let mut b = Block {
-                    insns: vec![(LD_W_ABS, 0, 0, 0)],
-                    jumps: Vec::new(),
-                };
-                b.jmp(JEQ, nr, To::Here, To::Fail);
-                for a in &r.args {
-                    let from = b.insns.len();
-                    condition(&mut b, a)?;
-                    b.close_next(from)
-                        .map_err(|_| Error::TooLong(name.clone()))?;
-                }
-                b.insns.push((RET, 0, 0, act));
-                let end = b.insns.len();
-                for (i, t, f) in &b.jumps {
-                    for (to, slot) in [(t, 1), (f, 2)] {
-                        if matches!(to, To::Fail) {
-                            let off = u8::try_from(end - i - 1)
-                                .map_err(|_| Error::TooLong(name.clone()))?;
-                            if slot == 1 {
-                                b.insns[*i].1 = off;
-                            } else {
-                                b.insns[*i].2 = off;
-                            }
-                        }
-                    }
-                }
-                prog.extend(b.insns);
+                by_nr
+                    .entry(nr)
+                    .or_default()
+                    .extend(rule_block(nr, &r.args, act, name)?);
             }
         }
-        prog.push((RET, 0, 0, default));
+        let mut prog: Vec<Insn> = vec![
+            (LD_W_ABS, 0, 0, 4),
+            (JEQ, 1, 0, AUDIT_ARCH_X86_64),
+            (RET, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+            (LD_W_ABS, 0, 0, 0),
+        ];
+        let groups: Vec<(u32, Vec<Insn>)> = by_nr.into_iter().collect();
+        search(&groups, default, &mut prog);
+        if prog.len() > MAX_INSNS {
+            return Err(Error::Program(prog.len()));
+        }
         Ok(prog)
     }
+}
+
+/// The kernel's limit on a filter's length (BPF_MAXINSNS).
+const MAX_INSNS: usize = 4096;
+/// How many syscalls' rules a leaf of the search checks one after the other.
+const LEAF: usize = 4;
+
+/// One rule for syscall `nr`: load the number, compare, the argument conditions, the action; a
+/// test that fails jumps past the block (to the next rule, or the leaf's default).
+fn rule_block(nr: u32, args: &[Arg], act: u32, name: &str) -> Result<Vec<Insn>, Error> {
+    let mut b = Block {
+        insns: vec![(LD_W_ABS, 0, 0, 0)],
+        jumps: Vec::new(),
+    };
+    b.jmp(JEQ, nr, To::Here, To::Fail);
+    for a in args {
+        let from = b.insns.len();
+        condition(&mut b, a)?;
+        b.close_next(from)
+            .map_err(|_| Error::TooLong(name.to_string()))?;
+    }
+    b.insns.push((RET, 0, 0, act));
+    let end = b.insns.len();
+    for (i, t, f) in &b.jumps {
+        for (to, slot) in [(t, 1), (f, 2)] {
+            if matches!(to, To::Fail) {
+                let off =
+                    u8::try_from(end - i - 1).map_err(|_| Error::TooLong(name.to_string()))?;
+                if slot == 1 {
+                    b.insns[*i].1 = off;
+                } else {
+                    b.insns[*i].2 = off;
+                }
+            }
+        }
+    }
+    Ok(b.insns)
+}
+
+/// A binary search on the syscall number (in A) down to leaves of [`LEAF`] syscalls, instead of
+/// one long chain: a syscall is decided after ~2·log2(n) instructions rather than up to 2·n.
+/// That matters where the filter is interpreted (a guest kernel without a BPF JIT evaluates it
+/// for every syscall number when it is installed, to build its cache, and for every call the
+/// cache cannot answer). Each node is `jge pivot` falling through to a long jump to the upper
+/// half, or skipping it into the lower half.
+fn search(groups: &[(u32, Vec<Insn>)], default: u32, prog: &mut Vec<Insn>) {
+    if groups.len() <= LEAF {
+        for (_, block) in groups {
+            prog.extend_from_slice(block);
+        }
+        prog.push((RET, 0, 0, default));
+        return;
+    }
+    let mid = groups.len() / 2;
+    let node = prog.len();
+    prog.push((JGE, 0, 1, groups[mid].0));
+    prog.push((JA, 0, 0, 0));
+    search(&groups[..mid], default, prog);
+    prog[node + 1].3 = (prog.len() - node - 2) as u32;
+    search(&groups[mid..], default, prog);
 }
 
 #[cfg(test)]
@@ -308,6 +359,7 @@ mod tests {
             match code {
                 LD_W_ABS => acc = word(k),
                 AND_K => acc &= k,
+                JA => pc += k as usize,
                 JEQ | JGT | JGE => {
                     let hit = match code {
                         JEQ => acc == k,
@@ -363,6 +415,122 @@ mod tests {
             run(&with_boot, nr("reboot"), [0; 6]),
             libc::SECCOMP_RET_KILL_PROCESS
         );
+    }
+
+    /// What the rules say, read directly (the first rule for the call whose capabilities and
+    /// arguments match decides).
+    fn verdict(p: &Profile, caps: u64, nr: u32, args: [u64; 6]) -> u32 {
+        for r in &p.syscalls {
+            let mask = |names: &[String]| names.iter().fold(0u64, |m, c| m | cap_bit(c).unwrap());
+            let (inc, exc) = (mask(&r.includes.caps), mask(&r.excludes.caps));
+            if caps & inc != inc || caps & exc != 0 {
+                continue;
+            }
+            if !r
+                .names
+                .iter()
+                .chain(&r.name)
+                .any(|n| syscalls::number(n) == Some(nr))
+            {
+                continue;
+            }
+            let holds = |a: &Arg| {
+                let v = args[a.index as usize];
+                match a.op.as_str() {
+                    "SCMP_CMP_EQ" => v == a.value,
+                    "SCMP_CMP_NE" => v != a.value,
+                    "SCMP_CMP_MASKED_EQ" => v & a.value == a.value_two,
+                    "SCMP_CMP_GT" => v > a.value,
+                    "SCMP_CMP_GE" => v >= a.value,
+                    "SCMP_CMP_LT" => v < a.value,
+                    _ => v <= a.value,
+                }
+            };
+            if r.args.iter().all(holds) {
+                return action(&r.action, r.errno_ret).unwrap();
+            }
+        }
+        action(&p.default_action, p.default_errno_ret).unwrap()
+    }
+
+    /// A profile of every known syscall (as large as Docker's or podman's), some with argument
+    /// conditions, some by capability, some named by two rules: the search decides every call
+    /// as the rules do, in a fraction of the instructions of a chain.
+    #[test]
+    fn the_search_decides_as_the_rules_do() {
+        let ops = [
+            "SCMP_CMP_EQ",
+            "SCMP_CMP_NE",
+            "SCMP_CMP_GT",
+            "SCMP_CMP_GE",
+            "SCMP_CMP_LT",
+            "SCMP_CMP_LE",
+            "SCMP_CMP_MASKED_EQ",
+        ];
+        let mut rules = Vec::new();
+        for (i, (name, _)) in syscalls::SYSCALLS.iter().enumerate() {
+            let op = ops[i % ops.len()];
+            rules.push(match i % 4 {
+                0 => serde_json::json!({"names": [name], "action": "SCMP_ACT_ALLOW"}),
+                1 => serde_json::json!({"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": i % 90 + 1,
+                    "args": [{"index": i % 6, "value": 7, "valueTwo": 3, "op": op}]}),
+                2 => serde_json::json!({"names": [name], "action": "SCMP_ACT_ALLOW",
+                    "includes": {"caps": ["CAP_SYS_ADMIN"]}}),
+                _ => serde_json::json!({"names": [name], "action": "SCMP_ACT_KILL_PROCESS",
+                    "excludes": {"caps": ["CAP_NET_ADMIN"]}}),
+            });
+        }
+        for (i, (name, _)) in syscalls::SYSCALLS.iter().enumerate().step_by(3) {
+            rules.push(
+                serde_json::json!({"names": [name], "action": "SCMP_ACT_LOG",
+                "args": [{"index": 0, "value": i as u64, "op": "SCMP_CMP_LE"}]}),
+            );
+        }
+        let json = serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": rules});
+        let p = Profile::parse(json.to_string().as_bytes()).unwrap();
+        let probes: [[u64; 6]; 5] = [
+            [0; 6],
+            [7; 6],
+            [3, 3, 3, 3, 3, 3],
+            [8, 1 << 32, 6, 15, 7 | 1 << 40, u64::MAX],
+            [500, 0, 7, 0, 7, 0],
+        ];
+        for caps in [0, 1 << 21, 1 << 12, (1 << 21) | (1 << 12)] {
+            let prog = p.compile(caps).unwrap();
+            for nr in 0..520 {
+                for args in probes {
+                    assert_eq!(
+                        run(&prog, nr, args),
+                        verdict(&p, caps, nr, args),
+                        "caps {caps:#x}, nr {nr}, args {args:?}"
+                    );
+                }
+            }
+        }
+        // A call is decided in few instructions: count them for the last call in the table.
+        let prog = p.compile(0).unwrap();
+        let mut steps = 0;
+        let (mut pc, mut acc) = (0usize, 0u32);
+        let last = syscalls::SYSCALLS.iter().map(|(_, n)| *n).max().unwrap();
+        loop {
+            steps += 1;
+            let (code, jt, jf, k) = prog[pc];
+            pc += 1;
+            match code {
+                LD_W_ABS => acc = if k == 0 { last + 1 } else { AUDIT_ARCH_X86_64 },
+                JA => pc += k as usize,
+                JEQ | JGT | JGE => {
+                    let hit = match code {
+                        JEQ => acc == k,
+                        JGT => acc > k,
+                        _ => acc >= k,
+                    };
+                    pc += usize::from(if hit { jt } else { jf });
+                }
+                _ => break,
+            }
+        }
+        assert!(steps < 40, "{steps} instructions for a call with no rule");
     }
 
     #[test]

@@ -113,6 +113,10 @@ fn relay_output(
     Ok(t)
 }
 
+/// How long the loop waits, once the VMM has ended, for the guest's last frames still in the
+/// channel's pipe.
+const DRAIN: Duration = Duration::from_secs(5);
+
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static STOPS: AtomicI32 = AtomicI32::new(0);
 
@@ -308,11 +312,19 @@ impl Session<'_> {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if vm.is_finished() {
-                        // Drain what is left, then stop.
-                        while let Ok(Ok((kind, payload))) =
-                            rx.recv_timeout(Duration::from_millis(20))
-                        {
-                            l.out.report.apply(kind, &payload);
+                        // Drain what is left, then stop. The reader thread ends when the VMM's
+                        // end of the channel closes (the VMM is gone); on a loaded host it may
+                        // still be behind the guest's last frames (its EXIT), so wait for that
+                        // end rather than for a quiet moment.
+                        let deadline = Instant::now() + DRAIN;
+                        loop {
+                            match rx.recv_timeout(Duration::from_millis(50)) {
+                                Ok(Ok((kind, payload))) => {
+                                    l.out.report.apply(kind, &payload);
+                                }
+                                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                                Ok(Err(_)) | Err(_) => break,
+                            }
                         }
                         break;
                     }

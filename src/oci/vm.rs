@@ -16,7 +16,7 @@
 //! address and default route. The engine's networking (port forwarding included) works unchanged.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use rvmm_proto::{Mount, MountKind, RunSpec};
@@ -251,11 +251,11 @@ fn supervise(s: Supervisor, ready_w: OwnedFd) -> i32 {
         125
     };
     if let Some(sock) = s.console {
-        match super::init::console(sock.as_raw_fd(), s.cfg.process().console_size, false) {
+        // `console` closes the socket once the master is sent.
+        match super::init::console(sock.into_raw_fd(), s.cfg.process().console_size, false) {
             Ok(slave) => super::init::take_terminal(slave),
             Err(f) => return fail(f.message),
         }
-        drop(sock);
     }
     let mut spec = s.spec;
     let nic = match s.cfg.namespace("network").and_then(|n| n.path.as_deref()) {
@@ -513,8 +513,9 @@ pub(super) fn exec(
     let child = unsafe { libc::fork() };
     if child == 0 {
         drop(err_r);
-        if let Some(sock) = &console {
-            match super::init::console(sock.as_raw_fd(), process.console_size, false) {
+        if let Some(sock) = console {
+            // `console` closes the socket once the master is sent.
+            match super::init::console(sock.into_raw_fd(), process.console_size, false) {
                 Ok(slave) => super::init::take_terminal(slave),
                 Err(f) => {
                     rvmm_workload::write_all(err_w.as_raw_fd(), f.message.as_bytes());

@@ -481,8 +481,10 @@ fn relay(
         // Reap everything; note the workload's end, and the execs'.
         loop {
             let mut st = 0;
+            // SAFETY: rusage is plain data; wait4 fills it.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
             // SAFETY: reaping any child without blocking.
-            let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+            let r = unsafe { libc::wait4(-1, &mut st, libc::WNOHANG, &mut ru) };
             if r <= 0 {
                 break;
             }
@@ -492,7 +494,13 @@ fn relay(
                 128 + libc::WTERMSIG(st)
             };
             if r == pid {
-                crate::sys::trace("workload reaped");
+                crate::sys::trace(&format!(
+                    "workload reaped (user {} ms, sys {} ms, {} faults, {} major)",
+                    ru.ru_utime.tv_sec * 1000 + ru.ru_utime.tv_usec / 1000,
+                    ru.ru_stime.tv_sec * 1000 + ru.ru_stime.tv_usec / 1000,
+                    ru.ru_minflt + ru.ru_majflt,
+                    ru.ru_majflt
+                ));
                 status = Some(code);
             } else {
                 execs.reaped(r, code);

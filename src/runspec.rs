@@ -96,6 +96,124 @@ pub fn read_image_file(layers: &[PathBuf], rel: &str) -> Option<Vec<u8>> {
     None
 }
 
+/// What the merged view of image layers has at a path.
+#[derive(Debug, PartialEq, Eq)]
+enum Merged {
+    Absent,
+    Dir,
+    /// A file, symlink or anything else that is not a directory.
+    Other,
+    /// Not decidable here (a symlink or non-directory on the way): the guest decides.
+    Unknown,
+}
+
+/// `path`'s entry in the layers (bottom first) as overlayfs would merge them: the top layer that
+/// has it decides; a whiteout (a `.wh.` marker or a 0:0 character device) hides it and everything
+/// below, and so does an opaque directory above it (its `trusted.overlay.opaque` or a
+/// `.wh..wh..opq` marker). Symlinks on the way are not followed: Unknown.
+fn merged(layers: &[PathBuf], comps: &[&str]) -> Merged {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let opaque = |d: &Path| {
+        d.join(".wh..wh..opq").exists() || {
+            let p = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).unwrap_or_default();
+            let mut v = [0u8; 1];
+            // SAFETY: NUL-terminated names, a buffer of the size given.
+            let n = unsafe {
+                libc::lgetxattr(
+                    p.as_ptr(),
+                    c"trusted.overlay.opaque".as_ptr(),
+                    v.as_mut_ptr().cast(),
+                    1,
+                )
+            };
+            n == 1 && v[0] == b'y'
+        }
+    };
+    for l in layers.iter().rev() {
+        let mut dir = l.clone();
+        let mut below_opaque = false;
+        for (i, c) in comps.iter().enumerate() {
+            if dir.join(format!(".wh.{c}")).exists() {
+                return Merged::Absent;
+            }
+            let p = dir.join(c);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.file_type().is_char_device() && m.rdev() == 0 => return Merged::Absent,
+                Ok(m) if i + 1 == comps.len() => {
+                    return if m.is_dir() {
+                        Merged::Dir
+                    } else {
+                        Merged::Other
+                    }
+                }
+                Ok(m) if m.is_dir() => {
+                    below_opaque |= opaque(&p);
+                    dir = p;
+                }
+                Ok(_) => return Merged::Unknown,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if below_opaque {
+                        return Merged::Absent;
+                    }
+                    break;
+                }
+                Err(_) => return Merged::Unknown,
+            }
+        }
+    }
+    Merged::Absent
+}
+
+/// Where a VM's guest will find argv[0] along PATH (`RunSpec::exec_hint`), looked up in the image
+/// (its layers, bottom first; an OCI bundle's rootfs is one layer): the first PATH directory
+/// holding something of that name that is not a directory. None when argv[0] has a '/', PATH has
+/// a relative or odd entry, a mount of the run covers a PATH directory, or a PATH directory's
+/// path goes through a symlink: the guest then walks PATH itself, as it also does when the hint
+/// is not executable there.
+pub fn exec_hint(layers: &[PathBuf], spec: &RunSpec) -> Option<String> {
+    let argv0 = spec.argv.first()?;
+    if argv0.is_empty() || argv0.contains('/') || argv0 == "." || argv0 == ".." {
+        return None;
+    }
+    let path = spec
+        .env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    let covered = |d: &str| {
+        spec.mounts.iter().any(|m| {
+            let (a, b) = (m.destination.trim_end_matches('/'), d);
+            a.is_empty()
+                || a == b
+                || b.starts_with(&format!("{a}/"))
+                || a.starts_with(&format!("{b}/"))
+        })
+    };
+    for d in path.split(':').filter(|d| !d.is_empty()) {
+        let d = d.trim_end_matches('/');
+        let comps: Vec<&str> = d.split('/').skip(1).filter(|c| !c.is_empty()).collect();
+        if !d.starts_with('/') || comps.iter().any(|c| *c == "." || *c == "..") || covered(d) {
+            return None;
+        }
+        // Every directory on the way must be a directory (not a symlink) in the merged view.
+        for n in 1..=comps.len() {
+            match merged(layers, &comps[..n]) {
+                Merged::Dir => {}
+                Merged::Absent => break,
+                Merged::Other | Merged::Unknown => return None,
+            }
+        }
+        let mut full = comps.clone();
+        full.push(argv0);
+        match merged(layers, &full) {
+            Merged::Other => return Some(format!("{d}/{argv0}")),
+            Merged::Absent | Merged::Dir => {}
+            Merged::Unknown => return None,
+        }
+    }
+    None
+}
+
 /// Builds the RunSpec from the image config and the flags. `layers` (bottom first) is where
 /// /etc/passwd and /etc/group are read from to resolve users.
 pub fn build(
@@ -248,6 +366,7 @@ pub fn build(
         cpus_allowed: flags.cpus_allowed.clone(),
         devices: flags.devices.clone(),
         root_shared: false,
+        exec_hint: None,
     })
 }
 
@@ -980,8 +1099,66 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The PATH hint a VM's guest gets, against layers built here: whiteouts, an opaque
+    /// directory, a symlinked PATH directory, mounts over PATH, argv[0] with a slash.
+    #[test]
+    fn exec_hints_follow_the_merged_layers_or_give_up() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let file = |p: PathBuf| {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let (l0, l1) = (t.path().join("l0"), t.path().join("l1"));
+        file(l0.join("bin/true"));
+        file(l0.join("usr/bin/true"));
+        file(l0.join("usr/local/bin/true"));
+        // The top layer deletes /usr/local/bin/true.
+        file(l1.join("usr/local/bin/.wh.true"));
+        let layers = vec![l0.clone(), l1.clone()];
+        let spec = |argv0: &str, env: &[&str]| RunSpec {
+            argv: vec![argv0.to_string()],
+            env: env.iter().map(|e| e.to_string()).collect(),
+            ..RunSpec::default()
+        };
+        let s = spec("true", &[]);
+        assert_eq!(exec_hint(&layers, &s).as_deref(), Some("/usr/bin/true"));
+        // An opaque /usr/bin in the top layer hides the lower one's contents.
+        file(l1.join("usr/bin/.wh..wh..opq"));
+        assert_eq!(exec_hint(&layers, &s).as_deref(), Some("/bin/true"));
+        // Nothing of that name anywhere: no hint (the guest says 127).
+        assert_eq!(exec_hint(&layers, &spec("nope", &[])), None);
+        // argv[0] with a slash, or a relative PATH entry: no hint.
+        assert_eq!(exec_hint(&layers, &spec("./true", &[])), None);
+        assert_eq!(exec_hint(&layers, &spec("true", &["PATH=bin:/bin"])), None);
+        // A mount over a PATH directory (or over a parent of one): no hint.
+        let mut m = spec("true", &[]);
+        m.mounts.push(rvmm_proto::Mount {
+            source: "/tmp".into(),
+            destination: "/usr/local".into(),
+            read_only: false,
+            kind: rvmm_proto::MountKind::Bind,
+            options: String::new(),
+            copy_up: false,
+        });
+        assert_eq!(exec_hint(&layers, &m), None);
+        // A PATH directory that is a symlink (usrmerge's /sbin -> usr/sbin): no hint.
+        std::os::unix::fs::symlink("usr/sbin", l0.join("sbin")).unwrap();
+        assert_eq!(
+            exec_hint(&layers, &spec("true", &["PATH=/sbin:/bin"])),
+            None
+        );
+        // ... unless the name is found before it.
+        assert_eq!(
+            exec_hint(&layers, &spec("true", &["PATH=/bin:/sbin"])).as_deref(),
+            Some("/bin/true")
+        );
+    }
 
     fn img(ep: Option<&[&str]>, cmd: Option<&[&str]>) -> ImageConfig {
         ImageConfig {

@@ -74,6 +74,11 @@ pub struct RunSpec {
     /// mounts' shares follow it (1, 2, ...).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub root_shared: bool,
+    /// VM isolation: where the host found argv[0] along PATH in the image (`runspec::exec_hint`).
+    /// The guest execs it if it is there and executable, and otherwise walks PATH itself: a
+    /// guest walking PATH over a cold disk reads every directory it misses in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_hint: Option<String>,
 }
 
 /// A device node for the workload's /dev.

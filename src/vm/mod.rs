@@ -423,7 +423,8 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         taps.push(machine::Tap::Name(tap));
         mac = Some(m);
     }
-    let spec = run.spec.clone();
+    let mut spec = run.spec.clone();
+    spec.exec_hint = crate::runspec::exec_hint(&image.layers, &spec);
     let publisher = run.publisher.take();
     let address = run.address();
 
@@ -568,6 +569,7 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
     let (kernel, init) = vm_prerequisites()?;
     let mut spec = r.spec;
     spec.root_shared = true;
+    spec.exec_hint = crate::runspec::exec_hint(std::slice::from_ref(&r.rootfs), &spec);
     let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
     // Writable even for `root.readonly`: rvmm-init makes the mount points it needs, then
     // remounts / read-only for the workload (as runc does on the host). The rootfs is the

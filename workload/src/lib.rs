@@ -272,6 +272,14 @@ pub fn loopback_up() {
     }
 }
 
+/// `path` is there, not a directory, and executable by this process (what PATH lookup takes).
+pub fn executable(path: &str) -> bool {
+    let cp = c(path);
+    // SAFETY: NUL-terminated path.
+    std::fs::metadata(path).is_ok_and(|m| !m.is_dir())
+        && unsafe { libc::access(cp.as_ptr(), libc::X_OK) } == 0
+}
+
 /// Docker's PATH lookup: argv[0] with a '/' is used as is; otherwise the first executable
 /// regular file in the workload's PATH (or the default PATH). Not found anywhere → 127; found but
 /// not executable → 126.
@@ -290,10 +298,8 @@ pub fn resolve(argv0: &str, env: &[String]) -> Result<CString, Failure> {
             Ok(m) if !m.is_dir() => {}
             _ => continue,
         }
-        let cp = c(&cand);
-        // SAFETY: NUL-terminated path.
-        if unsafe { libc::access(cp.as_ptr(), libc::X_OK) } == 0 {
-            return Ok(cp);
+        if executable(&cand) {
+            return Ok(c(&cand));
         }
         denied.get_or_insert(cand);
     }

@@ -218,7 +218,14 @@ pub fn become_workload(spec: &RunSpec, prepared: bool) -> Result<CString, Failur
         .argv
         .first()
         .ok_or_else(|| Failure::setup("no command"))?;
-    let prog = crate::resolve(argv0, &spec.env)?;
+    let hinted = spec
+        .exec_hint
+        .as_deref()
+        .filter(|h| !argv0.contains('/') && crate::executable(h));
+    let prog = match hinted {
+        Some(h) => c(h),
+        None => crate::resolve(argv0, &spec.env)?,
+    };
     if enforced(sec) && sec.no_new_privs {
         set_no_new_privs()?;
     }

@@ -258,33 +258,52 @@ fn supervise(s: Supervisor, ready_w: OwnedFd) -> i32 {
         }
     }
     let mut spec = s.spec;
-    let nic = match s.cfg.namespace("network").and_then(|n| n.path.as_deref()) {
+    let netns = s.cfg.namespace("network").and_then(|n| n.path.clone());
+    let nic = match netns.as_deref() {
         Some(path) => match engine_nic(path) {
             Ok(n) => n,
             Err(e) => return fail(e),
         },
         None => None,
     };
+    let taken = nic.as_ref().map(|n| n.dev.clone());
     let nic = nic.map(|n| {
         spec.network.address = Some(n.address);
         spec.network.gateway = Some(n.gateway);
         (n.tap, n.mac)
     });
-    let Some(cg) = s.container.cgroup.as_ref() else {
+    let code = run_vm(s.container, &s.dir, s.fifo, spec, nic, ready_w, fail);
+    if let (Some(path), Some(dev)) = (netns.as_deref(), taken) {
+        release_engine_nic(path, dev);
+    }
+    code
+}
+
+/// The supervisor's VM, once its NIC is there: its status (the workload's), or 125 with the
+/// reason (to `create` while it waits, else on stderr).
+fn run_vm(
+    container: &Container,
+    dir: &Path,
+    fifo: PathBuf,
+    spec: RunSpec,
+    nic: Option<(OwnedFd, [u8; 6])>,
+    ready_w: OwnedFd,
+    fail: impl Fn(String) -> i32,
+) -> i32 {
+    let Some(cg) = container.cgroup.as_ref() else {
         return fail("the container has no cgroup".into());
     };
     // SAFETY: getpid has no preconditions.
     if let Err(e) = cg.add(unsafe { libc::getpid() }) {
         return fail(e.to_string());
     }
-    let fifo = s.fifo;
     let mut ready_w = Some(ready_w);
     let run = crate::vm::run_shared_root(
         crate::vm::SharedRoot {
             spec,
-            rootfs: s.container.rootfs.clone(),
-            dir: &s.dir,
-            id: &s.container.id,
+            rootfs: container.rootfs.clone(),
+            dir,
+            id: &container.id,
             cgroup: cg,
             nic,
         },
@@ -318,6 +337,8 @@ fn supervise(s: Supervisor, ready_w: OwnedFd) -> i32 {
 
 /// The engine's interface in a network namespace, taken over for the guest.
 struct EngineNic {
+    /// The engine's interface the VM took over.
+    dev: String,
     tap: OwnedFd,
     mac: [u8; 6],
     address: String,
@@ -328,24 +349,40 @@ struct EngineNic {
 /// the VM gets no NIC, as a container there would have only loopback), a tap beside it, and
 /// the two redirects between them.
 fn engine_nic(path: &str) -> std::result::Result<Option<EngineNic>, String> {
+    in_netns(path, nic_here)
+}
+
+/// Runs `f` on a thread of its own in the network namespace at `path`: setns changes only the
+/// calling thread, and what it spawns (ip, tc) inherits the namespace.
+fn in_netns<T: Send + 'static>(
+    path: &str,
+    f: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
+) -> std::result::Result<T, String> {
     let ns = std::fs::File::open(path)
         .map_err(|e| format!("opening the network namespace {path}: {e}"))?;
-    let ns_fd = ns.as_raw_fd();
     let path = path.to_string();
-    // A thread of its own: setns changes only the calling thread, and what it spawns (ip, tc)
-    // inherits the namespace.
     std::thread::spawn(move || {
-        // SAFETY: setns with a namespace descriptor we hold open.
-        if unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) } != 0 {
+        // SAFETY: setns with a namespace descriptor the thread holds open.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(format!(
                 "joining the network namespace {path}: {}",
                 std::io::Error::last_os_error()
             ));
         }
-        nic_here()
+        f()
     })
     .join()
     .map_err(|_| "setting up the VM's network failed".to_string())?
+}
+
+/// Gives the engine's interface back once the VM is gone (its tap went with the VMM): the
+/// redirect off, so the namespace is as the engine made it (a pod's namespace outlives its
+/// containers). A VM killed before this leaves the redirect; the next VM in the namespace
+/// replaces it.
+fn release_engine_nic(path: &str, dev: String) {
+    let _ = in_netns(path, move || {
+        run_tool("tc", &["qdisc", "del", "dev", &dev, "ingress"])
+    });
 }
 
 fn ip_json(args: &[&str]) -> std::result::Result<serde_json::Value, String> {
@@ -428,7 +465,9 @@ fn nic_here() -> std::result::Result<Option<EngineNic>, String> {
         .into_fd();
     run_tool("ip", &["link", "set", TAP, "up"])?;
     for (from, to) in [(dev.as_str(), TAP), (TAP, dev.as_str())] {
-        run_tool("tc", &["qdisc", "replace", "dev", from, "ingress"])?;
+        // A fresh ingress qdisc: one a killed VM left behind redirects to a tap that is gone.
+        let _ = run_tool("tc", &["qdisc", "del", "dev", from, "ingress"]);
+        run_tool("tc", &["qdisc", "add", "dev", from, "ingress"])?;
         run_tool(
             "tc",
             &[
@@ -438,6 +477,7 @@ fn nic_here() -> std::result::Result<Option<EngineNic>, String> {
         )?;
     }
     Ok(Some(EngineNic {
+        dev,
         tap,
         mac,
         address: addr,

@@ -792,3 +792,122 @@ fn vm_isolation_create_start_exec_kill_delete() {
     assert_eq!(common::run::ls(&root), Vec::<String>::new());
     assert_eq!(cgroups_of("v3"), Vec::<String>::new());
 }
+
+/// The engine's network namespace, as podman or a CNI plugin leaves it: a veth whose inside end is
+/// eth0 with an address and a default route. A VM container there takes eth0 over (its tap and
+/// two tc redirects): its guest reaches a server on the host end; again after a VM was killed
+/// with SIGKILL in the namespace (its stale redirect is replaced); and eth0 is given back when a
+/// VM ends.
+#[test]
+fn vm_isolation_takes_over_the_engines_interface() {
+    if !(vm_ready() && have_tools(&["ip", "tc"])) {
+        return;
+    }
+    use std::io::{Read as _, Write as _};
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("state");
+    let tag = std::process::id() % 200 + 20;
+    let ns = format!("rvmm-oci-t{tag}");
+    let host_if = format!("rvoh{tag}");
+    let (host_ip, guest_ip) = (format!("10.213.{tag}.1"), format!("10.213.{tag}.2"));
+    let sh = |cmd: &str| {
+        let st = Command::new("sh").args(["-c", cmd]).status().unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    struct Gone(String, String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = Command::new("ip").args(["link", "del", &self.1]).status();
+        }
+    }
+    let _gone = Gone(ns.clone(), host_if.clone());
+    sh(&format!(
+        "ip netns add {ns} && ip link add {host_if} type veth peer name eth0 netns {ns} && \
+         ip addr add {host_ip}/24 dev {host_if} && ip link set {host_if} up && \
+         ip -n {ns} addr add {guest_ip}/24 dev eth0 && ip -n {ns} link set eth0 up && \
+         ip -n {ns} link set lo up && ip -n {ns} route add default via {host_ip}"
+    ));
+    let server = std::net::TcpListener::bind((host_ip.as_str(), 0)).unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in server.incoming().flatten() {
+            let mut b = [0u8; 256];
+            let _ = c.read(&mut b);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello-from-the-host\n");
+        }
+    });
+    let b = bundle(t.path(), |c| {
+        c["annotations"]["io.rvmm.isolation"] = json!("vm");
+        let mut namespaces: Vec<Value> = c["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["type"] != "network")
+            .cloned()
+            .collect();
+        namespaces.push(json!({"type": "network", "path": format!("/run/netns/{ns}")}));
+        c["linux"]["namespaces"] = json!(namespaces);
+        c["process"]["args"] = json!([
+            "sh",
+            "-c",
+            format!(
+                "ip -4 -o addr show eth0 | grep -o '{guest_ip}/24'; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {host_ip} {port} | tail -1; sleep ${{HOLD:-0}}"
+            )
+        ]);
+    });
+    let run = |id: &str| {
+        let out = t.path().join(format!("{id}.out"));
+        let f = std::fs::File::create(&out).unwrap();
+        let st = Command::new(oci_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["run", "--bundle", b.to_str().unwrap(), id])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .status()
+            .unwrap();
+        (st.code(), std::fs::read_to_string(&out).unwrap())
+    };
+    let want = format!("{guest_ip}/24\nhello-from-the-host\n");
+    let ingress = || {
+        let o = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "tc", "-j", "qdisc", "show", "dev", "eth0",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).contains("\"ingress\"")
+    };
+    assert_eq!(run("net1"), (Some(0), want.clone()));
+    assert!(!ingress(), "eth0 was not given back");
+    // A VM killed with SIGKILL while it holds eth0 leaves its redirect behind.
+    let cfg = b.join("config.json");
+    let mut c: Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    c["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("HOLD=1000"));
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let o = oci(&root, &["create", "--bundle", b.to_str().unwrap(), "held"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(oci(&root, &["start", "held"]).code, 0);
+    assert!(common::lifecycle::wait_until(
+        Duration::from_secs(60),
+        ingress
+    ));
+    let pid = state(&root, "held")["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) of the supervisor this test made.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(common::lifecycle::wait_until(
+        Duration::from_secs(30),
+        || state(&root, "held")["status"] == "stopped"
+    ));
+    assert_eq!(oci(&root, &["delete", "held"]).code, 0);
+    c["process"]["env"].as_array_mut().unwrap().pop();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    assert_eq!(run("net2"), (Some(0), want));
+    assert!(!ingress(), "eth0 was not given back");
+    assert_eq!(common::run::ls(&root), Vec::<String>::new());
+}

@@ -225,7 +225,8 @@ pub fn prewarm(
     std::fs::create_dir_all(snaps.dir()).at(|| format!("creating {}", snaps.dir().display()))?;
     // Boot files under a name `rvmm snapshot gc` removes if this process dies.
     let work = tempfile::Builder::new()
-        .prefix(".tmp-prewarm-")
+        .prefix(&format!(".tmp-{}-vmm", snapshots::owner_key()))
+        .rand_bytes(0)
         .tempdir_in(snaps.dir())
         .at(|| format!("creating a directory in {}", snaps.dir().display()))?;
     let machine = Machine {
@@ -602,7 +603,10 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
     let (identity, tag, key) = machine.identity()?;
     let jail_dir = r.dir.join("vmm-root");
     std::fs::create_dir_all(&jail_dir).at(|| format!("creating {}", jail_dir.display()))?;
-    let staging = snapshot_staging(&snaps, r.id)?;
+    // Not a run of the registry: its snapshot files go under a name `snapshot gc` can tell is
+    // alive.
+    let owner = snapshots::owner_key();
+    let staging = snapshot_staging(&snaps, &owner)?;
     let place = machine::Place {
         jail_dir: &jail_dir,
         id: r.id,
@@ -622,7 +626,7 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
         key: &key,
         tag: &tag,
         identity: &identity,
-        run_id: r.id,
+        run_id: &owner,
     });
     // The time waiting for `start` is the engine's, not the run's.
     let t0 = Instant::now();

@@ -136,8 +136,11 @@ impl Snapshots {
                 };
                 // A run's VMM writes its snapshot into `.tmp-ID-vmm` first.
                 let run = run.strip_suffix("-vmm").unwrap_or(run);
-                // A save in progress belongs to a live run of the host-wide registry.
-                if !crate::run::state::run_is_live(run) && std::fs::remove_dir_all(e.path()).is_ok()
+                // A save in progress belongs to a live run of the host-wide registry, or to a
+                // live process that is not a run (`owner_key`: rvmm-oci's VM supervisors).
+                if !crate::run::state::run_is_live(run)
+                    && !owner_is_live(run)
+                    && std::fs::remove_dir_all(e.path()).is_ok()
                 {
                     removed.push(name);
                 }
@@ -145,6 +148,28 @@ impl Snapshots {
         }
         removed
     }
+}
+
+/// The name a process that is not a run of the registry saves snapshots under (`pid-PID-START`,
+/// START its start time), so that `gc` can tell whether it still lives.
+pub fn owner_key() -> String {
+    let pid = std::process::id() as i32;
+    format!(
+        "pid-{pid}-{}",
+        crate::run::state::start_time(pid).unwrap_or_default()
+    )
+}
+
+/// `run` is an [`owner_key`] of a live process.
+fn owner_is_live(run: &str) -> bool {
+    let Some((pid, start)) = run
+        .strip_prefix("pid-")
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(p, s)| Some((p.parse::<i32>().ok()?, s.parse::<u64>().ok()?)))
+    else {
+        return false;
+    };
+    pid > 0 && crate::run::state::start_time(pid) == Some(start)
 }
 
 fn info(path: &Path) -> Info {
@@ -332,11 +357,20 @@ mod tests {
         let l = s.list();
         assert_eq!(l.len(), 1);
         assert!(l[0].layout.is_none());
-        // Leftovers of a dead run's save are collected too.
+        // Leftovers of a dead run's save are collected too, and of a dead process's; a live
+        // process's save in progress is not (rvmm-oci's supervisors are not runs).
         std::fs::create_dir_all(s.dir().join(".tmp-deadbeef")).unwrap();
+        let live = format!(".tmp-{}-vmm", owner_key());
+        std::fs::create_dir_all(s.dir().join(&live)).unwrap();
+        let dead = format!(".tmp-pid-{}-1-vmm", std::process::id());
+        std::fs::create_dir_all(s.dir().join(&dead)).unwrap();
         let mut gone = s.gc();
         gone.sort();
-        assert_eq!(gone, vec![".tmp-deadbeef".to_string(), "k1".to_string()]);
+        assert_eq!(
+            gone,
+            vec![".tmp-deadbeef".to_string(), dead, "k1".to_string()]
+        );
+        assert!(s.dir().join(&live).is_dir());
         assert!(s.list().is_empty() && s.find("k1").is_none());
     }
 }

@@ -84,6 +84,8 @@ impl Execs {
         }
         let mut spec = workload.clone();
         spec.argv = req.argv;
+        // The hint is where the workload's argv[0] is, not the exec's.
+        spec.exec_hint = None;
         spec.env = req.env;
         if let Some(u) = req.user {
             spec.user = u;

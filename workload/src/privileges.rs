@@ -218,10 +218,12 @@ pub fn become_workload(spec: &RunSpec, prepared: bool) -> Result<CString, Failur
         .argv
         .first()
         .ok_or_else(|| Failure::setup("no command"))?;
-    let hinted = spec
-        .exec_hint
-        .as_deref()
-        .filter(|h| !argv0.contains('/') && crate::executable(h));
+    let hinted = spec.exec_hint.as_deref().filter(|h| {
+        !argv0.contains('/')
+            && h.strip_suffix(argv0.as_str())
+                .is_some_and(|d| d.ends_with('/'))
+            && crate::executable(h)
+    });
     let prog = match hinted {
         Some(h) => c(h),
         None => crate::resolve(argv0, &spec.env)?,

@@ -6,7 +6,7 @@
 //! the process runs (the engine's subreaper adopts it); otherwise it waits and exits with its
 //! status.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
@@ -87,13 +87,7 @@ pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
     let pidns = open("pid")?;
     let own_pidns =
         std::fs::File::open("/proc/self/ns/pid").at(|| "opening rvmm-oci's own pid namespace")?;
-    let console_fd: Option<OwnedFd> = match &o.console_socket {
-        Some(p) if cfg.process().terminal => Some(OwnedFd::from(
-            std::os::unix::net::UnixStream::connect(p)
-                .at(|| format!("connecting to the console socket {}", p.display()))?,
-        )),
-        _ => None,
-    };
+    let console_fd = super::console_socket(o.console_socket.as_deref(), cfg.process().terminal)?;
     let (err_r, err_w) = crate::run::stdio::pipe()?;
     let inherit_pidns = !same("pid", &pidns);
     // SAFETY: setns on a namespace fd we opened; a pid namespace only applies to children.
@@ -138,20 +132,7 @@ pub fn exec(store: &Store, id: &str, o: &ExecOptions) -> Result<u8> {
     }
     drop(err_w);
     drop(console_fd);
-    if let Some(text) = super::child_failure(err_r) {
-        super::wait_exit(child);
-        return Err(Error::Create(format!("exec: {text}")));
-    }
-    if let Some(p) = &o.pid_file {
-        super::write_pid_file(p, child)?;
-    }
-    if o.detach {
-        return Ok(0);
-    }
-    rvmm_shim::signals::forward_to(child, 0);
-    let code = super::wait_exit(child);
-    rvmm_shim::signals::stop_forwarding();
-    Ok(code)
+    super::exec_started(child, err_r, o)
 }
 
 /// The process to run: `--process F` as it is, or the container's with the flags' changes.

@@ -231,14 +231,7 @@ pub fn create(store: &Store, id: &str, o: &CreateOptions) -> Result<i32> {
     };
     store.save(&c)?;
 
-    let console_fd = match &o.console_socket {
-        Some(p) if terminal => {
-            let s = std::os::unix::net::UnixStream::connect(p)
-                .at(|| format!("connecting to the console socket {}", p.display()))?;
-            Some(OwnedFd::from(s))
-        }
-        _ => None,
-    };
+    let console_fd = console_socket(o.console_socket.as_deref(), terminal)?;
     let fifo_fd = nix::fcntl::open(
         &fifo,
         nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
@@ -370,13 +363,7 @@ fn create_vm(
         vm: true,
     };
     store.save(&c)?;
-    let console = match &o.console_socket {
-        Some(p) if cfg.process().terminal => Some(OwnedFd::from(
-            std::os::unix::net::UnixStream::connect(p)
-                .at(|| format!("connecting to the console socket {}", p.display()))?,
-        )),
-        _ => None,
-    };
+    let console = console_socket(o.console_socket.as_deref(), cfg.process().terminal)?;
     let pid = vm::spawn(vm::Supervisor {
         spec,
         cfg,
@@ -438,6 +425,38 @@ fn cgroup_path(p: Option<&str>, id: &str) -> Result<PathBuf> {
 }
 
 /// The pid file, written whole or not at all (engines read it as soon as `create` exits).
+/// The engine's console socket, connected when the process has a terminal (the terminal's
+/// master goes there).
+fn console_socket(socket: Option<&Path>, terminal: bool) -> Result<Option<OwnedFd>> {
+    match socket {
+        Some(p) if terminal => Ok(Some(OwnedFd::from(
+            std::os::unix::net::UnixStream::connect(p)
+                .at(|| format!("connecting to the console socket {}", p.display()))?,
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// The end of `exec` once its process is forked (`child`): the failure it reported on `err_r`
+/// (the exec's one line), else the pid file, then with `--detach` 0 at once, or its status with
+/// our signals forwarded to it.
+fn exec_started(child: i32, err_r: OwnedFd, o: &ExecOptions) -> Result<u8> {
+    if let Some(text) = child_failure(err_r) {
+        wait_exit(child);
+        return Err(Error::Create(format!("exec: {text}")));
+    }
+    if let Some(p) = &o.pid_file {
+        write_pid_file(p, child)?;
+    }
+    if o.detach {
+        return Ok(0);
+    }
+    rvmm_shim::signals::forward_to(child, 0);
+    let code = wait_exit(child);
+    rvmm_shim::signals::stop_forwarding();
+    Ok(code)
+}
+
 fn write_pid_file(p: &Path, pid: i32) -> Result<()> {
     let tmp = p.with_extension("rvmm-tmp");
     std::fs::write(&tmp, pid.to_string()).at(|| format!("writing {}", tmp.display()))?;

@@ -24,7 +24,6 @@ use rvmm_proto::{Mount, MountKind, RunSpec};
 use super::config::Config;
 use super::state::Container;
 use super::{Error, Result};
-use crate::error::IoContext;
 
 /// Mounts the guest makes itself (its own /proc, /sys, /dev and their submounts): the bundle's
 /// are for a container sharing the host's kernel.
@@ -537,13 +536,7 @@ pub(super) fn exec(
         stdin: true,
         winsize: None,
     };
-    let console = match &o.console_socket {
-        Some(p) if process.terminal => Some(OwnedFd::from(
-            std::os::unix::net::UnixStream::connect(p)
-                .at(|| format!("connecting to the console socket {}", p.display()))?,
-        )),
-        _ => None,
-    };
+    let console = super::console_socket(o.console_socket.as_deref(), process.terminal)?;
     if console.is_none() && !o.detach {
         return crate::vm::exec::exec(dir, id, req)
             .map_err(|e| Error::Create(crate::error::chain(&e)));
@@ -558,7 +551,9 @@ pub(super) fn exec(
             match super::init::console(sock.into_raw_fd(), process.console_size, false) {
                 Ok(slave) => super::init::take_terminal(slave),
                 Err(f) => {
-                    rvmm_workload::write_all(err_w.as_raw_fd(), f.message.as_bytes());
+                    // As `child_failure` reads it: status, tab, message.
+                    let line = format!("{}\t{}", f.status, f.message);
+                    rvmm_workload::write_all(err_w.as_raw_fd(), line.as_bytes());
                     // SAFETY: leaving the child.
                     unsafe { libc::_exit(125) }
                 }
@@ -583,22 +578,7 @@ pub(super) fn exec(
     }
     drop(err_w);
     drop(console);
-    let mut text = String::new();
-    let _ = std::fs::File::from(err_r).read_to_string(&mut text);
-    if !text.is_empty() {
-        super::wait_exit(child);
-        return Err(Error::Create(format!("exec: {text}")));
-    }
-    if let Some(p) = &o.pid_file {
-        super::write_pid_file(p, child)?;
-    }
-    if o.detach {
-        return Ok(0);
-    }
-    rvmm_shim::signals::forward_to(child, 0);
-    let code = super::wait_exit(child);
-    rvmm_shim::signals::stop_forwarding();
-    Ok(code)
+    super::exec_started(child, err_r, o)
 }
 
 #[cfg(test)]

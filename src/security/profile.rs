@@ -338,6 +338,11 @@ mod tests {
 
     /// Runs the program on (nr, args): the verdict.
     fn run(prog: &[Insn], nr: u32, args: [u64; 6]) -> u32 {
+        run_counted(prog, nr, args).0
+    }
+
+    /// The verdict, and how many instructions gave it.
+    fn run_counted(prog: &[Insn], nr: u32, args: [u64; 6]) -> (u32, usize) {
         let word = |k: u32| -> u32 {
             match k {
                 0 => nr,
@@ -352,10 +357,11 @@ mod tests {
                 }
             }
         };
-        let (mut pc, mut acc) = (0usize, 0u32);
+        let (mut pc, mut acc, mut steps) = (0usize, 0u32, 0usize);
         loop {
             let (code, jt, jf, k) = prog[pc];
             pc += 1;
+            steps += 1;
             match code {
                 LD_W_ABS => acc = word(k),
                 AND_K => acc &= k,
@@ -368,7 +374,7 @@ mod tests {
                     };
                     pc += usize::from(if hit { jt } else { jf });
                 }
-                RET => return k,
+                RET => return (k, steps),
                 c => panic!("opcode {c:#x}"),
             }
         }
@@ -507,29 +513,11 @@ mod tests {
                 }
             }
         }
-        // A call is decided in few instructions: count them for the last call in the table.
+        // A call is decided in few instructions: count them for one past the last call in the
+        // table (no rule: the whole search, then the default).
         let prog = p.compile(0).unwrap();
-        let mut steps = 0;
-        let (mut pc, mut acc) = (0usize, 0u32);
         let last = syscalls::SYSCALLS.iter().map(|(_, n)| *n).max().unwrap();
-        loop {
-            steps += 1;
-            let (code, jt, jf, k) = prog[pc];
-            pc += 1;
-            match code {
-                LD_W_ABS => acc = if k == 0 { last + 1 } else { AUDIT_ARCH_X86_64 },
-                JA => pc += k as usize,
-                JEQ | JGT | JGE => {
-                    let hit = match code {
-                        JEQ => acc == k,
-                        JGT => acc > k,
-                        _ => acc >= k,
-                    };
-                    pc += usize::from(if hit { jt } else { jf });
-                }
-                _ => break,
-            }
-        }
+        let (_, steps) = run_counted(&prog, last + 1, [0; 6]);
         assert!(steps < 40, "{steps} instructions for a call with no rule");
     }
 

@@ -429,22 +429,15 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     let publisher = run.publisher.take();
     let address = run.address();
 
-    let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
-    // The initramfs (and so the snapshot) carries Docker's defaults, the same for every run; a
-    // run with other privileges sends its own and does not use the zygote.
-    let boot = crate::security::docker_default(true);
-    let use_boot = spec.security == boot;
-    let machine = Machine {
-        kernel,
-        init,
-        security: serde_json::to_vec(&boot).map_err(Error::Json)?,
-        vcpus,
-        mem_mib,
+    let (machine, use_boot) = run_machine(
+        &spec,
+        (kernel, init),
         taps,
-        mac: mac.unwrap_or_default(),
-        console: dir.join("console.log"),
-        shares: shares(&spec),
-    };
+        mac.unwrap_or_default(),
+        dir.join("console.log"),
+        shares(&spec),
+    )?;
+    let (vcpus, mem_mib) = (machine.vcpus, machine.mem_mib);
     let snaps = snapshots::Snapshots::new(&opts.root);
     let (identity, tag, key) = machine.identity()?;
     // The VMM process: its cgroup, the mount point of its root, and (unless --cold) where a
@@ -547,6 +540,34 @@ fn timings(
     );
 }
 
+/// The machine a run of `spec` gets, sized by its limits. Its initramfs (and so its snapshot)
+/// carries Docker's default privileges, the same for every run; the bool says whether this run
+/// has them (then it uses the zygote; a run with other privileges sends its own).
+fn run_machine(
+    spec: &RunSpec,
+    (kernel, init): (PathBuf, PathBuf),
+    taps: Vec<machine::Tap>,
+    mac: [u8; 6],
+    console: PathBuf,
+    shares: Vec<crate::vmm::Share>,
+) -> Result<(Machine, bool)> {
+    let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
+    let boot = crate::security::docker_default(true);
+    let use_boot = spec.security == boot;
+    let machine = Machine {
+        kernel,
+        init,
+        security: serde_json::to_vec(&boot).map_err(Error::Json)?,
+        vcpus,
+        mem_mib,
+        taps,
+        mac,
+        console,
+        shares,
+    };
+    Ok((machine, use_boot))
+}
+
 /// A VM whose root is a host directory, for rvmm-oci: an OCI bundle's rootfs and mounts,
 /// prepared by the engine, shared with the guest (virtio-fs) and written in place.
 pub struct SharedRoot<'a> {
@@ -571,7 +592,6 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
     let mut spec = r.spec;
     spec.root_shared = true;
     spec.exec_hint = crate::runspec::exec_hint(std::slice::from_ref(&r.rootfs), &spec);
-    let (vcpus, mem_mib) = machine_size(spec.limits.cpus, spec.limits.memory_bytes);
     // Writable even for `root.readonly`: rvmm-init makes the mount points it needs, then
     // remounts / read-only for the workload (as runc does on the host). The rootfs is the
     // container's own.
@@ -580,24 +600,20 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
         read_only: false,
     }];
     shares.extend(self::shares(&spec));
-    let boot = crate::security::docker_default(true);
-    let use_boot = spec.security == boot;
     let mac = r.nic.as_ref().map(|(_, m)| *m);
-    let machine = Machine {
-        kernel,
-        init,
-        security: serde_json::to_vec(&boot).map_err(Error::Json)?,
-        vcpus,
-        mem_mib,
-        taps: r
-            .nic
-            .map(|(fd, _)| machine::Tap::Fd(std::sync::Arc::new(fd)))
-            .into_iter()
-            .collect(),
-        mac: mac.unwrap_or_default(),
-        console: r.dir.join("console.log"),
+    let taps = r
+        .nic
+        .map(|(fd, _)| machine::Tap::Fd(std::sync::Arc::new(fd)))
+        .into_iter()
+        .collect();
+    let (machine, use_boot) = run_machine(
+        &spec,
+        (kernel, init),
+        taps,
+        mac.unwrap_or_default(),
+        r.dir.join("console.log"),
         shares,
-    };
+    )?;
     let root = crate::paths::default_root();
     let snaps = snapshots::Snapshots::new(&root);
     let (identity, tag, key) = machine.identity()?;

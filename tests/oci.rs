@@ -52,6 +52,23 @@ fn oci(root: &Path, args: &[&str]) -> Out {
     }
 }
 
+/// Runs rvmm-oci with stdout and stderr in the file `out` (made anew), which the container's
+/// processes may go on writing to after rvmm-oci exits (a VM's supervisor, as under conmon);
+/// returns its exit code.
+fn oci_into(root: &Path, args: &[&str], out: &Path) -> Option<i32> {
+    let f = std::fs::File::create(out).unwrap();
+    Command::new(oci_bin())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .status()
+        .expect("run rvmm-oci")
+        .code()
+}
+
 /// A bundle of the busybox test image (umoci unpack), its config.json changed by `edit`.
 fn bundle(dir: &Path, edit: impl FnOnce(&mut Value)) -> PathBuf {
     let imgs = common::images::test_images();
@@ -673,18 +690,14 @@ fn vm_isolation_create_start_exec_kill_delete() {
     });
     let out_path = t.path().join("out");
     let create = |id: &str| {
-        let out = std::fs::File::create(&out_path).unwrap();
-        let st = Command::new(oci_bin())
-            .arg("--root")
-            .arg(&root)
-            .args(["create", "--bundle", b.to_str().unwrap(), id])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .status()
-            .unwrap();
-        assert!(
-            st.success(),
+        let code = oci_into(
+            &root,
+            &["create", "--bundle", b.to_str().unwrap(), id],
+            &out_path,
+        );
+        assert_eq!(
+            code,
+            Some(0),
             "create: {}",
             std::fs::read_to_string(&out_path).unwrap_or_default()
         );
@@ -776,17 +789,12 @@ fn vm_isolation_create_start_exec_kill_delete() {
             "touch /x 2>/dev/null || echo read-only; echo ok > /scratch/y && cat /scratch/y; cat /etc/greeting; exit 9"
         ]);
     });
-    let out = std::fs::File::create(&out_path).unwrap();
-    let st = Command::new(oci_bin())
-        .arg("--root")
-        .arg(&root)
-        .args(["run", "--bundle", b.to_str().unwrap(), "v3"])
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .status()
-        .unwrap();
-    assert_eq!(st.code(), Some(9), "{}", output());
+    let code = oci_into(
+        &root,
+        &["run", "--bundle", b.to_str().unwrap(), "v3"],
+        &out_path,
+    );
+    assert_eq!(code, Some(9), "{}", output());
     assert_eq!(output(), "read-only\nok\nfrom the host\n");
     assert!(!b.join("rootfs/x").exists());
     assert_eq!(common::run::ls(&root), Vec::<String>::new());
@@ -858,17 +866,8 @@ fn vm_isolation_takes_over_the_engines_interface() {
     });
     let run = |id: &str| {
         let out = t.path().join(format!("{id}.out"));
-        let f = std::fs::File::create(&out).unwrap();
-        let st = Command::new(oci_bin())
-            .arg("--root")
-            .arg(&root)
-            .args(["run", "--bundle", b.to_str().unwrap(), id])
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .status()
-            .unwrap();
-        (st.code(), std::fs::read_to_string(&out).unwrap())
+        let code = oci_into(&root, &["run", "--bundle", b.to_str().unwrap(), id], &out);
+        (code, std::fs::read_to_string(&out).unwrap())
     };
     let want = format!("{guest_ip}/24\nhello-from-the-host\n");
     let ingress = || {

@@ -937,13 +937,25 @@ fn start_ready(env: &RunEnv, flags: &[&str], script: &str) -> Reaped {
     child
 }
 
+/// A warm run is handed over from rvmm to the small rvmm-vmm binary (the same process, which no
+/// longer maps rvmm): `ps` still lists it, a signal still reaches the workload, and its status
+/// and `--rm` still end the run.
 #[test]
 fn ps_and_sigterm_reach_the_vm() {
     let Some(env) = setup() else { return };
+    prewarm(&env, &["--network=none"]);
     let mut child = start_ready(
         &env,
         &["--network=none", "--name", "vm-life"],
         "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 1; done",
+    );
+    let pid = child.0.id();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    assert!(
+        exe.to_string_lossy().ends_with("/rvmm-vmm") && !maps.lines().any(|l| l.ends_with("/rvmm")),
+        "the warm run is still kept by {}",
+        exe.display()
     );
     let ps = rvmm(env.store.path(), &["ps"], None);
     let line = ps
@@ -969,6 +981,8 @@ fn ps_and_sigterm_reach_the_vm() {
         .map(|mut e| e.read_to_string(&mut stderr));
     assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(stdout.contains("got-term"), "{stdout}");
+    let ps = rvmm(env.store.path(), &["ps", "-a"], None);
+    assert!(!ps.stdout.contains("vm-life"), "--rm left {}", ps.stdout);
 }
 
 /// A workload that ignores SIGTERM: the first one is forwarded, the second stops the VM (137).
@@ -1637,6 +1651,35 @@ fn a_vmm_binary_from_another_build_refuses_in_one_line() {
             && err.contains("asked for 0123456789abcdef"),
         "{err}"
     );
+}
+
+/// `rvmm-vmm PROTOCOL session FD` from another build, or by hand, refuses in one line too.
+#[test]
+fn a_handover_to_another_build_or_by_hand_is_refused_in_one_line() {
+    for (protocol, why) in [
+        (
+            "0123456789abcdef".to_string(),
+            "rvmm-vmm: this binary is from another build",
+        ),
+        (
+            rvmm::vm::handover::protocol_arg(),
+            "rvmm: rvmm-vmm session: it is started by rvmm",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rvmm-vmm"))
+            .args([protocol.as_str(), "session", "999"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(if why.starts_with("rvmm:") { 125 } else { 2 }),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with(why), "{err}");
+    }
 }
 
 /// The pid of the VMM process (`rvmm-vmm`, or `rvmm __vmm` without it) whose parent is `parent`.

@@ -443,6 +443,11 @@ impl Publisher {
         )
     }
 
+    /// The sockets [`Publisher::raw_fds`] gave, taken over after an exec.
+    pub fn from_parts(tcp: Vec<(TcpListener, u16)>, udp: Vec<(UdpSocket, u16)>) -> Publisher {
+        Publisher { tcp, udp }
+    }
+
     /// Starts the proxy threads (they live until the process exits).
     pub fn start(self, target: Ipv4Addr) {
         rvmm_shim::forward::start(self.tcp, self.udp, target);

@@ -311,7 +311,8 @@ pub fn protect_start_fd() {
     }
 }
 
-fn start_fd() -> Option<i32> {
+/// The fd on which a supervised run reports its start, if it is one.
+pub fn start_fd() -> Option<i32> {
     std::env::var(START_FD_ENV)
         .ok()
         .and_then(|v| v.parse::<i32>().ok())

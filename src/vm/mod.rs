@@ -19,6 +19,7 @@
 
 mod cpio;
 pub mod exec;
+pub mod handover;
 pub mod jail;
 mod machine;
 mod session;
@@ -460,9 +461,36 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     };
     let started = machine::restore_or_boot(&machine, &snaps, &key, &tag, opts.cold, &dir, &place)?;
     let warm = started.warm;
-    let t_setup = t0.elapsed();
-    let start = start_frames(&spec, use_boot, mac)?;
-    let start_bytes = start.len();
+    let tail = Tail {
+        spec,
+        dir,
+        disk: Some(disk),
+        use_boot,
+        mac,
+        remove: opts.remove,
+        logs_itself: opts.logs_itself,
+        address,
+        key: key.clone(),
+        t0,
+        t_disk,
+        t_setup: t0.elapsed(),
+    };
+    if warm {
+        // A restored guest needs nothing more of rvmm's big binary: the small rvmm-vmm binary
+        // takes over this process for the rest of the run (handover.rs). Not after a cold boot:
+        // that run still saves the snapshot.
+        if let Some(exe) = handover::target() {
+            let e = handover::exec(
+                &exe,
+                &tail,
+                &started,
+                publisher.as_ref(),
+                staging.as_ref().map(|t| t.path()),
+                &[run.layers_fd()],
+            );
+            log::warn!("starting {}: {e}; rvmm keeps the run itself", exe.display());
+        }
+    }
     // Take a snapshot at READY: a cold boot of a kind that has none yet, unless --cold.
     let snapshot =
         (!opts.cold && !warm && snaps.find(&key).is_none()).then_some(session::SnapshotAtReady {
@@ -472,43 +500,107 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
             identity: &identity,
             run_id: &opts.id,
         });
+    let code = run_tail(tail, started, snapshot, publisher, run);
+    drop(staging);
+    code
+}
+
+/// A VM run once its VMM is up, as `rvmm run` hands it to [`run_tail`] (in this process, or in
+/// rvmm-vmm after a handover).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct Tail {
+    /// The workload, with everything the run decided (and the PATH hint).
+    spec: RunSpec,
+    dir: PathBuf,
+    /// The image disk, attached right before the `Start`.
+    disk: Option<PathBuf>,
+    /// The run has the privileges the snapshot's initramfs carries (the zygote starts it).
+    use_boot: bool,
+    mac: Option<[u8; 6]>,
+    remove: bool,
+    /// A detached run without a supervisor: the workload's output goes to the run's log.
+    logs_itself: bool,
+    /// Where the published ports go.
+    address: Option<std::net::Ipv4Addr>,
+    /// The snapshot's key (for the error of a restored guest that does not start).
+    key: String,
+    /// When the run started (handed over as CLOCK_MONOTONIC).
+    #[serde(skip, default = "Instant::now")]
+    t0: Instant,
+    t_disk: Duration,
+    t_setup: Duration,
+}
+
+/// The run's records as the tail sees them: `rvmm run`'s [`crate::run::Prepared`], or after a
+/// handover the run's state file.
+pub(crate) trait RunBook {
+    fn started(&mut self);
+    fn finish(self, code: i32, remove: bool) -> u8;
+    fn fail(self, remove: bool);
+}
+
+impl RunBook for crate::run::Prepared {
+    fn started(&mut self) {
+        crate::run::Prepared::started(self)
+    }
+    fn finish(self, code: i32, remove: bool) -> u8 {
+        crate::run::Prepared::finish(self, code, remove)
+    }
+    fn fail(self, remove: bool) {
+        crate::run::Prepared::fail(self, remove)
+    }
+}
+
+/// The rest of a VM run: the session until the workload's EXIT, then its status and the run's
+/// epilogue.
+fn run_tail(
+    t: Tail,
+    started: machine::Started,
+    snapshot: Option<session::SnapshotAtReady<'_>>,
+    publisher: Option<crate::net::Publisher>,
+    mut book: impl RunBook,
+) -> Result<u8> {
+    let warm = started.warm;
+    let start = start_frames(&t.spec, t.use_boot, t.mac)?;
+    let start_bytes = start.len();
     // A detached run without a supervisor writes the workload's output to its log itself.
-    let own_log = opts
+    let own_log = t
         .logs_itself
-        .then(|| crate::run::supervise::OwnLog::open(&dir))
+        .then(|| crate::run::supervise::OwnLog::open(&t.dir))
         .transpose()?;
     let session = session::Session {
-        spec: &spec,
-        dir: dir.clone(),
+        spec: &t.spec,
+        dir: t.dir.clone(),
         vmm: started.vmm.controller(),
-        disk: Some(disk),
+        disk: t.disk.clone(),
         start,
         warm,
         snapshot,
-        t0,
+        t0: t.t0,
         output: own_log.as_ref().map(|l| l.fds()),
     };
-    let out = session.run(started.vmm, started.ends, publisher, address, || {
+    let out = session.run(started.vmm, started.ends, publisher, t.address, || {
         // Into the log before the start is reported: `rvmm run -d` stops reading this
         // process's stderr then, and a write to a pipe without a reader would end the run.
         if let Some(l) = &own_log {
             l.take_over_stdio();
         }
-        run.started();
+        book.started();
     })?;
     drop(own_log);
-    drop(staging);
 
-    let total = t0.elapsed();
+    let total = t.t0.elapsed();
     log::info!(
-        "vm run: disk ready {t_disk:?}, vmm set up {t_setup:?}, workload started {:?}, exit {total:?}",
+        "vm run: disk ready {:?}, vmm set up {:?}, workload started {:?}, exit {total:?}",
+        t.t_disk,
+        t.t_setup,
         out.started_at,
     );
-    timings(&out, warm, start_bytes, t_disk, t_setup, total);
-    match exit_status(out, opts.remove, &dir, warm, &key) {
-        Ok(code) => Ok(run.finish(code, opts.remove)),
+    timings(&out, warm, start_bytes, t.t_disk, t.t_setup, total);
+    match exit_status(out, t.remove, &t.dir, warm, &t.key) {
+        Ok(code) => Ok(book.finish(code, t.remove)),
         Err(e) => {
-            run.fail(opts.remove);
+            book.fail(t.remove);
             Err(e)
         }
     }

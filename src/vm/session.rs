@@ -258,6 +258,9 @@ impl Session<'_> {
         } else {
             None
         };
+        // A run handed over to rvmm-vmm arrives with every signal blocked (none was lost or
+        // killed it across the exec); with the handlers in place they can come.
+        rvmm_shim::signals::block_all(false);
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let _stdin_unused = feed_stdin(self.spec.stdin, stdin, started_rx);
         // The stdout and stderr ports → our stdout and stderr (or the run's log).

@@ -30,7 +30,7 @@ use crate::sibling;
 use crate::vmm::{Console, TapSource, VmConfig, VmExit};
 
 /// The VMM binary's file name, next to `rvmm`.
-const VMM_BINARY: &str = "rvmm-vmm";
+pub(crate) const VMM_BINARY: &str = "rvmm-vmm";
 
 /// A fingerprint of the messages between rvmm and its VMM process (FNV-1a of proto.rs and the
 /// version): an `rvmm-vmm` built from other sources refuses to start rather than misread its
@@ -42,10 +42,19 @@ fn protocol_arg() -> String {
     format!("{PROTOCOL:016x}")
 }
 
-/// The main of the `rvmm-vmm` binary: `rvmm-vmm PROTOCOL`, then [`vmm_main`].
+/// The main of the `rvmm-vmm` binary: `rvmm-vmm PROTOCOL`, then [`vmm_main`]; or
+/// `rvmm-vmm PROTOCOL session FD`, the rest of a warm VM run that `rvmm run` handed over
+/// (`vm::handover`).
 pub fn vmm_exe_main() -> u8 {
-    let theirs = std::env::args().nth(1);
-    if sibling::check_protocol(VMM_BINARY, PROTOCOL, theirs.as_deref()) {
+    let args: Vec<String> = std::env::args().collect();
+    let theirs = args.get(1).map(String::as_str);
+    if args.get(2).map(String::as_str) == Some(super::handover::MODE) {
+        if !sibling::check_protocol(VMM_BINARY, super::handover::PROTOCOL, theirs) {
+            return 2;
+        }
+        return super::handover::session_main(args.get(3).map(String::as_str));
+    }
+    if sibling::check_protocol(VMM_BINARY, PROTOCOL, theirs) {
         vmm_main()
     } else {
         2
@@ -369,25 +378,7 @@ pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
         return Err(format!("setting up the VMM: {e}").into());
     }
     drop(fds);
-    let reader = ours.try_clone().map_err(io("the VMM's socket"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let done = Arc::new(Done::default());
-    let d = done.clone();
-    std::thread::Builder::new()
-        .name("rvmm-vmm-reader".into())
-        .spawn(move || read_replies(reader, pid, tx, &d))
-        .map_err(|e| {
-            kill();
-            format!("starting the VMM's reader: {e}")
-        })?;
-    let ctl = VmmControl(Arc::new(Inner {
-        pid,
-        sock: ours,
-        replies: Mutex::new(rx),
-        done,
-        stop_asked: Mutex::new(None),
-        snapshot_out: req.snapshot_out.map(Path::to_owned),
-    }));
+    let ctl = control(pid, ours, req.snapshot_out.map(Path::to_owned)).inspect_err(|_| kill())?;
     match ctl.reply(REQUEST_TIMEOUT)? {
         FromVmm::Built(Ok(())) => Ok(Vmm { ctl }),
         FromVmm::Built(Err(e)) => {
@@ -400,6 +391,27 @@ pub(crate) fn spawn(req: Request) -> Result<Vmm, SpawnError> {
         }
         other => Err(format!("the VMM answered {other:?} to its setup").into()),
     }
+}
+
+/// A [`VmmControl`] of VMM process `pid` (a child of this process) over its control socket,
+/// with the thread that reads its replies and reaps it.
+fn control(pid: i32, sock: OwnedFd, snapshot_out: Option<PathBuf>) -> Result<VmmControl, String> {
+    let reader = sock.try_clone().map_err(io("the VMM's socket"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let done = Arc::new(Done::default());
+    let d = done.clone();
+    std::thread::Builder::new()
+        .name("rvmm-vmm-reader".into())
+        .spawn(move || read_replies(reader, pid, tx, &d))
+        .map_err(|e| format!("starting the VMM's reader: {e}"))?;
+    Ok(VmmControl(Arc::new(Inner {
+        pid,
+        sock,
+        replies: Mutex::new(rx),
+        done,
+        stop_asked: Mutex::new(None),
+        snapshot_out,
+    })))
 }
 
 /// Clones the VMM process ([`vmm_command`]) with the control socket as fd 3, in new namespaces
@@ -765,6 +777,21 @@ impl Done {
 impl Vmm {
     pub fn controller(&self) -> VmmControl {
         self.ctl.clone()
+    }
+
+    /// The VMM process and its control socket, for a process this one is about to exec
+    /// (`vm::handover`); the socket stays open in this process until then.
+    pub fn raw_parts(&self) -> (i32, RawFd) {
+        (self.ctl.0.pid, self.ctl.0.sock.as_raw_fd())
+    }
+
+    /// Takes over the VMM process `pid` (a child of this process, started before this process
+    /// exec'd) and its control socket `sock`, as [`Vmm::raw_parts`] gave them. The VMM must be
+    /// idle: a reply in flight at the exec was lost with the old reader.
+    pub fn adopt(pid: i32, sock: OwnedFd) -> Result<Vmm, String> {
+        Ok(Vmm {
+            ctl: control(pid, sock, None)?,
+        })
     }
 
     pub fn is_finished(&self) -> bool {

@@ -17,6 +17,8 @@ const MAX_EXECS: usize = 32;
 const MAX_PENDING_STDIN: usize = 8 << 20;
 /// Bytes read from an exec's output at a time (one frame with its id).
 const CHUNK: usize = 32 * 1024;
+/// How long an exited exec's pty may stay open (a background process) before its EXIT goes.
+const LATE: std::time::Duration = std::time::Duration::from_millis(500);
 
 struct Exec {
     id: u32,
@@ -31,6 +33,8 @@ struct Exec {
     input_eof: bool,
     status: Option<i32>,
     exited_at: Option<std::time::Instant>,
+    /// Readable once the process has exited (-1: none, or reaped).
+    pidfd: libc::c_int,
 }
 
 impl Exec {
@@ -113,6 +117,7 @@ impl Execs {
                     input_eof: false,
                     status: None,
                     exited_at: None,
+                    pidfd: crate::sys::pidfd_open(pid),
                 });
                 ch.send(frame::EXEC_STARTED, &frame::with_id(id, &[]));
             }
@@ -171,6 +176,13 @@ impl Execs {
                         revents: 0,
                     });
                 }
+            }
+            if e.pidfd >= 0 {
+                v.push(libc::pollfd {
+                    fd: e.pidfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
             }
             if e.input >= 0 && (!e.pending.is_empty() || e.input_eof) {
                 v.push(libc::pollfd {
@@ -249,10 +261,26 @@ impl Execs {
             Some(e) => {
                 e.status = Some(status);
                 e.exited_at = Some(std::time::Instant::now());
+                Exec::close(&mut e.pidfd);
                 true
             }
             None => false,
         }
+    }
+
+    /// When the loop must look again without an event: an exec without a pidfd (the kernel has
+    /// none) needs its 50 ms rounds; an exited one whose pty stays open, its half second.
+    pub fn deadlines(&self) -> Vec<u128> {
+        let mut v = Vec::new();
+        for e in &self.list {
+            if e.status.is_none() && e.pidfd < 0 {
+                v.push(50);
+            }
+            if let Some(t) = e.exited_at {
+                v.push(LATE.saturating_sub(t.elapsed()).as_millis() + 1);
+            }
+        }
+        v
     }
 
     /// Sends EXEC_EXIT for every exec that has exited and whose output is drained (or, with a
@@ -262,9 +290,7 @@ impl Execs {
         while i < self.list.len() {
             let e = &mut self.list[i];
             let drained = e.out < 0 && e.err < 0;
-            let late = e
-                .exited_at
-                .is_some_and(|t| t.elapsed() > std::time::Duration::from_millis(500));
+            let late = e.exited_at.is_some_and(|t| t.elapsed() > LATE);
             match e.status {
                 Some(s) if drained || late => {
                     ch.send(frame::EXEC_EXIT, &frame::with_id(e.id, &s.to_le_bytes()));
@@ -273,6 +299,7 @@ impl Execs {
                     }
                     Exec::close(&mut e.out);
                     Exec::close(&mut e.err);
+                    Exec::close(&mut e.pidfd);
                     self.list.swap_remove(i);
                 }
                 _ => i += 1,

@@ -157,6 +157,27 @@ pub fn configure_eth0(addr: &str, gw: &str) -> Result<(), String> {
 }
 
 /// Milliseconds since the guest booted (CLOCK_BOOTTIME).
+/// A pidfd of child `pid` (close-on-exec; readable once it has exited, zombie or not), or -1
+/// where the kernel has none: the caller then polls on a short timeout instead.
+pub fn pidfd_open(pid: libc::pid_t) -> libc::c_int {
+    // SAFETY: pidfd_open with no flags returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        -1
+    } else {
+        fd as libc::c_int
+    }
+}
+
+/// How long the relay loop may sleep in poll(2): until the nearest of `deadlines` (ms left,
+/// already clamped at 0), else `idle` ms.
+pub fn poll_timeout(idle: i32, deadlines: impl IntoIterator<Item = u128>) -> i32 {
+    deadlines
+        .into_iter()
+        .map(|ms| ms.min(i32::MAX as u128) as i32)
+        .fold(idle, i32::min)
+}
+
 pub fn uptime_ms() -> u32 {
     // SAFETY: clock_gettime fills a timespec we own.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
@@ -369,5 +390,42 @@ pub fn recv_with_fds(sock: libc::c_int, buf: &mut [u8]) -> Option<(usize, Vec<li
             cm = libc::CMSG_NXTHDR(&msg, cm);
         }
         Some((n as usize, fds))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_relay_sleeps_until_its_nearest_deadline() {
+        assert_eq!(super::poll_timeout(5000, []), 5000);
+        assert_eq!(super::poll_timeout(5000, [120, 7, 499]), 7);
+        assert_eq!(super::poll_timeout(50, [500]), 50);
+        assert_eq!(super::poll_timeout(5000, [0]), 0);
+        assert_eq!(super::poll_timeout(5000, [u128::MAX]), 5000);
+    }
+
+    #[test]
+    fn a_pidfd_is_readable_once_its_child_has_exited() {
+        // SAFETY: fork in a test; the child only exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: leaving the child at once.
+            unsafe { libc::_exit(3) };
+        }
+        let fd = super::pidfd_open(pid);
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one valid pollfd, then reaping our child and closing our fd.
+        unsafe {
+            assert_eq!(libc::poll(&mut p, 1, 10_000), 1);
+            let mut st = 0;
+            assert_eq!(libc::waitpid(pid, &mut st, 0), pid);
+            assert_eq!(libc::WEXITSTATUS(st), 3);
+            libc::close(fd);
+        }
     }
 }

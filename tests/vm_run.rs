@@ -1963,6 +1963,8 @@ fn a_detached_vm_serves_httpd_follows_logs_and_is_killed_after_grace() {
 #[test]
 fn a_detached_vm_survives_its_shell_and_gc_cleans_after_a_killed_supervisor() {
     let Some(env) = setup() else { return };
+    // Warm: a restored run is kept by rvmm-vmm (the test checks it).
+    prewarm(&env, &["--network=bridge"]);
     common::lifecycle::survives_its_shell_then_gc_after_a_killed_supervisor(env.store.path(), "vm");
 }
 

@@ -221,9 +221,11 @@ impl Drop for Kept {
 /// `rvmm-vmm PROTOCOL session FD`: the rest of a warm VM run (see the module's text). Returns
 /// the run's status.
 pub fn session_main(fd: Option<&str>) -> u8 {
-    // As rvmm's own main: a closed pipe ends the process quietly.
-    // SAFETY: setting a signal disposition to its default before any thread exists.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // As in `rvmm run`: the run owns host resources (taps, cgroups), so a closed stdout, or the
+    // VMM's stdin pipe closing under a feeder, must not kill it before it releases them; writes
+    // fail with EPIPE instead.
+    // SAFETY: changing a signal disposition before any thread exists; no handler runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let code = match resume(fd) {
         Ok(code) => code,
         Err(e) => {

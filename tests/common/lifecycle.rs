@@ -454,17 +454,19 @@ pub fn survives_its_shell_then_gc_after_a_killed_supervisor(root: &Path, isolati
             .collect()
     };
     // A detached run is its own supervisor: one process keeps it and writes its log, in a session
-    // of its own (a container's is `rvmm-shim PROTOCOL wait ...` once its workload runs, a VM's
-    // stays `rvmm run ...`), with no supervisor process above it.
+    // of its own (a container's is `rvmm-shim PROTOCOL wait ...` once its workload runs, a warm
+    // VM's `rvmm-vmm PROTOCOL session FD` once its snapshot is restored), with no supervisor
+    // process above it.
     let kept = args(run_rvmm);
-    if isolation == "container" {
-        assert!(
-            kept[0].ends_with("rvmm-shim") && kept[2] == "wait",
-            "the run is not kept by rvmm-shim: {kept:?}"
-        );
+    let (binary, mode) = if isolation == "container" {
+        ("rvmm-shim", "wait")
     } else {
-        assert!(kept.iter().any(|a| a == "run"), "{kept:?}");
-    }
+        ("rvmm-vmm", "session")
+    };
+    assert!(
+        kept[0].ends_with(binary) && kept.get(2).map(String::as_str) == Some(mode),
+        "the run is not kept by {binary}: {kept:?}"
+    );
     let parent = args(ppid(run_rvmm).expect("the run's process has a parent"));
     assert!(
         !parent.iter().any(|a| a == "__supervise"),

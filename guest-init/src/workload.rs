@@ -101,7 +101,8 @@ pub fn zygote(security: &Security) -> Option<Zygote> {
     (n == 1).then_some(z)
 }
 
-/// The zygote: waits for its handoff, enters the workload's root and becomes the workload.
+/// The zygote: waits for its handoff, enters the workload's root, takes the workload's
+/// privileges and starts it (see below); then sleeps.
 fn zygote_main(sock: libc::c_int) -> ! {
     let mut buf = vec![0u8; 1 << 20];
     let Some((n, fds)) = crate::sys::recv_with_fds(sock, &mut buf) else {
@@ -127,22 +128,113 @@ fn zygote_main(sock: libc::c_int) -> ! {
             && libc::chroot(c(".").as_ptr()) == 0
             && libc::chdir(c("/").as_ptr()) == 0
     };
+    // From here on a failure is the workload's: PID 1 gets this process as the workload (which
+    // it reaps, with the reason on the error pipe) rather than trying again with a fork.
+    let me = std::process::id() as libc::pid_t;
     if !entered {
-        let mut b = vec![125u8];
-        b.extend_from_slice(
-            format!("entering the root: {}", std::io::Error::last_os_error()).as_bytes(),
-        );
-        write_all(err_fd, &b);
-        // SAFETY: leaving the zygote.
-        unsafe { libc::_exit(125) }
+        reply_pid(sock, me);
+        let why = format!("entering the root: {}", std::io::Error::last_os_error());
+        fail_child(err_fd, 125, why)
     }
     // SAFETY: closing our copy of the root fd.
     unsafe { libc::close(root) };
     crate::sys::trace("zygote: in the root");
-    child(&h.spec, err_fd, [-1, out], [-1, err], input, true)
+    let prog = match setup_child(&h.spec, [-1, out], [-1, err], input, true, false) {
+        Ok(p) => p,
+        Err(f) => {
+            reply_pid(sock, me);
+            fail_child(err_fd, f.status, f.message)
+        }
+    };
+    // The zygote's own address space is a copy of PID 1's: an exec here would tear it down
+    // first (~0.25 s of emulated kernel work on kvm_pvm). A child that shares it (CLONE_VM,
+    // the zygote waiting as for vfork) execs instead, as a child of PID 1 (CLONE_PARENT); the
+    // zygote then only sleeps, and its memory goes with the VM.
+    let args = ExecArgs {
+        prog: &prog,
+        spec: &h.spec,
+        err_fd,
+    };
+    let mut stack = vec![0u8; 256 << 10];
+    // SAFETY: the child runs on its own stack in our memory while we wait (CLONE_VFORK); `args`
+    // and the stack outlive it (it has exec'd or exited when clone returns).
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
+        libc::clone(
+            exec_child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD,
+            &args as *const ExecArgs as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        // No clone: the zygote becomes the workload itself, as before.
+        reply_pid(sock, me);
+        let f = exec_in_session(&h.spec, &prog);
+        fail_child(err_fd, f.status, f.message)
+    }
+    reply_pid(sock, pid);
+    // Nothing of the workload's may stay open here: its pipes, ports and pty end with it.
+    // SAFETY: closing every descriptor of this process.
+    if unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) } != 0 {
+        for fd in 0..1024 {
+            // SAFETY: as above, one at a time.
+            unsafe { libc::close(fd) };
+        }
+    }
+    loop {
+        // SAFETY: sleeping until the VM ends.
+        unsafe { libc::pause() };
+    }
 }
 
-/// Hands the workload to the zygote; its pid, or None (the zygote is gone) to fork instead.
+/// What the zygote's exec child needs (in the zygote's memory, which it shares).
+struct ExecArgs<'a> {
+    prog: &'a std::ffi::CString,
+    spec: &'a RunSpec,
+    err_fd: libc::c_int,
+}
+
+/// The zygote's exec child: its own session, then the workload's program.
+extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the zygote's ExecArgs, alive while the zygote waits for this exec.
+    let a = unsafe { &*(arg as *const ExecArgs) };
+    let f = exec_in_session(a.spec, a.prog);
+    fail_child(a.err_fd, f.status, f.message)
+}
+
+/// Leads a new session (with -t, of the terminal on stdout), then execs `prog`; returns only if
+/// that failed.
+fn exec_in_session(spec: &RunSpec, prog: &std::ffi::CString) -> Failure {
+    // SAFETY: session and controlling-terminal calls on our own stdio.
+    unsafe {
+        libc::setsid();
+        if spec.tty {
+            libc::ioctl(1, libc::TIOCSCTTY, 0);
+        }
+    }
+    crate::sys::trace("child: ready to exec");
+    rvmm_workload::exec(prog, &spec.argv, &spec.env)
+}
+
+/// Tells PID 1 which process is the workload (the zygote's answer to its handoff).
+fn reply_pid(sock: libc::c_int, pid: libc::pid_t) {
+    let b = pid.to_le_bytes();
+    // SAFETY: a send from a local buffer.
+    unsafe { libc::send(sock, b.as_ptr().cast(), b.len(), libc::MSG_NOSIGNAL) };
+}
+
+/// A child's failure to its parent: status and message on the error pipe, then exit.
+fn fail_child(err_fd: libc::c_int, code: u8, msg: String) -> ! {
+    let mut b = vec![code];
+    b.extend_from_slice(msg.as_bytes());
+    write_all(err_fd, &b);
+    // SAFETY: leaving the child.
+    unsafe { libc::_exit(code as i32) }
+}
+
+/// Hands the workload to the zygote; the workload's pid (a child of this process), or None (the
+/// zygote is gone) to fork instead.
 fn handoff(
     z: Zygote,
     spec: &RunSpec,
@@ -182,7 +274,20 @@ fn handoff(
             libc::kill(z.pid, libc::SIGKILL);
         }
     }
-    sent.then_some(z.pid)
+    if !sent {
+        return None;
+    }
+    // The zygote answers with the workload's pid once it has exec'd (or failed: its error is on
+    // the error pipe). No answer: it died before it started anything.
+    let mut b = [0u8; 4];
+    let n = loop {
+        // SAFETY: a receive into a local buffer.
+        let n = unsafe { libc::recv(z.sock, b.as_mut_ptr().cast(), b.len(), 0) };
+        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break n;
+        }
+    };
+    (n == 4).then(|| libc::pid_t::from_le_bytes(b))
     // `z` drops here: its socket closes.
 }
 
@@ -329,19 +434,35 @@ pub(crate) fn child(
     input: Option<[libc::c_int; 2]>,
     prepared: bool,
 ) -> ! {
-    let fail = |code: u8, msg: String| -> ! {
-        let mut b = vec![code];
-        b.extend_from_slice(msg.as_bytes());
-        write_all(err_fd, &b);
-        // SAFETY: leaving the child.
-        unsafe { libc::_exit(code as i32) }
+    let prog = match setup_child(spec, out, err, input, prepared, true) {
+        Ok(p) => p,
+        Err(f) => fail_child(err_fd, f.status, f.message),
     };
+    crate::sys::trace("child: ready to exec");
+    let f = rvmm_workload::exec(&prog, &spec.argv, &spec.env);
+    fail_child(err_fd, f.status, f.message)
+}
+
+/// The workload's stdio and privileges in this process (in a new session of its own with
+/// `session`); returns the program to exec.
+fn setup_child(
+    spec: &RunSpec,
+    out: [libc::c_int; 2],
+    err: [libc::c_int; 2],
+    input: Option<[libc::c_int; 2]>,
+    prepared: bool,
+    session: bool,
+) -> Result<std::ffi::CString, Failure> {
     // SAFETY: fd and identity setup in the forked child before exec.
     unsafe {
-        libc::setsid();
+        if session {
+            libc::setsid();
+        }
         if spec.tty {
             let slave = out[1];
-            libc::ioctl(slave, libc::TIOCSCTTY, 0);
+            if session {
+                libc::ioctl(slave, libc::TIOCSCTTY, 0);
+            }
             libc::dup2(slave, 0);
             libc::dup2(slave, 1);
             libc::dup2(slave, 2);
@@ -365,13 +486,7 @@ pub(crate) fn child(
     }
     // The same steps as in a container (rvmm-workload): limits, bounding set, user, caps, cwd,
     // PATH lookup, seccomp.
-    let prog = match rvmm_workload::privileges::become_workload(spec, prepared) {
-        Ok(p) => p,
-        Err(f) => fail(f.status, f.message),
-    };
-    crate::sys::trace("child: ready to exec");
-    let f = rvmm_workload::exec(&prog, &spec.argv, &spec.env);
-    fail(f.status, f.message)
+    rvmm_workload::privileges::become_workload(spec, prepared)
 }
 
 /// With -t, how long the pty may stay open (a background process) once the workload has exited.

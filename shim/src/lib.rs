@@ -193,15 +193,21 @@ pub fn exec_wait(shim: &Path, h: &Handover, inherit: &[RawFd]) -> std::io::Error
         .chain(h.tcp.iter().chain(&h.udp).map(|&(fd, _)| fd))
         .chain(h.log.into_iter().flat_map(|(o, e)| [o, e]))
         .collect();
+    exec_keeping(shim, &argv, &fds)
+}
+
+/// Replaces this process with `program` (`argv`, this environment), keeping `fds` open across
+/// the exec. Signals stay blocked across it (the mask is inherited) until the new program has
+/// its handlers and unblocks them, so none is lost or kills it. Returns only if the exec failed,
+/// with the descriptors and the signal mask as they were.
+pub fn exec_keeping(program: &Path, argv: &[OsString], fds: &[RawFd]) -> std::io::Error {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    // Signals stay blocked across the exec (the mask is inherited) until the shim has its
-    // handlers, so none is lost or kills it.
     signals::block_all(true);
-    set_cloexec(&fds, false);
-    let e = exec(shim, &argv);
-    set_cloexec(&fds, true);
+    set_cloexec(fds, false);
+    let e = exec(program, argv);
+    set_cloexec(fds, true);
     signals::block_all(false);
     e
 }

@@ -92,6 +92,21 @@ pub struct Cleanup {
     pub lease: Option<crate::net::Lease>,
 }
 
+impl Cleanup {
+    /// See [`Prepared::started`] (a VM run handed over to rvmm-vmm has only this).
+    pub fn started(&mut self) {
+        self.state.started_at = Some(state::now());
+        let _ = self.state.save();
+        supervise::report_started();
+    }
+
+    /// See [`Prepared::finish`].
+    pub fn finish(&mut self, code: i32, remove: bool) -> u8 {
+        self.state.finish(code, remove);
+        code.clamp(0, 255) as u8
+    }
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if self.state.status == Status::Running {
@@ -126,20 +141,17 @@ impl Prepared {
     /// The workload ended with `code` (Docker numbering): the state records it, the host
     /// resources go, and with `--rm` so does the run's directory. Returns the process status.
     pub fn finish(mut self, code: i32, remove: bool) -> u8 {
-        self.cleanup.state.finish(code, remove);
-        code.clamp(0, 255) as u8
+        self.cleanup.finish(code, remove)
     }
 
     /// The workload never started: the run is recorded as exited with 125.
     pub fn fail(mut self, remove: bool) {
-        self.cleanup.state.finish(125, remove);
+        self.cleanup.finish(125, remove);
     }
 
     /// The workload was exec'd: recorded for `ps`, `inspect` and a waiting `run -d`.
     pub fn started(&mut self) {
-        self.cleanup.state.started_at = Some(state::now());
-        let _ = self.cleanup.state.save();
-        supervise::report_started();
+        self.cleanup.started();
     }
 
     /// The lock that keeps the run's image layers (to be inherited by `rvmm-shim`).

@@ -11,7 +11,6 @@
 //! A run with no `rvmm-vmm` next to rvmm, or whose exec fails, keeps running in `rvmm run`:
 //! both run the same [`super::run_tail`]. `RVMM_NO_HANDOVER=1` keeps every run in rvmm.
 
-use std::ffi::CString;
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -21,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::jail::Vmm;
 use super::machine::{HostEnds, Started};
-use super::{RunBook, Tail};
+use super::Tail;
 use crate::run::RunState;
 use crate::sibling;
 
@@ -127,44 +126,19 @@ pub(super) fn exec(
     if let Err(e) = file.write_all(&json).and_then(|()| file.rewind()) {
         return e;
     }
-    let argv = [
-        CString::new(super::jail::VMM_BINARY),
-        CString::new(protocol_arg()),
-        CString::new(MODE),
-        CString::new(memfd.to_string()),
+    let argv: [std::ffi::OsString; 4] = [
+        super::jail::VMM_BINARY.into(),
+        protocol_arg().into(),
+        MODE.into(),
+        memfd.to_string().into(),
     ];
-    let Ok(argv) = argv.into_iter().collect::<Result<Vec<_>, _>>() else {
-        return std::io::ErrorKind::InvalidInput.into();
-    };
-    let Ok(path) = CString::new(exe.as_os_str().as_encoded_bytes()) else {
-        return std::io::ErrorKind::InvalidInput.into();
-    };
     let mut fds: Vec<RawFd> = inherit.to_vec();
     fds.push(h.vmm_sock);
     fds.extend(h.ends);
     fds.extend(h.tcp.iter().chain(&h.udp).map(|&(fd, _)| fd));
     fds.extend(crate::run::supervise::start_fd());
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
-    // Signals stay blocked across the exec until the session has its handlers, so none is
-    // lost or kills the run; the session unblocks them.
-    rvmm_shim::signals::block_all(true);
-    set_cloexec(&fds, false);
-    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    // SAFETY: NUL-terminated strings and a NULL-terminated array that outlive the call.
-    unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
-    let err = std::io::Error::last_os_error();
-    set_cloexec(&fds, true);
-    rvmm_shim::signals::block_all(false);
-    err
-}
-
-fn set_cloexec(fds: &[RawFd], on: bool) {
-    for &fd in fds {
-        // SAFETY: fcntl on this process's own descriptors.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
-    }
+    // The session unblocks the signals once it has its handlers.
+    rvmm_shim::exec_keeping(exe, &argv, &fds)
 }
 
 /// A descriptor named in the handover, taken over once (a bad or repeated number is an error,
@@ -180,42 +154,6 @@ fn take(fd: RawFd, taken: &mut Vec<RawFd>) -> Result<OwnedFd, String> {
     // SAFETY: fcntl on a descriptor we own: nothing this process starts inherits it.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     Ok(fd)
-}
-
-/// The run's records after a handover: its state file.
-struct Kept {
-    state: Option<RunState>,
-    remove: bool,
-}
-
-impl RunBook for Kept {
-    fn started(&mut self) {
-        if let Some(s) = &mut self.state {
-            s.started_at = Some(crate::run::state::now());
-            let _ = s.save();
-        }
-        crate::run::supervise::report_started();
-    }
-    fn finish(mut self, code: i32, remove: bool) -> u8 {
-        if let Some(mut s) = self.state.take() {
-            s.finish(code, remove);
-        }
-        code.clamp(0, 255) as u8
-    }
-    fn fail(mut self, remove: bool) {
-        if let Some(mut s) = self.state.take() {
-            s.finish(125, remove);
-        }
-    }
-}
-
-impl Drop for Kept {
-    /// As `run::Cleanup` on an early return: a run that ends here unfinished failed.
-    fn drop(&mut self) {
-        if let Some(mut s) = self.state.take() {
-            s.finish(125, self.remove);
-        }
-    }
 }
 
 /// `rvmm-vmm PROTOCOL session FD`: the rest of a warm VM run (see the module's text). Returns
@@ -255,17 +193,14 @@ fn resume(fd: Option<&str>) -> Result<u8, String> {
     crate::run::supervise::protect_start_fd();
     let ago = Duration::from_nanos(monotonic_ns().saturating_sub(h.t0_ns));
     h.tail.t0 = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
-    // The records first: whatever fails below still ends the run (`Kept`'s drop).
+    // The records first: whatever fails below still ends the run (`Cleanup`'s drop).
     let state = RunState::load(&h.tail.dir).ok_or_else(|| {
         format!(
             "the run's state ({}) is unreadable",
             h.tail.dir.join("state.json").display()
         )
     })?;
-    let book = Kept {
-        state: Some(state),
-        remove: h.tail.remove,
-    };
+    let book = crate::run::Cleanup { state, lease: None };
     let vmm = Vmm::adopt(h.vmm_pid, take(h.vmm_sock, &mut taken)?)?;
     let [to_guest, from_guest, stdin, stdout, stderr] = h.ends;
     let ends = HostEnds {

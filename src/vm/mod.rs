@@ -551,6 +551,20 @@ impl RunBook for crate::run::Prepared {
     }
 }
 
+/// After a handover: the run's state file, and its drop frees the host resources (a run that
+/// ends unfinished is recorded as a setup failure, as in `rvmm run`).
+impl RunBook for crate::run::Cleanup {
+    fn started(&mut self) {
+        crate::run::Cleanup::started(self)
+    }
+    fn finish(mut self, code: i32, remove: bool) -> u8 {
+        crate::run::Cleanup::finish(&mut self, code, remove)
+    }
+    fn fail(mut self, remove: bool) {
+        crate::run::Cleanup::finish(&mut self, 125, remove);
+    }
+}
+
 /// The rest of a VM run: the session until the workload's EXIT, then its status and the run's
 /// epilogue.
 fn run_tail(

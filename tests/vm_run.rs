@@ -1680,6 +1680,20 @@ fn a_handover_to_another_build_or_by_hand_is_refused_in_one_line() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.starts_with(why), "{err}");
     }
+    // An argument that is not UTF-8 is refused the same way, not a panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_rvmm-vmm"))
+        .arg(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff"))
+        .args(["session", "999"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("rvmm-vmm: this binary is from another build"),
+        "{err}"
+    );
 }
 
 /// The pid of the VMM process (`rvmm-vmm`, or `rvmm __vmm` without it) whose parent is `parent`.

@@ -46,13 +46,15 @@ fn protocol_arg() -> String {
 /// `rvmm-vmm PROTOCOL session FD`, the rest of a warm VM run that `rvmm run` handed over
 /// (`vm::handover`).
 pub fn vmm_exe_main() -> u8 {
-    let args: Vec<String> = std::env::args().collect();
-    let theirs = args.get(1).map(String::as_str);
-    if args.get(2).map(String::as_str) == Some(super::handover::MODE) {
+    // Not `env::args`: an argument that is not UTF-8 is refused below, not a panic.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let arg = |i: usize| args.get(i).and_then(|a| a.to_str());
+    let theirs = arg(1);
+    if arg(2) == Some(super::handover::MODE) {
         if !sibling::check_protocol(VMM_BINARY, super::handover::PROTOCOL, theirs) {
             return 2;
         }
-        return super::handover::session_main(args.get(3).map(String::as_str));
+        return super::handover::session_main(arg(3));
     }
     if sibling::check_protocol(VMM_BINARY, PROTOCOL, theirs) {
         vmm_main()

@@ -156,7 +156,6 @@ pub fn configure_eth0(addr: &str, gw: &str) -> Result<(), String> {
     r
 }
 
-/// Milliseconds since the guest booted (CLOCK_BOOTTIME).
 /// A pidfd of child `pid` (close-on-exec; readable once it has exited, zombie or not), or -1
 /// where the kernel has none: the caller then polls on a short timeout instead.
 pub fn pidfd_open(pid: libc::pid_t) -> libc::c_int {
@@ -178,6 +177,7 @@ pub fn poll_timeout(idle: i32, deadlines: impl IntoIterator<Item = u128>) -> i32
         .fold(idle, i32::min)
 }
 
+/// Milliseconds since the guest booted (CLOCK_BOOTTIME).
 pub fn uptime_ms() -> u32 {
     // SAFETY: clock_gettime fills a timespec we own.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };

@@ -91,14 +91,19 @@ pub fn zygote(security: &Security) -> Option<Zygote> {
     unsafe { libc::close(sv[1]) };
     let z = Zygote { pid, sock: sv[0] };
     let mut b = [0u8; 1];
-    let n = loop {
-        // SAFETY: a one-byte receive into a local buffer.
-        let n = unsafe { libc::recv(z.sock, b.as_mut_ptr().cast(), 1, 0) };
+    (recv_from_zygote(z.sock, &mut b) == 1).then_some(z)
+}
+
+/// One message from the zygote's socket into `buf` (retried on EINTR); its length, 0 at EOF, or
+/// -1.
+fn recv_from_zygote(sock: libc::c_int, buf: &mut [u8]) -> isize {
+    loop {
+        // SAFETY: a receive into the caller's buffer, at most its length.
+        let n = unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            break n;
+            return n;
         }
-    };
-    (n == 1).then_some(z)
+    }
 }
 
 /// The zygote: waits for its handoff, enters the workload's root, takes the workload's
@@ -280,14 +285,7 @@ fn handoff(
     // The zygote answers with the workload's pid once it has exec'd (or failed: its error is on
     // the error pipe). No answer: it died before it started anything.
     let mut b = [0u8; 4];
-    let n = loop {
-        // SAFETY: a receive into a local buffer.
-        let n = unsafe { libc::recv(z.sock, b.as_mut_ptr().cast(), b.len(), 0) };
-        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            break n;
-        }
-    };
-    (n == 4).then(|| libc::pid_t::from_le_bytes(b))
+    (recv_from_zygote(z.sock, &mut b) == 4).then(|| libc::pid_t::from_le_bytes(b))
     // `z` drops here: its socket closes.
 }
 

@@ -42,6 +42,10 @@ const INPUTS: &[(&str, &[u8])] = &[
             "../guest-kernel/patches/0006-rvmm-virtio-console-ports-open-more-than-once.patch"
         ),
     ),
+    (
+        "patches/0007-rvmm-hz-25.patch",
+        include_bytes!("../guest-kernel/patches/0007-rvmm-hz-25.patch"),
+    ),
 ];
 
 /// What the VMM appends to the guest command line on kvm_pvm hosts (one line, shared with the tests and

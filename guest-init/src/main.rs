@@ -6,16 +6,19 @@
 //!    virtio-console: control, stdin, stdout, stderr; docs/vm-channel.md);
 //! 2. prepares what every run needs alike: the workload's /proc, /sys (ro) and minimal /dev
 //!    (nodes, pts, shm, mqueue) under /stage, and a *zygote*: the workload-to-be, forked with its
-//!    bounding set dropped and its seccomp filter installed;
+//!    bounding set dropped and its seccomp filter installed; loopback up; the tmpfs of the run's
+//!    writable layer (/rw). Both processes then map the pages they will touch (`sys::prefault`),
+//!    so a warm start does not take those page faults;
 //! 3. sends READY and waits for the host's `Start` (SPEC frames): the `RunSpec`, fresh entropy,
 //!    the host's clock and the MAC. A warm start restores a snapshot taken right here, so
 //!    nothing before this point may be specific to one run; the image disk's slot is empty until
 //!    the host attaches the run's disk;
 //! 4. mixes in the entropy, steps the clock, waits for the disk, then mounts the image disk
 //!    (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay: the per-run writable layer, so
-//!    the cached image disk is never written;
+//!    the cached image disk is never written (the mount points the image lacks are made in the
+//!    upper layer first, so none costs a copy-up);
 //! 5. moves the staged /proc, /sys and /dev into it, binds /etc/hosts, /etc/hostname and
-//!    /etc/resolv.conf; loopback and eth0; hostname; mounts the host's shared directories
+//!    /etc/resolv.conf; eth0; hostname; mounts the host's shared directories
 //!    (virtio-fs); then moves it to / (switch_root), attaches the workload's mounts (shared
 //!    directories, a new volume filled from the image first; tmpfs) and makes / read-only with
 //!    `--read-only`;
@@ -81,8 +84,14 @@ fn main() {
     // The workload-to-be, with its seccomp filter installed before READY.
     let zygote = boot_security.as_ref().and_then(workload::zygote);
     sys::trace("zygote forked");
+    // What every run has alike, done once: loopback up, and the tmpfs for the run's writable
+    // layer and /etc files.
+    rvmm_workload::loopback_up();
+    let rw_staged = stage_rw().is_ok();
+    // Last before READY, so a snapshot holds this process's pages mapped (the zygote did its own).
+    sys::prefault();
     let mut ch = Channel { fd: chan };
-    let status = match run(&mut ch, boot_security, zygote, staged, &stdio) {
+    let status = match run(&mut ch, boot_security, zygote, staged, rw_staged, &stdio) {
         Ok(code) => code,
         Err(f) => {
             let mut p = vec![f.status];
@@ -170,11 +179,66 @@ fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
     }
 }
 
+/// The run's writable tmpfs: /rw/etc for its /etc files, /rw/upper and /rw/work for the root
+/// overlay.
+fn stage_rw() -> Result<(), Fail> {
+    mkdir_p("/rw");
+    mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755")?;
+    for d in ["/rw/etc", "/rw/upper", "/rw/work"] {
+        mkdir_p(d);
+    }
+    Ok(())
+}
+
+/// The mount points a run needs in its root that the image lacks (/proc, /sys, /dev, and the
+/// run's /etc files), made in the overlay's upper layer before the overlay is mounted: made
+/// through the overlay, each would cost a copy-up of its directory (/etc takes the image's mode
+/// and owner, as a copy-up gives it). Best effort: what is missing here is made later, through
+/// the overlay, as before.
+fn upper_mount_points(etc: &[(&str, &str)]) {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let missing = |p: &str| {
+        std::fs::symlink_metadata(format!("/image{p}"))
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    };
+    for d in ["/proc", "/sys", "/dev"] {
+        if missing(d) {
+            mkdir_p(&format!("/rw/upper{d}"));
+        }
+    }
+    let names: Vec<&str> = etc
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| missing(&format!("/etc/{n}")))
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    let (mode, uid, gid) = match std::fs::symlink_metadata("/image/etc") {
+        Ok(m) if m.is_dir() => (m.mode() & 0o7777, m.uid(), m.gid()),
+        Ok(_) => return, // not a directory in the image: the overlay decides
+        Err(_) => (0o755, 0, 0),
+    };
+    if std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create("/rw/upper/etc")
+        .is_err()
+        || std::os::unix::fs::lchown("/rw/upper/etc", Some(uid), Some(gid)).is_err()
+        || std::fs::set_permissions("/rw/upper/etc", std::fs::Permissions::from_mode(mode)).is_err()
+    {
+        return;
+    }
+    for n in names {
+        rvmm_workload::touch(&format!("/rw/upper/etc/{n}"));
+    }
+}
+
 fn run(
     ch: &mut Channel,
     boot_security: Option<rvmm_proto::Security>,
     zygote: Option<workload::Zygote>,
     staged: bool,
+    rw_staged: bool,
     stdio: &workload::Stdio,
 ) -> Result<i32, Fail> {
     let start = wait_start(ch)?;
@@ -207,12 +271,19 @@ fn run(
             .map_err(|e| Failure::setup(format!("mounting the image disk: {e}")))?;
         sys::trace("image mounted");
     }
-    mkdir_p("/rw");
-    mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755")?;
-    mkdir_p("/rw/etc");
+    if !rw_staged {
+        stage_rw()?;
+    }
+    // /etc files, as the host wrote them into the spec.
+    // A bundle's /etc files are the engine's binds (mounts); none is made up here.
+    let etc: Vec<_> = spec
+        .etc
+        .entries()
+        .into_iter()
+        .filter(|(_, body)| !spec.root_shared || !body.is_empty())
+        .collect();
     if !spec.root_shared {
-        mkdir_p("/rw/upper");
-        mkdir_p("/rw/work");
+        upper_mount_points(&etc);
         mount(
             "overlay",
             NEWROOT,
@@ -223,14 +294,6 @@ fn run(
         .map_err(|e| Failure::setup(format!("mounting the root overlay: {e}")))?;
     }
 
-    // /etc files, as the host wrote them into the spec.
-    // A bundle's /etc files are the engine's binds (mounts); none is made up here.
-    let etc: Vec<_> = spec
-        .etc
-        .entries()
-        .into_iter()
-        .filter(|(_, body)| !spec.root_shared || !body.is_empty())
-        .collect();
     for (name, body) in &etc {
         std::fs::write(format!("/rw/etc/{name}"), body)
             .map_err(|e| Failure::setup(format!("writing /etc/{name}: {e}")))?;
@@ -266,7 +329,6 @@ fn run(
     sys::trace("/proc /sys /dev");
 
     sys::set_hostname(&spec.hostname).map_err(Failure::setup)?;
-    rvmm_workload::loopback_up();
     if let Some(mac) = start.mac {
         sys::set_mac(mac).map_err(Failure::setup)?;
     }

@@ -72,6 +72,9 @@ pub fn zygote(security: &Security) -> Option<Zygote> {
     if pid == 0 {
         // SAFETY: closing the parent's end in the child.
         unsafe { libc::close(sv[0]) };
+        // Its own copy of what it shares with PID 1, and PID 1's code mapped, before the
+        // snapshot (fork copies no file mappings): a warm start then does not fault them in.
+        crate::sys::prefault();
         // The bounding set and the filter are the same for every run of the host. The filter
         // first, while PID 1's full capabilities let it go in without no_new_privs.
         if rvmm_workload::privileges::install_seccomp(&security.seccomp).is_err()

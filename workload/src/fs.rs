@@ -122,7 +122,12 @@ pub fn mkdir_p(path: &str) {
 }
 
 /// Creates an empty file to bind a file onto (parents included); never follows a final symlink.
+/// Leaves whatever is already there alone: opening an image's file for writing would copy it (and
+/// its directory) up into an overlay's upper layer for nothing.
 pub fn touch(path: &str) {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return;
+    }
     if let Some(i) = path.rfind('/') {
         mkdir_p(&path[..i]);
     }

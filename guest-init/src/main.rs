@@ -89,6 +89,7 @@ fn main() {
     rvmm_workload::loopback_up();
     let rw_staged = stage_rw().is_ok();
     // Last before READY, so a snapshot holds this process's pages mapped (the zygote did its own).
+    sys::warm(512 << 10, 128 << 10);
     sys::prefault();
     let mut ch = Channel { fd: chan };
     let status = match run(&mut ch, boot_security, zygote, staged, rw_staged, &stdio) {

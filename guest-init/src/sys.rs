@@ -186,6 +186,42 @@ pub fn uptime_ms() -> u32 {
     (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
 }
 
+/// Grows this process's heap by `heap` bytes and its stack by `stack` bytes, touching every page,
+/// and keeps the heap's pages from then on (no trimming back to the kernel). Before [`prefault`],
+/// before the snapshot: a run's allocations after a restore then find their pages mapped, where
+/// each new page would be a page fault and a page clear (thousands of emulated guest-kernel
+/// instructions on kvm_pvm).
+pub fn warm(heap: usize, stack: usize) {
+    const CHUNK: usize = 64 << 10; // below glibc's mmap threshold: these come from the heap
+                                   // SAFETY: mallopt only changes glibc's allocation policy.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
+    let chunks: Vec<Vec<u8>> = (0..heap.div_ceil(CHUNK))
+        .map(|_| vec![1u8; CHUNK])
+        .collect();
+    std::hint::black_box(&chunks);
+    drop(chunks);
+    warm_stack(stack);
+}
+
+/// Touches `bytes` of stack below the caller's frame, 64 KiB per call.
+#[inline(never)]
+fn warm_stack(bytes: usize) {
+    let mut frame = [0u8; 64 << 10];
+    std::hint::black_box(&mut frame);
+    if bytes > frame.len() {
+        warm_stack(bytes - frame.len());
+    }
+}
+
+/// Writes every page of the first `len` bytes at `p` in place (a fresh mapping's pages get
+/// allocated).
+pub fn touch_pages(p: *mut u8, len: usize) {
+    for off in (0..len).step_by(4096) {
+        // SAFETY: the caller's memory, `len` bytes from `p`; a byte is rewritten with itself.
+        unsafe { p.add(off).write_volatile(p.add(off).read_volatile()) };
+    }
+}
+
 /// Maps, before a snapshot, what this process will touch after the restore, so that it does not
 /// take those page faults on every warm start (each is thousands of emulated guest-kernel
 /// instructions on kvm_pvm): every page of its file mappings (a fork gets none of them), and a

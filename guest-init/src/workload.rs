@@ -72,8 +72,17 @@ pub fn zygote(security: &Security) -> Option<Zygote> {
     if pid == 0 {
         // SAFETY: closing the parent's end in the child.
         unsafe { libc::close(sv[0]) };
-        // Its own copy of what it shares with PID 1, and PID 1's code mapped, before the
-        // snapshot (fork copies no file mappings): a warm start then does not fault them in.
+        // Its buffers, heap and stack grown, its own copy of what it shares with PID 1, and
+        // PID 1's code mapped, before the snapshot (fork copies no file mappings): a warm start
+        // then does not fault them in.
+        let mut mem = ZygoteMemory {
+            buf: vec![0u8; 1 << 20],
+            stack: vec![0u8; 256 << 10],
+        };
+        crate::sys::touch_pages(mem.buf.as_mut_ptr(), 64 << 10);
+        let top = mem.stack.len() - (64 << 10);
+        crate::sys::touch_pages(mem.stack[top..].as_mut_ptr(), 64 << 10);
+        crate::sys::warm(256 << 10, 64 << 10);
         crate::sys::prefault();
         // The bounding set and the filter are the same for every run of the host. The filter
         // first, while PID 1's full capabilities let it go in without no_new_privs.
@@ -88,7 +97,7 @@ pub fn zygote(security: &Security) -> Option<Zygote> {
         // installation half done.
         // SAFETY: a one-byte send from a static buffer.
         unsafe { libc::send(sv[1], b"k".as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
-        zygote_main(sv[1]);
+        zygote_main(sv[1], mem);
     }
     // SAFETY: closing the child's end in the parent.
     unsafe { libc::close(sv[1]) };
@@ -109,10 +118,17 @@ fn recv_from_zygote(sock: libc::c_int, buf: &mut [u8]) -> isize {
     }
 }
 
+/// The zygote's receive buffer (for its handoff) and the stack of its exec child, allocated
+/// before the snapshot.
+struct ZygoteMemory {
+    buf: Vec<u8>,
+    stack: Vec<u8>,
+}
+
 /// The zygote: waits for its handoff, enters the workload's root, takes the workload's
 /// privileges and starts it (see below); then sleeps.
-fn zygote_main(sock: libc::c_int) -> ! {
-    let mut buf = vec![0u8; 1 << 20];
+fn zygote_main(sock: libc::c_int, mem: ZygoteMemory) -> ! {
+    let ZygoteMemory { mut buf, mut stack } = mem;
     let Some((n, fds)) = crate::sys::recv_with_fds(sock, &mut buf) else {
         // SAFETY: leaving the zygote: the workload was forked another way, or never started.
         unsafe { libc::_exit(0) }
@@ -163,7 +179,6 @@ fn zygote_main(sock: libc::c_int) -> ! {
         spec: &h.spec,
         err_fd,
     };
-    let mut stack = vec![0u8; 256 << 10];
     // SAFETY: the child runs on its own stack in our memory while we wait (CLONE_VFORK); `args`
     // and the stack outlive it (it has exec'd or exited when clone returns).
     let pid = unsafe {

@@ -46,6 +46,10 @@ const INPUTS: &[(&str, &[u8])] = &[
         "patches/0007-rvmm-hz-25.patch",
         include_bytes!("../guest-kernel/patches/0007-rvmm-hz-25.patch"),
     ),
+    (
+        "patches/0008-rvmm-mmap-read-around-in-one-folio.patch",
+        include_bytes!("../guest-kernel/patches/0008-rvmm-mmap-read-around-in-one-folio.patch"),
+    ),
 ];
 
 /// What the VMM appends to the guest command line on kvm_pvm hosts (one line, shared with the tests and

@@ -7,8 +7,9 @@
 //! 2. prepares what every run needs alike: the workload's /proc, /sys (ro) and minimal /dev
 //!    (nodes, pts, shm, mqueue) under /stage, and a *zygote*: the workload-to-be, forked with its
 //!    bounding set dropped and its seccomp filter installed; loopback up; the tmpfs of the run's
-//!    writable layer (/rw). Both processes then map the pages they will touch (`sys::prefault`),
-//!    so a warm start does not take those page faults;
+//!    writable layer (/rw); /dev/urandom and the image disk's size opened. Both processes then
+//!    map the pages they will touch (`sys::warm`, `sys::prefault`), so a warm start does not take
+//!    those page faults;
 //! 3. sends READY and waits for the host's `Start` (SPEC frames): the `RunSpec`, fresh entropy,
 //!    the host's clock and the MAC. A warm start restores a snapshot taken right here, so
 //!    nothing before this point may be specific to one run; the image disk's slot is empty until
@@ -88,6 +89,7 @@ fn main() {
     // layer and /etc files.
     rvmm_workload::loopback_up();
     let rw_staged = stage_rw().is_ok();
+    sys::preopen();
     // Last before READY, so a snapshot holds this process's pages mapped (the zygote did its own).
     sys::warm(512 << 10, 128 << 10);
     sys::prefault();

@@ -6,6 +6,28 @@ fn err() -> String {
     std::io::Error::last_os_error().to_string()
 }
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// /dev/urandom, opened before the snapshot (see [`preopen`]).
+static URANDOM: AtomicI32 = AtomicI32::new(-1);
+/// /sys/block/vda/size, opened before the snapshot (see [`preopen`]).
+static VDA_SIZE: AtomicI32 = AtomicI32::new(-1);
+
+/// Opens, before the snapshot, the files every run uses after it: /dev/urandom (its entropy)
+/// and the image disk's size in sysfs (the disk's slot is there, empty). A first open of a device
+/// or sysfs file is thousands of emulated guest-kernel instructions on kvm_pvm. Close-on-exec;
+/// after the zygote has forked, so it holds neither. Best effort: a run opens what is missing.
+pub fn preopen() {
+    for (slot, path, flags) in [
+        (&URANDOM, "/dev/urandom", libc::O_RDWR),
+        (&VDA_SIZE, "/sys/block/vda/size", libc::O_RDONLY),
+    ] {
+        // SAFETY: NUL-terminated path.
+        let fd = unsafe { libc::open(c(path).as_ptr(), flags | libc::O_CLOEXEC) };
+        slot.store(fd, Ordering::Relaxed);
+    }
+}
+
 /// Opens the virtio-console ports named `names` (in that order, each with its open flags), waiting
 /// up to `timeout` for the host to name them: the driver adds ports asynchronously after boot.
 pub fn open_ports(
@@ -297,7 +319,12 @@ pub fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     info.resize(info.len().next_multiple_of(4), 0);
     // SAFETY: NUL-terminated path; the ioctls read a rand_pool_info of the size it declares.
     unsafe {
-        let fd = libc::open(c("/dev/urandom").as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        let kept = URANDOM.swap(-1, Ordering::Relaxed);
+        let fd = if kept >= 0 {
+            kept
+        } else {
+            libc::open(c("/dev/urandom").as_ptr(), libc::O_RDWR | libc::O_CLOEXEC)
+        };
         if fd < 0 {
             return Err(format!("/dev/urandom: {}", err()));
         }
@@ -352,12 +379,24 @@ pub fn set_mac(mac: [u8; 6]) -> Result<(), String> {
 /// device.
 pub fn wait_for_disk(name: &str, timeout: std::time::Duration) -> Result<(), String> {
     let size = format!("/sys/block/{name}/size");
+    let fd = if name == "vda" {
+        VDA_SIZE.load(Ordering::Relaxed)
+    } else {
+        -1
+    };
+    let read = || {
+        if fd < 0 {
+            return std::fs::read_to_string(&size).ok();
+        }
+        let mut b = [0u8; 32];
+        // SAFETY: a read into a stack buffer, at most its length; sysfs makes the value anew
+        // for a read at offset 0.
+        let n = unsafe { libc::pread(fd, b.as_mut_ptr().cast(), b.len(), 0) };
+        (n > 0).then(|| String::from_utf8_lossy(&b[..n as usize]).into_owned())
+    };
     let t0 = std::time::Instant::now();
     loop {
-        let sectors: u64 = std::fs::read_to_string(&size)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        let sectors: u64 = read().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
         if sectors > 0 {
             break;
         }

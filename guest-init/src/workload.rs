@@ -137,7 +137,7 @@ fn zygote_main(sock: libc::c_int, mem: ZygoteMemory) -> ! {
         // SAFETY: as above.
         unsafe { libc::_exit(125) }
     };
-    drop(buf);
+    // `buf` stays: unmapping it would cost the start more than its pages cost the sleeping zygote.
     if fds.len() != 3 + usize::from(h.has_err) + usize::from(h.has_in) {
         // SAFETY: as above.
         unsafe { libc::_exit(125) }

@@ -258,6 +258,29 @@ fn privileges() {
     // Docker leaves no_new_privs off unless asked.
     assert_eq!(caps(&o, "NoNewPrivs:"), "0");
     assert_eq!(caps(&o, "Seccomp:"), "2");
+    // No signal ignored or blocked: not the SIGPIPE rvmm ignores itself, nor what a shell ignores
+    // in the jobs it starts in the background (below).
+    assert_eq!(caps(&o, "SigIgn:"), "0000000000000000");
+    assert_eq!(caps(&o, "SigBlk:"), "0000000000000000");
+    let mut cmd = Command::new(common::rvmm_bin());
+    cmd.arg("--root")
+        .arg(env.store.path())
+        .args(["run", "--rm", "--isolation=container", "--network=none", BB])
+        .args(["cat", "/proc/self/status"]);
+    // SAFETY: only signal(2) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("rvmm");
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("SigIgn:\t0000000000000000\n"),
+        "rvmm run with SIGINT and SIGQUIT ignored: {status}"
+    );
     let o = run(&env, &["-u", "app"], BB, &["cat", "/proc/self/status"]);
     assert_eq!(caps(&o, "CapEff:"), "0000000000000000");
     assert_eq!(caps(&o, "CapBnd:"), "00000000a80425fb");

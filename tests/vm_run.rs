@@ -124,7 +124,7 @@ sec() { echo "## $1"; }
 sec id; id
 sec pwd; pwd
 sec env; env | sort
-sec status; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status
+sec status; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp|SigBlk|SigIgn):' /proc/self/status
 sec dev; stat -c '%A %U %G %t:%T %N' /dev/* /dev/pts /dev/shm /dev/mqueue
 sec masked
 files=

@@ -317,6 +317,7 @@ pub fn resolve(argv0: &str, env: &[String]) -> Result<CString, Failure> {
 
 /// Replaces this process with `prog`; returns only on failure (126, or 127 for ENOENT).
 pub fn exec(prog: &CString, argv: &[String], env: &[String]) -> Failure {
+    default_signals();
     let argv_c: Vec<CString> = argv.iter().map(|a| c(a)).collect();
     let env_c: Vec<CString> = env.iter().map(|a| c(a)).collect();
     let mut a: Vec<*const libc::c_char> = argv_c.iter().map(|x| x.as_ptr()).collect();
@@ -336,6 +337,45 @@ pub fn exec(prog: &CString, argv: &[String], env: &[String]) -> Failure {
             "{}: {er}",
             argv.first().map(String::as_str).unwrap_or_default()
         ),
+    }
+}
+
+/// Every signal the runtime ignores (rvmm ignores SIGPIPE; a shell starts background jobs with
+/// SIGINT and SIGQUIT ignored; glibc's spawn leaves its own 32 and 33 ignored) back to its
+/// default action, as a container or VM workload starts under Docker: an exec keeps ignored
+/// signals ignored, and a workload that inherited SIGPIPE ignored gets EPIPE errors where it
+/// expects to be stopped. Handlers need nothing: an exec resets them. The raw syscall, because
+/// glibc refuses to touch the signals it reserves.
+fn default_signals() {
+    /// The kernel's `struct sigaction` on x86-64: handler, flags, restorer, mask.
+    #[repr(C)]
+    #[derive(Default)]
+    struct KernelSigaction([u64; 4]);
+    const SIG_IGN: u64 = 1;
+    for sig in 1..=64 {
+        let mut old = KernelSigaction::default();
+        let dfl = KernelSigaction::default();
+        // SAFETY: rt_sigaction reads and writes kernel sigaction structs we own (8-byte masks),
+        // in the process about to exec; SIGKILL and SIGSTOP are refused by the kernel, harmlessly.
+        unsafe {
+            if libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<u8>(),
+                &mut old,
+                8,
+            ) == 0
+                && old.0[0] == SIG_IGN
+            {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl,
+                    std::ptr::null_mut::<u8>(),
+                    8,
+                );
+            }
+        }
     }
 }
 

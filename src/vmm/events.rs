@@ -4,10 +4,12 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::control::ExitReason;
 use super::Shared;
 use crate::devices::lock;
 use crate::devices::serial::SerialDevice;
@@ -155,6 +157,49 @@ impl Handler {
     }
 }
 
+impl Handler {
+    /// What the guest queued before it ended, delivered. The guest's last acts are to queue
+    /// its EXIT frame, kick the queue and reset: the vCPU's reset can end the loop above before
+    /// it saw that kick (on a loaded host the event thread runs late), and output taken from the
+    /// guest can still wait for room on a host pipe. Bounded: a ring's worth per round, a fixed
+    /// number of rounds, and `grace` for the host's fds.
+    fn flush(&mut self, grace: Duration) {
+        let t0 = Instant::now();
+        for n in &self.notifies {
+            if n.evt.read().is_err() {
+                continue;
+            }
+            for _ in 0..FLUSH_ROUNDS {
+                if !lock(&n.transport).notify(n.queue) {
+                    break;
+                }
+            }
+        }
+        loop {
+            let waiting: Vec<_> = self
+                .backends
+                .iter()
+                .filter(|(_, t, set)| set.contains(EventSet::OUT) && lock(t).output_pending())
+                .collect();
+            if waiting.is_empty() {
+                return;
+            }
+            if t0.elapsed() >= grace {
+                log::warn!("the guest's last output found no room on the host within {grace:?}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            for (fd, t, _) in waiting {
+                for _ in 0..FLUSH_ROUNDS {
+                    if lock(t).backend_event(*fd).is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl MutEventSubscriber for Handler {
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::with_data(&self.exit, TOKEN_EXIT, EventSet::IN));
@@ -233,19 +278,156 @@ impl MutEventSubscriber for Handler {
     }
 }
 
-/// Runs the event loop until the VM is stopping.
-pub fn run(handler: Handler, shared: &Arc<Shared>) -> Result<(), event_manager::Error> {
+/// Runs the event loop until the VM is stopping. With `deliver_last_words`, a guest that ended
+/// itself (a reset or shutdown) still has what it queued before the end delivered: see
+/// [`Handler::flush`].
+pub fn run(
+    handler: Handler,
+    shared: &Arc<Shared>,
+    deliver_last_words: bool,
+) -> Result<(), event_manager::Error> {
+    let handler = Arc::new(Mutex::new(handler));
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()?;
-    em.add_subscriber(Arc::new(Mutex::new(handler)));
+    em.add_subscriber(handler.clone());
     while !shared.stopping.load(Ordering::Acquire) {
         em.run()?;
     }
+    let guest_ended = matches!(
+        *lock(&shared.reason),
+        Some(ExitReason::Reset | ExitReason::Shutdown)
+    );
+    if deliver_last_words && guest_ended {
+        lock(&handler).flush(FLUSH_GRACE);
+    }
     Ok(())
 }
+
+/// How long a guest's last output may wait for room on the host's fds once the guest ended.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
+/// At most this many rounds of one queue's notification in a flush (each takes a ring's worth).
+const FLUSH_ROUNDS: usize = 64;
 
 #[allow(dead_code)]
 fn _assert_send() {
     fn s<T: Send>() {}
     s::<Handler>();
     let _ = EFD_NONBLOCK;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::{Mem, VirtioDevice};
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
+
+    /// Counts its notifications; its output waits for room `blocked` more times.
+    struct Dev {
+        sizes: [u16; 1],
+        processed: Arc<AtomicUsize>,
+        blocked: Arc<AtomicUsize>,
+    }
+    impl VirtioDevice for Dev {
+        fn device_type(&self) -> u32 {
+            3
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn process_queue(&mut self, _i: usize, _q: &mut Queue, _m: &Mem) -> bool {
+            self.processed.fetch_add(1, Ordering::SeqCst);
+            false
+        }
+        fn backend_fd_event(&mut self, _fd: RawFd, _q: &mut [Queue], _m: &Mem) -> u64 {
+            let _ = self
+                .blocked
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1));
+            0
+        }
+        fn output_pending(&self) -> bool {
+            self.blocked.load(Ordering::SeqCst) > 0
+        }
+    }
+
+    struct Rig {
+        shared: Arc<Shared>,
+        handler: Handler,
+        evt: EventFd,
+        processed: Arc<AtomicUsize>,
+        blocked: Arc<AtomicUsize>,
+    }
+
+    fn rig(blocked: usize) -> Rig {
+        let shared = Arc::new(Shared {
+            stopping: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            exit_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            pause: Default::default(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            msr_index: Vec::new(),
+            xsave: false,
+        });
+        let processed = Arc::new(AtomicUsize::new(0));
+        let blocked = Arc::new(AtomicUsize::new(blocked));
+        let dev = Dev {
+            sizes: [16],
+            processed: processed.clone(),
+            blocked: blocked.clone(),
+        };
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let t = Arc::new(Mutex::new(MmioTransport::activated_for_tests(
+            Box::new(dev),
+            mem,
+        )));
+        let mut handler = Handler::new(shared.clone()).unwrap();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        handler.add_notify(evt.try_clone().unwrap(), t.clone(), 0);
+        // Any fd will do: the device decides when its output has room.
+        handler.add_backend_output(evt.as_raw_fd(), t);
+        Rig {
+            shared,
+            handler,
+            evt,
+            processed,
+            blocked,
+        }
+    }
+
+    /// The guest's last acts are a kick (its EXIT frame) and a reset; the vCPU's reset may
+    /// stop the loop before the event thread ever looked at the kick.
+    #[test]
+    fn a_kick_before_the_guest_ended_is_still_served() {
+        for (reason, served) in [
+            (ExitReason::Reset, 1),
+            (ExitReason::Shutdown, 1),
+            // The host stopped it: nothing more is taken from the guest.
+            (ExitReason::Stopped, 0),
+        ] {
+            let r = rig(0);
+            r.evt.write(1).unwrap();
+            r.shared.request_exit(reason);
+            run(r.handler, &r.shared, true).unwrap();
+            assert_eq!(r.processed.load(Ordering::SeqCst), served);
+        }
+    }
+
+    #[test]
+    fn last_output_waits_for_room_but_not_forever() {
+        let mut r = rig(3);
+        r.shared.request_exit(ExitReason::Reset);
+        r.handler.flush(Duration::from_secs(5));
+        assert_eq!(r.blocked.load(Ordering::SeqCst), 0);
+
+        let mut r = rig(usize::MAX);
+        let t0 = Instant::now();
+        r.handler.flush(Duration::from_millis(50));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(r.blocked.load(Ordering::SeqCst) < usize::MAX);
+    }
 }

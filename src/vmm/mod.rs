@@ -271,7 +271,7 @@ impl Vm {
                             return;
                         }
                     }
-                    if events::run(fs_events, &sh).is_err() {
+                    if events::run(fs_events, &sh, false).is_err() {
                         sh.request_exit(ExitReason::Error("the virtio-fs loop failed".into()));
                     }
                 });
@@ -294,7 +294,7 @@ impl Vm {
         if let Some(f) = filters.after_event {
             f();
         }
-        let loop_result = events::run(events, &shared);
+        let loop_result = events::run(events, &shared, true);
         if loop_result.is_err() {
             shared.request_exit(ExitReason::Error("event loop failed".into()));
         }

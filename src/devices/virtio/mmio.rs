@@ -99,6 +99,34 @@ impl MmioTransport {
         &self.state
     }
 
+    /// `device` as a driver would leave it: features accepted, every queue of 16 entries ready
+    /// in the first MiB of `mem`, DRIVER_OK.
+    #[cfg(test)]
+    pub(crate) fn activated_for_tests(device: Box<dyn VirtioDevice>, mem: Mem) -> Self {
+        let irq = Arc::new(IrqLine {
+            gsi: 5,
+            evt: vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"),
+        });
+        let mut t = Self::new(device, mem, irq).expect("transport");
+        let w = |t: &mut Self, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+        w(&mut t, reg::STATUS, 3);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, reg::DRIVER_FEATURES, 1);
+        w(&mut t, reg::STATUS, 0xb);
+        for q in 0..t.queues.len() as u32 {
+            let base = 0x1_0000 + q * 0x4000;
+            w(&mut t, reg::QUEUE_SEL, q);
+            w(&mut t, reg::QUEUE_NUM, 16);
+            w(&mut t, reg::QUEUE_DESC_LOW, base);
+            w(&mut t, reg::QUEUE_AVAIL_LOW, base + 0x1000);
+            w(&mut t, reg::QUEUE_USED_LOW, base + 0x2000);
+            w(&mut t, reg::QUEUE_READY, 1);
+        }
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(t.state.activated);
+        t
+    }
+
     /// The saved form of the transport and its queues (for snapshots; the device's own state is
     /// its backend, which a restore provides anew).
     pub fn save(&self) -> (TransportState, Vec<QueueState>) {
@@ -199,6 +227,11 @@ impl MmioTransport {
         self.signal_used(used);
         let more = self.device.take_more();
         self.exhausted(&before).or(more).is_some()
+    }
+
+    /// Guest output the device took is still waiting for room on a host fd.
+    pub fn output_pending(&self) -> bool {
+        self.state.activated && self.device.output_pending()
     }
 
     /// Where each queue's available ring stands (see [`Self::exhausted`]).

@@ -129,6 +129,10 @@ pub trait VirtioDevice: Send {
     fn take_more(&mut self) -> Option<usize> {
         None
     }
+    /// Guest output taken from a queue is still waiting for room on a host fd.
+    fn output_pending(&self) -> bool {
+        false
+    }
     /// Device state beyond the transport's and the queues', for snapshots.
     fn save_state(&self) -> Option<serde_json::Value> {
         None

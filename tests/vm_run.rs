@@ -883,7 +883,8 @@ fn bad_flag_values_are_refused_before_a_vm_starts() {
 }
 
 /// As in tests/container.rs.
-const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 &'; sleep 0.5; \
+const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 & echo $! > /tmp/orphan'; \
+     i=0; while test -d /proc/$(cat /tmp/orphan) && test $i -lt 100; do sleep 0.1; i=$((i+1)); done; \
      cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l; grep Cpus_allowed_list /proc/self/status";
 const INIT_WANT: &str = "not-pid-1\n0\nCpus_allowed_list:\t0\n";
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use common::run::{ls, rvmm, Out, RunEnv};
+use common::run::{ls, rvmm, Out, RunEnv, INIT_SCRIPT, INIT_WANT};
 
 /// Container tests compare host-wide state before and after: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -822,15 +822,6 @@ const TTY_INIT_SCRIPT: &str =
      set -- $(cat /proc/1/stat); test $5 != $8 && echo init-in-background; \
      echo ready; sleep 10; echo not-interrupted";
 const TTY_INIT_WANT: &str = "foreground\r\ninit-in-background\r\nready\r\n";
-
-/// With `--init --cpuset-cpus 0` (tests/vm_run.rs runs the same in a VM): the program's PID is
-/// not 1, an orphan left by a shell that exits is reaped (waited for while its /proc entry, a
-/// zombie's too, is there: up to 10 s, as a slow guest may take most of a second to start and
-/// end it), and only CPU 0 is allowed.
-const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 & echo $! > /tmp/orphan'; \
-     i=0; while test -d /proc/$(cat /tmp/orphan) && test $i -lt 100; do sleep 0.1; i=$((i+1)); done; \
-     cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l; grep Cpus_allowed_list /proc/self/status";
-const INIT_WANT: &str = "not-pid-1\n0\nCpus_allowed_list:\t0\n";
 
 #[test]
 fn cgroup_limits() {

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::run::{rvmm, Out, RunEnv};
+use common::run::{rvmm, Out, RunEnv, INIT_SCRIPT, INIT_WANT};
 
 /// The runs compare host-wide state before and after, and boots are CPU-bound: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -881,12 +881,6 @@ fn bad_flag_values_are_refused_before_a_vm_starts() {
         assert_eq!(o.stderr.lines().count(), 1, "{bad:?}: {}", o.stderr);
     }
 }
-
-/// As in tests/container.rs.
-const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 & echo $! > /tmp/orphan'; \
-     i=0; while test -d /proc/$(cat /tmp/orphan) && test $i -lt 100; do sleep 0.1; i=$((i+1)); done; \
-     cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l; grep Cpus_allowed_list /proc/self/status";
-const INIT_WANT: &str = "not-pid-1\n0\nCpus_allowed_list:\t0\n";
 
 #[test]
 fn missing_command_is_127_in_both() {

@@ -107,6 +107,47 @@ impl Handler {
         self.backends.push((fd, transport, EventSet::OUT));
     }
 
+    /// What the guest queued before it ended, delivered. The guest's last acts are to queue
+    /// its EXIT frame, kick the queue and reset: the vCPU's reset can end [`run`]'s loop before
+    /// it saw that kick (on a loaded host the event thread runs late), and output taken from the
+    /// guest can still wait for room on a host pipe. Bounded: a ring's worth per round, a fixed
+    /// number of rounds, and `grace` for the host's fds.
+    fn flush(&mut self, grace: Duration) {
+        let t0 = Instant::now();
+        for n in &self.notifies {
+            if n.evt.read().is_err() {
+                continue;
+            }
+            for _ in 0..FLUSH_ROUNDS {
+                if !lock(&n.transport).notify(n.queue) {
+                    break;
+                }
+            }
+        }
+        loop {
+            let waiting: Vec<_> = self
+                .backends
+                .iter()
+                .filter(|(_, t, set)| set.contains(EventSet::OUT) && lock(t).output_pending())
+                .collect();
+            if waiting.is_empty() {
+                return;
+            }
+            if t0.elapsed() >= grace {
+                log::warn!("the guest's last output found no room on the host within {grace:?}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            for (fd, t, _) in waiting {
+                for _ in 0..FLUSH_ROUNDS {
+                    if lock(t).backend_event(*fd).is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     fn input_events(i: usize, inp: &Input) -> Events {
         Events::with_data_raw(inp.src.fd(), 1 + 2 * i as u32, EventSet::IN)
     }
@@ -153,49 +194,6 @@ impl Handler {
             inp.paused = true;
         } else if !full && inp.paused {
             inp.paused = ops.add(ev).is_err();
-        }
-    }
-}
-
-impl Handler {
-    /// What the guest queued before it ended, delivered. The guest's last acts are to queue
-    /// its EXIT frame, kick the queue and reset: the vCPU's reset can end the loop above before
-    /// it saw that kick (on a loaded host the event thread runs late), and output taken from the
-    /// guest can still wait for room on a host pipe. Bounded: a ring's worth per round, a fixed
-    /// number of rounds, and `grace` for the host's fds.
-    fn flush(&mut self, grace: Duration) {
-        let t0 = Instant::now();
-        for n in &self.notifies {
-            if n.evt.read().is_err() {
-                continue;
-            }
-            for _ in 0..FLUSH_ROUNDS {
-                if !lock(&n.transport).notify(n.queue) {
-                    break;
-                }
-            }
-        }
-        loop {
-            let waiting: Vec<_> = self
-                .backends
-                .iter()
-                .filter(|(_, t, set)| set.contains(EventSet::OUT) && lock(t).output_pending())
-                .collect();
-            if waiting.is_empty() {
-                return;
-            }
-            if t0.elapsed() >= grace {
-                log::warn!("the guest's last output found no room on the host within {grace:?}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            for (fd, t, _) in waiting {
-                for _ in 0..FLUSH_ROUNDS {
-                    if lock(t).backend_event(*fd).is_none() {
-                        break;
-                    }
-                }
-            }
         }
     }
 }
@@ -420,7 +418,6 @@ mod tests {
     #[test]
     fn last_output_waits_for_room_but_not_forever() {
         let mut r = rig(3);
-        r.shared.request_exit(ExitReason::Reset);
         r.handler.flush(Duration::from_secs(5));
         assert_eq!(r.blocked.load(Ordering::SeqCst), 0);
 

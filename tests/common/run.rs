@@ -270,3 +270,12 @@ pub fn procs_using(root: &str) -> Vec<String> {
     }
     out
 }
+
+/// With `--init --cpuset-cpus 0`, in a container (tests/container.rs) and a VM
+/// (tests/vm_run.rs): the program's PID is not 1, an orphan left by a shell that exits is reaped
+/// (waited for while its /proc entry, a zombie's too, is there: up to 10 s, as a slow guest may
+/// take most of a second to start and end it), and only CPU 0 is allowed.
+pub const INIT_SCRIPT: &str = "test $$ != 1 && echo not-pid-1; sh -c 'sleep 0.1 & echo $! > /tmp/orphan'; \
+     i=0; while test -d /proc/$(cat /tmp/orphan) && test $i -lt 100; do sleep 0.1; i=$((i+1)); done; \
+     cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l; grep Cpus_allowed_list /proc/self/status";
+pub const INIT_WANT: &str = "not-pid-1\n0\nCpus_allowed_list:\t0\n";

@@ -1266,6 +1266,118 @@ fn warm_guests_are_unique_and_one_snapshot_serves_every_image() {
     assert_eq!(o.stdout, "image=multi\nz\n");
 }
 
+/// An image's first VM run saves the image's snapshot on the way (the guest with the image's
+/// root built, before anything of the run reached it); the next runs of the image restore it and
+/// are still their own runs: their hostname, /etc files, environment, flags, and a fresh
+/// writable layer.
+#[test]
+fn an_image_snapshot_holds_the_root_and_nothing_of_the_run_that_saved_it() {
+    let Some(env) = setup() else { return };
+    prewarm(&env, &[]);
+    // An earlier test may have saved busybox's: this test's first run saves it again.
+    let image_rows = || -> Vec<(String, String)> {
+        let ls = rvmm(env.store.path(), &["snapshot", "ls"], None);
+        // KEY (16 wide), MACHINE (28), IMAGE (12), ...
+        ls.stdout
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let col = |at, n| l.chars().skip(at).take(n).collect::<String>();
+                (col(0, 16), col(48, 12).trim().to_string())
+            })
+            .filter(|(_, image)| image != "-")
+            .collect()
+    };
+    for (key, _) in image_rows() {
+        assert_eq!(
+            rvmm(env.store.path(), &["snapshot", "rm", &key], None).code,
+            0
+        );
+    }
+    let secret = format!("no-such-secret-{:x}", rand_u64());
+    let timed = |flags: &[&str], script: &str| {
+        let o = Command::new(common::rvmm_bin())
+            .arg("--root")
+            .arg(env.store.path())
+            .env("RVMM_TIMINGS", "1")
+            .args(["run", "--rm", "--isolation=vm"])
+            .args(flags)
+            .args([BB, "sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .expect("rvmm");
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        );
+        assert_eq!(o.status.code(), Some(0), "{out} {err}");
+        (out, err)
+    };
+    let script = "hostname; cat /etc/hostname; grep -c \"$(hostname)\" /etc/hosts; \
+                  echo \"${SECRET:-unset}\"; cat /tmp/left 2>/dev/null || echo none; \
+                  echo \"$SECRET\" > /tmp/left; \
+                  if touch /x 2>/dev/null; then echo rw; else echo ro; fi";
+    let env_flag = format!("SECRET={secret}");
+    let (out, err) = timed(&["--hostname", "first", "-e", &env_flag], script);
+    assert_eq!(out, format!("first\nfirst\n1\n{secret}\nnone\nrw\n"));
+    assert!(err.contains("restored=machine"), "{err}");
+    assert!(
+        !err.contains("image_snapshot_ms=-1"),
+        "no image snapshot saved: {err}"
+    );
+    let rows = image_rows();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    // Nothing of the run that saved it: its environment never reached the guest before.
+    let snaps = std::env::var_os("RVMM_SNAPSHOTS").unwrap();
+    let memory = Path::new(&snaps).join(&rows[0].0).join("memory");
+    // (The search works: rvmm-init's overlay options are in guest memory.)
+    assert!(file_contains(&memory, b"lowerdir=/image,upperdir="));
+    assert!(
+        !file_contains(&memory, secret.as_bytes()),
+        "the image snapshot holds the run's environment"
+    );
+    // The next runs start from it, with their own everything.
+    for (host, flags) in [("second", vec!["--read-only"]), ("third", vec![])] {
+        let mut f = vec!["--hostname", host];
+        f.extend(flags.iter().copied());
+        let (out, err) = timed(&f, script);
+        let rw = if flags.is_empty() { "rw" } else { "ro" };
+        assert_eq!(
+            out,
+            format!("{host}\n{host}\n1\nunset\nnone\n{rw}\n"),
+            "{err}"
+        );
+        assert!(err.contains("restored=image"), "{err}");
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// Whether `needle` occurs in the file (read in pieces that overlap by its length).
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut keep = 0;
+    loop {
+        let n = f.read(&mut buf[keep..]).unwrap();
+        if n == 0 {
+            return false;
+        }
+        let have = keep + n;
+        if buf[..have].windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        keep = needle.len().min(have);
+        buf.copy_within(have - keep..have, 0);
+    }
+}
+
 /// A guest that does not start the workload in time is stopped with one line and status 125, and
 /// leaves nothing behind (RunEnv's drop checks links, leases, mounts and runs). No kernel boots to a
 /// workload in 50 ms, on any host.
@@ -1843,12 +1955,13 @@ fn the_vmm_runs_jailed_unprivileged_and_filtered() {
     names.retain(|n| n != "kvm-nx-lpage-re");
     assert_eq!(names, ["rvmm-control", "rvmm-event", "rvmm-vcpu0"]);
     // Its root: /dev with kvm alone, and what this start reads, read-only: the snapshot for a
-    // warm start; the kernel and initramfs for a boot, which also gets the one writable
-    // directory its snapshot is saved into (which run boots depends on the tests' order).
+    // warm start; the kernel and initramfs for a boot. A boot, or a warm start from the
+    // machine's snapshot (the image's is saved on the way), also gets the one writable
+    // directory its snapshot is saved into (which run does what depends on the tests' order).
     let root = proc_dir.join("root");
     let mut top = common::run::ls(&root);
     top.sort();
-    let warm = top == ["dev", "snapshot"];
+    let warm = top == ["dev", "snapshot"] || top == ["dev", "snapshot", "snapshot-out"];
     assert!(
         warm || top == ["dev", "initrd", "kernel", "snapshot-out"],
         "the VMM's root: {top:?}"

@@ -47,6 +47,9 @@ impl StartReader {
 /// configure.
 pub fn check(start: &Start) -> Result<(), Fail> {
     let spec = &start.spec;
+    if start.pause_at_root {
+        return Ok(()); // root-only: its spec is not used
+    }
     if spec.argv.is_empty() {
         return Err(Failure::setup("no command"));
     }
@@ -122,6 +125,16 @@ mod tests {
         assert_eq!(
             fail(&frames(&serde_json::to_vec(&s).expect("json"))),
             "no command"
+        );
+        // A root-only start carries no run: nothing of its spec is checked (or used).
+        let root_only = Start {
+            pause_at_root: true,
+            ..Default::default()
+        };
+        let json = serde_json::to_vec(&root_only).expect("json");
+        assert_eq!(
+            StartReader::default().feed(&frames(&json)),
+            Ok(Some(root_only))
         );
         s.spec.argv = vec!["true".into()];
         s.spec.network.address = Some("10.0.0.2".into());

@@ -14,12 +14,14 @@
 //!    the host's clock and the MAC. A warm start restores a snapshot taken right here, so
 //!    nothing before this point may be specific to one run; the image disk's slot is empty until
 //!    the host attaches the run's disk;
-//! 4. mixes in the entropy, steps the clock, waits for the disk, then mounts the image disk
-//!    (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay: the per-run writable layer, so
-//!    the cached image disk is never written (the mount points the image lacks are made in the
-//!    upper layer first, so none costs a copy-up);
-//! 5. moves the staged /proc, /sys and /dev into it, binds /etc/hosts, /etc/hostname and
-//!    /etc/resolv.conf; eth0; hostname; mounts the host's shared directories
+//! 4. mixes in the entropy, steps the clock, waits for the disk, then builds the image's root
+//!    (`image_root`): the image disk (/dev/vda, erofs or ext4, read-only) under a tmpfs overlay,
+//!    the per-run writable layer, so the cached image disk is never written (the mount points
+//!    the image lacks are made in the upper layer first, so none costs a copy-up); the staged
+//!    /proc, /sys and /dev moved in; /etc/hosts, /etc/hostname and /etc/resolv.conf bound from
+//!    empty files. A root-only `Start` (`pause_at_root`) stops here: ROOTED, the host saves the
+//!    image's snapshot, and the run's own `Start` follows (entropy and clock again);
+//! 5. writes the run's /etc files; eth0; hostname; mounts the host's shared directories
 //!    (virtio-fs); then moves it to / (switch_root), attaches the workload's mounts (shared
 //!    directories, a new volume filled from the image first; tmpfs) and makes / read-only with
 //!    `--read-only`;
@@ -160,9 +162,14 @@ use rvmm_guest_init::Fail;
 /// root at the run.
 const STAGE: &str = "/stage";
 
-/// Sends READY, then reads SPEC frames up to SPEC_END.
+/// Sends READY, then reads the `Start`.
 fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
     ch.send(frame::READY, &[]);
+    read_start(ch)
+}
+
+/// Reads SPEC frames up to SPEC_END.
+fn read_start(ch: &mut Channel) -> Result<Start, Fail> {
     let mut reader = rvmm_guest_init::StartReader::default();
     let mut buf = [0u8; 4096];
     loop {
@@ -182,6 +189,17 @@ fn wait_start(ch: &mut Channel) -> Result<Start, Fail> {
     }
 }
 
+/// This guest's own randomness and time, first thing after every `Start`: a guest restored
+/// from a snapshot has the snapshot's.
+fn seed(start: &Start) -> Result<(), Fail> {
+    sys::add_entropy(&start.entropy)
+        .map_err(|e| Failure::setup(format!("seeding the RNG: {e}")))?;
+    sys::set_realtime(start.realtime.0, start.realtime.1)
+        .map_err(|e| Failure::setup(format!("setting the clock: {e}")))?;
+    sys::trace("entropy and clock");
+    Ok(())
+}
+
 /// The run's writable tmpfs: /rw/etc for its /etc files, /rw/upper and /rw/work for the root
 /// overlay.
 fn stage_rw() -> Result<(), Fail> {
@@ -198,7 +216,7 @@ fn stage_rw() -> Result<(), Fail> {
 /// through the overlay, each would cost a copy-up of its directory (/etc takes the image's mode
 /// and owner, as a copy-up gives it). Best effort: what is missing here is made later, through
 /// the overlay, as before.
-fn upper_mount_points(etc: &[(&str, &str)]) {
+fn upper_mount_points(etc: &[&str]) {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let missing = |p: &str| {
         std::fs::symlink_metadata(format!("/image{p}"))
@@ -211,7 +229,7 @@ fn upper_mount_points(etc: &[(&str, &str)]) {
     }
     let names: Vec<&str> = etc
         .iter()
-        .map(|(n, _)| *n)
+        .copied()
         .filter(|n| missing(&format!("/etc/{n}")))
         .collect();
     if names.is_empty() {
@@ -236,6 +254,65 @@ fn upper_mount_points(etc: &[(&str, &str)]) {
     }
 }
 
+/// The names of the run's /etc files (their bodies come with each run's spec).
+const ETC_NAMES: [&str; 3] = ["hostname", "hosts", "resolv.conf"];
+
+/// The image's root at NEWROOT, as every run of the image has it: the image disk (erofs, or
+/// ext4) under the run's tmpfs overlay, /proc, /sys and /dev moved in, and `etc` bound from
+/// /rw/etc (empty until the run writes them). Nothing here depends on the run, so an image
+/// snapshot may hold it built.
+fn image_root(staged: bool, rw_staged: bool) -> Result<(), Fail> {
+    sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(Failure::setup)?;
+    sys::trace("disk attached");
+    mkdir_p("/image");
+    mount("/dev/vda", "/image", "erofs", libc::MS_RDONLY, "")
+        .or_else(|_| mount("/dev/vda", "/image", "ext4", libc::MS_RDONLY, "noload"))
+        .map_err(|e| Failure::setup(format!("mounting the image disk: {e}")))?;
+    sys::trace("image mounted");
+    if !rw_staged {
+        stage_rw()?;
+    }
+    upper_mount_points(&ETC_NAMES);
+    mount(
+        "overlay",
+        NEWROOT,
+        "overlay",
+        0,
+        "lowerdir=/image,upperdir=/rw/upper,workdir=/rw/work",
+    )
+    .map_err(|e| Failure::setup(format!("mounting the root overlay: {e}")))?;
+    sys::trace("overlay");
+    system_in_root(staged)?;
+    bind_etc(&ETC_NAMES)?;
+    sys::trace("/proc /sys /dev, /etc mount points");
+    Ok(())
+}
+
+/// /proc, /sys and /dev in NEWROOT: the staged ones moved in (one move each; /dev moves with
+/// its submounts), else mounted there.
+fn system_in_root(staged: bool) -> Result<(), Fail> {
+    if !staged {
+        return rvmm_workload::system_mounts(NEWROOT);
+    }
+    for d in ["/proc", "/sys", "/dev"] {
+        let to = format!("{NEWROOT}{d}");
+        mkdir_p(&to);
+        mount(&format!("{STAGE}{d}"), &to, "", libc::MS_MOVE, "")?;
+    }
+    Ok(())
+}
+
+/// Binds /rw/etc/NAME over NEWROOT/etc/NAME for each name (both made when missing).
+fn bind_etc(names: &[&str]) -> Result<(), Fail> {
+    for name in names {
+        let (src, t) = (format!("/rw/etc/{name}"), format!("{NEWROOT}/etc/{name}"));
+        rvmm_workload::touch(&src);
+        rvmm_workload::touch(&t);
+        mount(&src, &t, "", libc::MS_BIND, "")?;
+    }
+    Ok(())
+}
+
 fn run(
     ch: &mut Channel,
     boot_security: Option<rvmm_proto::Security>,
@@ -244,92 +321,69 @@ fn run(
     rw_staged: bool,
     stdio: &workload::Stdio,
 ) -> Result<i32, Fail> {
-    let start = wait_start(ch)?;
+    let mut start = wait_start(ch)?;
     sys::trace("start received");
     // Before anything else: this guest's own randomness and time.
-    sys::add_entropy(&start.entropy)
-        .map_err(|e| Failure::setup(format!("seeding the RNG: {e}")))?;
-    sys::set_realtime(start.realtime.0, start.realtime.1)
-        .map_err(|e| Failure::setup(format!("setting the clock: {e}")))?;
-    sys::trace("entropy and clock");
+    seed(&start)?;
+    mkdir_p(NEWROOT);
+    let mut rooted = false;
+    if start.pause_at_root {
+        // A root-only start: the image's root, then the host snapshots this guest and sends the
+        // run's own start (a guest restored from that snapshot carries on from here).
+        image_root(staged, rw_staged)?;
+        ch.send(frame::ROOTED, &[]);
+        start = read_start(ch)?;
+        sys::trace("start received at the root");
+        if start.pause_at_root {
+            return Err(Failure::setup("a second root-only start"));
+        }
+        seed(&start)?;
+        rooted = true;
+    }
     let mut spec = start.spec;
     if start.boot_security {
         spec.security = boot_security
             .ok_or_else(|| Failure::setup("the initramfs carries no /rvmm/security.json"))?;
     }
-    mkdir_p(NEWROOT);
-    if spec.root_shared {
-        // An OCI bundle's rootfs (share 0), written in place as runc would.
-        mount_shares()?;
-        mount(&format!("{SHARES}/0"), NEWROOT, "", libc::MS_BIND, "")
-            .map_err(|e| Failure::setup(format!("binding the shared root: {e}")))?;
-        sys::trace("shared root");
-    } else {
-        sys::wait_for_disk("vda", DISK_TIMEOUT).map_err(Failure::setup)?;
-        sys::trace("disk attached");
-        // The image disk under a tmpfs overlay.
-        mkdir_p("/image");
-        mount("/dev/vda", "/image", "erofs", libc::MS_RDONLY, "")
-            .or_else(|_| mount("/dev/vda", "/image", "ext4", libc::MS_RDONLY, "noload"))
-            .map_err(|e| Failure::setup(format!("mounting the image disk: {e}")))?;
-        sys::trace("image mounted");
-    }
-    if !rw_staged {
-        stage_rw()?;
-    }
-    // /etc files, as the host wrote them into the spec.
-    // A bundle's /etc files are the engine's binds (mounts); none is made up here.
+    // The run's /etc files, as the host wrote them into the spec. A bundle's /etc files are the
+    // engine's binds (mounts); none is made up here.
     let etc: Vec<_> = spec
         .etc
         .entries()
         .into_iter()
         .filter(|(_, body)| !spec.root_shared || !body.is_empty())
         .collect();
-    if !spec.root_shared {
-        upper_mount_points(&etc);
-        mount(
-            "overlay",
-            NEWROOT,
-            "overlay",
-            0,
-            "lowerdir=/image,upperdir=/rw/upper,workdir=/rw/work",
-        )
-        .map_err(|e| Failure::setup(format!("mounting the root overlay: {e}")))?;
+    if spec.root_shared {
+        if rooted {
+            return Err(Failure::setup(
+                "a shared root for a guest with an image root",
+            ));
+        }
+        // An OCI bundle's rootfs (share 0), written in place as runc would.
+        mount_shares()?;
+        mount(&format!("{SHARES}/0"), NEWROOT, "", libc::MS_BIND, "")
+            .map_err(|e| Failure::setup(format!("binding the shared root: {e}")))?;
+        sys::trace("shared root");
+        if !rw_staged {
+            stage_rw()?;
+        }
+        system_in_root(staged)?;
+        bind_etc(&etc.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
+    } else if !rooted {
+        image_root(staged, rw_staged)?;
     }
-
     for (name, body) in &etc {
         std::fs::write(format!("/rw/etc/{name}"), body)
             .map_err(|e| Failure::setup(format!("writing /etc/{name}: {e}")))?;
     }
-
-    let r = |p: &str| format!("{NEWROOT}{p}");
-    let setup = || -> Result<(), Fail> {
-        if staged {
-            // Prepared before READY: one move each (the /dev tree moves with its submounts).
-            for d in ["/proc", "/sys", "/dev"] {
-                mkdir_p(&r(d));
-                mount(&format!("{STAGE}{d}"), &r(d), "", libc::MS_MOVE, "")?;
-            }
-        } else {
-            rvmm_workload::system_mounts(NEWROOT)?;
-        }
-        if let Some(b) = spec.shm_size {
-            rvmm_workload::shm_size(NEWROOT, b)?;
-        }
-        if spec.privileged {
-            // The guest's devices (the initramfs's devtmpfs), not the host's.
-            rvmm_workload::unconfine(NEWROOT, "/dev")?;
-        }
-        for (name, _) in &etc {
-            let t = r(&format!("/etc/{name}"));
-            rvmm_workload::touch(&t);
-            mount(&format!("/rw/etc/{name}"), &t, "", libc::MS_BIND, "")?;
-        }
-        Ok(())
-    };
-    sys::trace("overlay and /etc");
-    setup()?;
-    sys::trace("/proc /sys /dev");
+    if let Some(b) = spec.shm_size {
+        rvmm_workload::shm_size(NEWROOT, b)?;
+    }
+    if spec.privileged {
+        // The guest's devices (the initramfs's devtmpfs), not the host's.
+        rvmm_workload::unconfine(NEWROOT, "/dev")?;
+    }
+    sys::trace("/etc files");
 
     sys::set_hostname(&spec.hostname).map_err(Failure::setup)?;
     if let Some(mac) = start.mac {

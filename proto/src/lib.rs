@@ -361,6 +361,12 @@ pub struct Start {
     /// over the channel.
     #[serde(default)]
     pub boot_security: bool,
+    /// A root-only `Start` (its `spec` is not the run's and is not used): rvmm-init builds the
+    /// image's root (disk, overlay, /proc, /sys, /dev, the /etc mount points), says `ROOTED`, and
+    /// waits for the run's own `Start`. The host snapshots the guest in between, so later runs
+    /// of the image start there (docs/snapshots.md, image snapshots).
+    #[serde(default)]
+    pub pause_at_root: bool,
 }
 
 /// `rvmm exec` in a VM: what the guest needs to start the process, on top of the workload's own
@@ -419,6 +425,9 @@ pub mod frame {
     pub const SPEC: u8 = 7;
     /// Host → guest: the `Start` is complete (empty).
     pub const SPEC_END: u8 = 8;
+    /// Guest → host: the image's root is built, after a `Start` with `pause_at_root` (empty). An
+    /// image snapshot is taken here; the guest then waits for the run's `Start`.
+    pub const ROOTED: u8 = 9;
     /// Host → guest: stdin bytes (unused since stdin has a port of its own).
     pub const STDIN: u8 = 10;
     /// Host → guest: stdin reached EOF (unused: the host closes the stdin port).

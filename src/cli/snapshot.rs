@@ -6,7 +6,8 @@ use super::Global;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
-    /// List snapshots: key, machine, size on disk, age, and whether this rvmm can restore it.
+    /// List snapshots: key, machine, image (an image snapshot starts that image's runs with its
+    /// root built), size on disk, age, and whether this rvmm can restore it.
     Ls,
     /// Delete snapshots by key (or all of them).
     Rm(RmArgs),
@@ -46,8 +47,8 @@ pub fn exec(cmd: Command, global: &Global) -> anyhow::Result<u8> {
         Command::Ls => {
             let current = rvmm::vm::current_tag();
             println!(
-                "{:<16}  {:<28}  {:>9}  {:>8}  STATUS",
-                "KEY", "MACHINE", "SIZE", "CREATED"
+                "{:<16}  {:<28}  {:<12}  {:>9}  {:>8}  STATUS",
+                "KEY", "MACHINE", "IMAGE", "SIZE", "CREATED"
             );
             for s in snaps.list() {
                 let machine = s
@@ -60,16 +61,17 @@ pub fn exec(cmd: Command, global: &Global) -> anyhow::Result<u8> {
                 } else if s.rvmm.as_deref() != Some(rvmm::vmm::snapshot::rvmm_version().as_str()) {
                     "other rvmm"
                 } else if !s.inputs_unchanged {
-                    "stale (its kernel, init or rvmm changed)"
-                } else if current.is_some() && s.tag != current {
+                    "stale (its kernel, init, rvmm or image changed)"
+                } else if current.is_some() && s.machine_tag != current {
                     "another build's"
                 } else {
                     "usable"
                 };
                 println!(
-                    "{:<16}  {:<28}  {:>9}  {:>8}  {status}",
+                    "{:<16}  {:<28}  {:<12}  {:>9}  {:>8}  {status}",
                     s.key,
                     truncate(&machine, 28),
+                    s.image.as_deref().unwrap_or("-"),
                     super::pull::human_size(s.disk_bytes),
                     age(s.created),
                 );

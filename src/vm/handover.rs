@@ -201,7 +201,14 @@ fn resume(fd: Option<&str>) -> Result<u8, String> {
         )
     })?;
     let book = crate::run::Cleanup { state, lease: None };
-    let vmm = Vmm::adopt(h.vmm_pid, take(h.vmm_sock, &mut taken)?)?;
+    // The image's snapshot, when this run saves it, goes through the directory the VMM was given.
+    let snapshot_out = h
+        .tail
+        .at_root
+        .is_some()
+        .then(|| h.staging.clone())
+        .flatten();
+    let vmm = Vmm::adopt(h.vmm_pid, take(h.vmm_sock, &mut taken)?, snapshot_out)?;
     let [to_guest, from_guest, stdin, stdout, stderr] = h.ends;
     let ends = HostEnds {
         to_guest: take(to_guest, &mut taken)?,
@@ -224,8 +231,9 @@ fn resume(fd: Option<&str>) -> Result<u8, String> {
         vmm,
         ends,
         warm: true,
+        restored: None,
     };
-    let code = super::run_tail(h.tail, started, None, publisher, book);
+    let code = super::run_tail(h.tail, started, publisher, book);
     if let Some(s) = &h.staging {
         let _ = std::fs::remove_dir_all(s);
     }

@@ -122,10 +122,15 @@ impl Machine {
         Ok((cfg, ends))
     }
 
-    /// The snapshot identity (text), tag and key of this machine.
-    pub(super) fn identity(&self) -> Result<(String, String, String), Error> {
+    /// The snapshot identity (text), tag and key of this machine; with `disk`, of its image
+    /// snapshot for that image disk.
+    pub(super) fn identity(&self, disk: Option<&Path>) -> Result<(String, String, String), Error> {
         let (cfg, _) = self.config(None)?;
-        let identity = snapshots::identity(&self.kernel, &self.init, &cfg.cmdline, &self.security);
+        let mut identity =
+            snapshots::identity(&self.kernel, &self.init, &cfg.cmdline, &self.security);
+        if let Some(d) = disk {
+            identity = snapshots::image_identity(&identity, d);
+        }
         let tag = snapshots::hash(&identity);
         let key = snapshots::key(&tag, &cfg.layout());
         Ok((identity, tag, key))
@@ -167,6 +172,16 @@ pub(super) struct Started {
     pub(super) vmm: jail::Vmm,
     pub(super) ends: HostEnds,
     pub(super) warm: bool,
+    /// Which of the candidates was restored (none: booted).
+    pub(super) restored: Option<usize>,
+}
+
+/// A snapshot [`restore_or_boot`] may restore.
+pub(super) struct Candidate<'a> {
+    pub(super) key: &'a str,
+    pub(super) tag: &'a str,
+    /// Where the restored VMM may write a snapshot (it will be asked for one).
+    pub(super) snapshot_out: Option<&'a Path>,
 }
 
 /// Where a run's VMM process goes (see `jail::Request`).
@@ -199,34 +214,41 @@ impl<'a> Place<'a> {
     }
 }
 
-/// Restores the machine's warm-start snapshot (unless `cold`), or builds it to boot with a
-/// fresh initramfs in `dir`. A snapshot that cannot be restored is removed, with one line.
+/// Restores the first of `candidates` there is (unless `cold`), or builds the machine to boot
+/// with a fresh initramfs in `dir`. A snapshot that cannot be restored is removed, with one line,
+/// and the next is tried.
 pub(super) fn restore_or_boot(
     machine: &Machine,
     snaps: &snapshots::Snapshots,
-    key: &str,
-    tag: &str,
+    candidates: &[Candidate],
     cold: bool,
     dir: &Path,
     place: &Place,
 ) -> Result<Started, Error> {
-    if !cold {
-        if let Some(sdir) = snaps.find(key) {
-            let (cfg, ends) = machine.config(None)?;
-            match jail::spawn(place.request(cfg, Some((sdir.as_path(), tag)), None)) {
-                Ok(vmm) => {
-                    return Ok(Started {
-                        vmm,
-                        ends,
-                        warm: true,
-                    })
-                }
-                Err(jail::SpawnError::Restore(e)) => {
-                    eprintln!("rvmm: not using snapshot {key} ({e}); booting the kernel instead");
-                    snaps.remove(key);
-                }
-                Err(jail::SpawnError::Other(e)) => return Err(Error::Create(e)),
+    for (i, c) in candidates.iter().enumerate().filter(|_| !cold) {
+        let Some(sdir) = snaps.find(c.key) else {
+            continue;
+        };
+        let (cfg, ends) = machine.config(None)?;
+        match jail::spawn(place.request(cfg, Some((sdir.as_path(), c.tag)), c.snapshot_out)) {
+            Ok(vmm) => {
+                return Ok(Started {
+                    vmm,
+                    ends,
+                    warm: true,
+                    restored: Some(i),
+                })
             }
+            Err(jail::SpawnError::Restore(e)) => {
+                let next = if i + 1 < candidates.len() {
+                    "trying the next one"
+                } else {
+                    "booting the kernel instead"
+                };
+                eprintln!("rvmm: not using snapshot {} ({e}); {next}", c.key);
+                snaps.remove(c.key);
+            }
+            Err(jail::SpawnError::Other(e)) => return Err(Error::Create(e)),
         }
     }
     let (cfg, ends) = machine.config(Some(machine.initrd(dir)?))?;
@@ -236,5 +258,6 @@ pub(super) fn restore_or_boot(
         vmm,
         ends,
         warm: false,
+        restored: None,
     })
 }

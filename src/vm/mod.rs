@@ -246,7 +246,7 @@ pub fn prewarm(
         console: work.path().join("console.log"),
         shares: Vec::new(),
     };
-    let (identity, tag, key) = machine.identity()?;
+    let (identity, tag, key) = machine.identity(None)?;
     if snaps.find(&key).is_some() {
         return Ok(Prewarmed {
             key,
@@ -440,7 +440,13 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     )?;
     let (vcpus, mem_mib) = (machine.vcpus, machine.mem_mib);
     let snaps = snapshots::Snapshots::new(&opts.root);
-    let (identity, tag, key) = machine.identity()?;
+    let (identity, tag, key) = machine.identity(None)?;
+    // The image's snapshot: this machine with this image's root built (docs/snapshots.md).
+    let image = if opts.cold || !image_snapshots() {
+        None
+    } else {
+        Some(machine.identity(Some(&disk))?)
+    };
     // The VMM process: its cgroup, the mount point of its root, and (unless --cold) where a
     // boot writes the warm-start snapshot before rvmm moves it into place.
     let cg = vmm_cgroup(&opts.id, vcpus, mem_mib)?;
@@ -459,8 +465,41 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         cgroup: Some(&cg),
         snapshot_out: staging.as_ref().map(|t| t.path()),
     };
-    let started = machine::restore_or_boot(&machine, &snaps, &key, &tag, opts.cold, &dir, &place)?;
+    // The image's snapshot first, else the machine's (whose VMM is then asked for the image's).
+    let mut candidates = Vec::new();
+    if let Some((_, itag, ikey)) = &image {
+        candidates.push(machine::Candidate {
+            key: ikey,
+            tag: itag,
+            snapshot_out: None,
+        });
+    }
+    candidates.push(machine::Candidate {
+        key: &key,
+        tag: &tag,
+        snapshot_out: image.as_ref().and(place.snapshot_out),
+    });
+    let started = machine::restore_or_boot(&machine, &snaps, &candidates, opts.cold, &dir, &place)?;
     let warm = started.warm;
+    let from_image = image.is_some() && started.restored == Some(0);
+    let plan = |(identity, tag, key): (String, String, String)| session::SnapshotPlan {
+        dir: snaps.dir().to_owned(),
+        key,
+        tag,
+        identity,
+        run_id: opts.id.clone(),
+    };
+    // Take the machine's snapshot at READY: a cold boot of a kind that has none yet, unless
+    // --cold; and the image's at ROOTED, unless this run restored it.
+    let at_ready = (!opts.cold && !warm && snaps.find(&key).is_none())
+        .then(|| plan((identity, tag, key.clone())));
+    let restored_key = match (&image, from_image) {
+        (Some((_, _, k)), true) => k.clone(),
+        _ => key,
+    };
+    let at_root = image
+        .filter(|(_, _, k)| !from_image && snaps.find(k).is_none())
+        .map(plan);
     let tail = Tail {
         spec,
         dir,
@@ -470,7 +509,10 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
         remove: opts.remove,
         logs_itself: opts.logs_itself,
         address,
-        key: key.clone(),
+        key: restored_key,
+        from_image,
+        at_ready,
+        at_root,
         t0,
         t_disk,
         t_setup: t0.elapsed(),
@@ -478,7 +520,7 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     if warm {
         // A restored guest needs nothing more of rvmm's big binary: the small rvmm-vmm binary
         // takes over this process for the rest of the run (handover.rs). Not after a cold boot:
-        // that run still saves the snapshot.
+        // that run still saves the machine's snapshot.
         if let Some(exe) = handover::target() {
             let e = handover::exec(
                 &exe,
@@ -491,18 +533,14 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
             log::warn!("starting {}: {e}; rvmm keeps the run itself", exe.display());
         }
     }
-    // Take a snapshot at READY: a cold boot of a kind that has none yet, unless --cold.
-    let snapshot =
-        (!opts.cold && !warm && snaps.find(&key).is_none()).then_some(session::SnapshotAtReady {
-            snaps: &snaps,
-            key: &key,
-            tag: &tag,
-            identity: &identity,
-            run_id: &opts.id,
-        });
-    let code = run_tail(tail, started, snapshot, publisher, run);
+    let code = run_tail(tail, started, publisher, run);
     drop(staging);
     code
+}
+
+/// Whether runs save and restore image snapshots (`RVMM_IMAGE_SNAPSHOTS=0` turns them off).
+fn image_snapshots() -> bool {
+    std::env::var_os("RVMM_IMAGE_SNAPSHOTS").is_none_or(|v| v != "0")
 }
 
 /// A VM run once its VMM is up, as `rvmm run` hands it to [`run_tail`] (in this process, or in
@@ -522,8 +560,16 @@ pub(crate) struct Tail {
     logs_itself: bool,
     /// Where the published ports go.
     address: Option<std::net::Ipv4Addr>,
-    /// The snapshot's key (for the error of a restored guest that does not start).
+    /// The restored snapshot's key (for the error of a restored guest that does not start).
     key: String,
+    /// The restored snapshot is the image's: the guest has its root built.
+    #[serde(default)]
+    from_image: bool,
+    /// The snapshots this run saves: the machine's at READY, the image's at ROOTED.
+    #[serde(default)]
+    at_ready: Option<session::SnapshotPlan>,
+    #[serde(default)]
+    at_root: Option<session::SnapshotPlan>,
     /// When the run started (handed over as CLOCK_MONOTONIC).
     #[serde(skip, default = "Instant::now")]
     t0: Instant,
@@ -570,13 +616,11 @@ impl RunBook for crate::run::Cleanup {
 fn run_tail(
     t: Tail,
     started: machine::Started,
-    snapshot: Option<session::SnapshotAtReady<'_>>,
     publisher: Option<crate::net::Publisher>,
     mut book: impl RunBook,
 ) -> Result<u8> {
     let warm = started.warm;
-    let start = start_frames(&t.spec, t.use_boot, t.mac)?;
-    let start_bytes = start.len();
+    let start = StartMaker::new(&t.spec, t.use_boot, t.mac);
     // A detached run without a supervisor writes the workload's output to its log itself.
     let own_log = t
         .logs_itself
@@ -587,9 +631,10 @@ fn run_tail(
         dir: t.dir.clone(),
         vmm: started.vmm.controller(),
         disk: t.disk.clone(),
-        start,
+        start: &start,
         warm,
-        snapshot,
+        at_ready: t.at_ready.clone(),
+        at_root: t.at_root.clone(),
         t0: t.t0,
         output: own_log.as_ref().map(|l| l.fds()),
     };
@@ -610,7 +655,12 @@ fn run_tail(
         t.t_setup,
         out.started_at,
     );
-    timings(&out, warm, start_bytes, t.t_disk, t.t_setup, total);
+    let restored = match (warm, t.from_image) {
+        (false, _) => "none",
+        (true, true) => "image",
+        (true, false) => "machine",
+    };
+    timings(&out, warm, restored, t.t_disk, t.t_setup, total);
     match exit_status(out, t.remove, &t.dir, warm, &t.key) {
         Ok(code) => Ok(book.finish(code, t.remove)),
         Err(e) => {
@@ -624,7 +674,7 @@ fn run_tail(
 fn timings(
     out: &session::Outcome,
     warm: bool,
-    start_bytes: usize,
+    restored: &str,
     t_disk: Duration,
     t_setup: Duration,
     total: Duration,
@@ -635,14 +685,16 @@ fn timings(
     let (init, exec, spec_at) = out.report.guest_times.unwrap_or((0, 0, 0));
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as i64).unwrap_or(-1);
     eprintln!(
-        "rvmm-timings warm={} start_bytes={start_bytes} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_frame_ms={} exit_ms={}",
+        "rvmm-timings warm={} start_bytes={} disk_ms={} setup_ms={} snapshot_ms={} guest_init_uptime_ms={init} guest_spec_uptime_ms={spec_at} guest_exec_uptime_ms={exec} started_ms={} exit_frame_ms={} exit_ms={} restored={restored} image_snapshot_ms={}",
         u8::from(warm),
+        out.start_bytes,
         t_disk.as_millis(),
         t_setup.as_millis(),
         ms(out.snapshot_took),
         ms(out.started_at),
         ms(out.exit_frame_at),
-        total.as_millis()
+        total.as_millis(),
+        ms(out.image_snapshot_took),
     );
 }
 
@@ -722,7 +774,7 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
     )?;
     let root = crate::paths::default_root();
     let snaps = snapshots::Snapshots::new(&root);
-    let (identity, tag, key) = machine.identity()?;
+    let (identity, tag, key) = machine.identity(None)?;
     let jail_dir = r.dir.join("vmm-root");
     std::fs::create_dir_all(&jail_dir).at(|| format!("creating {}", jail_dir.display()))?;
     // Not a run of the registry: its snapshot files go under a name `snapshot gc` can tell is
@@ -735,7 +787,12 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
         cgroup: Some(r.cgroup),
         snapshot_out: Some(staging.path()),
     };
-    let started = machine::restore_or_boot(&machine, &snaps, &key, &tag, false, r.dir, &place)?;
+    let candidates = [machine::Candidate {
+        key: &key,
+        tag: &tag,
+        snapshot_out: None,
+    }];
+    let started = machine::restore_or_boot(&machine, &snaps, &candidates, false, r.dir, &place)?;
     let warm = started.warm;
     let t_setup = t0.elapsed();
     if !ready() {
@@ -743,38 +800,32 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
         let _ = started.vmm.wait();
         return Ok(128 + libc::SIGKILL);
     }
-    let snapshot = (!warm && snaps.find(&key).is_none()).then_some(session::SnapshotAtReady {
-        snaps: &snaps,
-        key: &key,
-        tag: &tag,
-        identity: &identity,
-        run_id: &owner,
+    let at_ready = (!warm && snaps.find(&key).is_none()).then(|| session::SnapshotPlan {
+        dir: snaps.dir().to_owned(),
+        key: key.clone(),
+        tag,
+        identity,
+        run_id: owner,
     });
     // The time waiting for `start` is the engine's, not the run's.
     let t0 = Instant::now();
-    let start = start_frames(&spec, use_boot, mac)?;
-    let start_bytes = start.len();
+    let start = StartMaker::new(&spec, use_boot, mac);
     let session = session::Session {
         spec: &spec,
         dir: r.dir.to_path_buf(),
         vmm: started.vmm.controller(),
         disk: None,
-        start,
+        start: &start,
         warm,
-        snapshot,
+        at_ready,
+        at_root: None,
         t0,
         output: None,
     };
     let out = session.run(started.vmm, started.ends, None, None, || {})?;
     drop(staging);
-    timings(
-        &out,
-        warm,
-        start_bytes,
-        Duration::ZERO,
-        t_setup,
-        t0.elapsed(),
-    );
+    let restored = if warm { "machine" } else { "none" };
+    timings(&out, warm, restored, Duration::ZERO, t_setup, t0.elapsed());
     exit_status(out, false, r.dir, warm, &key)
 }
 
@@ -833,26 +884,60 @@ fn snapshot_staging(snaps: &snapshots::Snapshots, id: &str) -> Result<tempfile::
         .at(|| format!("creating a directory in {}", snaps.dir().display()))?)
 }
 
-/// The `Start` (what makes this run this run) as channel frames. Docker's default privileges
+/// What makes a run's `Start` (what makes this run this run). Docker's default privileges
 /// travel in the initramfs (and so in the snapshot), not over the channel.
-fn start_frames(spec: &RunSpec, use_boot: bool, mac: Option<[u8; 6]>) -> Result<Vec<u8>> {
-    let mut start_spec = spec.clone();
-    if use_boot {
-        start_spec.security = Default::default();
+pub(super) struct StartMaker {
+    spec: RunSpec,
+    use_boot: bool,
+    mac: Option<[u8; 6]>,
+}
+
+impl StartMaker {
+    fn new(spec: &RunSpec, use_boot: bool, mac: Option<[u8; 6]>) -> Self {
+        let mut spec = spec.clone();
+        if use_boot {
+            spec.security = Default::default();
+        }
+        Self {
+            spec,
+            use_boot,
+            mac,
+        }
     }
-    let start = rvmm_proto::Start {
-        spec: start_spec,
-        boot_security: use_boot,
-        entropy: machine::random_bytes::<64>()?.to_vec(),
-        realtime: {
-            let d = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            (d.as_secs() as i64, d.subsec_nanos())
-        },
-        mac,
-    };
-    let json = serde_json::to_vec(&start).map_err(Error::Json)?;
+
+    /// The run's `Start` as channel frames, with fresh entropy and the host's clock now.
+    pub(super) fn frames(&self) -> Result<Vec<u8>> {
+        encode_start(&rvmm_proto::Start {
+            spec: self.spec.clone(),
+            boot_security: self.use_boot,
+            entropy: machine::random_bytes::<64>()?.to_vec(),
+            realtime: realtime_now(),
+            mac: self.mac,
+            pause_at_root: false,
+        })
+    }
+
+    /// A root-only `Start`: nothing of the run in it (an image snapshot is saved after it, and
+    /// every later run of the image restores what the guest holds then).
+    pub(super) fn root_only() -> Result<Vec<u8>> {
+        encode_start(&rvmm_proto::Start {
+            entropy: machine::random_bytes::<64>()?.to_vec(),
+            realtime: realtime_now(),
+            pause_at_root: true,
+            ..Default::default()
+        })
+    }
+}
+
+fn realtime_now() -> (i64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
+fn encode_start(start: &rvmm_proto::Start) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(start).map_err(Error::Json)?;
     let mut frames = frame::encode_chunked(frame::SPEC, &json);
     frames.extend(frame::encode(frame::SPEC_END, &[]));
     Ok(frames)

@@ -173,13 +173,45 @@ impl GuestReport {
     }
 }
 
-/// The snapshot a cold boot saves at READY.
-pub(super) struct SnapshotAtReady<'a> {
-    pub(super) snaps: &'a Snapshots,
-    pub(super) key: &'a str,
-    pub(super) tag: &'a str,
-    pub(super) identity: &'a str,
-    pub(super) run_id: &'a str,
+/// A snapshot a run saves on its way: its machine's at READY (a cold boot), or its image's at
+/// ROOTED (the first run of an image on a machine). Owned, so a handover carries it.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+pub(crate) struct SnapshotPlan {
+    /// The snapshots directory.
+    pub(super) dir: PathBuf,
+    pub(super) key: String,
+    pub(super) tag: String,
+    pub(super) identity: String,
+    pub(super) run_id: String,
+}
+
+impl SnapshotPlan {
+    /// Saves the VM's snapshot (paused meanwhile); how long it took, or None (logged).
+    fn save(&self, vmm: &VmmControl) -> Option<Duration> {
+        let snaps = Snapshots::at(self.dir.clone());
+        let t = Instant::now();
+        let saved = snaps.save(&self.key, &self.run_id, &self.identity, |d| {
+            vmm.snapshot(d, &self.tag)
+                .map_err(crate::vmm::Error::Snapshot)
+        });
+        match saved {
+            Ok(bytes) => {
+                log::info!("snapshot {} saved: {bytes} bytes of memory", self.key);
+                // Snapshots of a kernel, init, rvmm or image disk that has since been replaced.
+                for k in snaps.gc() {
+                    log::info!("removed unusable snapshot {k}");
+                }
+                Some(t.elapsed())
+            }
+            Err(e) => {
+                log::warn!(
+                    "cannot save a snapshot for warm starts: {}",
+                    crate::error::chain(&e)
+                );
+                None
+            }
+        }
+    }
 }
 
 /// What the loop needs of the run.
@@ -187,12 +219,16 @@ pub(super) struct Session<'a> {
     pub(super) spec: &'a RunSpec,
     pub(super) dir: PathBuf,
     pub(super) vmm: VmmControl,
-    /// The image disk, attached right before the `Start` (none: the root is shared).
+    /// The image disk, attached right before the first `Start` (none: the root is shared).
     pub(super) disk: Option<PathBuf>,
-    /// The `Start`, as frames; sent at READY (a restored guest is past READY: at once).
-    pub(super) start: Vec<u8>,
+    /// Makes the run's `Start`, sent at READY (a restored guest is past READY: at once).
+    pub(super) start: &'a super::StartMaker,
     pub(super) warm: bool,
-    pub(super) snapshot: Option<SnapshotAtReady<'a>>,
+    /// The machine's snapshot, saved at READY.
+    pub(super) at_ready: Option<SnapshotPlan>,
+    /// The image's snapshot: a root-only `Start` goes first, and the snapshot is saved when the
+    /// guest says ROOTED; then the run's `Start`.
+    pub(super) at_root: Option<SnapshotPlan>,
     pub(super) t0: Instant,
     /// Where the workload's stdout and stderr go: the run's log (a detached run,
     /// `run::supervise::OwnLog`), else this process's stdout and stderr.
@@ -213,16 +249,21 @@ pub(super) struct Outcome {
     /// How the VMM process ended.
     pub(super) vm_result: Result<VmExit, String>,
     pub(super) started_at: Option<Duration>,
+    /// Saving the machine's snapshot at READY, and the image's at ROOTED.
     pub(super) snapshot_took: Option<Duration>,
+    pub(super) image_snapshot_took: Option<Duration>,
     pub(super) exit_frame_at: Option<Duration>,
+    /// The size of the run's `Start` as frames.
+    pub(super) start_bytes: usize,
 }
 
 /// The mutable state of the loop.
 struct Loop<'s, 'a> {
     s: &'s Session<'a>,
     to_guest: GuestWriter,
-    start: Option<Vec<u8>>,
-    snapshot: Option<&'s SnapshotAtReady<'a>>,
+    /// What has gone to the guest of the `Start`s.
+    sent: Sent,
+    at_ready: Option<&'s SnapshotPlan>,
     exec_server: Option<exec::ExecServer>,
     /// Says "the workload runs" to the stdin feeder.
     started_tx: std::sync::mpsc::Sender<()>,
@@ -277,8 +318,8 @@ impl Session<'_> {
         let mut l = Loop {
             s: self,
             to_guest: GuestWriter::new(to_guest),
-            start: Some(self.start.clone()),
-            snapshot: self.snapshot.as_ref(),
+            sent: Sent::Nothing,
+            at_ready: self.at_ready.as_ref(),
             exec_server: None,
             started_tx,
             publisher,
@@ -293,7 +334,9 @@ impl Session<'_> {
                 vm_result: Ok(VmExit::Stopped),
                 started_at: None,
                 snapshot_took: None,
+                image_snapshot_took: None,
                 exit_frame_at: None,
+                start_bytes: 0,
             },
         };
         if self.warm {
@@ -362,26 +405,72 @@ impl Session<'_> {
     }
 }
 
+/// What the loop has sent the guest of its `Start`s.
+#[derive(PartialEq)]
+enum Sent {
+    Nothing,
+    /// The root-only `Start`: the run's follows at ROOTED.
+    RootOnly,
+    Run,
+}
+
 impl Loop<'_, '_> {
-    /// Attaches the disk and queues the `Start`.
+    /// Attaches the disk and queues the first `Start`: the root-only one when the image's
+    /// snapshot is to be saved, else the run's.
     fn send_start(&mut self) {
-        let Some(frames) = self.start.take() else {
+        if self.sent != Sent::Nothing {
             return;
-        };
+        }
         let attached = match &self.s.disk {
             Some(d) => self.s.vmm.replace_disk(0, d),
             None => Ok(()),
         };
-        match attached {
-            Ok(()) => self.to_guest.try_send(frames),
+        if let Err(e) = attached {
+            // A VMM that died says why in the run's one line instead.
+            if !self.s.vmm.has_ended() {
+                eprintln!("rvmm: {}", crate::error::chain(&Error::AttachDisk(e)));
+            }
+            self.s.vmm.stop();
+            return;
+        }
+        if self.s.at_root.is_some() && self.s.disk.is_some() {
+            self.sent = Sent::RootOnly;
+            self.queue(super::StartMaker::root_only());
+        } else {
+            self.send_run_start();
+        }
+    }
+
+    /// Queues the run's `Start`, made now (its clock is the host's now).
+    fn send_run_start(&mut self) {
+        self.sent = Sent::Run;
+        let frames = self.s.start.frames();
+        if let Ok(f) = &frames {
+            self.out.start_bytes = f.len();
+        }
+        self.queue(frames);
+    }
+
+    fn queue(&mut self, frames: Result<Vec<u8>, Error>) {
+        match frames {
+            Ok(f) => self.to_guest.try_send(f),
             Err(e) => {
-                // A VMM that died says why in the run's one line instead.
-                if !self.s.vmm.has_ended() {
-                    eprintln!("rvmm: {}", crate::error::chain(&Error::AttachDisk(e)));
-                }
+                eprintln!("rvmm: {}", crate::error::chain(&e));
                 self.s.vmm.stop();
             }
         }
+    }
+
+    /// ROOTED: the guest built the image's root for the root-only `Start`. The image's
+    /// snapshot is saved, then the run's `Start` goes. (Unasked for, it means nothing.)
+    fn rooted(&mut self) {
+        if self.sent != Sent::RootOnly {
+            return;
+        }
+        if let Some(plan) = &self.s.at_root {
+            self.out.image_snapshot_took = plan.save(&self.s.vmm);
+        }
+        self.send_run_start();
     }
 
     fn send_winsize(&self) {
@@ -452,6 +541,10 @@ impl Loop<'_, '_> {
             self.ready();
             return false;
         }
+        if kind == frame::ROOTED {
+            self.rooted();
+            return false;
+        }
         if exec::is_exec_frame(kind) {
             if let Some(s) = &self.exec_server {
                 s.deliver(kind, payload);
@@ -477,30 +570,10 @@ impl Loop<'_, '_> {
         true
     }
 
-    /// READY: a cold boot saves the warm-start snapshot first (once), then the `Start` goes.
+    /// READY: a cold boot saves the machine's snapshot first (once), then the `Start` goes.
     fn ready(&mut self) {
-        if let Some(snap) = self.snapshot.take() {
-            let t = Instant::now();
-            let saved = snap.snaps.save(snap.key, snap.run_id, snap.identity, |d| {
-                self.s
-                    .vmm
-                    .snapshot(d, snap.tag)
-                    .map_err(crate::vmm::Error::Snapshot)
-            });
-            match saved {
-                Ok(bytes) => {
-                    log::info!("snapshot {} saved: {bytes} bytes of memory", snap.key);
-                    self.out.snapshot_took = Some(t.elapsed());
-                    // Snapshots of a kernel, init or rvmm that has since been replaced.
-                    for k in snap.snaps.gc() {
-                        log::info!("removed unusable snapshot {k}");
-                    }
-                }
-                Err(e) => log::warn!(
-                    "cannot save a snapshot for warm starts: {}",
-                    crate::error::chain(&e)
-                ),
-            }
+        if let Some(plan) = self.at_ready.take() {
+            self.out.snapshot_took = plan.save(&self.s.vmm);
         }
         self.send_start();
     }

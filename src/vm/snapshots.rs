@@ -36,8 +36,13 @@ pub struct Info {
     pub tag: Option<String>,
     /// Bytes allocated on disk (the memory file is sparse).
     pub disk_bytes: u64,
-    /// The kernel, rvmm-init and rvmm binary it was made with are still there, unchanged.
+    /// The kernel, rvmm-init and rvmm binary it was made with (and an image snapshot's image
+    /// disk) are still there, unchanged.
     pub inputs_unchanged: bool,
+    /// An image snapshot's image ID (its disk's name); None for a machine snapshot.
+    pub image: Option<String>,
+    /// The tag of the machine it was made on (for an image snapshot, not its own tag).
+    pub machine_tag: Option<String>,
     pub created: std::time::SystemTime,
 }
 
@@ -49,6 +54,11 @@ impl Snapshots {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("snapshots"));
+        Self { dir }
+    }
+
+    /// The snapshots in `dir`.
+    pub fn at(dir: PathBuf) -> Self {
         Self { dir }
     }
 
@@ -199,8 +209,12 @@ fn info(path: &Path) -> Info {
         Some(h) if memory_ok => (Some(h.layout), Some(h.rvmm), Some(h.tag)),
         _ => (None, None, None),
     };
-    let inputs_unchanged = std::fs::read_to_string(path.join(IDENTITY_FILE))
-        .is_ok_and(|id| inputs_unchanged(&id) && tag.as_deref() == Some(&*hash(&id)));
+    let identity = std::fs::read_to_string(path.join(IDENTITY_FILE)).ok();
+    let inputs_unchanged = identity
+        .as_deref()
+        .is_some_and(|id| inputs_unchanged(id) && tag.as_deref() == Some(&*hash(id)));
+    let image = identity.as_deref().and_then(image_of);
+    let machine_tag = identity.as_deref().map(|id| hash(&machine_identity(id)));
     Info {
         key,
         path: path.to_owned(),
@@ -210,7 +224,32 @@ fn info(path: &Path) -> Info {
         disk_bytes,
         created,
         inputs_unchanged,
+        image,
+        machine_tag,
     }
+}
+
+/// The identity of an image snapshot: the machine's `identity` and the image disk's. It goes
+/// stale (and `gc` removes it) when the disk is removed or rebuilt.
+pub fn image_identity(identity: &str, disk: &Path) -> String {
+    format!("{identity}image {}\n", file_id(disk))
+}
+
+/// An identity without its image line: the machine's.
+fn machine_identity(identity: &str) -> String {
+    identity
+        .lines()
+        .filter(|l| !l.starts_with("image "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The image ID of an image snapshot's identity: its disk's name (`ID.erofs`), 12 characters.
+fn image_of(identity: &str) -> Option<String> {
+    let l = identity.lines().find_map(|l| l.strip_prefix("image "))?;
+    let path = l.rsplitn(4, ' ').nth(3).unwrap_or(l);
+    let name = Path::new(path).file_stem()?.to_string_lossy().into_owned();
+    Some(name.chars().take(12).collect())
 }
 
 /// A file's identity without reading it: path, size, change time and inode. A rebuilt kernel or
@@ -264,7 +303,7 @@ fn inputs_unchanged(identity: &str) -> bool {
         let Some((what, id)) = l.split_once(' ') else {
             return true;
         };
-        if !matches!(what, "kernel" | "init" | "rvmm") {
+        if !matches!(what, "kernel" | "init" | "rvmm" | "image") {
             return true;
         }
         // "PATH SIZE MTIME INODE" (the path may hold spaces).
@@ -329,6 +368,44 @@ mod tests {
         assert!(!inputs_unchanged(&id));
         std::fs::remove_file(&i).unwrap();
         assert!(!inputs_unchanged(&id));
+    }
+
+    #[test]
+    fn an_image_snapshot_is_its_machines_and_goes_stale_with_its_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let (k, i) = (d.path().join("vmlinux"), d.path().join("init"));
+        let disk = d.path().join("0123456789abcdef0123.erofs");
+        for (p, b) in [(&k, &b"k"[..]), (&i, b"i"), (&disk, b"disk")] {
+            std::fs::write(p, b).unwrap();
+        }
+        let machine = identity(&k, &i, "console=ttyS0", b"{}");
+        let image = image_identity(&machine, &disk);
+        assert_ne!(hash(&image), hash(&machine));
+        assert_eq!(hash(&machine_identity(&image)), hash(&machine));
+        assert_eq!(image_of(&image).as_deref(), Some("0123456789ab"));
+        assert_eq!(image_of(&machine), None);
+        assert!(inputs_unchanged(&image));
+        // A rebuilt (or removed) image disk: the snapshot is stale, its machine's is not.
+        std::fs::write(&disk, b"another disk").unwrap();
+        assert!(!inputs_unchanged(&image) && inputs_unchanged(&machine));
+        // As `ls` and `gc` read it from the snapshot's directory.
+        let s = Snapshots::at(d.path().join("snaps"));
+        let image = image_identity(&machine, &disk);
+        s.save("ik", "run1", &image, |p| {
+            std::fs::create_dir_all(p).unwrap();
+            let head = serde_json::json!({"rvmm": snapshot::rvmm_version(),
+                "tag": hash(&image), "layout": layout(256)});
+            std::fs::write(p.join(snapshot::STATE_FILE), head.to_string()).unwrap();
+            std::fs::write(p.join(snapshot::MEMORY_FILE), b"").unwrap();
+            Ok(0)
+        })
+        .unwrap();
+        let l = s.list();
+        assert_eq!(l[0].image.as_deref(), Some("0123456789ab"));
+        assert_eq!(l[0].machine_tag.as_deref(), Some(&*hash(&machine)));
+        assert!(l[0].inputs_unchanged);
+        std::fs::remove_file(&disk).unwrap();
+        assert_eq!(s.gc(), vec!["ik".to_string()]);
     }
 
     #[test]

@@ -790,9 +790,10 @@ impl Vmm {
     /// Takes over the VMM process `pid` (a child of this process, started before this process
     /// exec'd) and its control socket `sock`, as [`Vmm::raw_parts`] gave them. The VMM must be
     /// idle: a reply in flight at the exec was lost with the old reader.
-    pub fn adopt(pid: i32, sock: OwnedFd) -> Result<Vmm, String> {
+    /// `snapshot_out`: the directory the VMM was given to write a snapshot into, if any.
+    pub fn adopt(pid: i32, sock: OwnedFd, snapshot_out: Option<PathBuf>) -> Result<Vmm, String> {
         Ok(Vmm {
-            ctl: control(pid, sock, None)?,
+            ctl: control(pid, sock, snapshot_out)?,
         })
     }
 

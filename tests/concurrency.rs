@@ -757,11 +757,34 @@ fn many_runs_at_once_share_nothing_and_leave_nothing() {
     }
     assert!(!images.contains("alias"), "{images}");
     if let Some(before) = snapshot {
+        // The machine's snapshot is as it was; what was added is whole image snapshots (the
+        // first VM run of each image saves one; runs racing to save the same keep the first).
+        let after = snapshot_files(&env.snaps);
+        let (kept, added): (Vec<_>, Vec<_>) = after.into_iter().partition(|f| before.contains(f));
         assert_eq!(
-            snapshot_files(&env.snaps),
-            before,
+            kept, before,
             "the snapshot the VMs were restored from changed"
         );
+        let mut keys: Vec<&str> = added
+            .iter()
+            .filter_map(|f| f.0.split_once('/'))
+            .map(|(k, _)| k)
+            .collect();
+        keys.dedup();
+        for k in &keys {
+            let files: Vec<&str> = added
+                .iter()
+                .filter_map(|f| f.0.strip_prefix(&format!("{k}/")))
+                .collect();
+            assert_eq!(files, ["identity.txt", "memory", "snapshot.json"], "{k}");
+            let id = std::fs::read_to_string(env.snaps.join(k).join("identity.txt"))
+                .expect("identity.txt");
+            assert!(
+                id.contains("\nimage "),
+                "{k} is not an image snapshot: {id}"
+            );
+        }
+        assert_eq!(keys.len() * 3, added.len(), "{added:?}");
     }
     drop(reaper);
     eprintln!(

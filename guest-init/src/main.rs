@@ -52,6 +52,9 @@ pub static INIT_UPTIME_MS: std::sync::atomic::AtomicU32 = std::sync::atomic::Ato
 /// Guest uptime when the `Start` arrived.
 pub static SPEC_UPTIME_MS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// At most this many bytes of the image are read ahead for an image snapshot.
+const PREFETCH_MAX: u64 = 64 << 20;
+
 /// How long the image disk may take to appear after the `Start`.
 const DISK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -331,6 +334,8 @@ fn run(
         // A root-only start: the image's root, then the host snapshots this guest and sends the
         // run's own start (a guest restored from that snapshot carries on from here).
         image_root(staged, rw_staged)?;
+        sys::prefetch(NEWROOT, &start.prefetch, PREFETCH_MAX);
+        sys::trace("prefetched");
         ch.send(frame::ROOTED, &[]);
         start = read_start(ch)?;
         sys::trace("start received at the root");

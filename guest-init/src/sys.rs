@@ -533,6 +533,35 @@ pub fn recv_with_fds(sock: libc::c_int, buf: &mut [u8]) -> Option<(usize, Vec<li
 
 #[cfg(test)]
 mod tests {
+    /// A dynamic program's interpreter is found (this test binary's); a static one, another file
+    /// or a damaged header has none, and nothing panics.
+    #[test]
+    fn elf_interpreters() {
+        use std::os::fd::AsRawFd;
+        let exe = std::fs::File::open("/proc/self/exe").expect("exe");
+        let mut head = vec![0u8; 4096];
+        // SAFETY: reading into our buffer.
+        let n = unsafe { libc::pread(exe.as_raw_fd(), head.as_mut_ptr().cast(), head.len(), 0) };
+        head.truncate(n.max(0) as usize);
+        let interp = super::elf_interpreter(exe.as_raw_fd(), &head);
+        assert!(
+            interp.as_deref().is_some_and(|p| p.starts_with("/lib")),
+            "{interp:?}"
+        );
+        assert_eq!(super::elf_interpreter(exe.as_raw_fd(), &head[..40]), None);
+        assert_eq!(
+            super::elf_interpreter(exe.as_raw_fd(), b"#!/bin/sh\n"),
+            None
+        );
+        let mut bad = head.clone();
+        bad[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(super::elf_interpreter(exe.as_raw_fd(), &bad), None);
+        bad[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        bad[0x36..0x38].copy_from_slice(&u16::MAX.to_le_bytes());
+        bad[0x38..0x3a].copy_from_slice(&u16::MAX.to_le_bytes());
+        let _ = super::elf_interpreter(exe.as_raw_fd(), &bad);
+    }
+
     /// The `/proc/self/smaps` fields (in kB) of the mapping that holds `addr`.
     fn smaps_of(addr: usize) -> std::collections::HashMap<String, u64> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
@@ -625,4 +654,129 @@ mod tests {
             libc::close(fd);
         }
     }
+}
+
+/// Reads `paths` (absolute, resolved inside `root` as if it were /) and, for an ELF program, its
+/// interpreter, into the page cache: whole files, at most `max` bytes in all, synchronously (no
+/// read is in flight when this returns). Best effort: what cannot be read is skipped.
+pub fn prefetch(root: &str, paths: &[String], max: u64) {
+    // SAFETY: NUL-terminated path; the fd is ours.
+    let dir = unsafe {
+        libc::open(
+            c(root).as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return;
+    }
+    let mut left = max;
+    let mut buf = vec![0u8; 128 << 10];
+    let mut queue: Vec<String> = paths.to_vec();
+    let mut done: Vec<String> = Vec::new();
+    while let Some(p) = queue.pop() {
+        if done.contains(&p) || done.len() >= 8 {
+            continue;
+        }
+        done.push(p.clone());
+        let fd = open_in_root(dir, &p);
+        if fd < 0 {
+            continue;
+        }
+        let mut head = Vec::new();
+        let mut off: u64 = 0;
+        loop {
+            if left == 0 {
+                break;
+            }
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            // SAFETY: reading into our buffer, at most its length.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), want) };
+            if n <= 0 {
+                break;
+            }
+            let n = n as usize;
+            if off == 0 {
+                head.extend_from_slice(&buf[..n]);
+            }
+            off += n as u64;
+            left = left.saturating_sub(n as u64);
+        }
+        if let Some(interp) = elf_interpreter(fd, &head) {
+            queue.push(interp);
+        }
+        // SAFETY: closing our fd.
+        unsafe { libc::close(fd) };
+    }
+    // SAFETY: closing our fd.
+    unsafe { libc::close(dir) };
+}
+
+/// Opens `path` for reading, resolved inside the directory `dir` as its root (its symlinks
+/// cannot lead out); a regular file only, else -1.
+fn open_in_root(dir: libc::c_int, path: &str) -> libc::c_int {
+    // struct open_how: flags, mode, resolve.
+    let how: [u64; 3] = [
+        (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
+        0,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    ];
+    let Ok(cp) = std::ffi::CString::new(path) else {
+        return -1;
+    };
+    // SAFETY: openat2 with a valid dirfd, NUL-terminated path and a filled open_how.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir,
+            cp.as_ptr(),
+            how.as_ptr(),
+            std::mem::size_of_val(&how),
+        )
+    } as libc::c_int;
+    if fd < 0 {
+        return -1;
+    }
+    // SAFETY: fstat into a zeroed stat of our own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on our fd.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        // SAFETY: closing our fd.
+        unsafe { libc::close(fd) };
+        return -1;
+    }
+    fd
+}
+
+/// The interpreter (PT_INTERP) of a 64-bit little-endian ELF file whose first bytes are `head`
+/// (read from `fd` past them when needed). None for anything else, malformed ones included.
+pub fn elf_interpreter(fd: libc::c_int, head: &[u8]) -> Option<String> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(head.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(head.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(head.get(o..o + 8)?.try_into().ok()?));
+    if head.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let (phentsize, phnum) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
+    for i in 0..phnum.min(64) {
+        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        if u32_at(ph)? != 3 {
+            continue; // not PT_INTERP
+        }
+        let (off, size) = (u64_at(ph.checked_add(8)?)?, u64_at(ph.checked_add(32)?)?);
+        if size == 0 || size > 4096 {
+            return None;
+        }
+        let mut b = vec![0u8; size as usize];
+        // SAFETY: reading into our buffer, at most its length.
+        let n = unsafe { libc::pread(fd, b.as_mut_ptr().cast(), b.len(), off as libc::off_t) };
+        if n != size as isize {
+            return None;
+        }
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        let p = std::str::from_utf8(&b[..end]).ok()?;
+        return p.starts_with('/').then(|| p.to_string());
+    }
+    None
 }

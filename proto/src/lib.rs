@@ -367,6 +367,11 @@ pub struct Start {
     /// of the image start there (docs/snapshots.md, image snapshots).
     #[serde(default)]
     pub pause_at_root: bool,
+    /// With `pause_at_root`: files of the image (absolute, resolved in its root) to read into the
+    /// page cache before ROOTED, so the image snapshot holds them: the program the run will exec
+    /// (rvmm-init adds an ELF program's interpreter).
+    #[serde(default)]
+    pub prefetch: Vec<String>,
 }
 
 /// `rvmm exec` in a VM: what the guest needs to start the process, on top of the workload's own

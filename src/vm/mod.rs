@@ -914,16 +914,24 @@ impl StartMaker {
             realtime: realtime_now(),
             mac: self.mac,
             pause_at_root: false,
+            prefetch: Vec::new(),
         })
     }
 
-    /// A root-only `Start`: nothing of the run in it (an image snapshot is saved after it, and
-    /// every later run of the image restores what the guest holds then).
-    pub(super) fn root_only() -> Result<Vec<u8>> {
+    /// A root-only `Start`: nothing of the run in it but the path of the program it execs, to
+    /// read ahead (an image snapshot is saved after it, and every later run of the image
+    /// restores what the guest holds then).
+    pub(super) fn root_only(&self) -> Result<Vec<u8>> {
+        let argv0 = self.spec.argv.first().filter(|a| a.starts_with('/'));
         encode_start(&rvmm_proto::Start {
             entropy: machine::random_bytes::<64>()?.to_vec(),
             realtime: realtime_now(),
             pause_at_root: true,
+            prefetch: argv0
+                .or(self.spec.exec_hint.as_ref())
+                .cloned()
+                .into_iter()
+                .collect(),
             ..Default::default()
         })
     }

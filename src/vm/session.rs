@@ -435,7 +435,7 @@ impl Loop<'_, '_> {
         }
         if self.s.at_root.is_some() && self.s.disk.is_some() {
             self.sent = Sent::RootOnly;
-            self.queue(super::StartMaker::root_only());
+            self.queue(self.s.start.root_only());
         } else {
             self.send_run_start();
         }

@@ -531,131 +531,6 @@ pub fn recv_with_fds(sock: libc::c_int, buf: &mut [u8]) -> Option<(usize, Vec<li
     }
 }
 
-#[cfg(test)]
-mod tests {
-    /// A dynamic program's interpreter is found (this test binary's); a static one, another file
-    /// or a damaged header has none, and nothing panics.
-    #[test]
-    fn elf_interpreters() {
-        use std::os::fd::AsRawFd;
-        let exe = std::fs::File::open("/proc/self/exe").expect("exe");
-        let mut head = vec![0u8; 4096];
-        // SAFETY: reading into our buffer.
-        let n = unsafe { libc::pread(exe.as_raw_fd(), head.as_mut_ptr().cast(), head.len(), 0) };
-        head.truncate(n.max(0) as usize);
-        let interp = super::elf_interpreter(exe.as_raw_fd(), &head);
-        assert!(
-            interp.as_deref().is_some_and(|p| p.starts_with("/lib")),
-            "{interp:?}"
-        );
-        assert_eq!(super::elf_interpreter(exe.as_raw_fd(), &head[..40]), None);
-        assert_eq!(
-            super::elf_interpreter(exe.as_raw_fd(), b"#!/bin/sh\n"),
-            None
-        );
-        let mut bad = head.clone();
-        bad[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert_eq!(super::elf_interpreter(exe.as_raw_fd(), &bad), None);
-        bad[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-        bad[0x36..0x38].copy_from_slice(&u16::MAX.to_le_bytes());
-        bad[0x38..0x3a].copy_from_slice(&u16::MAX.to_le_bytes());
-        let _ = super::elf_interpreter(exe.as_raw_fd(), &bad);
-    }
-
-    /// The `/proc/self/smaps` fields (in kB) of the mapping that holds `addr`.
-    fn smaps_of(addr: usize) -> std::collections::HashMap<String, u64> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-        let mut fields = std::collections::HashMap::new();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let head = line.split_whitespace().next().unwrap_or("");
-            if let Some((a, b)) = head.split_once('-') {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    inside = (a..b).contains(&addr);
-                    continue;
-                }
-            }
-            if inside {
-                if let Some((k, v)) = line.split_once(':') {
-                    let kb = v.split_whitespace().next().and_then(|n| n.parse().ok());
-                    if let Some(kb) = kb {
-                        fields.insert(k.to_string(), kb);
-                    }
-                }
-            }
-        }
-        fields
-    }
-
-    #[test]
-    fn prefault_maps_the_code_and_unshares_written_pages_in_place() {
-        let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
-        // SAFETY: fork in a test; the child checks, then leaves with its verdict.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // No panic here: it would unwind into a second test harness in this child.
-            let field = |addr: usize, k: &str| smaps_of(addr).get(k).copied();
-            let heap = data.as_ptr() as usize;
-            let code = smaps_of as *const () as usize;
-            let shared_before = field(heap, "Shared_Dirty").unwrap_or(0);
-            super::prefault();
-            let shared_after = field(heap, "Shared_Dirty");
-            let (rss, size) = (field(code, "Rss"), field(code, "Size"));
-            let intact = data.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
-            let verdict = if !intact {
-                1 // contents changed
-            } else if shared_before == 0 || shared_after != Some(0) {
-                2 // the pages were not shared with the parent before, or still are
-            } else if rss.is_none() || rss != size {
-                3 // code left unmapped
-            } else {
-                0
-            };
-            // SAFETY: leaving the child.
-            unsafe { libc::_exit(verdict) };
-        }
-        let mut st = 0;
-        // SAFETY: reaping our child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
-        assert_eq!(libc::WEXITSTATUS(st), 0, "see the verdicts in the child");
-    }
-
-    #[test]
-    fn the_relay_sleeps_until_its_nearest_deadline() {
-        assert_eq!(super::poll_timeout(5000, []), 5000);
-        assert_eq!(super::poll_timeout(5000, [120, 7, 499]), 7);
-        assert_eq!(super::poll_timeout(50, [500]), 50);
-        assert_eq!(super::poll_timeout(5000, [0]), 0);
-        assert_eq!(super::poll_timeout(5000, [u128::MAX]), 5000);
-    }
-
-    #[test]
-    fn a_pidfd_is_readable_once_its_child_has_exited() {
-        // SAFETY: fork in a test; the child only exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: leaving the child at once.
-            unsafe { libc::_exit(3) };
-        }
-        let fd = super::pidfd_open(pid);
-        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polling one valid pollfd, then reaping our child and closing our fd.
-        unsafe {
-            assert_eq!(libc::poll(&mut p, 1, 10_000), 1);
-            let mut st = 0;
-            assert_eq!(libc::waitpid(pid, &mut st, 0), pid);
-            assert_eq!(libc::WEXITSTATUS(st), 3);
-            libc::close(fd);
-        }
-    }
-}
-
 /// Reads `paths` (absolute, resolved inside `root` as if it were /) and, for an ELF program, its
 /// interpreter, into the page cache: whole files, at most `max` bytes in all, synchronously (no
 /// read is in flight when this returns). Best effort: what cannot be read is skipped.
@@ -779,4 +654,129 @@ pub fn elf_interpreter(fd: libc::c_int, head: &[u8]) -> Option<String> {
         return p.starts_with('/').then(|| p.to_string());
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    /// A dynamic program's interpreter is found (this test binary's); a static one, another file
+    /// or a damaged header has none, and nothing panics.
+    #[test]
+    fn elf_interpreters() {
+        use std::os::fd::AsRawFd;
+        let exe = std::fs::File::open("/proc/self/exe").expect("exe");
+        let mut head = vec![0u8; 4096];
+        // SAFETY: reading into our buffer.
+        let n = unsafe { libc::pread(exe.as_raw_fd(), head.as_mut_ptr().cast(), head.len(), 0) };
+        head.truncate(n.max(0) as usize);
+        let interp = super::elf_interpreter(exe.as_raw_fd(), &head);
+        assert!(
+            interp.as_deref().is_some_and(|p| p.starts_with("/lib")),
+            "{interp:?}"
+        );
+        assert_eq!(super::elf_interpreter(exe.as_raw_fd(), &head[..40]), None);
+        assert_eq!(
+            super::elf_interpreter(exe.as_raw_fd(), b"#!/bin/sh\n"),
+            None
+        );
+        let mut bad = head.clone();
+        bad[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(super::elf_interpreter(exe.as_raw_fd(), &bad), None);
+        bad[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        bad[0x36..0x38].copy_from_slice(&u16::MAX.to_le_bytes());
+        bad[0x38..0x3a].copy_from_slice(&u16::MAX.to_le_bytes());
+        let _ = super::elf_interpreter(exe.as_raw_fd(), &bad);
+    }
+
+    /// The `/proc/self/smaps` fields (in kB) of the mapping that holds `addr`.
+    fn smaps_of(addr: usize) -> std::collections::HashMap<String, u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let mut fields = std::collections::HashMap::new();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let head = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = head.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = (a..b).contains(&addr);
+                    continue;
+                }
+            }
+            if inside {
+                if let Some((k, v)) = line.split_once(':') {
+                    let kb = v.split_whitespace().next().and_then(|n| n.parse().ok());
+                    if let Some(kb) = kb {
+                        fields.insert(k.to_string(), kb);
+                    }
+                }
+            }
+        }
+        fields
+    }
+
+    #[test]
+    fn prefault_maps_the_code_and_unshares_written_pages_in_place() {
+        let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+        // SAFETY: fork in a test; the child checks, then leaves with its verdict.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // No panic here: it would unwind into a second test harness in this child.
+            let field = |addr: usize, k: &str| smaps_of(addr).get(k).copied();
+            let heap = data.as_ptr() as usize;
+            let code = smaps_of as *const () as usize;
+            let shared_before = field(heap, "Shared_Dirty").unwrap_or(0);
+            super::prefault();
+            let shared_after = field(heap, "Shared_Dirty");
+            let (rss, size) = (field(code, "Rss"), field(code, "Size"));
+            let intact = data.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
+            let verdict = if !intact {
+                1 // contents changed
+            } else if shared_before == 0 || shared_after != Some(0) {
+                2 // the pages were not shared with the parent before, or still are
+            } else if rss.is_none() || rss != size {
+                3 // code left unmapped
+            } else {
+                0
+            };
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(verdict) };
+        }
+        let mut st = 0;
+        // SAFETY: reaping our child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+        assert_eq!(libc::WEXITSTATUS(st), 0, "see the verdicts in the child");
+    }
+
+    #[test]
+    fn the_relay_sleeps_until_its_nearest_deadline() {
+        assert_eq!(super::poll_timeout(5000, []), 5000);
+        assert_eq!(super::poll_timeout(5000, [120, 7, 499]), 7);
+        assert_eq!(super::poll_timeout(50, [500]), 50);
+        assert_eq!(super::poll_timeout(5000, [0]), 0);
+        assert_eq!(super::poll_timeout(5000, [u128::MAX]), 5000);
+    }
+
+    #[test]
+    fn a_pidfd_is_readable_once_its_child_has_exited() {
+        // SAFETY: fork in a test; the child only exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: leaving the child at once.
+            unsafe { libc::_exit(3) };
+        }
+        let fd = super::pidfd_open(pid);
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one valid pollfd, then reaping our child and closing our fd.
+        unsafe {
+            assert_eq!(libc::poll(&mut p, 1, 10_000), 1);
+            let mut st = 0;
+            assert_eq!(libc::waitpid(pid, &mut st, 0), pid);
+            assert_eq!(libc::WEXITSTATUS(st), 3);
+            libc::close(fd);
+        }
+    }
 }

@@ -268,6 +268,7 @@ fn full_disk_snapshot_save_is_skipped_and_the_run_still_works() {
             ])
             .env_remove("RVMM_SNAPSHOTS")
             .env("RUST_LOG", "warn")
+            .env("RVMM_TIMINGS", "1")
             .stdin(Stdio::null())
             .output()
             .expect("run rvmm");
@@ -284,12 +285,14 @@ fn full_disk_snapshot_save_is_skipped_and_the_run_still_works() {
     eprintln!("cold boot with a full disk: {err}");
     assert_eq!((code, out.as_str()), (0, "hello\n"), "{err}");
     assert!(
-        err.contains("cannot save a snapshot") && err.contains("No space left on device"),
+        err.contains("cannot save the machine's snapshot")
+            && err.contains("No space left on device"),
         "the failed save is not reported: {err}"
     );
     let snaps = common::run::ls(&root.join("snapshots"));
     assert!(snaps.is_empty(), "a failed save left {snaps:?}");
-    // Space freed: the next run boots and saves its snapshot, the one after starts warm.
+    // Space freed: the next run boots and saves its snapshots (the machine's and the image's),
+    // the one after starts warm from the image's.
     std::fs::remove_file(&filler).expect("rm filler");
     fs.resize(512);
     let (code, out, err) = run(&root);
@@ -297,11 +300,12 @@ fn full_disk_snapshot_save_is_skipped_and_the_run_still_works() {
     let listed = rvmm_ok(&root, &["snapshot", "ls"]);
     assert_eq!(
         common::run::ls(&root.join("snapshots")).len(),
-        1,
+        2,
         "{listed}"
     );
     let (code, out, err) = run(&root);
     assert_eq!((code, out.as_str()), (0, "hello\n"), "{err}");
+    assert!(err.contains("restored=image"), "{err}");
 }
 
 #[test]

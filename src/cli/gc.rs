@@ -49,13 +49,6 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
             leases.join(" ")
         );
     }
-    let snaps = rvmm::vm::snapshots::Snapshots::new(&global.root).gc();
-    if !snaps.is_empty() {
-        println!(
-            "removed {} unusable snapshot(s) or leftovers of interrupted saves",
-            snaps.len()
-        );
-    }
     if has_store {
         let store = Store::open(&global.root)?;
         if args.repair {
@@ -78,6 +71,14 @@ pub fn exec(args: Args, global: &Global) -> anyhow::Result<u8> {
                 disks.len()
             );
         }
+    }
+    // After the disks: an image snapshot of a removed image's disk goes with it.
+    let snaps = rvmm::vm::snapshots::Snapshots::new(&global.root).gc();
+    if !snaps.is_empty() {
+        println!(
+            "removed {} unusable snapshot(s) or leftovers of interrupted saves",
+            snaps.len()
+        );
     }
     Ok(0)
 }

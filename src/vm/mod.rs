@@ -482,24 +482,26 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     let started = machine::restore_or_boot(&machine, &snaps, &candidates, opts.cold, &dir, &place)?;
     let warm = started.warm;
     let from_image = image.is_some() && started.restored == Some(0);
-    let plan = |(identity, tag, key): (String, String, String)| session::SnapshotPlan {
-        dir: snaps.dir().to_owned(),
-        key,
-        tag,
-        identity,
-        run_id: opts.id.clone(),
-    };
+    let plan =
+        |whose: &str, (identity, tag, key): (String, String, String)| session::SnapshotPlan {
+            whose: whose.into(),
+            dir: snaps.dir().to_owned(),
+            key,
+            tag,
+            identity,
+            run_id: opts.id.clone(),
+        };
     // Take the machine's snapshot at READY: a cold boot of a kind that has none yet, unless
     // --cold; and the image's at ROOTED, unless this run restored it.
     let at_ready = (!opts.cold && !warm && snaps.find(&key).is_none())
-        .then(|| plan((identity, tag, key.clone())));
+        .then(|| plan("the machine's", (identity, tag, key.clone())));
     let restored_key = match (&image, from_image) {
         (Some((_, _, k)), true) => k.clone(),
         _ => key,
     };
     let at_root = image
         .filter(|(_, _, k)| !from_image && snaps.find(k).is_none())
-        .map(plan);
+        .map(|i| plan("the image's", i));
     let tail = Tail {
         spec,
         dir,
@@ -801,6 +803,7 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
         return Ok(128 + libc::SIGKILL);
     }
     let at_ready = (!warm && snaps.find(&key).is_none()).then(|| session::SnapshotPlan {
+        whose: "the machine's".into(),
         dir: snaps.dir().to_owned(),
         key: key.clone(),
         tag,

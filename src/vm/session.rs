@@ -177,6 +177,8 @@ impl GuestReport {
 /// ROOTED (the first run of an image on a machine). Owned, so a handover carries it.
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
 pub(crate) struct SnapshotPlan {
+    /// Whose it is, for messages: "the machine's" or "the image's".
+    pub(super) whose: String,
     /// The snapshots directory.
     pub(super) dir: PathBuf,
     pub(super) key: String,
@@ -196,7 +198,11 @@ impl SnapshotPlan {
         });
         match saved {
             Ok(bytes) => {
-                log::info!("snapshot {} saved: {bytes} bytes of memory", self.key);
+                log::info!(
+                    "{} snapshot {} saved: {bytes} bytes of memory",
+                    self.whose,
+                    self.key
+                );
                 // Snapshots of a kernel, init, rvmm or image disk that has since been replaced.
                 for k in snaps.gc() {
                     log::info!("removed unusable snapshot {k}");
@@ -205,7 +211,8 @@ impl SnapshotPlan {
             }
             Err(e) => {
                 log::warn!(
-                    "cannot save a snapshot for warm starts: {}",
+                    "cannot save {} snapshot for warm starts: {}",
+                    self.whose,
                     crate::error::chain(&e)
                 );
                 None

@@ -29,7 +29,8 @@
 //!    stdin, stdout and stderr ports as its fds 0-2 (its writes go straight to the host, no copy
 //!    through rvmm-init); with -t a pty whose master rvmm-init relays to and from those ports;
 //!    signals and window sizes arrive as control frames;
-//! 7. reaps every orphan; when the workload exits, sends its status and powers off.
+//! 7. reaps every orphan; when the workload exits, sends its status and waits for the host to stop
+//!    the VM (it powers off itself only if the host has not after `EXIT_GRACE`).
 //!
 //! Failures before the workload starts are reported as a FAILED frame (125, or 126/127 for
 //! exec) so the host prints one clear line.
@@ -112,8 +113,16 @@ fn main() {
     ch.send(frame::EXIT, &status.to_le_bytes());
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
+    // The host stops the VM once it has the EXIT frame. Powering off now could lose the frame:
+    // the kernel resets every virtio device on its way down (virtio_dev_shutdown), the channel's
+    // too, and the VMM may not have taken the frame off the queue yet (on a loaded host its
+    // event thread runs late). So wait to be stopped; power off only if the host never does.
+    std::thread::sleep(EXIT_GRACE);
     sys::power_off();
 }
+
+/// How long rvmm-init waits, after its EXIT frame, for the host to stop the VM.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Channel {
     fd: libc::c_int,

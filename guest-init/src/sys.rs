@@ -626,9 +626,10 @@ fn open_in_root(dir: libc::c_int, path: &str) -> libc::c_int {
 /// The interpreter (PT_INTERP) of a 64-bit little-endian ELF file whose first bytes are `head`
 /// (read from `fd` past them when needed). None for anything else, malformed ones included.
 pub fn elf_interpreter(fd: libc::c_int, head: &[u8]) -> Option<String> {
-    let u16_at = |o: usize| Some(u16::from_le_bytes(head.get(o..o + 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(head.get(o..o + 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(head.get(o..o + 8)?.try_into().ok()?));
+    let bytes = |o: usize, n: usize| head.get(o..o.checked_add(n)?);
+    let u16_at = |o| Some(u16::from_le_bytes(bytes(o, 2)?.try_into().ok()?));
+    let u32_at = |o| Some(u32::from_le_bytes(bytes(o, 4)?.try_into().ok()?));
+    let u64_at = |o| Some(u64::from_le_bytes(bytes(o, 8)?.try_into().ok()?));
     if head.get(..6)? != b"\x7fELF\x02\x01" {
         return None;
     }

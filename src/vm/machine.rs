@@ -13,6 +13,9 @@ use crate::vmm::{
     Console, DiskConfig, FsConfig, NetConfig, PortBackend, Share, TapSource, VmConfig,
 };
 
+/// A snapshot's identity (text), tag and key.
+pub(super) type Ident = (String, String, String);
+
 /// The machine a VM run gets, cold or warm.
 pub(super) struct Machine {
     pub(super) kernel: PathBuf,
@@ -122,18 +125,19 @@ impl Machine {
         Ok((cfg, ends))
     }
 
-    /// The snapshot identity (text), tag and key of this machine; with `disk`, of its image
-    /// snapshot for that image disk.
-    pub(super) fn identity(&self, disk: Option<&Path>) -> Result<(String, String, String), Error> {
+    /// The snapshot identity (text), tag and key of this machine; with `disk`, also those of its
+    /// image snapshot for that image disk (made from one configuration and one look at the files).
+    pub(super) fn identity(&self, disk: Option<&Path>) -> Result<(Ident, Option<Ident>), Error> {
         let (cfg, _) = self.config(None)?;
-        let mut identity =
-            snapshots::identity(&self.kernel, &self.init, &cfg.cmdline, &self.security);
-        if let Some(d) = disk {
-            identity = snapshots::image_identity(&identity, d);
-        }
-        let tag = snapshots::hash(&identity);
-        let key = snapshots::key(&tag, &cfg.layout());
-        Ok((identity, tag, key))
+        let layout = cfg.layout();
+        let ident = |identity: String| {
+            let tag = snapshots::hash(&identity);
+            let key = snapshots::key(&tag, &layout);
+            (identity, tag, key)
+        };
+        let machine = snapshots::identity(&self.kernel, &self.init, &cfg.cmdline, &self.security);
+        let image = disk.map(|d| ident(snapshots::image_identity(&machine, d)));
+        Ok((ident(machine), image))
     }
 
     /// Writes the initramfs (rvmm-init as /init, nothing run-specific) into `dir`.

@@ -246,7 +246,7 @@ pub fn prewarm(
         console: work.path().join("console.log"),
         shares: Vec::new(),
     };
-    let (identity, tag, key) = machine.identity(None)?;
+    let ((identity, tag, key), _) = machine.identity(None)?;
     if snaps.find(&key).is_some() {
         return Ok(Prewarmed {
             key,
@@ -440,13 +440,9 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     )?;
     let (vcpus, mem_mib) = (machine.vcpus, machine.mem_mib);
     let snaps = snapshots::Snapshots::new(&opts.root);
-    let (identity, tag, key) = machine.identity(None)?;
-    // The image's snapshot: this machine with this image's root built (docs/snapshots.md).
-    let image = if opts.cold || !image_snapshots() {
-        None
-    } else {
-        Some(machine.identity(Some(&disk))?)
-    };
+    // With the image's snapshot: this machine with this image's root built (docs/snapshots.md).
+    let ((identity, tag, key), image) =
+        machine.identity((!opts.cold && image_snapshots()).then_some(disk.as_path()))?;
     // The VMM process: its cgroup, the mount point of its root, and (unless --cold) where a
     // boot writes the warm-start snapshot before rvmm moves it into place.
     let cg = vmm_cgroup(&opts.id, vcpus, mem_mib)?;
@@ -482,15 +478,14 @@ pub fn run(spec: &RunSpec, image: &ResolvedImage, opts: &RunOptions) -> Result<u
     let started = machine::restore_or_boot(&machine, &snaps, &candidates, opts.cold, &dir, &place)?;
     let warm = started.warm;
     let from_image = image.is_some() && started.restored == Some(0);
-    let plan =
-        |whose: &str, (identity, tag, key): (String, String, String)| session::SnapshotPlan {
-            whose: whose.into(),
-            dir: snaps.dir().to_owned(),
-            key,
-            tag,
-            identity,
-            run_id: opts.id.clone(),
-        };
+    let plan = |whose: &str, (identity, tag, key): machine::Ident| session::SnapshotPlan {
+        whose: whose.into(),
+        dir: snaps.dir().to_owned(),
+        key,
+        tag,
+        identity,
+        run_id: opts.id.clone(),
+    };
     // Take the machine's snapshot at READY: a cold boot of a kind that has none yet, unless
     // --cold; and the image's at ROOTED, unless this run restored it.
     let at_ready = (!opts.cold && !warm && snaps.find(&key).is_none())
@@ -776,7 +771,7 @@ pub fn run_shared_root(r: SharedRoot, ready: impl FnOnce() -> bool) -> Result<i3
     )?;
     let root = crate::paths::default_root();
     let snaps = snapshots::Snapshots::new(&root);
-    let (identity, tag, key) = machine.identity(None)?;
+    let ((identity, tag, key), _) = machine.identity(None)?;
     let jail_dir = r.dir.join("vmm-root");
     std::fs::create_dir_all(&jail_dir).at(|| format!("creating {}", jail_dir.display()))?;
     // Not a run of the registry: its snapshot files go under a name `snapshot gc` can tell is
